@@ -1,0 +1,48 @@
+"""Native architectures, keyed by the `model_type` of a checkpoint's config.json."""
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pocketlm.models.cache import KVCache
+from pocketlm.models.gpt2 import GPT2, GPT2Config
+from pocketlm.models.llama import Llama, LlamaConfig
+
+# model_type -> (config class, model class). Mistral, Qwen2 and SmolLM are Llamas with
+# options their config.json switches on; nothing here keys on file names.
+ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
+    "gpt2": (GPT2Config, GPT2),
+    "llama": (LlamaConfig, Llama),
+    "mistral": (LlamaConfig, Llama),
+    "qwen2": (LlamaConfig, Llama),
+}
+
+
+def build_config(config: dict[str, Any]) -> Any:
+    """The architecture's config dataclass from a config.json dict (model_type known)."""
+    config_cls, _ = ARCHITECTURES[config["model_type"]]
+    return config_cls.from_dict(config)
+
+
+def make_cache(
+    model: nn.Module, *, batch_size: int, max_seq_len: int | None = None,
+    dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+) -> KVCache:
+    """A KV cache shaped for `model` (defaults: its context length, dtype and device)."""
+    c = model.config
+    weight = next(model.parameters())
+    return KVCache(
+        n_layers=c.num_layers, batch_size=batch_size,
+        max_seq_len=max_seq_len or c.context_length, n_kv_heads=c.num_kv_heads,
+        head_dim=c.head_dim, dtype=dtype or _activation_dtype(weight.dtype),
+        device=device or weight.device,
+    )
+
+
+def _activation_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    # Quantized weights (int8) still compute in floating point.
+    return weight_dtype if weight_dtype.is_floating_point else torch.float32
+
+
+__all__ = ["ARCHITECTURES", "GPT2", "GPT2Config", "KVCache", "Llama", "LlamaConfig", "build_config", "make_cache"]

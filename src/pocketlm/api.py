@@ -1,0 +1,166 @@
+"""The Python API: `lm = pocketlm.load("gpt2")`, `lm.generate(...)`, `lm.stream(...)`.
+
+Glue between the rooms: resolves a name to files (weights.sources), loads them
+(weights.loader), and drives generation (generate) with sampling parameters checked up
+front. Knows nothing of the terminal or HTTP.
+"""
+
+import logging
+from collections.abc import Iterator, Sequence as Seq
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pocketlm.errors import PocketLMError
+from pocketlm.generate import Chunk, Sequence, Stats, generate_tokens, stream_text
+from pocketlm.sampling import SamplingParams
+from pocketlm.weights import loader
+
+log = logging.getLogger("pocketlm")
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    usage: Usage
+    stats: Stats
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+class LM:
+    """A loaded model with its tokenizer, ready to generate."""
+
+    def __init__(self, loaded: loader.LoadedModel, *, name: str) -> None:
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.config = loaded.config
+        self.path = loaded.path
+        self.native = loaded.native
+        self.name = name
+        self.last_stats = Stats()
+        self._sequence: Sequence | None = None
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.context_length
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def sequence(self) -> Sequence:
+        """The LM's own sequence (KV cache), reused between calls so a prompt that extends
+        the previous one (a chat) only computes its new tokens."""
+        if self._sequence is None:
+            self._sequence = Sequence(self.model)
+        return self._sequence
+
+    def encode_prompt(self, prompt: str | Seq[int], *, max_tokens: int, truncate: bool = True) -> list[int]:
+        """Prompt ids, left-truncated (with a warning) to leave room in the window for at
+        least one new token, or refused when `truncate` is False."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise PocketLMError("the prompt is empty: give some text to continue")
+        room = self.context_length - 1
+        if len(ids) > room:
+            if not truncate:
+                raise PocketLMError(
+                    f"the prompt is {len(ids)} tokens but the context window is {self.context_length}; "
+                    "shorten it or allow truncation"
+                )
+            log.warning("prompt is %d tokens; keeping the last %d (the context window is %d)",
+                        len(ids), room, self.context_length)
+            ids = ids[-room:]
+        return ids
+
+    def stream(
+        self,
+        prompt: str | Seq[int],
+        *,
+        max_tokens: int = 128,
+        stop: str | Seq[str] = (),
+        truncate: bool = True,
+        top_logprobs: int = 0,
+        **sampling: object,
+    ) -> Iterator[Chunk]:
+        """Yield text pieces as they are generated; the last carries the finish reason.
+
+        Sampling options (temperature, top_k, top_p, min_p, repetition_penalty,
+        presence_penalty, frequency_penalty, logit_bias, seed) are those of
+        `SamplingParams`."""
+        params = make_sampling_params(sampling, vocab_size=self.model.config.vocab_size)
+        if max_tokens <= 0:
+            raise PocketLMError(f"max_tokens must be at least 1 (got {max_tokens})")
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        if any(not s for s in stops):
+            raise PocketLMError("stop sequences must not be empty strings")
+        ids = self.encode_prompt(prompt, max_tokens=max_tokens, truncate=truncate)
+        self.last_stats = Stats()
+        steps = generate_tokens(
+            self.sequence(), ids, params=params, max_tokens=max_tokens,
+            eos_ids=self.tokenizer.eos_ids, top_logprobs=top_logprobs, stats=self.last_stats,
+        )
+        yield from stream_text(steps, self.tokenizer, stop=stops)
+
+    def generate(self, prompt: str | Seq[int], **options: object) -> Completion:
+        """Generate a whole completion: text, finish reason, usage and timing."""
+        pieces, tokens, logprobs = [], [], []
+        finish = "length"
+        for chunk in self.stream(prompt, **options):
+            pieces.append(chunk.text)
+            if chunk.token is not None:
+                tokens.append(chunk.token)
+                logprobs.append(chunk.logprob)
+            finish = chunk.finish_reason or finish
+        stats = self.last_stats
+        usage = Usage(stats.prompt_tokens, stats.new_tokens)
+        return Completion("".join(pieces), finish, usage, stats, tokens, logprobs)
+
+
+def make_sampling_params(options: dict[str, object], *, vocab_size: int) -> SamplingParams:
+    """SamplingParams from keyword options, with one-line errors for unknown or bad ones."""
+    known = SamplingParams.__dataclass_fields__
+    if unknown := sorted(set(options) - set(known)):
+        raise PocketLMError(f"unknown option {unknown[0]!r}; options are: {', '.join(known)}")
+    if options.get("temperature") is None:
+        options = {**options, "temperature": SamplingParams.temperature}
+    params = SamplingParams(**{k: v for k, v in options.items() if v is not None})
+    params.validate(vocab_size=vocab_size)
+    return params
+
+
+def load(
+    name: str | Path | None = None,
+    *,
+    dtype: str | torch.dtype = "fp32",
+    device: str | None = None,
+    offline: bool = False,
+) -> LM:
+    """Load a model by name (`gpt2`, `smollm2-135m`, `org/repo`), local path or GGUF file;
+    None loads the embedded default."""
+    from pocketlm.weights.sources import resolve
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise PocketLMError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
+        dtype = DTYPES[dtype]
+    path = resolve(None if name is None else str(name), offline=offline)
+    loaded = loader.load(path, dtype=dtype, device=device)
+    return LM(loaded, name=str(name) if name is not None else path.parent.name)

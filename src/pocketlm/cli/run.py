@@ -1,0 +1,72 @@
+"""`pocketlm run [MODEL] [PROMPT]`: stream a continuation of PROMPT (or of stdin).
+
+With one argument, it is a model when it names one (a path, a stored or known name, an
+org/repo id) and otherwise the prompt for the default model. Printing only.
+"""
+
+import argparse
+import sys
+
+from pocketlm.cli import common
+from pocketlm.errors import PocketLMError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run", help="generate text from a prompt (streams as it goes)",
+        description="Continue PROMPT with MODEL (default: the embedded SmolLM2-135M). "
+                    "The prompt may also come from stdin.",
+    )
+    parser.add_argument("words", nargs="*", metavar="[MODEL] [PROMPT]", help="model name or path, then the prompt")
+    parser.add_argument("-m", "--model", default=None, help="model name, folder or .gguf file")
+    parser.add_argument("--stats", action="store_true", help="print tokens, time to first token and tokens/s")
+    parser.add_argument("--no-truncate", action="store_true",
+                        help="refuse a prompt longer than the context window instead of cutting it")
+    common.add_model_options(parser)
+    common.add_sampling_options(parser)
+    parser.set_defaults(handler=main)
+
+
+def split_model_and_prompt(words: list[str], model: str | None) -> tuple[str | None, str | None]:
+    """(model, prompt) from the positional words."""
+    from pocketlm.weights.sources import looks_like_model
+
+    if model is not None or not words:
+        return model, " ".join(words) or None
+    if len(words) == 1:
+        return (words[0], None) if looks_like_model(words[0]) else (None, words[0])
+    return words[0], " ".join(words[1:])
+
+
+def main(args: argparse.Namespace) -> int:
+    common.setup_logging()
+    model_name, prompt = split_model_and_prompt(args.words, args.model)
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if prompt is None:
+        from pocketlm.cli.interactive import run_interactive
+
+        return run_interactive(model_name, args)
+    if not prompt.strip():
+        raise PocketLMError("the prompt is empty: give some text to continue")
+    lm = common.load_model(model_name, args)
+    stream = lm.stream(
+        prompt, max_tokens=args.max_tokens, stop=[common.unescape(s) for s in args.stop],
+        truncate=not args.no_truncate, **common.sampling_kwargs(args),
+    )
+    for chunk in stream:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.stats:
+        print_stats(lm.last_stats)
+    return 0
+
+
+def print_stats(stats) -> None:
+    print(
+        f"prompt tokens: {stats.prompt_tokens}  new tokens: {stats.new_tokens}  "
+        f"time to first token: {stats.time_to_first_token * 1000:.0f} ms  "
+        f"speed: {stats.tokens_per_second:.1f} tokens/s",
+        file=sys.stderr,
+    )

@@ -1,0 +1,50 @@
+"""Layers shared by the architectures: causal attention masks and attention itself.
+
+Dimension letters: B = batch, T = new tokens, S = key slots, H = heads, D = head dim,
+C = channels. Positions are explicit everywhere so the same code serves a whole
+sequence, a prefill into the cache, a one-token decode step and a ragged batch.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from pocketlm.models.cache import KVCache
+
+
+def attention_mask(
+    q_positions: torch.Tensor, k_positions: torch.Tensor, *, window: int | None = None
+) -> torch.Tensor:
+    """Boolean (B, 1, T, S): query at position p may see keys at positions <= p
+    (and > p - window with a sliding window)."""
+    q = q_positions[:, None, :, None]  # (B, 1, T, 1)
+    k = k_positions[:, None, None, :]  # (B, 1, 1, S)
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return mask
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    layer: int,
+    positions: torch.Tensor,
+    cache: KVCache | None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, Hq, T, D) over k, v (B, Hkv, T, D), going
+    through the cache when there is one. Returns (B, Hq, T, D)."""
+    if cache is None:
+        k_positions = positions
+    else:
+        k, v = cache.update(layer, positions, k, v)
+        # Only slots up to the furthest position hold anything this step can see.
+        n_slots = int(positions.max()) + 1
+        k, v = k[:, :, :n_slots], v[:, :, :n_slots]  # (B, Hkv, S, D)
+        k_positions = torch.arange(n_slots, device=q.device).expand(q.shape[0], n_slots)
+    mask = attention_mask(positions, k_positions, window=window)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1]
+    )

@@ -1,0 +1,214 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) in plain PyTorch.
+
+RMSNorm, rotary embeddings (default, linear and llama3 scaling), grouped-query
+attention, SwiGLU MLP, optional q/k/v bias (Qwen2), optional sliding window (Mistral),
+tied or untied embeddings. Parameter names line up with HF `LlamaForCausalLM` keys.
+Mirrors HF `modeling_llama.py` (rotate_half layout) and gpt-fast `model.py`. Knows
+nothing of files, tokenizers or sampling: `forward(tokens, positions, cache) -> logits`.
+
+B = batch, T = time, C = hidden_size, H = heads, K = key/value heads, D = head_dim.
+"""
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocketlm.errors import PocketLMError
+from pocketlm.models.cache import KVCache
+from pocketlm.models.layers import attend
+
+
+@dataclass
+class LlamaConfig:
+    """Keyed like a Llama/Mistral/Qwen2 config.json; unknown keys are ignored."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    rope_parameters: dict[str, Any] | None = None  # transformers 5 writes theta + scaling here
+    attention_bias: bool = False
+    sliding_window: int | None = None
+    use_sliding_window: bool = True
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    model_type: str = "llama"
+    # Derived, for the engine: the same names on every architecture's config.
+    num_layers: int = field(init=False)
+    num_kv_heads: int = field(init=False)
+    context_length: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.rope_parameters:
+            self.rope_theta = self.rope_parameters.get("rope_theta", self.rope_theta)
+            self.rope_scaling = self.rope_scaling or self.rope_parameters
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        self.num_layers = self.num_hidden_layers
+        self.num_kv_heads = self.num_key_value_heads
+        self.context_length = self.max_position_embeddings
+        if self.model_type == "qwen2":
+            # Qwen2 always has q/k/v bias, and its config says sliding window only by flag.
+            self.attention_bias = True
+            if not self.use_sliding_window:
+                self.sliding_window = None
+        if self.hidden_act != "silu":
+            raise PocketLMError(f"unsupported hidden_act {self.hidden_act!r} (pocketlm supports silu)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
+        known = {f.name for f in fields(cls) if f.init}
+        return cls(**{k: v for k, v in d.items() if k in known and v is not None})
+
+
+def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies (D/2,) with the checkpoint's rope_scaling applied (HF
+    `modeling_rope_utils`: default, linear, llama3)."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq.float()
+    if kind == "linear":
+        return (inv_freq / scaling["factor"]).float()
+    if kind == "llama3":
+        factor, old_ctx = scaling["factor"], scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return torch.where(medium, smoothed, scaled).float()
+    raise PocketLMError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as HF does, then cast back: bf16 rounding here shows in the logits.
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+        )
+        self.window = config.sliding_window
+        C, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        cos, sin = rope  # (B, 1, T, D)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        y = attend(q, k, v, layer=self.layer, positions=positions, cache=cache, window=self.window)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, positions, rope, cache):  # noqa: ANN001, ANN201 - same as Attention
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def init_buffers(self, device: torch.device | str) -> None:
+        """Recompute the rotary frequencies (built on the meta device while loading)."""
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def layer_outputs(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None
+    ) -> Iterator[torch.Tensor]:
+        """The residual stream (B, T, C): after the embeddings, then after each block; the
+        last one has the final RMSNorm applied (as HF's `hidden_states`)."""
+        x = self.model.embed_tokens(tokens)
+        rope = self.rope(positions, x.dtype)
+        for block in self.model.layers:
+            yield x
+            x = block(x, positions, rope, cache)
+        yield self.model.norm(x)
+
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """tokens, positions (B, T) -> logits (B, T, vocab)."""
+        for x in self.layer_outputs(tokens, positions, cache):
+            pass
+        return self.lm_head(x)

@@ -1,0 +1,188 @@
+"""Checkpoint -> ready model: config, tensors, strict checks, tokenizer.
+
+Two formats arrive at one path: a Hugging Face directory (config.json + safetensors,
+sharded or not; `pytorch_model.bin` only through `torch.load(weights_only=True)`) and a
+GGUF file (`weights.gguf` turns it into the same config dict and state dict). The model
+is built on the `meta` device and each tensor is converted and assigned one at a time, so
+loading never holds two copies of the weights. (nanoGPT `from_pretrained`, gpt-fast
+`_load_model`, llama.cpp `tensor_mapping.py`.)
+"""
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pocketlm.errors import CorruptModelError, PocketLMError
+from pocketlm.models import ARCHITECTURES, build_config
+from pocketlm.tokenizer import Tokenizer
+from pocketlm.weights import tables
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Tokenizer
+    config: dict[str, Any]  # the checkpoint's config.json (or its GGUF equivalent)
+    path: Path
+    native: bool  # False when running through transformers (an architecture we lack)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json of an HF directory as a dict, with a clear error when it is not one."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise CorruptModelError(f"{path} has no config.json: is it a Hugging Face model folder?")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptModelError(f"{file} is not valid JSON ({error}); re-download the model") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise CorruptModelError(f"{file} has no model_type; re-download the model")
+    return config
+
+
+def load(
+    path: Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> LoadedModel:
+    """Load the checkpoint at `path` (an HF directory or a .gguf file)."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return _load_gguf(path, dtype=dtype, device=device)
+    config = read_config(path)
+    if config["model_type"] not in ARCHITECTURES:
+        from pocketlm.weights.fallback import load_with_transformers
+
+        return load_with_transformers(path, config, dtype=dtype, device=device)
+    tensors = _hf_tensors(path, config["model_type"])
+    model = build_model(config, tensors, dtype=dtype, device=device, source=path)
+    return LoadedModel(model, _hf_tokenizer(path, config), config, path, native=True)
+
+
+def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device | str) -> LoadedModel:
+    from pocketlm.weights.gguf import gguf_state_dict, read_gguf
+
+    checkpoint = read_gguf(path)
+    tensors = gguf_state_dict(checkpoint, dtype=dtype).items()
+    model = build_model(checkpoint.config, tensors, dtype=dtype, device=device, source=path)
+    tokenizer = Tokenizer.from_gguf_metadata(checkpoint.metadata)
+    return LoadedModel(model, tokenizer, checkpoint.config, path, native=True)
+
+
+def build_model(
+    config: dict[str, Any],
+    tensors: "Iterator[tuple[str, torch.Tensor]]",
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    source: Path,
+) -> nn.Module:
+    """Build the native model on `meta`, then assign each (name, tensor) after checking it.
+
+    `tensors` yields our parameter names in nn.Linear orientation; each is converted to
+    `dtype` on `device` as it arrives, so peak memory is the model plus one tensor."""
+    _, model_cls = ARCHITECTURES[config["model_type"]]
+    try:
+        model_config = build_config(config)
+    except (TypeError, ValueError) as error:
+        raise CorruptModelError(f"{source}: config is not valid for {config['model_type']} ({error})") from None
+    with torch.device("meta"):
+        model = model_cls(model_config)
+    expected = {name: p.shape for name, p in model.named_parameters()}  # tied weights appear once
+    head, embedding = tables.TIED_KEYS[tables.family(config["model_type"])]
+    seen = set()
+    for name, tensor in tensors:
+        if model_config.tie_word_embeddings and name == head:
+            continue  # some tied checkpoints store the shared matrix twice
+        if name not in expected:
+            raise CorruptModelError(f"{source}: unexpected tensor {name!r}; is this a {config['model_type']} checkpoint?")
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise CorruptModelError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(expected[name])} from config.json"
+            )
+        _assign(model, name, tensor.to(device=device, dtype=dtype))
+        seen.add(name)
+    if missing := sorted(set(expected) - seen):
+        raise CorruptModelError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    if model_config.tie_word_embeddings:
+        _assign(model, head, model.get_parameter(embedding))
+    model.init_buffers(device)
+    return model.eval().requires_grad_(False)
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if not isinstance(tensor, nn.Parameter):
+        tensor = nn.Parameter(tensor, requires_grad=False)
+    setattr(module, attr, tensor)
+
+
+def _hf_tensors(path: Path, model_type: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our name, tensor) pairs from safetensors shards (or a weights_only .bin)."""
+    for key, tensor in _raw_hf_tensors(path):
+        if tables.is_ignored(key, model_type):
+            continue
+        name = tables.rename(key, model_type)
+        if tables.is_transposed(name, model_type):
+            tensor = tensor.t()
+        yield name, tensor
+
+
+def _raw_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    files = _safetensors_files(path)
+    if not files:
+        yield from _torch_bin_tensors(path)
+        return
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    yield key, f.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CorruptModelError(f"{file} is not a readable safetensors file ({error}); re-download it") from None
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CorruptModelError(f"{index} is not a valid shard index ({error})") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        if missing := [f.name for f in files if not f.is_file()]:
+            raise CorruptModelError(f"{path} is missing shard {missing[0]}; re-download the model")
+        return files
+    single = path / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def _torch_bin_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    file = path / "pytorch_model.bin"
+    if not file.is_file():
+        raise CorruptModelError(f"{path} has no model.safetensors (or pytorch_model.bin) weights")
+    try:
+        # weights_only: a .bin is a pickle, and we never unpickle arbitrary objects.
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises many types for a bad or unsafe pickle
+        raise CorruptModelError(f"{file} cannot be loaded safely ({error.__class__.__name__}); use safetensors") from None
+    yield from state.items()
+
+
+def _hf_tokenizer(path: Path, config: dict[str, Any]) -> Tokenizer:
+    try:
+        return Tokenizer.from_dir(path)
+    except PocketLMError:
+        if config["model_type"] == "gpt2" and config.get("vocab_size", 50257) == 50257:
+            # A GPT-2 checkpoint without tokenizer files (as many training scripts save):
+            # the shipped original vocabulary is the one it was trained with.
+            return Tokenizer.gpt2()
+        raise

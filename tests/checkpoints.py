@@ -1,0 +1,59 @@
+"""Checkpoints the tests make themselves: `transformers` models with random weights in
+Hugging Face layout (save_pretrained), plus the shipped GPT-2 vocabulary beside them."""
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+
+def gpt2_vocab_files(folder: Path) -> Path:
+    data = resources.files("pocketlm") / "data" / "gpt2"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        with resources.as_file(data / name) as src:
+            shutil.copy(src, folder / name)
+    return folder
+
+
+def make_gpt2(folder: Path, *, seed: int = 0, with_tokenizer: bool = True, **config) -> Path:
+    """A random GPT-2 in HF layout; `config` overrides GPT2Config fields."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    defaults = dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=50257)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**{**defaults, **config})).eval()
+    model.save_pretrained(folder)
+    if with_tokenizer:
+        gpt2_vocab_files(folder)
+    return folder
+
+
+def make_llama(folder: Path, *, model_type: str = "llama", seed: int = 0, **config) -> Path:
+    """A random Llama / Mistral / Qwen2 in HF layout, with the GPT-2 vocabulary as its
+    tokenizer (the architecture tests only need some valid tokenizer)."""
+    import transformers
+
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }
+    config_cls, model_cls = classes[model_type]
+    defaults = dict(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, vocab_size=50257,
+        bos_token_id=50256, eos_token_id=50256,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**defaults, **config})).eval()
+    model.save_pretrained(folder)
+    gpt2_vocab_files(folder)
+    return folder
+
+
+def hf_model(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
