@@ -14,6 +14,11 @@ from pocketlm.errors import PocketLMError
 # Subcommand modules under pocketlm.cli, in the order `--help` lists them.
 COMMANDS = [
     "run",
+    "pull",
+    "list_models",
+    "show",
+    "models",
+    "rm",
 ]
 
 
