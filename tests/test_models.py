@@ -12,7 +12,7 @@ from pocketlm.weights import loader
 
 GPT2_CONFIGS = {
     "small": dict(),
-    "odd-heads": dict(n_embd=60, n_head=5, n_layer=3, n_positions=64),
+    "odd-heads": dict(n_embd=60, n_head=5, n_layer=3, n_positions=72),
     "untied": dict(tie_word_embeddings=False, n_positions=96),
     "relu-inner": dict(activation_function="relu", n_inner=100, n_layer=1),
 }

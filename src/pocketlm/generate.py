@@ -133,10 +133,13 @@ def generate_tokens(
     started = time.perf_counter()
     logits = seq.prefill(prompt_ids)
     stats.prefilled_tokens = seq.last_prefill_size
-    prompt = torch.tensor(list(prompt_ids), device=seq.device)
+    prompt_mask = None
+    if params.repetition_penalty != 1.0:  # HF and vLLM penalise prompt tokens too
+        prompt_mask = torch.zeros_like(counts, dtype=torch.bool)
+        prompt_mask[torch.tensor(list(prompt_ids), device=seq.device)] = True
     for i in range(max_tokens):
         token_logprobs = torch.log_softmax(logits, dim=-1)
-        filtered = process_logits(logits, params, counts=counts, prompt_ids=prompt)
+        filtered = process_logits(logits, params, counts=counts, prompt_mask=prompt_mask)
         token = int(sample(filtered, params, generator=generator))
         step = Step(token, float(token_logprobs[token]))
         if top_logprobs:

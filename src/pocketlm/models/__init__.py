@@ -31,6 +31,8 @@ def make_cache(
 ) -> KVCache:
     """A KV cache shaped for `model` (defaults: its context length, dtype and device)."""
     c = model.config
+    if hasattr(model, "make_cache"):  # a model that keeps its own kind of cache
+        return model.make_cache(batch_size=batch_size, max_seq_len=max_seq_len or c.context_length)
     weight = next(model.parameters())
     return KVCache(
         n_layers=c.num_layers, batch_size=batch_size,

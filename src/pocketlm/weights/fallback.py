@@ -1,0 +1,97 @@
+"""Architectures pocketlm has no native module for (Falcon, Phi, ...), run through
+`transformers`' AutoModelForCausalLM behind the same `forward(tokens, positions, cache)`.
+
+Slower than a native module (and `pocketlm show` says so), but the API, CLI and server
+work unchanged. Without `transformers` installed, a clear error names the architecture.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pocketlm.errors import PocketLMError
+
+
+class FallbackCache:
+    """Stands in for KVCache: holds transformers' own cache and how many positions it has."""
+
+    def __init__(self, max_seq_len: int, device: torch.device) -> None:
+        self.max_seq_len = max_seq_len
+        self.past: Any = None
+        self.k = torch.empty(0, device=device)  # Sequence reads the cache's device from here
+
+    def crop(self, length: int) -> None:
+        if self.past is not None and self.past.get_seq_length() > length:
+            self.past.crop(length)
+
+
+class FallbackConfig:
+    """The few config values the engine reads, taken from a transformers config."""
+
+    def __init__(self, hf_config: Any) -> None:
+        self.vocab_size = hf_config.vocab_size
+        self.context_length = getattr(hf_config, "max_position_embeddings", None) or getattr(
+            hf_config, "n_positions", 2048
+        )
+        self.tie_word_embeddings = getattr(hf_config, "tie_word_embeddings", False)
+
+
+class TransformersModel(nn.Module):
+    """A transformers causal LM adapted to pocketlm's forward contract (batch 1 cache)."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf_model
+        self.config = FallbackConfig(hf_model.config)
+
+    def make_cache(self, *, batch_size: int, max_seq_len: int) -> FallbackCache:
+        if batch_size != 1:
+            raise PocketLMError("models running through transformers serve one sequence at a time")
+        return FallbackCache(max_seq_len, next(self.parameters()).device)
+
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: FallbackCache | None = None
+    ) -> torch.Tensor:
+        if cache is None:
+            return self.hf(input_ids=tokens, position_ids=positions, use_cache=False).logits
+        from transformers import DynamicCache
+
+        cache.crop(int(positions[0, 0]))  # a rebuilt or rewound sequence drops later slots
+        if cache.past is None:
+            cache.past = DynamicCache()
+        out = self.hf(
+            input_ids=tokens, position_ids=positions, past_key_values=cache.past, use_cache=True
+        )
+        cache.past = out.past_key_values
+        return out.logits
+
+    def layer_outputs(self, tokens: torch.Tensor, positions: torch.Tensor, cache: None = None):
+        out = self.hf(
+            input_ids=tokens, position_ids=positions, output_hidden_states=True, use_cache=False
+        )
+        yield from out.hidden_states
+
+
+def load_with_transformers(
+    path: Path, config: dict[str, Any], *, dtype: torch.dtype, device: torch.device | str
+):  # -> LoadedModel
+    from pocketlm.tokenizer import Tokenizer
+    from pocketlm.weights.loader import LoadedModel
+
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise PocketLMError(
+            f"pocketlm has no native module for architecture {config['model_type']!r}; "
+            "install transformers (pip install transformers) to run it through that"
+        ) from None
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except (ValueError, KeyError, OSError) as error:
+        raise PocketLMError(
+            f"transformers cannot load architecture {config['model_type']!r} from {path} ({error})"
+        ) from None
+    model = TransformersModel(hf_model.to(device).eval()).requires_grad_(False)
+    return LoadedModel(model, Tokenizer.from_dir(path), config, path, native=False)
