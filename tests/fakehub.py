@@ -11,7 +11,7 @@ It serves folders of files as model repos, with the endpoints huggingface_hub 2.
 Errors carry the `X-Error-Code` header huggingface_hub maps to its exceptions
 (RepoNotFound, RevisionNotFound, EntryNotFound). Point huggingface_hub at it with
 `HF_ENDPOINT=hub.url` (pocketlm reads it at call time). Every request is logged in
-`hub.requests` so a test can prove it made none.
+`hub.requests` so a test can prove it made none. `make_tiny_gpt2` builds a repo folder.
 """
 
 import hashlib
@@ -21,7 +21,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import numpy as np
+from safetensors.numpy import save_file
+
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf")  # stored in git-lfs on the real hub
+GPT2_DATA = Path(__file__).parents[1] / "src" / "pocketlm" / "data" / "gpt2"
 
 
 class FakeHub:
@@ -199,3 +203,24 @@ def _range_start(header: str | None) -> int:
     if not header or not header.startswith("bytes="):
         return 0
     return int(header.removeprefix("bytes=").split("-")[0] or 0)
+
+
+def make_tiny_gpt2(folder: Path) -> Path:
+    """A hub-style GPT-2 repo folder: config for 2 layers x 16 wide, the embedding tensors
+    (enough for sources and cards, not for loading), the tokenizer files, and files that a
+    download must skip (a pickle, a README, a copy in a sub-folder)."""
+    folder.mkdir(parents=True)
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 16,
+              "n_layer": 2, "n_head": 2, "n_positions": 32, "vocab_size": 50257}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+    tensors = {"wte.weight": rng.standard_normal((50257, 16), dtype=np.float32),
+               "wpe.weight": rng.standard_normal((32, 16), dtype=np.float32)}  # fmt: skip
+    save_file(tensors, str(folder / "model.safetensors"))
+    for name in ("vocab.json", "merges.txt"):
+        (folder / name).write_bytes((GPT2_DATA / name).read_bytes())
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    (folder / "README.md").write_text("# tiny")
+    (folder / "onnx").mkdir()
+    (folder / "onnx" / "model.safetensors").write_bytes(b"onnx copy")
+    return folder

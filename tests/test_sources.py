@@ -5,42 +5,18 @@ real library, unmocked, downloading into a private HF cache (HF_HOME). Nothing h
 reaches the network.
 """
 
-import json
 import os
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
-from fakehub import FakeHub
+from fakehub import FakeHub, make_tiny_gpt2
 from pocketlm import paths
 from pocketlm.errors import CorruptModelError, ModelNotFoundError, PocketLMError
 from pocketlm.weights import catalog, sources
 
-GPT2_DATA = Path(__file__).parents[1] / "src" / "pocketlm" / "data" / "gpt2"
 LOADED_FILES = {"config.json", "model.safetensors", "vocab.json", "merges.txt"}
-
-
-def make_tiny_gpt2(folder: Path) -> Path:
-    """An HF-layout GPT-2 with real shapes (2 layers, 16 wide), plus files never fetched."""
-    folder.mkdir(parents=True)
-    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 16,
-              "n_layer": 2, "n_head": 2, "n_positions": 32, "vocab_size": 50257}  # fmt: skip
-    (folder / "config.json").write_text(json.dumps(config))
-    rng = np.random.default_rng(0)
-    tensors = {"wte.weight": rng.standard_normal((50257, 16), dtype=np.float32),
-               "wpe.weight": rng.standard_normal((32, 16), dtype=np.float32)}  # fmt: skip
-    save_file(tensors, str(folder / "model.safetensors"))
-    for name in ("vocab.json", "merges.txt"):
-        (folder / name).write_bytes((GPT2_DATA / name).read_bytes())
-    # Present on the hub, never downloaded: pickles, docs, copies in sub-folders.
-    (folder / "pytorch_model.bin").write_bytes(b"pickle")
-    (folder / "README.md").write_text("# tiny")
-    (folder / "onnx").mkdir()
-    (folder / "onnx" / "model.safetensors").write_bytes(b"onnx copy")
-    return folder
 
 
 @pytest.fixture
@@ -219,3 +195,12 @@ def test_env_is_read_at_call_time_not_import_time(hub):
     assert hub.url != constants.ENDPOINT
     assert sources.hub_endpoint() == hub.url
     assert sources.hf_cache_dir() == Path(os.environ["HF_HOME"]) / "hub"
+
+
+def test_pull_command_downloads_a_hub_repo(hub, capsys):
+    from pocketlm.cli.main import main
+
+    assert main(["pull", "someorg/tiny-gpt2"]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path.parent.parent.name == "models--someorg--tiny-gpt2"
+    assert {p.name for p in path.iterdir()} == LOADED_FILES

