@@ -310,3 +310,10 @@ def test_rm_removes_and_unknown_is_one_line(pocketlm_home, capsys):
     assert out == "" and err.count("\n") == 1 and err.startswith("error: no model 'finetuned'")
     assert main(["rm", "gpt2"]) == 1
     assert "hf cache rm model/openai-community/gpt2" in capsys.readouterr().err
+
+
+def test_native_list_matches_the_models_room():
+    # card.py keeps its own copy so `pocketlm list` need not import torch.
+    from pocketlm.models import ARCHITECTURES
+
+    assert set(ARCHITECTURES) == card.NATIVE_ARCHITECTURES
