@@ -37,3 +37,14 @@ def pocketlm_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "pocketlm-home"
     monkeypatch.setenv("POCKETLM_HOME", str(home))
     return home
+
+
+def pytest_collection_modifyitems(config, items):
+    """The golden test needs the real gpt2 weights, which these machines cannot download:
+    it runs only when asked for (POCKETLM_GOLDEN=1) and is deselected otherwise."""
+    if os.environ.get("POCKETLM_GOLDEN") == "1":
+        return
+    golden = [item for item in items if item.get_closest_marker("golden")]
+    if golden:
+        config.hook.pytest_deselected(items=golden)
+        items[:] = [item for item in items if not item.get_closest_marker("golden")]

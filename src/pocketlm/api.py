@@ -6,7 +6,8 @@ front. Knows nothing of the terminal or HTTP.
 """
 
 import logging
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
 
