@@ -38,6 +38,7 @@ class Chunk:
     token: int | None = None
     logprob: float | None = None
     finish_reason: str | None = None  # "stop" (EOS or stop sequence) or "length"
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # (id, logprob) alternatives
 
 
 @dataclass
@@ -169,8 +170,8 @@ def stream_text(steps: Iterable[Step], tokenizer: Tokenizer, *, stop: Seq[str] =
             break
         text, stopped = matcher.feed(decoder.feed(step.token))
         if stopped:
-            yield Chunk(text, step.token, step.logprob, finish_reason="stop")
+            yield Chunk(text, step.token, step.logprob, finish_reason="stop", top_logprobs=step.top_logprobs)
             return
-        yield Chunk(text, step.token, step.logprob)
+        yield Chunk(text, step.token, step.logprob, top_logprobs=step.top_logprobs)
     text, stopped = matcher.feed(decoder.flush())
     yield Chunk(text if stopped else text + matcher.flush(), finish_reason="stop" if stopped else finish)
