@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from pocketlm import features
 from pocketlm.errors import PocketLMError
 from pocketlm.generate import Chunk, Sequence, Stats, generate_tokens, stream_text
 from pocketlm.sampling import SamplingParams
@@ -42,6 +43,8 @@ class Completion:
     stats: Stats
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    # With logprobs=k: the k most likely (id, logprob) at each generated token.
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 class LM:
@@ -119,19 +122,82 @@ class LM:
         )
         yield from stream_text(steps, self.tokenizer, stop=stops)
 
-    def generate(self, prompt: str | Seq[int], **options: object) -> Completion:
-        """Generate a whole completion: text, finish reason, usage and timing."""
-        pieces, tokens, logprobs = [], [], []
+    def generate(
+        self, prompt: str | Seq[int], *, logprobs: int = 0, **options: object
+    ) -> Completion:
+        """Generate a whole completion: text, finish reason, usage and timing; with
+        `logprobs=k`, the k most likely alternatives at each token too."""
+        if logprobs:
+            if not 0 <= logprobs <= self.model.config.vocab_size:
+                raise PocketLMError(
+                    f"logprobs must be between 0 and the vocabulary size (got {logprobs})"
+                )
+            options = {**options, "top_logprobs": logprobs}
+        pieces, tokens, token_logprobs, top = [], [], [], []
         finish = "length"
         for chunk in self.stream(prompt, **options):
             pieces.append(chunk.text)
             if chunk.token is not None:
                 tokens.append(chunk.token)
-                logprobs.append(chunk.logprob)
+                token_logprobs.append(chunk.logprob)
+                top.append(chunk.top_logprobs)
             finish = chunk.finish_reason or finish
         stats = self.last_stats
         usage = Usage(stats.prompt_tokens, stats.new_tokens)
-        return Completion("".join(pieces), finish, usage, stats, tokens, logprobs)
+        return Completion(
+            "".join(pieces), finish, usage, stats, tokens, token_logprobs, top if logprobs else []
+        )
+
+    # -- features: what the model computes (pocketlm.features) --
+
+    def _encode_text(self, text: str | Seq[int]) -> list[int]:
+        if isinstance(text, str):
+            if not text:
+                raise PocketLMError("the text is empty: give some text")
+            return self.tokenizer.encode(text)
+        return list(text)
+
+    def score(self, text: str | Seq[int], *, top_k: int = 0) -> list[features.TokenScore]:
+        """Each token's log-probability given the text before it (the first has none),
+        with the `top_k` most likely alternatives at each position."""
+        return features.token_logprobs(self.model, self._encode_text(text), top_k=top_k)
+
+    def perplexity(
+        self,
+        text: str | Seq[int],
+        *,
+        context: int | None = None,
+        stride: int | None = None,
+        progress: features.Progress | None = None,
+    ) -> features.PerplexityResult:
+        """Perplexity by the transformers guide's sliding window (context: the model's,
+        stride: half of it, by default)."""
+        ids = self._encode_text(text)
+        return features.perplexity(
+            self.model, ids, context=context, stride=stride, progress=progress
+        )
+
+    def embed(
+        self,
+        texts: str | Seq[str],
+        *,
+        layer: int = -1,
+        pool: str = "mean",
+        normalize: bool = False,
+        batch_size: int = 8,
+    ) -> features.Embeddings:
+        """Hidden states of `layer` (0 = embeddings, -1 = final) for each text: pooled
+        ("mean", "last") or per token ("none")."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise PocketLMError("no texts to embed")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text:
+                raise PocketLMError(f"text {i} is empty (or not a string): give some text to embed")
+        ids = self.tokenizer.encode_batch(texts)
+        return features.embed(
+            self.model, ids, layer=layer, pool=pool, normalize=normalize, batch_size=batch_size
+        )
 
 
 def make_sampling_params(options: dict[str, object], *, vocab_size: int) -> SamplingParams:

@@ -29,6 +29,7 @@ from torch import nn
 from pocketlm.errors import PocketLMError
 
 POOLS = ("mean", "last", "none")
+Progress = Callable[[int, int], None]  # (windows done, windows in all)
 _CHUNK = 512  # positions per log-softmax slice: keeps a (T, V) float copy out of memory
 
 
@@ -173,7 +174,7 @@ def perplexity(
     *,
     context: int | None = None,
     stride: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> PerplexityResult:
     """Perplexity by the transformers guide's strided sliding window: each window of
     `context` tokens (default: the model's) labels only its last `trg_len` tokens (those
