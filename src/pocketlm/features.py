@@ -180,12 +180,14 @@ def perplexity(
     `context` tokens (default: the model's) labels only its last `trg_len` tokens (those
     after the previous window's end), its mean loss is weighted by `trg_len - 1` as the
     guide does, and exp(sum / count) is the perplexity. `stride` defaults to half the
-    context. `progress(done, total)` is called after each window."""
+    context. `progress(done, total)` is called before the first window and after each."""
     _check_ids(ids, vocab_size=model.config.vocab_size, minimum=2)
     context, stride = _check_window(model, context=context, stride=stride)
     windows = _windows(len(ids), context=context, stride=stride)
     device = next(model.parameters()).device
     nll_sum, n_tokens = 0.0, 0
+    if progress is not None:
+        progress(0, len(windows))
     for done, w in enumerate(windows, 1):
         logits = _logits(model, ids[w.begin : w.end])
         # HF's loss shifts labels left by one, so position 0 of a window is never a target.

@@ -19,6 +19,10 @@ COMMANDS = [
     "show",
     "models",
     "rm",
+    "score",
+    "perplexity",
+    "embed",
+    "probs",
 ]
 
 
