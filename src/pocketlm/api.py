@@ -148,6 +148,16 @@ class LM:
             "".join(pieces), finish, usage, stats, tokens, token_logprobs, top if logprobs else []
         )
 
+    def few_shot(
+        self, query: str, examples: object, *, template: str | None = None, **options: object
+    ) -> str:
+        """Answer `query` in the pattern of solved examples (a .jsonl/.yaml file or a list of
+        (input, output) pairs), with a `Q: {input}\nA: {output}` template unless given one;
+        generation stops at the next example. See `pocketlm.fewshot`."""
+        from pocketlm.fewshot import FewShot
+
+        return FewShot.build(examples, template=template).answer(self, query, **options)
+
     # -- features: what the model computes (pocketlm.features) --
 
     def _encode_text(self, text: str | Seq[int]) -> list[int]:
