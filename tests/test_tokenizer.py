@@ -399,3 +399,49 @@ def test_nfc_and_nfd_are_different_texts(gpt2):
     composed, decomposed = "é", unicodedata.normalize("NFD", "é")
     assert gpt2.decode(gpt2.encode(composed)) == composed
     assert gpt2.decode(gpt2.encode(decomposed)) == decomposed
+
+
+# -- other GGUF pre-tokenizers, on GPT-2's vocabulary -----------------------------------------
+
+# The split regexes as Llama 3 (Meta's tiktoken tokenizer.py) and Qwen2 (tokenizer.json) publish them.
+PUBLISHED_SPLITS = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "gpt2": R50K_PATTERN,
+}
+
+
+@pytest.mark.parametrize("pre", list(PUBLISHED_SPLITS))
+def test_gguf_pre_tokenizers_match_tiktoken(pre):
+    vocab = json.loads((GPT2_DATA / "vocab.json").read_text(encoding="utf-8"))
+    merges = (GPT2_DATA / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+    tokens = sorted(vocab, key=vocab.get)
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [1] * 50256 + [3],
+        "tokenizer.ggml.merges": [m for m in merges if m],
+        "tokenizer.ggml.bos_token_id": 50256,
+        "tokenizer.ggml.eos_token_id": 50256,
+    }
+    tok = Tokenizer.from_gguf_metadata(meta)
+    del vocab["<|endoftext|>"]
+    oracle = tiktoken.Encoding(
+        name=pre,
+        pat_str=PUBLISHED_SPLITS[pre],
+        mergeable_ranks=_byte_ranks(vocab),
+        special_tokens={"<|endoftext|>": 50256},
+    )
+    # llama.cpp adds BOS by default for the Llama 3 family only (the file may say otherwise).
+    assert tok.add_bos is (pre == "llama-bpe")
+    assert (
+        Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.add_bos_token": False}).add_bos
+        is False
+    )
+    for text in CORPUS + SMOLLM_DIGIT_CASES:
+        ids = tok.encode(text, add_bos=False)
+        assert ids == oracle.encode(text, allowed_special="all"), text
+        assert tok.decode(ids) == text

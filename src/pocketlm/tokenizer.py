@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -98,12 +99,8 @@ _END_OF_TURN_TEXTS = frozenset({"<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token")
 _NAMED_SPECIALS += ("mask_token",)
 # Named special tokens -> GGUF id keys (as transformers' GGUF loader names them).
-_GGUF_NAMED = {
-    "bos_token": "bos_token_id",
-    "eos_token": "eos_token_id",
-    "unk_token": "unknown_token_id",
-    "pad_token": "padding_token_id",
-}
+_GGUF_NAMED = {"bos_token": "bos_token_id", "eos_token": "eos_token_id"}
+_GGUF_NAMED |= {"unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
 
 # -- the tokenizer ----------------------------------------------------------------------------
 
@@ -351,7 +348,8 @@ def _gguf_pre(meta: Mapping[str, Any]) -> tuple[str, bool, bool]:
             "use the model's Hugging Face folder with tokenizer.json instead"
         )
     tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type")
-    if not tokens or "tokenizer.ggml.merges" not in meta or (types and len(types) != len(tokens)):
+    complete = tokens and "tokenizer.ggml.merges" in meta
+    if not complete or (types is not None and len(types) != len(tokens)):
         raise CorruptModelError(
             "the GGUF's tokenizer.ggml.tokens/merges/token_type are missing or disagree"
         )
@@ -368,7 +366,8 @@ def _gguf_backend(meta: Mapping[str, Any], *, kind: str, ignore_merges: bool) ->
     """A byte-level BPE from GGUF vocab and merges; control tokens (type 3) become special
     tokens and user-defined ones (type 4) plain added tokens, both matched whole in text."""
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
-    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    raw_types = meta.get("tokenizer.ggml.token_type")
+    types = [1] * len(tokens) if raw_types is None else [int(t) for t in raw_types]
     spell = _bytes_to_unicode()
     alphabet = set(spell.values())
     # A token written outside the byte alphabet is respelled in it, as transformers does.
@@ -407,16 +406,23 @@ def _spec(component: Any) -> dict | None:
     return None if component is None else json.loads(component.__getstate__())
 
 
+def _steps(spec: Any) -> list[dict]:
+    """A component's tokenizer.json entry and, for a Sequence, its steps, flattened."""
+    if not isinstance(spec, dict):
+        return []
+    inner = spec.get("decoders") or spec.get("processors") or []
+    return [spec, *(step for part in inner for step in _steps(part))]
+
+
 def _token_bytes_table(backend: Backend, decoder: dict | None) -> list[bytes]:
     """Raw bytes of every id, read the way the backend's decoder reads tokens."""
-    kinds = _decoder_kinds(decoder)
+    kinds = {step.get("type") for step in _steps(decoder)}
     vocab = backend.get_vocab(with_added_tokens=True)
     table = [b""] * (max(vocab.values(), default=-1) + 1)
-    byte_fallback = "ByteFallback" in kinds
     for token, index in vocab.items():
         if "ByteLevel" in kinds and all(c in _BYTE_OF_CHAR for c in token):
             table[index] = bytes(_BYTE_OF_CHAR[c] for c in token)
-        elif byte_fallback and (m := _SPM_BYTE.fullmatch(token)):
+        elif "ByteFallback" in kinds and (m := _SPM_BYTE.fullmatch(token)):
             table[index] = bytes([int(m.group(1), 16)])
         elif "Metaspace" in kinds or "Replace" in kinds:
             table[index] = token.replace("\u2581", " ").encode("utf-8")
@@ -425,40 +431,23 @@ def _token_bytes_table(backend: Backend, decoder: dict | None) -> list[bytes]:
     return table
 
 
-def _decoder_kinds(spec: Any) -> set[str]:
-    if not isinstance(spec, dict):
-        return set()
-    kinds = {spec.get("type", "")}
-    for inner in spec.get("decoders") or []:
-        kinds |= _decoder_kinds(inner)
-    return kinds
-
-
-def _decoder_strips_space(spec: Any) -> bool:
+def _decoder_strips_space(decoder: dict | None) -> bool:
     """Whether HF decoding drops one leading space (SentencePiece's prefix space)."""
-    if not isinstance(spec, dict):
-        return False
-    if spec.get("type") == "Strip":
-        return spec.get("content") == " " and spec.get("start", 0) >= 1
-    if spec.get("type") == "Metaspace":
-        return spec.get("prepend_scheme", "always") != "never" and spec.get(
-            "add_prefix_space", True
-        )
-    return any(_decoder_strips_space(d) for d in spec.get("decoders") or [])
+    for step in _steps(decoder):
+        if step.get("type") == "Strip" and step.get("content") == " " and step.get("start", 0):
+            return True
+        if step.get("type") == "Metaspace" and step.get("prepend_scheme", "always") != "never":
+            return True
+    return False
 
 
 def _post_processor_adds(spec: dict | None, bos_id: int | None) -> bool:
     """Whether tokenizer.json's post-processor puts BOS first (Llama 3 adds BOS this way)."""
-    stack = [spec]
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, dict):
-            continue
-        stack.extend(node.get("processors") or [])
-        if node.get("type") == "TemplateProcessing" and node.get("single"):
-            first = node["single"][0].get("SpecialToken")
-            ids = (node.get("special_tokens") or {}).get((first or {}).get("id"), {}).get("ids")
-            if ids and bos_id is not None and ids[0] == bos_id:
+    for step in _steps(spec):
+        if step.get("type") == "TemplateProcessing" and step.get("single"):
+            first = step["single"][0].get("SpecialToken", {}).get("id")
+            ids = step.get("special_tokens", {}).get(first, {}).get("ids")
+            if ids and ids[0] == bos_id:
                 return True
     return False
 
@@ -484,12 +473,8 @@ def _content(value: Any) -> str | None:
 
 
 def _named_specials(config: Mapping[str, Any], legacy_map: Mapping[str, Any]) -> dict[str, str]:
-    names = {}
-    for name in _NAMED_SPECIALS:
-        value = _content(config.get(name)) or _content(legacy_map.get(name))
-        if value is not None:
-            names[name] = value
-    return names
+    values = {n: _content(config.get(n)) or _content(legacy_map.get(n)) for n in _NAMED_SPECIALS}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
@@ -507,7 +492,7 @@ def _chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
 
 
 def _is_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
 def _ids(value: Any) -> list[int]:
@@ -521,11 +506,8 @@ def _token_id(backend: Backend, token: str | None) -> int | None:
 
 def _end_of_turn_ids(backend: Backend) -> set[int]:
     """Special tokens that end a turn by their text (llama.cpp's end-of-generation set)."""
-    return {
-        i
-        for i, t in backend.get_added_tokens_decoder().items()
-        if t.special and t.content in _END_OF_TURN_TEXTS
-    }
+    added = backend.get_added_tokens_decoder().items()
+    return {i for i, t in added if t.special and t.content in _END_OF_TURN_TEXTS}
 
 
 # -- chat templates ---------------------------------------------------------------------------
@@ -582,17 +564,11 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(
-    value: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: Any = None,
-    sort_keys: bool = False,
-) -> str:
-    # Not Jinja's own tojson: that one HTML-escapes, and templates expect plain JSON.
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # Not Jinja's own tojson: that one HTML-escapes, and templates expect plain JSON. Same
+    # signature as transformers' (a positional argument is ensure_ascii, not indent).
+    options = {"indent": indent, "separators": separators, "sort_keys": sort_keys}
+    return json.dumps(value, ensure_ascii=ensure_ascii, **options)
 
 
 def _compile_template(source: str) -> jinja2.Template:
