@@ -19,6 +19,7 @@ COMMANDS = [
     "show",
     "models",
     "rm",
+    "finetune",
     "score",
     "perplexity",
     "embed",
