@@ -230,6 +230,12 @@ def test_raise_exception_becomes_a_pocketlm_error(tmp_path):
         tok.render_chat([{"role": "robot", "content": "beep"}])
     with pytest.raises(PocketLMError, match="system message must come first"):
         tok.render_chat([*TURNS[:1], SYSTEM])
+    two_lines = Tokenizer.from_dir(
+        _write_folder(tmp_path, "{{ raise_exception('first\\nsecond') }}")
+    )
+    with pytest.raises(PocketLMError, match="first second") as caught:
+        two_lines.render_chat(TURNS)
+    assert "\n" not in str(caught.value)  # user-facing errors are one line
 
 
 @pytest.mark.parametrize(

@@ -325,6 +325,13 @@ def test_from_dir_without_tokenizer_files_says_what_it_expects(tmp_path):
     assert "vocab.json" in message and "merges.txt" in message and "\n" not in message
 
 
+def test_from_dir_corrupt_tokenizer_json(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": 3}}')
+    with pytest.raises(PocketLMError, match="cannot be read as a tokenizer") as caught:
+        Tokenizer.from_dir(tmp_path)
+    assert "\n" not in str(caught.value)
+
+
 def test_from_dir_not_a_folder(tmp_path):
     with pytest.raises(PocketLMError, match="not a folder"):
         Tokenizer.from_dir(tmp_path / "missing")

@@ -275,7 +275,9 @@ class Tokenizer:
                 **_plain(variables),
             )
         except jinja2.TemplateError as error:
-            raise PocketLMError(f"the chat template refused this conversation: {error}") from None
+            raise PocketLMError(
+                f"the chat template refused this conversation: {_one_line(error)}"
+            ) from None
 
 
 class StreamDecoder:
@@ -325,13 +327,15 @@ def _load_backend(folder: Path) -> tuple[Backend, bool]:
         try:
             return Backend.from_file(str(file)), False
         except Exception as error:  # tokenizers raises a bare Exception on a bad file
-            raise CorruptModelError(f"{file} cannot be read as a tokenizer ({error})") from None
+            raise CorruptModelError(
+                f"{file} cannot be read as a tokenizer ({_one_line(error)})"
+            ) from None
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         try:
             return _gpt2_backend(folder / "vocab.json", folder / "merges.txt"), True
         except Exception as error:
             raise CorruptModelError(
-                f"{folder}/vocab.json + merges.txt cannot be read ({error})"
+                f"{folder}/vocab.json + merges.txt cannot be read ({_one_line(error)})"
             ) from None
     raise PocketLMError(
         f"no tokenizer in {folder}: expected tokenizer.json, or vocab.json + merges.txt "
@@ -491,6 +495,10 @@ def _chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
     return template if isinstance(template, str) else None
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
 def _is_id(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
@@ -584,7 +592,9 @@ def _compile_template(source: str) -> jinja2.Template:
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as error:
-        raise CorruptModelError(f"the model's chat template is not valid Jinja ({error})") from None
+        raise CorruptModelError(
+            f"the model's chat template is not valid Jinja ({_one_line(error)})"
+        ) from None
 
 
 def _plain(value: Any) -> Any:
