@@ -68,6 +68,13 @@ class LM:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def apply_adapter(self, path: str | Path) -> None:
+        """Merge a LoRA adapter (from `pocketlm finetune --lora --adapter-only`) into the weights."""
+        from pocketlm.train.lora import load_adapter
+
+        load_adapter(self.model, Path(path), merge=True)
+        self._sequence = None  # its cache was computed with the old weights
+
     def sequence(self) -> Sequence:
         """The LM's own sequence (KV cache), reused between calls so a prompt that extends
         the previous one (a chat) only computes its new tokens."""
@@ -228,9 +235,10 @@ def load(
     dtype: str | torch.dtype = "fp32",
     device: str | None = None,
     offline: bool = False,
+    adapter: str | Path | None = None,
 ) -> LM:
     """Load a model by name (`gpt2`, `smollm2-135m`, `org/repo`), local path or GGUF file;
-    None loads the embedded default."""
+    None loads the embedded default. `adapter`: a LoRA adapter folder to merge in."""
     from pocketlm.weights.sources import resolve
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -240,4 +248,7 @@ def load(
         dtype = DTYPES[dtype]
     path = resolve(None if name is None else str(name), offline=offline)
     loaded = loader.load(path, dtype=dtype, device=device)
-    return LM(loaded, name=str(name) if name is not None else path.parent.name)
+    lm = LM(loaded, name=str(name) if name is not None else path.parent.name)
+    if adapter is not None:
+        lm.apply_adapter(adapter)
+    return lm

@@ -19,6 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("words", nargs="*", metavar="[MODEL] [PROMPT]", help="model name or path, then the prompt")
     parser.add_argument("-m", "--model", default=None, help="model name, folder or .gguf file")
+    parser.add_argument("--adapter", default=None, metavar="PATH",
+                        help="a LoRA adapter folder (from `finetune --lora --adapter-only`) to apply")
     parser.add_argument("--stats", action="store_true", help="print tokens, time to first token and tokens/s")
     parser.add_argument("--no-truncate", action="store_true",
                         help="refuse a prompt longer than the context window instead of cutting it")
@@ -50,6 +52,8 @@ def main(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise PocketLMError("the prompt is empty: give some text to continue")
     lm = common.load_model(model_name, args)
+    if args.adapter:
+        lm.apply_adapter(args.adapter)
     stream = lm.stream(
         prompt, max_tokens=args.max_tokens, stop=[common.unescape(s) for s in args.stop],
         truncate=not args.no_truncate, **common.sampling_kwargs(args),
