@@ -24,6 +24,7 @@ COMMANDS = [
     "perplexity",
     "embed",
     "probs",
+    "serve",
 ]
 
 
