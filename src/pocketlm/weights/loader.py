@@ -58,7 +58,7 @@ def load(
         from pocketlm.weights.fallback import load_with_transformers
 
         return load_with_transformers(path, config, dtype=dtype, device=device)
-    tensors = _hf_tensors(path, config["model_type"])
+    tensors = _hf_tensors(path, config["model_type"], dtype=dtype)
     model = build_model(config, tensors, dtype=dtype, device=device, source=path)
     return LoadedModel(model, _hf_tokenizer(path, config), config, path, native=True)
 
@@ -123,9 +123,10 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(module, attr, tensor)
 
 
-def _hf_tensors(path: Path, model_type: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_tensors(path: Path, model_type: str, *, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, tensor) pairs from safetensors shards (or a weights_only .bin)."""
-    for key, tensor in _raw_hf_tensors(path):
+    reopen = dtype != _checkpoint_dtype(path)
+    for key, tensor in _raw_hf_tensors(path, reopen=reopen):
         if tables.is_ignored(key, model_type):
             continue
         name = tables.rename(key, model_type)
@@ -134,20 +135,55 @@ def _hf_tensors(path: Path, model_type: str) -> Iterator[tuple[str, torch.Tensor
         yield name, tensor
 
 
-def _raw_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
-
+def _raw_hf_tensors(path: Path, *, reopen: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Checkpoint tensors as memory-mapped views. With `reopen`, the file is mapped again
+    for each tensor, so pages already converted to another dtype are released instead of
+    staying resident beside their copies (peak ~1x the weights, not source + target)."""
     files = _safetensors_files(path)
     if not files:
         yield from _torch_bin_tensors(path)
         return
     for file in files:
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    yield key, f.get_tensor(key)
-        except (SafetensorError, OSError, ValueError) as error:
-            raise CorruptModelError(f"{file} is not a readable safetensors file ({error}); re-download it") from None
+        with _open_safetensors(file) as f:
+            keys = list(f.keys())
+            if not reopen:
+                for key in keys:
+                    yield key, _get_tensor(f, key, file)
+                continue
+        for key in keys:
+            with _open_safetensors(file) as f:
+                yield key, _get_tensor(f, key, file)
+
+
+def _open_safetensors(file: Path):  # -> safetensors.safe_open
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CorruptModelError(f"{file} is not a readable safetensors file ({error}); re-download it") from None
+
+
+def _get_tensor(f, key: str, file: Path) -> torch.Tensor:  # noqa: ANN001 - safe_open handle
+    from safetensors import SafetensorError
+
+    try:
+        return f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CorruptModelError(f"{file}: tensor {key!r} cannot be read ({error}); re-download it") from None
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _checkpoint_dtype(path: Path) -> torch.dtype | None:
+    """The dtype of the first tensor in the first shard (None when there is none)."""
+    files = _safetensors_files(path)
+    if not files:
+        return None
+    with _open_safetensors(files[0]) as f:
+        keys = list(f.keys())
+        return SAFETENSORS_DTYPES.get(f.get_slice(keys[0]).get_dtype()) if keys else None
 
 
 def _safetensors_files(path: Path) -> list[Path]:
