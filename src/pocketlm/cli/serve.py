@@ -1,0 +1,118 @@
+"""`pocketlm serve [MODEL]`: serve a model over an OpenAI-compatible HTTP API (and a chat
+page at /), with continuous batching. Parsing and printing only; the server is
+`pocketlm.serve.app`, run by uvicorn.
+"""
+
+import argparse
+import ipaddress
+import logging
+import socket
+import sys
+
+from pocketlm.cli import common
+from pocketlm.errors import PocketLMError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API, with a chat page",
+        description="Serve MODEL (default: the embedded SmolLM2-135M) at http://HOST:PORT/v1 "
+        "for the openai client and other programs; a chat page is at http://HOST:PORT/.",
+    )
+    parser.add_argument("model", nargs="?", default=None, help="model name, folder or .gguf file")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to listen on (default 127.0.0.1: this machine only)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)"
+    )
+    parser.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes"
+    )
+    parser.add_argument(
+        "--max-batch", type=int, default=8, help="requests decoded together (default 8)"
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests allowed to wait for a slot; beyond it, 429 (default 64)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds a request may take (default 600)"
+    )
+    parser.add_argument(
+        "--name", default=None, help="model id the API reports (default: the model's name)"
+    )
+    common.add_model_options(parser)
+    parser.set_defaults(handler=main)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (so --port 0 can report the port it got)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise PocketLMError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    sock.listen(128)
+    return sock
+
+
+def main(args: argparse.Namespace) -> int:
+    common.setup_logging()
+    for flag in ("max_batch", "max_queue"):
+        if getattr(args, flag) < 1:
+            raise PocketLMError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.timeout <= 0:
+        raise PocketLMError("--timeout must be positive")
+    try:
+        import uvicorn
+
+        from pocketlm.serve.app import Service, create_app
+    except ImportError as error:
+        raise PocketLMError(f"serving needs {error.name}: pip install 'pocketlm[serve]'") from None
+    log = logging.getLogger("pocketlm")
+    if not is_loopback(args.host) and not args.api_key:
+        log.warning(
+            "listening on %s without --api-key: anyone who can reach this machine can use the model",
+            args.host,
+        )
+    sock = bind(args.host, args.port)
+    lm = common.load_model(args.model, args)
+    try:
+        service = Service(
+            lm,
+            name=args.name,
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            timeout=args.timeout,
+            api_key=args.api_key,
+        )
+    except ValueError as error:
+        raise PocketLMError(f"cannot serve this model: {error}") from None
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(
+        f"serving {service.name} at http://{shown}:{port}/v1 (chat page: http://{shown}:{port}/)",
+        flush=True,
+    )
+    config = uvicorn.Config(create_app(service), log_level="warning", timeout_graceful_shutdown=2)
+    uvicorn.Server(config).run(sockets=[sock])
+    sys.stdout.flush()
+    return 0

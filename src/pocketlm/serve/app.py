@@ -1,0 +1,470 @@
+"""The HTTP routes of `pocketlm serve`: an OpenAI-compatible API and a chat page.
+
+Routes are thin: read and validate the body (schemas), turn it into engine requests
+(convert), hand them to the scheduler, and turn its events back into a response or a
+stream of server-sent events (convert). Every failure, including unknown routes, bad
+JSON and a full queue, answers in OpenAI's error format so the `openai` client raises
+the matching exception. A client that goes away mid-stream cancels its requests, which
+frees their batch rows at the scheduler's next step. FastAPI/Starlette; served by uvicorn.
+Knows nothing of how tokens are computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from pocketlm import features
+from pocketlm.serve import convert
+from pocketlm.serve.convert import Choice
+from pocketlm.serve.scheduler import Event, QueueFull, Scheduler
+from pocketlm.serve.scheduler import Request as EngineRequest
+from pocketlm.serve.schemas import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    error_body,
+    parse,
+)
+
+log = logging.getLogger("pocketlm.serve")
+
+
+class Service:
+    """A loaded model (`pocketlm.LM`) behind the routes, with the server's limits."""
+
+    def __init__(
+        self,
+        lm,
+        *,
+        name: str | None = None,
+        max_batch: int = 8,
+        max_queue: int = 64,  # noqa: ANN001 - pocketlm.LM
+        timeout: float | None = 600.0,
+        api_key: str | None = None,
+        max_body: int = 4 << 20,
+    ) -> None:
+        self.lm, self.tokenizer = lm, lm.tokenizer
+        self.name = name or lm.name
+        self.vocab_size = lm.model.config.vocab_size
+        self.context_length = lm.context_length
+        self.timeout, self.api_key, self.max_body = timeout, api_key, max_body
+        self.scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue)
+        self.created = int(time.time())
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.name:
+            raise ApiError(
+                f"the model '{model}' does not exist; this server runs '{self.name}'",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+
+    def embed(self, batches: list[list[int]]) -> list[list[float]]:
+        """Mean of the last layer's hidden states over each input's tokens."""
+        vectors = features.embed(self.lm.model, batches, layer=-1, pool="mean").vectors
+        return [v.tolist() for v in vectors]
+
+
+class Jobs:
+    """The engine requests (one per choice) behind one HTTP request, and their events."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.requests: list[EngineRequest] = []
+
+    def add(self, index: int, **options: object) -> None:
+        def emit(event: Event) -> None:
+            # RuntimeError: the event loop has closed, the server is shutting down.
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+        self.requests.append(EngineRequest(emit=emit, timeout=self.service.timeout, **options))
+
+    def submit(self) -> None:
+        try:
+            self.service.scheduler.submit(self.requests)
+        except QueueFull:
+            raise ApiError(
+                "the server is busy: too many requests are waiting; retry shortly",
+                status=429,
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            ) from None
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        remaining = len(self.requests)
+        while remaining:
+            index, event = await self.queue.get()
+            if event.finish_reason is not None:
+                remaining -= 1
+            yield index, event
+
+    def cancel(self) -> None:
+        for request in self.requests:
+            self.service.scheduler.cancel(request)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise ApiError(
+            f"the request body is larger than the server's limit of {limit} bytes", status=413
+        )
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise ApiError(
+                f"the request body is larger than the server's limit of {limit} bytes", status=413
+            )
+    return bytes(body)
+
+
+def _completion_jobs(service: Service, body: CompletionRequest) -> tuple[Jobs, list[list[int]]]:
+    service.check_model(body.model)
+    if body.suffix:
+        raise ApiError("suffix (fill-in-the-middle) is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise ApiError("best_of other than n is not supported", param="best_of")
+    params = convert.sampling_params(body, vocab_size=service.vocab_size)
+    stops = convert.stop_strings(body.stop)
+    prompts = convert.prompt_ids(body.prompt, service.tokenizer, vocab_size=service.vocab_size)
+    jobs = Jobs(service)
+    for p, ids in enumerate(prompts):
+        budget = convert.token_budget(
+            prompt_tokens=len(ids),
+            max_tokens=body.max_tokens,
+            context_length=service.context_length,
+        )
+        for i in range(body.n):
+            jobs.add(
+                p * body.n + i,
+                prompt_ids=ids,
+                max_tokens=budget,
+                stop=stops,
+                params=_with_seed(params, convert.choice_seed(body.seed, i)),
+                logprobs=body.logprobs is not None,
+                top_logprobs=body.logprobs or 0,
+                prompt_logprobs=body.echo and body.logprobs is not None,
+            )
+    return jobs, prompts
+
+
+def _chat_jobs(service: Service, body: ChatCompletionRequest) -> tuple[Jobs, int]:
+    service.check_model(body.model)
+    if body.response_format is not None and body.response_format.type != "text":
+        raise ApiError(
+            "response_format json_object/json_schema is not supported: pocketlm has no "
+            "constrained decoding to guarantee it",
+            param="response_format",
+        )
+    if body.top_logprobs and not body.logprobs:
+        raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
+    params = convert.sampling_params(body, vocab_size=service.vocab_size)
+    ids, extra_stops = convert.chat_prompt(body.messages, service.tokenizer)
+    stops = convert.stop_strings(body.stop) + extra_stops
+    wanted = body.max_completion_tokens or body.max_tokens
+    name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    budget = convert.token_budget(
+        prompt_tokens=len(ids), max_tokens=wanted, context_length=service.context_length, param=name
+    )
+    jobs = Jobs(service)
+    for i in range(body.n):
+        jobs.add(
+            i,
+            prompt_ids=ids,
+            max_tokens=budget,
+            stop=stops,
+            params=_with_seed(params, convert.choice_seed(body.seed, i)),
+            logprobs=body.logprobs,
+            top_logprobs=body.top_logprobs or 0,
+        )
+    return jobs, len(ids)
+
+
+def _with_seed(params, seed):  # noqa: ANN001, ANN202
+    from dataclasses import replace
+
+    return replace(params, seed=seed)
+
+
+async def _collect(jobs: Jobs, request: Request, count: int) -> list[Choice]:
+    """Wait for every choice to finish; cancel them if the client goes away meanwhile."""
+    choices = [Choice(i) for i in range(count)]
+    try:
+        async for index, event in jobs.events():
+            choices[index].add(event)
+            if await request.is_disconnected():
+                break
+    finally:
+        jobs.cancel()
+    for choice in choices:
+        if failure := convert.engine_failure(choice.finish_reason, timeout=jobs.service.timeout):
+            raise failure
+    return choices
+
+
+def _stream(events: AsyncIterator[bytes], jobs: Jobs) -> StreamingResponse:
+    async def guarded() -> AsyncIterator[bytes]:
+        try:
+            async for piece in events:
+                yield piece
+        except ApiError as error:  # after the headers went out: an error event, then stop
+            yield convert.sse(error.body())
+        finally:
+            jobs.cancel()  # the client left, or we are done: free the rows either way
+
+    return StreamingResponse(
+        guarded(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _check(event: Event, jobs: Jobs) -> None:
+    if failure := convert.engine_failure(event.finish_reason, timeout=jobs.service.timeout):
+        raise failure
+
+
+async def _completion_events(
+    service: Service, body: CompletionRequest, jobs: Jobs, prompts: list[list[int]]
+) -> AsyncIterator[bytes]:
+    meta = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=service.name)
+    if body.echo:
+        for index in range(len(jobs.requests)):
+            text = service.tokenizer.decode(prompts[index // body.n])
+            yield convert.sse(
+                convert.completion_chunk(
+                    **meta,
+                    choices=[
+                        convert.completion_choice(index, text, logprobs=None, finish_reason=None)
+                    ],
+                )
+            )
+    totals = [0, 0]
+    async for index, event in jobs.events():
+        _check(event, jobs)
+        one = Choice(index)
+        one.add(event)
+        logprobs = (
+            convert.completion_logprobs(one, service.tokenizer)
+            if body.logprobs is not None
+            else None
+        )
+        choice = convert.completion_choice(
+            index, event.text, logprobs=logprobs, finish_reason=event.finish_reason
+        )
+        yield convert.sse(convert.completion_chunk(**meta, choices=[choice]))
+        if event.finish_reason:
+            totals[0] += event.prompt_tokens if index % body.n == 0 else 0
+            totals[1] += event.completion_tokens
+    if body.stream_options and body.stream_options.include_usage:
+        yield convert.sse(
+            convert.completion_chunk(**meta, choices=[], usage=convert.usage(*totals))
+        )
+    yield convert.sse("[DONE]")
+
+
+async def _chat_events(
+    service: Service, body: ChatCompletionRequest, jobs: Jobs, prompt_tokens: int
+) -> AsyncIterator[bytes]:
+    include = bool(body.stream_options and body.stream_options.include_usage)
+    meta = dict(
+        id=f"chatcmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=service.name,
+        include_usage=include,
+    )
+    for index in range(body.n):
+        yield convert.sse(
+            convert.chat_chunk(
+                **meta, choices=[convert.chat_delta(index, role="assistant", content="")]
+            )
+        )
+    completion_tokens = 0
+    async for index, event in jobs.events():
+        _check(event, jobs)
+        if not event.text and event.finish_reason is None and not body.logprobs:
+            continue
+        one = Choice(index)
+        one.add(event)
+        logprobs = convert.chat_logprobs(one, service.tokenizer) if body.logprobs else None
+        delta = convert.chat_delta(
+            index, content=event.text or None, logprobs=logprobs, finish_reason=event.finish_reason
+        )
+        yield convert.sse(convert.chat_chunk(**meta, choices=[delta]))
+        completion_tokens += event.completion_tokens
+    if include:
+        meta["include_usage"] = False
+        yield convert.sse(
+            convert.chat_chunk(
+                **meta, choices=[], usage=convert.usage(prompt_tokens, completion_tokens)
+            )
+        )
+    yield convert.sse("[DONE]")
+
+
+def _api_routes(service: Service) -> APIRouter:
+    async def authorize(request: Request) -> None:
+        if service.api_key and request.headers.get("authorization") != f"Bearer {service.api_key}":
+            raise ApiError(
+                "incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                status=401,
+                code="invalid_api_key",
+            )
+
+    router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    @router.get("/models")
+    async def models() -> dict:
+        return convert.models_list(service.name, created=service.created)
+
+    @router.post("/completions")
+    async def completions(request: Request):  # noqa: ANN202 - JSON or a stream
+        body = parse(CompletionRequest, await read_body(request, service.max_body))
+        jobs, prompts = _completion_jobs(service, body)
+        jobs.submit()
+        if body.stream:
+            return _stream(_completion_events(service, body, jobs, prompts), jobs)
+        choices = await _collect(jobs, request, len(jobs.requests))
+        out = []
+        for c in choices:
+            prompt = prompts[c.index // body.n]
+            echo = service.tokenizer.decode(prompt) if body.echo else ""
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = convert.completion_logprobs(
+                    c, service.tokenizer, prompt=prompt if body.echo else None
+                )
+            out.append(
+                convert.completion_choice(
+                    c.index,
+                    echo + "".join(c.text),
+                    logprobs=logprobs,
+                    finish_reason=c.finish_reason,
+                )
+            )
+        prompt_tokens = sum(len(p) for p in prompts)
+        usage = convert.usage(prompt_tokens, sum(c.completion_tokens for c in choices))
+        return convert.completion_response(
+            id=f"cmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=service.name,
+            choices=out,
+            usage=usage,
+        )
+
+    @router.post("/chat/completions")
+    async def chat(request: Request):  # noqa: ANN202 - JSON or a stream
+        body = parse(ChatCompletionRequest, await read_body(request, service.max_body))
+        jobs, prompt_tokens = _chat_jobs(service, body)
+        jobs.submit()
+        if body.stream:
+            return _stream(_chat_events(service, body, jobs, prompt_tokens), jobs)
+        choices = await _collect(jobs, request, body.n)
+        out = [
+            convert.chat_choice(
+                c.index,
+                "".join(c.text),
+                finish_reason=c.finish_reason,
+                logprobs=convert.chat_logprobs(c, service.tokenizer) if body.logprobs else None,
+            )
+            for c in choices
+        ]
+        usage = convert.usage(prompt_tokens, sum(c.completion_tokens for c in choices))
+        return convert.chat_response(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=service.name,
+            choices=out,
+            usage=usage,
+        )
+
+    @router.post("/embeddings")
+    async def embeddings(request: Request) -> dict:
+        body = parse(EmbeddingRequest, await read_body(request, service.max_body))
+        service.check_model(body.model)
+        if body.dimensions is not None:
+            raise ApiError(
+                "dimensions is not supported: the vectors have the model's width",
+                param="dimensions",
+            )
+        batches = convert.prompt_ids(body.input, service.tokenizer, vocab_size=service.vocab_size)
+        for ids in batches:
+            convert.token_budget(
+                prompt_tokens=len(ids) - 1, max_tokens=None, context_length=service.context_length
+            )
+        vectors = await run_in_threadpool(service.embed, batches)
+        return convert.embedding_response(
+            vectors,
+            model=service.name,
+            encoding_format=body.encoding_format,
+            prompt_tokens=sum(len(ids) for ids in batches),
+        )
+
+    return router
+
+
+def create_app(service: Service) -> FastAPI:
+    """The ASGI app; starts the scheduler thread on startup and stops it on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.scheduler.start()
+        yield
+        service.scheduler.stop()
+
+    app = FastAPI(
+        title="pocketlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.include_router(_api_routes(service))
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(error.detail)), status_code=error.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(
+            error_body(f"internal error: {error}", type="server_error"), status_code=500
+        )
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": service.name}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(
+            convert.prometheus(service.scheduler.snapshot()), media_type="text/plain; version=0.0.4"
+        )
+
+    @app.get("/")
+    async def page() -> HTMLResponse:
+        return HTMLResponse(
+            (resources.files("pocketlm.serve") / "static" / "index.html").read_text("utf-8")
+        )
+
+    return app

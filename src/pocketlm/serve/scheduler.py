@@ -1,0 +1,346 @@
+"""Continuous batching: many requests share one model, one KV cache and one decode step.
+
+A background thread owns the model. The cache has `max_batch` rows; the requests being
+generated sit in rows 0..k-1 (kept contiguous, so a decode step is one forward over the
+first k rows, each at its own position). Between steps the loop admits waiting requests
+(each prefilled alone, B=1, into the next free row through a one-row view of the cache),
+and drops finished, cancelled and timed-out ones at once: the last row moves into the
+hole. Each request keeps its own sampling parameters, torch.Generator, penalty counts,
+detokenizer and stop matcher, and samples exactly as `generate.generate_tokens` does, so a
+seeded or greedy request gives the same tokens whether it runs alone or in a crowd.
+
+Results leave through a per-request `emit(Event)` callback, called on the scheduler thread.
+Knows nothing of HTTP or the wire format. (vLLM's scheduler and Orca, Yu et al. 2022,
+"iteration-level scheduling"; gpt-fast for the prefill/decode split.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pocketlm.models import KVCache, make_cache
+from pocketlm.sampling import SamplingParams, make_generator, process_logits, sample
+from pocketlm.stopping import StopMatcher
+from pocketlm.tokenizer import Tokenizer
+
+log = logging.getLogger("pocketlm.serve")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; the caller should retry later."""
+
+
+@dataclass
+class Event:
+    """One generated token (with its text), or the end of a request."""
+
+    text: str
+    token: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    # "stop" (EOS or a stop string), "length", "cancelled", "timeout" or "error"
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # on the last event: tokens sampled in all
+    prompt_logprobs: list[float | None] | None = None  # on the first event, when asked
+
+
+@dataclass(eq=False)
+class Request:
+    """What to generate; filled in by the caller, read by the scheduler thread."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    emit: Callable[[Event], None]
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
+    timeout: float | None = None  # seconds from submission
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # set from any thread; the loop frees the row at its next turn
+
+
+class _Active:
+    """A request that holds a cache row: everything it needs to take its next step."""
+
+    def __init__(
+        self, request: Request, *, vocab_size: int, tokenizer: Tokenizer, device: torch.device
+    ) -> None:
+        self.request = request
+        params = request.params
+        # Unseeded requests get a generator of their own too, so no request draws from
+        # a stream its batch mates also draw from.
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        self.generator = make_generator(seed, device)
+        self.counts = torch.zeros(vocab_size, device=device)
+        self.prompt_mask = None
+        if params.repetition_penalty != 1.0:  # as generate_tokens: prompt tokens count as seen
+            self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.prompt_mask[torch.tensor(request.prompt_ids, device=device)] = True
+        self.decoder = tokenizer.stream_decoder()
+        self.matcher = StopMatcher(request.stop)
+        self.eos_ids = tokenizer.eos_ids
+        self.position = 0  # tokens in the cache row
+        self.last_token = -1
+        self.generated = 0
+        self.done = False
+
+
+class _RowView:
+    """Row `row` of a batched KVCache, seen as a one-row cache (shares its storage)."""
+
+    update = KVCache.update  # writes through the views below, into the shared cache
+
+    def __init__(self, cache: KVCache, row: int) -> None:
+        self.k = cache.k[:, row : row + 1]  # (L, 1, H, S, D)
+        self.v = cache.v[:, row : row + 1]
+
+
+class Scheduler:
+    """Runs requests in a background thread with continuous batching."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+    ) -> None:
+        if getattr(model, "make_cache", None) is not None:
+            raise ValueError("continuous batching needs a native pocketlm model")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.vocab_size = model.config.vocab_size
+        self.cache = make_cache(model, batch_size=max_batch)
+        self.device = self.cache.k.device
+        self.rows: list[_Active] = []  # rows[i] is in cache row i
+        self._waiting: deque[Request] = deque()
+        self._wake = threading.Condition()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self.counters = dict.fromkeys(
+            (
+                "requests",
+                "finished",
+                "cancelled",
+                "timed_out",
+                "rejected",
+                "errors",
+                "prompt_tokens",
+                "generation_tokens",
+                "steps",
+            ),
+            0,
+        )
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
+
+    # -- the caller's side (any thread) --
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="pocketlm-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._running = False
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def submit(self, requests: list[Request]) -> None:
+        """Queue requests (all or none); QueueFull when they would pass the bound."""
+        with self._wake:
+            if len(self._waiting) + len(requests) > self.max_queue:
+                self.counters["rejected"] += 1
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.extend(requests)
+            self.counters["requests"] += len(requests)
+            self._wake.notify()
+
+    def cancel(self, request: Request) -> None:
+        with self._wake:
+            request.cancelled = True
+            self._wake.notify()
+
+    def snapshot(self) -> dict[str, float]:
+        """Counters and gauges for /metrics."""
+        with self._wake:
+            now = time.monotonic()
+            while self._recent and now - self._recent[0][0] > 10:
+                self._recent.popleft()
+            window = sum(n for _, n in self._recent)
+            span = now - self._recent[0][0] if len(self._recent) > 1 else 0.0
+            return {
+                **self.counters,
+                "queue_depth": len(self._waiting),
+                "active": len(self.rows),
+                "max_batch": self.max_batch,
+                "tokens_per_second": window / span if span else 0.0,
+            }
+
+    # -- the scheduler thread --
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._wake:
+                while self._running and not self._waiting and not self.rows:
+                    self._wake.wait()
+                if not self._running:
+                    break
+            self._retire()
+            self._admit()
+            if self.rows:
+                self._decode()
+                self._retire()
+        for active in self.rows:
+            self._finish(active, "cancelled", "")
+        for request in self._waiting:
+            request.emit(Event("", finish_reason="cancelled"))
+
+    def _admit(self) -> None:
+        while len(self.rows) < self.max_batch:
+            with self._wake:
+                if not self._waiting:
+                    return
+                request = self._waiting.popleft()
+            if request.cancelled:
+                self.counters["cancelled"] += 1
+                request.emit(Event("", finish_reason="cancelled"))
+                continue
+            if self._expired(request):
+                self.counters["timed_out"] += 1
+                request.emit(Event("", finish_reason="timeout"))
+                continue
+            active = _Active(
+                request, vocab_size=self.vocab_size, tokenizer=self.tokenizer, device=self.device
+            )
+            try:
+                self._prefill(active, row=len(self.rows))
+            except Exception as error:  # one bad request must not stop the server
+                log.exception("prefill failed")
+                self.counters["errors"] += 1
+                request.emit(Event(f"prefill failed: {error}", finish_reason="error"))
+                continue
+            self.rows.append(active)
+
+    def _prefill(self, active: _Active, *, row: int) -> None:
+        ids = active.request.prompt_ids
+        tokens = torch.tensor([ids], device=self.device)  # (1, T)
+        positions = torch.arange(len(ids), device=self.device)[None]  # (1, T)
+        with torch.inference_mode():
+            logits = self.model(tokens, positions, _RowView(self.cache, row))[0].float()  # (T, V)
+        active.position = len(ids)
+        self.counters["prompt_tokens"] += len(ids)
+        prompt_logprobs = None
+        if active.request.prompt_logprobs:
+            lp = torch.log_softmax(logits[:-1], dim=-1)  # (T-1, V): each predicts the next id
+            picked = lp.gather(1, torch.tensor(ids[1:], device=self.device)[:, None])[:, 0]
+            prompt_logprobs = [None, *picked.tolist()]
+        self._take(active, logits[-1], prompt_logprobs=prompt_logprobs)
+
+    def _decode(self) -> None:
+        tokens = torch.tensor([[a.last_token] for a in self.rows], device=self.device)  # (B, 1)
+        positions = torch.tensor([[a.position] for a in self.rows], device=self.device)  # (B, 1)
+        with torch.inference_mode():
+            logits = self.model(tokens, positions, self.cache)[:, -1].float()  # (B, V)
+        self.counters["steps"] += 1
+        for i, active in enumerate(self.rows):
+            active.position += 1
+            if not active.done:
+                self._take(active, logits[i])
+
+    def _take(
+        self, active: _Active, logits: torch.Tensor, *, prompt_logprobs: list | None = None
+    ) -> None:
+        """Sample the next token from `logits` (V,) exactly as generate_tokens does, and emit it."""
+        request = active.request
+        filtered = process_logits(
+            logits, request.params, counts=active.counts, prompt_mask=active.prompt_mask
+        )
+        token = int(sample(filtered, request.params, generator=active.generator))
+        event = Event("", token=token, prompt_logprobs=prompt_logprobs)
+        if request.logprobs or request.top_logprobs:
+            token_logprobs = torch.log_softmax(logits, dim=-1)
+            event.logprob = float(token_logprobs[token])
+            if request.top_logprobs:
+                values, ids = token_logprobs.topk(request.top_logprobs)
+                event.top_logprobs = list(zip(ids.tolist(), values.tolist(), strict=True))
+        active.counts[token] += 1
+        active.generated += 1
+        active.last_token = token
+        with self._wake:
+            self.counters["generation_tokens"] += 1
+            self._recent.append((time.monotonic(), 1))
+        if token in active.eos_ids:
+            self._finish(active, "stop", "", last=event)
+            return
+        text, stopped = active.matcher.feed(active.decoder.feed(token))
+        event.text = text
+        if stopped:
+            self._finish(active, "stop", "", last=event)
+        elif active.generated >= request.max_tokens:
+            self._finish(active, "length", "", last=event)
+        else:
+            request.emit(event)
+
+    def _finish(
+        self, active: _Active, reason: str, text: str, *, last: Event | None = None
+    ) -> None:
+        """Emit the final event (carrying `last`'s token, if any) and mark the row free."""
+        if reason in ("length", "stop") and not active.matcher.stopped:
+            tail, stopped = active.matcher.feed(active.decoder.flush())
+            text += tail if stopped else tail + active.matcher.flush()
+        event = last if last is not None else Event("")
+        if last is not None and last.token in active.eos_ids:
+            event.token = event.logprob = None  # EOS is not part of the text
+            event.top_logprobs = []
+        event.text += text
+        event.finish_reason = reason
+        event.prompt_tokens = len(active.request.prompt_ids)
+        event.completion_tokens = active.generated
+        active.done = True
+        self.counters[
+            "finished" if reason in ("stop", "length") else reason.replace("timeout", "timed_out")
+        ] += 1
+        active.request.emit(event)
+
+    def _retire(self) -> None:
+        """Drop finished, cancelled and timed-out rows; keep rows contiguous."""
+        for i in range(len(self.rows) - 1, -1, -1):
+            active = self.rows[i]
+            if not active.done and active.request.cancelled:
+                self._finish(active, "cancelled", "")
+            elif not active.done and self._expired(active.request):
+                self._finish(active, "timeout", "")
+            if active.done:
+                self._free(i)
+
+    def _free(self, row: int) -> None:
+        last = len(self.rows) - 1
+        if row != last:  # move the last row into the hole (only the slots it has filled)
+            moved = self.rows[last]
+            n = moved.position
+            self.cache.k[:, row, :, :n] = self.cache.k[:, last, :, :n]
+            self.cache.v[:, row, :, :n] = self.cache.v[:, last, :, :n]
+            self.rows[row] = moved
+        self.rows.pop()
+
+    @staticmethod
+    def _expired(request: Request) -> bool:
+        return (
+            request.timeout is not None and time.monotonic() - request.submitted > request.timeout
+        )
