@@ -12,6 +12,8 @@ import colorsys
 import html
 import math
 import sys
+import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -137,19 +139,25 @@ def render_html(pieces: list[Piece], *, title: str) -> str:
 
 
 def _layout(pieces: list[Piece], *, columns: int) -> list[tuple[int, int, str, str]]:
-    """(row, column, text, colour) cells of a monospace grid, wrapped at `columns`."""
+    """(row, column, character, colour) cells of a monospace grid, wrapped at
+    `columns`."""
     cells, row, col = [], 0, 0
     for piece in pieces:
         for i, part in enumerate(piece.text.replace("\t", "    ").split("\n")):
             if i:
                 row, col = row + 1, 0
-            while part:
-                if col >= columns:
+            for char in part:
+                width = _width(char)
+                if col + width > columns:
                     row, col = row + 1, 0
-                chunk, part = part[: columns - col], part[columns - col :]
-                cells.append((row, col, chunk, colour(piece.prob)))
-                col += len(chunk)
+                cells.append((row, col, char, colour(piece.prob)))
+                col += width
     return cells
+
+
+def _width(char: str) -> int:
+    """Grid cells a character takes: CJK and other wide characters take two."""
+    return 2 if unicodedata.east_asian_width(char) in "WF" else 1
 
 
 def render_png(pieces: list[Piece], file: BinaryIO, *, title: str, columns: int = 80) -> None:
@@ -169,8 +177,13 @@ def render_png(pieces: list[Piece], file: BinaryIO, *, title: str, columns: int 
     ax.set_xlim(-1, columns + 1)
     ax.set_ylim(rows + 0.5, -2.5)
     ax.axis("off")
+    title = f"{title} (red: unlikely, green: likely)"
     ax.text(0, -1.5, title, fontsize=size, family="DejaVu Sans Mono", va="center", weight="bold")
-    for row, col, text, fill in cells:
-        ax.add_patch(Rectangle((col, row), len(text), 0.9, facecolor=fill, edgecolor="none"))
-        ax.text(col, row + 0.45, text, fontsize=size, family="DejaVu Sans Mono", va="center")
-    fig.savefig(file, format="png", dpi=120)
+    for row, col, char, fill in cells:
+        ax.add_patch(Rectangle((col, row), _width(char), 0.9, facecolor=fill, edgecolor="none"))
+        if not char.isspace():
+            ax.text(col, row + 0.45, char, fontsize=size, family="DejaVu Sans Mono", va="center")
+    with warnings.catch_warnings():
+        # A character the font lacks is drawn as a box; say nothing more about it.
+        warnings.filterwarnings("ignore", message="Glyph .* missing")
+        fig.savefig(file, format="png", dpi=120)

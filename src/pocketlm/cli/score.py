@@ -47,11 +47,12 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def token_text(tokenizer: Tokenizer, token: int) -> str:
-    """A token's text; the bytes of a partial UTF-8 character shown as a bytes literal."""
+def token_label(tokenizer: Tokenizer, token: int) -> str:
+    """A token as a quoted literal: its text, or its bytes when they are part of a
+    UTF-8 character (b'\\xe6')."""
     data = tokenizer.token_bytes(token)
     try:
-        return data.decode("utf-8")
+        return repr(data.decode("utf-8"))
     except UnicodeDecodeError:
         return repr(data)
 
@@ -70,7 +71,7 @@ def to_json(scores: list[TokenScore], tokenizer: Tokenizer, *, model: str) -> di
 
 
 def print_table(scores: list[TokenScore], tokenizer: Tokenizer) -> None:
-    shown = [repr(token_text(tokenizer, s.token)) for s in scores]
+    shown = [token_label(tokenizer, s.token) for s in scores]
     width = min(24, max(len(t) for t in shown))
     print(f"{'#':>4}  {'token':<{width}}  {'id':>6}  {'logprob':>8}  {'prob':>7}  top alternatives")
     for i, (s, text) in enumerate(zip(scores, shown, strict=True)):
@@ -78,7 +79,7 @@ def print_table(scores: list[TokenScore], tokenizer: Tokenizer) -> None:
             numbers = f"{'-':>8}  {'-':>7}"
         else:
             numbers = f"{s.logprob:>8.3f}  {_percent(s.logprob):>7}"
-        top = "  ".join(f"{token_text(tokenizer, t)!r} {_percent(lp)}" for t, lp in s.top)
+        top = "  ".join(f"{token_label(tokenizer, t)} {_percent(lp)}" for t, lp in s.top)
         print(f"{i:>4}  {text:<{width}}  {s.token:>6}  {numbers}  {top}")
     scored = scores[1:]
     if scored:
@@ -90,5 +91,6 @@ def print_table(scores: list[TokenScore], tokenizer: Tokenizer) -> None:
 
 
 def _percent(logprob: float) -> str:
+    """A probability as a percentage, in scientific notation when tiny."""
     p = math.exp(logprob) * 100
-    return f"{p:.1f}%" if p >= 0.1 else f"{p:.0e}%"
+    return f"{p:.1f}%" if p >= 0.1 else f"{p:.0e}%".replace("e-0", "e-")
