@@ -1,0 +1,619 @@
+"""GGUF files -> what a Hugging Face checkpoint gives: an HF-style config dict and a state dict.
+
+`read_gguf` parses the header (metadata and tensor table) and builds the config.json-style
+dict; `gguf_state_dict` dequantizes every tensor to torch, renamed to our parameter names;
+`gguf_raw_tensors` hands out the undecoded blocks for loaders that keep them quantized.
+So one loader path serves safetensors folders and GGUF files alike.
+
+The header parser is our own rather than gguf-py's `GGUFReader`: model files are untrusted
+input, and every count and length here is checked against the bytes that remain before
+anything is read or allocated, so a corrupt file ends in one `CorruptModelError`, never
+in a multi-GB allocation or a crash. Tensors are read from a memory map.
+
+Knows nothing of the model classes beyond their parameter names and shapes. References:
+the GGUF spec (ggml/docs/gguf.md), llama.cpp's `gguf-py/gguf/tensor_mapping.py` and
+`convert_hf_to_gguf.py` (whose Llama q/k row permutation is undone here), and
+transformers' `modeling_gguf_pytorch_utils.py`, which does the same.
+"""
+
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+from gguf.constants import LlamaFileType
+
+from pocketlm.errors import CorruptModelError, ModelNotFoundError, PocketLMError
+from pocketlm.weights.dequant import dequantize, ggml_type_name, ggml_type_sizes
+
+SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2")
+
+# GGUF ships Llama q/k rows interleaved for llama.cpp's rotary layout; these archs need
+# them permuted back (llama.cpp converts Mistral as "llama"; Qwen2 is never permuted).
+_PERMUTED_QK = ("llama",)
+
+# --- tensor names: GGUF (llama.cpp) -> (ours, shape), with {i} the block index ---------
+# Shapes are in config symbols (resolved by `_dims`), outermost first, for the strict check.
+
+LLAMA_TENSORS = {
+    "token_embd.weight": ("model.embed_tokens.weight", ("vocab", "hidden")),
+    "output_norm.weight": ("model.norm.weight", ("hidden",)),
+    "output.weight": ("lm_head.weight", ("vocab", "hidden")),
+    "blk.{i}.attn_norm.weight": ("model.layers.{i}.input_layernorm.weight", ("hidden",)),
+    "blk.{i}.attn_q.weight": ("model.layers.{i}.self_attn.q_proj.weight", ("q", "hidden")),
+    "blk.{i}.attn_q.bias": ("model.layers.{i}.self_attn.q_proj.bias", ("q",)),
+    "blk.{i}.attn_k.weight": ("model.layers.{i}.self_attn.k_proj.weight", ("kv", "hidden")),
+    "blk.{i}.attn_k.bias": ("model.layers.{i}.self_attn.k_proj.bias", ("kv",)),
+    "blk.{i}.attn_v.weight": ("model.layers.{i}.self_attn.v_proj.weight", ("kv", "hidden")),
+    "blk.{i}.attn_v.bias": ("model.layers.{i}.self_attn.v_proj.bias", ("kv",)),
+    "blk.{i}.attn_output.weight": ("model.layers.{i}.self_attn.o_proj.weight", ("hidden", "q")),
+    "blk.{i}.ffn_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight", ("hidden",)),
+    "blk.{i}.ffn_gate.weight": ("model.layers.{i}.mlp.gate_proj.weight", ("ffn", "hidden")),
+    "blk.{i}.ffn_up.weight": ("model.layers.{i}.mlp.up_proj.weight", ("ffn", "hidden")),
+    "blk.{i}.ffn_down.weight": ("model.layers.{i}.mlp.down_proj.weight", ("hidden", "ffn")),
+}
+
+# llama.cpp's converter already transposes GPT-2's Conv1D weights to (out, in), which is
+# our nn.Linear orientation, so nothing is transposed on the way back.
+GPT2_TENSORS = {
+    "token_embd.weight": ("transformer.wte.weight", ("vocab", "hidden")),
+    "position_embd.weight": ("transformer.wpe.weight", ("positions", "hidden")),
+    "output_norm.weight": ("transformer.ln_f.weight", ("hidden",)),
+    "output_norm.bias": ("transformer.ln_f.bias", ("hidden",)),
+    "output.weight": ("lm_head.weight", ("vocab", "hidden")),
+    "blk.{i}.attn_norm.weight": ("transformer.h.{i}.ln_1.weight", ("hidden",)),
+    "blk.{i}.attn_norm.bias": ("transformer.h.{i}.ln_1.bias", ("hidden",)),
+    "blk.{i}.attn_qkv.weight": ("transformer.h.{i}.attn.c_attn.weight", ("qkv", "hidden")),
+    "blk.{i}.attn_qkv.bias": ("transformer.h.{i}.attn.c_attn.bias", ("qkv",)),
+    "blk.{i}.attn_output.weight": ("transformer.h.{i}.attn.c_proj.weight", ("hidden", "hidden")),
+    "blk.{i}.attn_output.bias": ("transformer.h.{i}.attn.c_proj.bias", ("hidden",)),
+    "blk.{i}.ffn_norm.weight": ("transformer.h.{i}.ln_2.weight", ("hidden",)),
+    "blk.{i}.ffn_norm.bias": ("transformer.h.{i}.ln_2.bias", ("hidden",)),
+    "blk.{i}.ffn_up.weight": ("transformer.h.{i}.mlp.c_fc.weight", ("ffn", "hidden")),
+    "blk.{i}.ffn_up.bias": ("transformer.h.{i}.mlp.c_fc.bias", ("ffn",)),
+    "blk.{i}.ffn_down.weight": ("transformer.h.{i}.mlp.c_proj.weight", ("hidden", "ffn")),
+    "blk.{i}.ffn_down.bias": ("transformer.h.{i}.mlp.c_proj.bias", ("hidden",)),
+}
+# Tensors a file may leave out: lm_head when tied, biases a Llama may not have.
+_OPTIONAL = re.compile(r"lm_head\.weight|model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias")
+
+# --- the GGUF container ---------------------------------------------------------------
+
+_MAGIC = b"GGUF"
+_VERSIONS = (2, 3)
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_ARRAY_DEPTH = 3
+_MAX_DIM = 1 << 62
+# Caps far above any real model (vocabularies reach ~256K tokens, 500K merges), so that a
+# corrupt count in a multi-GB file cannot make the parser build GBs of Python objects.
+_MAX_ENTRIES = 1 << 16  # metadata keys, and tensors
+_MAX_ARRAY_LEN = 1 << 22
+_MAX_STRINGS = 1 << 21  # strings and nested arrays in all of the metadata
+_MAX_STRING = 1 << 26  # bytes; chat templates and embedded tokenizer.json are far smaller
+_MAX_KEY, _MAX_TENSOR_NAME = 65535, 64  # the GGUF spec's limits
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")  # the header's own little-endian ints
+# GGUF value type -> numpy dtype; 7 is a bool, 8 a string, 9 an array
+_STRING, _ARRAY, _BOOL = 8, 9, 7
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
+            10: "<u8", 11: "<i8", 12: "<f8"}  # fmt: skip
+_MIN_SIZE = {**{t: np.dtype(d).itemsize for t, d in _SCALARS.items()}, _STRING: 8, _ARRAY: 12}
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One entry of the tensor table. `shape` is outermost first, like torch's."""
+
+    name: str
+    ggml_type: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    n_bytes: int
+
+
+@dataclass
+class GGUFCheckpoint:
+    """A parsed GGUF header: metadata, the HF-style config, and the tensor table."""
+
+    path: Path
+    metadata: dict[str, Any]
+    architecture: str
+    config: dict[str, Any]
+    quantization: str
+    tensors: dict[str, GGUFTensorInfo] = field(default_factory=dict, repr=False)
+    file_size: int = 0
+
+
+def _corrupt_file(path: Path, what: str) -> NoReturn:
+    raise CorruptModelError(
+        f"{path} is not a valid GGUF file ({what}); "
+        "download it again or re-convert it with llama.cpp"
+    )
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads over the file's bytes."""
+
+    def __init__(self, buf: memoryview, path: Path) -> None:
+        self.buf, self.path, self.pos, self.end = buf, path, 0, len(buf)
+        self.strings_left = _MAX_STRINGS
+
+    def fail(self, what: str) -> NoReturn:
+        _corrupt_file(self.path, f"{what}, at byte {self.pos}")
+
+    def take(self, n: int, what: str) -> int:
+        if n > self.end - self.pos:
+            self.fail(f"{what} needs {n} bytes but the file ends after {self.end - self.pos}")
+        start, self.pos = self.pos, self.pos + n
+        return start
+
+    def u32(self, what: str) -> int:
+        return _U32.unpack_from(self.buf, self.take(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return _U64.unpack_from(self.buf, self.take(8, what))[0]
+
+    def string(self, what: str, *, limit: int = _MAX_STRING) -> str:
+        n = self.u64(f"length of {what}")
+        if n > limit:
+            self.fail(f"{what} is {n} bytes long, more than the {limit} pocketlm accepts")
+        start = self.take(n, what)
+        try:
+            return str(self.buf[start : start + n], "utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"{what} is not UTF-8")
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY:
+            return self.array(what, depth)
+        if vtype not in _SCALARS:
+            self.fail(f"{what} has unknown value type {vtype}")
+        return self.numbers(vtype, 1, what)[0]
+
+    def numbers(self, vtype: int, count: int, what: str) -> list[Any]:
+        dtype = np.dtype(_SCALARS[vtype])
+        start = self.take(count * dtype.itemsize, what)
+        values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=start).tolist()
+        return [bool(v) for v in values] if vtype == _BOOL else values
+
+    def array(self, what: str, depth: int) -> list[Any]:
+        etype, count = self.u32(f"element type of {what}"), self.u64(f"length of {what}")
+        if etype not in _MIN_SIZE:
+            self.fail(f"{what} has unknown element type {etype}")
+        if etype == _ARRAY and depth >= _MAX_ARRAY_DEPTH:
+            self.fail(f"{what} nests arrays too deeply")
+        if count > (self.end - self.pos) // _MIN_SIZE[etype]:
+            self.fail(f"{what} declares {count} elements, more than the file can hold")
+        if count > _MAX_ARRAY_LEN:
+            self.fail(f"{what} declares {count} elements, more than pocketlm accepts")
+        if etype in (_STRING, _ARRAY):
+            self.strings_left -= count
+            if self.strings_left < 0:
+                self.fail(f"{what} brings the metadata to more strings than pocketlm accepts")
+            return [self.value(etype, what, depth + 1) for _ in range(count)]
+        return self.numbers(etype, count, what)
+
+
+def _parse_header(cur: _Cursor) -> tuple[dict[str, Any], list[tuple[str, int, list[int], int]]]:
+    """Magic, version, metadata and the raw tensor table; leaves the cursor after it."""
+    start = cur.take(4, "magic")
+    magic = bytes(cur.buf[start : start + 4])
+    if magic != _MAGIC:
+        cur.fail(f"it starts with {magic!r}, not {_MAGIC!r}")
+    version = cur.u32("version")
+    if version not in _VERSIONS:
+        if version.to_bytes(4, "little")[::-1] in (v.to_bytes(4, "little") for v in _VERSIONS):
+            cur.fail("it is a big-endian GGUF, which pocketlm does not read")
+        cur.fail(f"GGUF version {version} is not one of {_VERSIONS}")
+    n_tensors, n_kv = cur.u64("tensor count"), cur.u64("metadata count")
+    # Smallest possible entries: key (8 + 0) + type 4 + 1 byte; name 8 + dims 4 + type 4 + offset 8.
+    if n_kv > (cur.end - cur.pos) // 13 or n_tensors > (cur.end - cur.pos) // 24:
+        cur.fail(f"it declares {n_kv} metadata entries and {n_tensors} tensors, more than fit")
+    if max(n_kv, n_tensors) > _MAX_ENTRIES:
+        cur.fail(f"it declares {n_kv} metadata entries and {n_tensors} tensors, too many")
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cur.string("metadata key", limit=_MAX_KEY)
+        if key in metadata:
+            cur.fail(f"metadata key {key!r} appears twice")
+        metadata[key] = cur.value(cur.u32(f"type of {key!r}"), repr(key))
+    table, names = [], set()
+    for _ in range(n_tensors):
+        name = cur.string("tensor name", limit=_MAX_TENSOR_NAME)
+        if name in names:
+            cur.fail(f"tensor {name!r} appears twice")
+        names.add(name)
+        n_dims = cur.u32(f"dimension count of {name!r}")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            cur.fail(f"tensor {name!r} has {n_dims} dimensions")
+        dims = [cur.u64(f"dimensions of {name!r}") for _ in range(n_dims)]
+        if any(d > _MAX_DIM for d in dims):
+            cur.fail(f"tensor {name!r} has a negative or absurd dimension in {dims}")
+        table.append((name, cur.u32(f"type of {name!r}"), dims, cur.u64(f"offset of {name!r}")))
+    return metadata, table
+
+
+def _tensor_infos(
+    path: Path, *, metadata: dict[str, Any], table: list, header_end: int, file_size: int
+) -> dict[str, GGUFTensorInfo]:
+    """Check every tensor's type, alignment and extent against the file; absolute offsets."""
+    alignment = metadata.get("general.alignment", 32)
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
+        _corrupt_file(path, f"general.alignment {alignment!r} is not a power of two")
+    data_start = -(-header_end // alignment) * alignment
+    infos: dict[str, GGUFTensorInfo] = {}
+    for name, type_id, dims, offset in table:
+        type_name = ggml_type_name(type_id)
+        if type_name is None:
+            _corrupt_file(path, f"tensor {name!r} has unknown ggml type {type_id}")
+        block_size, type_size = ggml_type_sizes(type_name)
+        if dims[0] % block_size:
+            _corrupt_file(
+                path, f"tensor {name!r} rows of {dims[0]} are not whole {type_name} blocks"
+            )
+        n_bytes = math.prod(dims) // block_size * type_size
+        if offset % alignment or data_start + offset + n_bytes > file_size:
+            where = f"{n_bytes} bytes at data offset {offset}"
+            _corrupt_file(path, f"tensor {name!r} ({where}) lies outside the file or is misaligned")
+        shape = tuple(reversed(dims))  # GGUF lists the innermost dimension first
+        infos[name] = GGUFTensorInfo(name, type_name, shape, data_start + offset, n_bytes)
+    return infos
+
+
+def read_gguf(path: str | Path) -> GGUFCheckpoint:
+    """Parse a GGUF file's header into metadata, an HF-style config and its tensor table.
+
+    Cheap: tensor data is not touched. Raises `CorruptModelError` for a malformed file and
+    `PocketLMError` for an architecture pocketlm does not run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFoundError(f"GGUF file {path} does not exist")
+    size = path.stat().st_size
+    if size < 24:
+        raise CorruptModelError(f"{path} is too short ({size} bytes) to be a GGUF file")
+    try:
+        data = np.memmap(path, mode="r")
+    except OSError as e:
+        raise PocketLMError(f"cannot read {path}: {e.strerror or e}") from e
+    cur = _Cursor(memoryview(data), path)
+    metadata, table = _parse_header(cur)
+    tensors = _tensor_infos(
+        path, metadata=metadata, table=table, header_end=cur.pos, file_size=size
+    )
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        _corrupt_file(path, "general.architecture is missing")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise PocketLMError(
+            f"{path} holds a {arch!r} model, which pocketlm does not run; "
+            f"supported GGUF architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if arch == "gpt2":
+        config = _gpt2_config(metadata, tensors=tensors)
+    else:
+        config = _llama_config(arch, metadata, tensors=tensors, path=path)
+    _check_config(config, path)
+    return GGUFCheckpoint(
+        path=path,
+        metadata=metadata,
+        architecture=arch,
+        config=config,
+        quantization=_quantization(metadata, tensors),
+        tensors=tensors,
+        file_size=size,
+    )
+
+
+# --- config ---------------------------------------------------------------------------
+
+# HF config key -> GGUF key under "{arch}."; all required.
+_LLAMA_CONFIG_KEYS = {
+    "hidden_size": "embedding_length",
+    "intermediate_size": "feed_forward_length",
+    "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count",
+    "max_position_embeddings": "context_length",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+}
+_GPT2_CONFIG_KEYS = {
+    "n_embd": "embedding_length",
+    "n_layer": "block_count",
+    "n_head": "attention.head_count",
+    "n_positions": "context_length",
+    "layer_norm_epsilon": "attention.layer_norm_epsilon",
+}
+# "{arch}.rope.scaling.X" -> HF rope_scaling key
+_ROPE_SCALING_KEYS = {
+    "factor": "factor",
+    "original_context_length": "original_max_position_embeddings",
+    "attn_factor": "attention_factor",
+    "yarn_beta_fast": "beta_fast",
+    "yarn_beta_slow": "beta_slow",
+}
+_TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16"}
+
+
+def _llama_config(arch: str, meta: dict[str, Any], *, tensors: dict, path: Path) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"model_type": arch}
+    cfg.update({hf: meta.get(f"{arch}.{key}") for hf, key in _LLAMA_CONFIG_KEYS.items()})
+    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    cfg["num_key_value_heads"] = meta.get(f"{arch}.attention.head_count_kv", heads)
+    default_head_dim = hidden // heads if _is_int(heads) and _is_int(hidden) else None
+    cfg["head_dim"] = meta.get(f"{arch}.attention.key_length", default_head_dim)
+    cfg["rope_theta"] = meta.get(f"{arch}.rope.freq_base", 10000.0)
+    cfg["vocab_size"] = _vocab_size(arch, meta, tensors=tensors)
+    cfg["tie_word_embeddings"] = "output.weight" not in tensors
+    cfg["rope_scaling"] = _rope_scaling(arch, meta)
+    cfg["sliding_window"] = meta.get(f"{arch}.attention.sliding_window")
+    cfg["attention_bias"] = arch == "qwen2" or "blk.0.attn_q.bias" in tensors
+    cfg["torch_dtype"] = _TORCH_DTYPES.get(_dominant_type(tensors), "float32")
+    cfg.update(_token_ids(meta))
+    rope_dims = meta.get(f"{arch}.rope.dimension_count", cfg["head_dim"])
+    if rope_dims != cfg["head_dim"]:
+        raise PocketLMError(
+            f"{path} rotates {rope_dims!r} of {cfg['head_dim']!r} head dimensions "
+            "(partial RoPE), which pocketlm's Llama does not support"
+        )
+    return cfg
+
+
+def _gpt2_config(meta: dict[str, Any], *, tensors: dict) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"model_type": "gpt2"}
+    cfg.update({hf: meta.get(f"gpt2.{key}") for hf, key in _GPT2_CONFIG_KEYS.items()})
+    cfg["n_ctx"] = cfg["n_positions"]
+    cfg["n_inner"] = meta.get("gpt2.feed_forward_length")
+    cfg["vocab_size"] = _vocab_size("gpt2", meta, tensors=tensors)
+    cfg["tie_word_embeddings"] = "output.weight" not in tensors
+    cfg["torch_dtype"] = _TORCH_DTYPES.get(_dominant_type(tensors), "float32")
+    cfg.update(_token_ids(meta))
+    return cfg
+
+
+def _vocab_size(arch: str, meta: dict[str, Any], *, tensors: dict) -> Any:
+    if f"{arch}.vocab_size" in meta:
+        return meta[f"{arch}.vocab_size"]
+    if "token_embd.weight" in tensors:
+        return tensors["token_embd.weight"].shape[0]
+    return len(meta.get("tokenizer.ggml.tokens", []))
+
+
+def _rope_scaling(arch: str, meta: dict[str, Any]) -> dict[str, Any] | None:
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    linear = meta.get(f"{arch}.rope.scale_linear")  # the older key for linear scaling
+    if kind in (None, "none") and linear not in (None, 1.0):
+        return {"rope_type": "linear", "factor": linear}
+    if kind in (None, "none"):
+        return None
+    scaling = {"rope_type": kind}
+    for key, hf in _ROPE_SCALING_KEYS.items():
+        if f"{arch}.rope.scaling.{key}" in meta:
+            scaling[hf] = meta[f"{arch}.rope.scaling.{key}"]
+    return scaling
+
+
+def _token_ids(meta: dict[str, Any]) -> dict[str, Any]:
+    ids = {
+        "bos_token_id": "tokenizer.ggml.bos_token_id",
+        "eos_token_id": "tokenizer.ggml.eos_token_id",
+        "pad_token_id": "tokenizer.ggml.padding_token_id",
+    }
+    return {hf: meta[key] for hf, key in ids.items() if type(meta.get(key)) is int}
+
+
+# (positive ints, positive finite floats, of those the ones that may be None)
+_CONFIG_CHECKS = {
+    "gpt2": (
+        ("n_embd", "n_layer", "n_head", "n_positions", "n_inner", "vocab_size"),
+        ("layer_norm_epsilon",),
+        ("n_inner",),
+    ),
+    "llama": (
+        (*(k for k in _LLAMA_CONFIG_KEYS if k != "rms_norm_eps"), "num_key_value_heads",
+         "head_dim", "vocab_size", "sliding_window"),
+        ("rms_norm_eps", "rope_theta"),
+        ("sliding_window",),
+    ),
+}  # fmt: skip
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int and 0 < v < 1 << 31
+
+
+def _is_positive(v: Any) -> bool:
+    return type(v) in (int, float) and 0 < v < math.inf
+
+
+def _check_config(cfg: dict[str, Any], path: Path) -> None:
+    """Every size a positive int, every float finite: the metadata is only as good as the file."""
+    gpt2 = cfg["model_type"] == "gpt2"
+    ints, floats, optional = _CONFIG_CHECKS["gpt2" if gpt2 else "llama"]
+    for key in ints:
+        if not _is_int(cfg[key]) and not (key in optional and cfg[key] is None):
+            _bad_config(path, key, cfg[key])
+    for key in floats:
+        if not _is_positive(cfg[key]):
+            _bad_config(path, key, cfg[key])
+    if scaling := cfg.get("rope_scaling"):
+        kind, *numbers = scaling.values()  # rope_type first
+        if not isinstance(kind, str) or not all(_is_positive(v) for v in numbers):
+            _bad_config(path, "rope_scaling", scaling)
+    if gpt2:
+        if cfg["n_embd"] % cfg["n_head"]:
+            _bad_config(path, "n_head", cfg["n_head"])
+    elif cfg["head_dim"] % 2 or cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
+        _bad_config(
+            path, "head_dim / num_key_value_heads", (cfg["head_dim"], cfg["num_key_value_heads"])
+        )
+
+
+def _bad_config(path: Path, key: str, value: Any) -> NoReturn:
+    raise CorruptModelError(
+        f"{path}: the GGUF metadata gives {key} = {value!r}, which is missing or invalid; "
+        "download it again or re-convert it with llama.cpp"
+    )
+
+
+def _dominant_type(tensors: dict[str, GGUFTensorInfo]) -> str:
+    """The ggml type holding most of the weights of the matrices (1-D norms stay F32)."""
+    counts: dict[str, int] = {}
+    for t in tensors.values():
+        if len(t.shape) >= 2:
+            counts[t.ggml_type] = counts.get(t.ggml_type, 0) + math.prod(t.shape)
+    return max(counts, key=counts.__getitem__) if counts else "F32"
+
+
+def _quantization(meta: dict[str, Any], tensors: dict[str, GGUFTensorInfo]) -> str:
+    try:
+        name = LlamaFileType(meta["general.file_type"]).name
+    except (KeyError, ValueError, TypeError):
+        return _dominant_type(tensors)
+    return "F32" if name == "ALL_F32" else name.removeprefix("MOSTLY_")
+
+
+# --- tensors --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Planned:
+    ours: str
+    info: GGUFTensorInfo
+    unpermute_heads: int | None  # undo llama.cpp's rotary row interleave over this many heads
+
+
+def _dims(cfg: dict[str, Any]) -> dict[str, int]:
+    if cfg["model_type"] == "gpt2":
+        hidden = cfg["n_embd"]
+        ffn = cfg["n_inner"] or 4 * hidden
+        return {"hidden": hidden, "ffn": ffn, "qkv": 3 * hidden, "vocab": cfg["vocab_size"],
+                "positions": cfg["n_positions"]}  # fmt: skip
+    return {
+        "hidden": cfg["hidden_size"],
+        "ffn": cfg["intermediate_size"],
+        "q": cfg["num_attention_heads"] * cfg["head_dim"],
+        "kv": cfg["num_key_value_heads"] * cfg["head_dim"],
+        "vocab": cfg["vocab_size"],
+    }
+
+
+def _plan(ckpt: GGUFCheckpoint) -> list[_Planned]:
+    """Map every GGUF tensor to our name; check names, layer indices, shapes and the key set."""
+    cfg, gpt2 = ckpt.config, ckpt.architecture == "gpt2"
+    table = GPT2_TENSORS if gpt2 else LLAMA_TENSORS
+    n_layers = cfg["n_layer"] if gpt2 else cfg["num_hidden_layers"]
+    dims = _dims(cfg)
+    plan = []
+    for name, info in ckpt.tensors.items():
+        if name == "rope_freqs.weight":
+            raise PocketLMError(
+                f"{ckpt.path} scales RoPE with per-dimension factors (Llama 3 style), which "
+                "pocketlm does not read from GGUF; load the model's Hugging Face folder instead"
+            )
+        m = re.fullmatch(r"blk\.(0|[1-9]\d{0,8})\.(.+)", name)
+        template = f"blk.{{i}}.{m[2]}" if m else name
+        if template not in table or (m and int(m[1]) >= n_layers):
+            where = f"a {n_layers}-layer {ckpt.architecture} model"
+            _corrupt_tensor(ckpt, name, f"is not part of {where}")
+        ours, symbols = table[template]
+        want = tuple(dims[d] for d in symbols)
+        if info.shape != want:
+            _corrupt_tensor(ckpt, name, f"has shape {info.shape}, expected {want}")
+        ours = ours.replace("{i}", m[1]) if m else ours
+        plan.append(_Planned(ours, info, _permuted_heads(ckpt, template)))
+    have = {p.ours for p in plan}
+    for template, (ours, _) in table.items():
+        for i in range(n_layers) if "{i}" in template else [0]:
+            if (name := ours.replace("{i}", str(i))) not in have and not _OPTIONAL.fullmatch(name):
+                _corrupt_tensor(ckpt, template.replace("{i}", str(i)), "is missing")
+    return plan
+
+
+def _permuted_heads(ckpt: GGUFCheckpoint, template: str) -> int | None:
+    """How many heads llama.cpp interleaved this tensor's rows over (k: the KV heads)."""
+    if ckpt.architecture not in _PERMUTED_QK:
+        return None
+    if template.startswith("blk.{i}.attn_q."):
+        return ckpt.config["num_attention_heads"]
+    if template.startswith("blk.{i}.attn_k."):
+        return ckpt.config["num_key_value_heads"]
+    return None
+
+
+def _corrupt_tensor(ckpt: GGUFCheckpoint, name: str, what: str) -> NoReturn:
+    raise CorruptModelError(
+        f"{ckpt.path}: tensor {name!r} {what}; the file is damaged or not a standard "
+        f"llama.cpp {ckpt.architecture} conversion"
+    )
+
+
+def _unpermute(x: Any, n_heads: int) -> Any:
+    """Undo convert_hf_to_gguf's `permute`: rows (head, pair, 2) -> HF's (head, 2, pair).
+
+    llama.cpp interleaves each head's two rotary halves; HF's rotate_half keeps them apart.
+    Works on torch tensors and numpy arrays whose first axis is the rows.
+    """
+    rows = x.shape[0]
+    return x.reshape(n_heads, rows // n_heads // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def _open_data(ckpt: GGUFCheckpoint) -> np.memmap:
+    """Map the file again for its tensors, refusing one that changed since `read_gguf`."""
+    try:
+        size = ckpt.path.stat().st_size
+        if size != ckpt.file_size:
+            raise CorruptModelError(f"{ckpt.path} changed size while being loaded; load it again")
+        return np.memmap(ckpt.path, mode="r")
+    except OSError as e:
+        raise PocketLMError(f"cannot read {ckpt.path}: {e.strerror or e}") from e
+
+
+def gguf_state_dict(
+    ckpt: GGUFCheckpoint, *, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Every tensor dequantized to `dtype`, under our parameter names, in nn.Linear layout.
+
+    Llama q/k rows are put back in Hugging Face's rotate_half order. Tied models have no
+    lm_head.weight (the model ties it to the embedding).
+    """
+    plan = _plan(ckpt)
+    data = _open_data(ckpt)
+    state = {}
+    for p in plan:
+        raw = data[p.info.offset : p.info.offset + p.info.n_bytes]
+        t = dequantize(
+            raw, p.info.ggml_type, shape=p.info.shape, dtype=dtype, tensor_name=p.info.name
+        )
+        state[p.ours] = _unpermute(t, p.unpermute_heads).contiguous() if p.unpermute_heads else t
+    return state
+
+
+def gguf_raw_tensors(ckpt: GGUFCheckpoint) -> dict[str, tuple[str, np.ndarray, tuple[int, ...]]]:
+    """Our name -> (ggml type, undecoded bytes, logical shape), for quantized-weight loaders.
+
+    The bytes come as a read-only uint8 memory map shaped (*shape[:-1], bytes per row), so a
+    row's blocks are contiguous (Q8_0: view as (..., row / 32, 34)). Llama q/k rows are
+    already un-permuted; those few arrays are copies instead of maps.
+    """
+    plan = _plan(ckpt)
+    data = _open_data(ckpt)
+    out = {}
+    for p in plan:
+        info = p.info
+        block_size, type_size = ggml_type_sizes(info.ggml_type)
+        row_bytes = info.shape[-1] // block_size * type_size
+        raw = data[info.offset : info.offset + info.n_bytes].reshape(*info.shape[:-1], row_bytes)
+        if p.unpermute_heads and len(info.shape) == 1:  # a bias: permute its elements
+            if block_size != 1:
+                _corrupt_tensor(ckpt, info.name, f"is a 1-D {info.ggml_type} tensor")
+            rows = _unpermute(raw.reshape(info.shape[0], type_size), p.unpermute_heads)
+            raw = np.ascontiguousarray(rows).reshape(raw.shape)
+        elif p.unpermute_heads:
+            raw = np.ascontiguousarray(_unpermute(raw, p.unpermute_heads))
+        out[p.ours] = (info.ggml_type, raw, info.shape)
+    return out
