@@ -93,8 +93,8 @@ def main(args: argparse.Namespace) -> int:
             "listening on %s without --api-key: anyone who can reach this machine can use the model",
             args.host,
         )
-    sock = bind(args.host, args.port)
     lm = common.load_model(args.model, args)
+    sock = bind(args.host, args.port)
     try:
         service = Service(
             lm,

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -57,7 +58,8 @@ class Service:
         max_body: int = 4 << 20,
     ) -> None:
         self.lm, self.tokenizer = lm, lm.tokenizer
-        self.name = name or lm.name
+        # A path's last part names the model ("SmolLM2.gguf"), a hub id stays whole.
+        self.name = name or (Path(lm.name).name if Path(lm.name).exists() else lm.name)
         self.vocab_size = lm.model.config.vocab_size
         self.context_length = lm.context_length
         self.timeout, self.api_key, self.max_body = timeout, api_key, max_body

@@ -1,0 +1,177 @@
+"""The continuous-batching scheduler on its own (no HTTP): batched requests give the tokens
+they give alone, as checked against `transformers` greedy generation and against
+`pocketlm.generate` (the B=1 path) with the same seed; rows join and leave between steps;
+cancellation, time limits and the queue bound. A tiny random GPT-2 keeps it fast."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+import pocketlm
+from checkpoints import hf_model, make_gpt2
+from pocketlm.sampling import SamplingParams
+from pocketlm.serve.scheduler import Event, QueueFull, Request, Scheduler
+
+PROMPTS = [
+    [464, 3290],
+    [15496, 995, 11],
+    [40, 588, 257, 1310, 286],
+    [1, 2, 3, 4, 5, 6, 7, 8],
+    [818],
+]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_gpt2(tmp_path_factory.mktemp("tiny"), n_positions=256)
+
+
+@pytest.fixture(scope="module")
+def lm(folder):
+    return pocketlm.load(folder)
+
+
+@pytest.fixture
+def scheduler(lm):
+    s = Scheduler(lm.model, lm.tokenizer, max_batch=4, max_queue=8)
+    s.start()
+    yield s
+    s.stop()
+
+
+class Run:
+    """A request whose events are collected; `wait()` until its last one."""
+
+    def __init__(self, ids, *, max_tokens, **options):
+        self.events: list[Event] = []
+        self.finished = threading.Event()
+        self.request = Request(
+            prompt_ids=list(ids), max_tokens=max_tokens, emit=self._emit, **options
+        )
+
+    def _emit(self, event):
+        self.events.append(event)
+        if event.finish_reason is not None:
+            self.finished.set()
+
+    def wait(self, timeout=30.0):
+        assert self.finished.wait(timeout), "the request did not finish"
+        return self
+
+    @property
+    def tokens(self):
+        return [e.token for e in self.events if e.token is not None]
+
+    @property
+    def finish(self):
+        return self.events[-1].finish_reason
+
+
+def greedy(**kw):
+    return SamplingParams(temperature=0.0, **kw)
+
+
+def test_batched_greedy_equals_transformers_generate(lm, folder, scheduler):
+    theirs = hf_model(folder)
+    runs = [Run(ids, max_tokens=12 + 3 * i, params=greedy()) for i, ids in enumerate(PROMPTS)]
+    scheduler.submit([r.request for r in runs])  # 5 requests, 4 rows: one waits for a free row
+    for ids, run in zip(PROMPTS, runs, strict=True):
+        run.wait()
+        with torch.no_grad():
+            out = theirs.generate(
+                torch.tensor([ids]),
+                max_new_tokens=run.request.max_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        assert run.tokens == out[0, len(ids) :].tolist()
+        assert run.finish == "length"
+        assert run.events[-1].completion_tokens == run.request.max_tokens
+    assert scheduler.snapshot()["active"] == 0
+
+
+def test_seeded_sampling_does_not_depend_on_batch_mates(lm, scheduler):
+    params = [
+        SamplingParams(temperature=1.0, top_k=50, seed=100 + i, frequency_penalty=0.5)
+        for i in range(len(PROMPTS))
+    ]
+    expected = [
+        lm.generate(ids, max_tokens=20, **vars(p)).tokens
+        for ids, p in zip(PROMPTS, params, strict=True)
+    ]
+    # Together, and each with different, unseeded company.
+    runs = [Run(ids, max_tokens=20, params=p) for ids, p in zip(PROMPTS, params, strict=True)]
+    noise = [Run(ids, max_tokens=7, params=SamplingParams(temperature=1.5)) for ids in PROMPTS[:3]]
+    scheduler.submit(
+        [r.request for pair in zip(runs, noise + [None] * 2, strict=True) for r in pair if r]
+    )
+    assert [r.wait().tokens for r in runs] == expected
+    assert expected[0] != expected[1]
+
+
+def test_stop_strings_eos_and_logprobs(lm, scheduler):
+    alone = lm.generate(PROMPTS[0], max_tokens=20, temperature=0.0)
+    text = alone.text
+    stop = text[5:9]
+    run = Run(
+        PROMPTS[0], max_tokens=20, params=greedy(), stop=(stop,), logprobs=True, top_logprobs=3
+    )
+    scheduler.submit([run.request])
+    run.wait()
+    assert "".join(e.text for e in run.events) == text[: text.index(stop)]
+    assert run.finish == "stop"
+    first = run.events[0]
+    assert first.logprob == pytest.approx(alone.logprobs[0], abs=1e-5)
+    assert first.top_logprobs[0][0] == first.token  # greedy: the chosen token is the top one
+    # EOS forced by logit_bias: the request ends with "stop" and EOS is not a token of the text.
+    eos = next(iter(lm.tokenizer.eos_ids))
+    run = Run(PROMPTS[1], max_tokens=10, params=greedy(logit_bias={eos: 100.0}))
+    scheduler.submit([run.request])
+    assert (
+        run.wait().finish == "stop" and run.tokens == [] and run.events[-1].completion_tokens == 1
+    )
+
+
+def test_prompt_logprobs_match_a_plain_forward(lm, scheduler):
+    ids = PROMPTS[3]
+    run = Run(ids, max_tokens=1, params=greedy(), prompt_logprobs=True)
+    scheduler.submit([run.request])
+    got = run.wait().events[0].prompt_logprobs
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
+    lp = torch.log_softmax(logits, -1)
+    assert got[0] is None
+    assert got[1:] == pytest.approx(
+        [float(lp[i, ids[i + 1]]) for i in range(len(ids) - 1)], abs=1e-5
+    )
+
+
+def test_cancel_frees_the_row_and_others_continue(lm, scheduler):
+    long = Run(PROMPTS[0], max_tokens=200, params=greedy())
+    short = Run(PROMPTS[1], max_tokens=30, params=greedy())
+    scheduler.submit([long.request, short.request])
+    while len(long.events) < 3:
+        time.sleep(0.005)
+    scheduler.cancel(long.request)
+    long.wait()
+    assert long.finish == "cancelled" and len(long.events) < 200
+    assert short.wait().tokens == lm.generate(PROMPTS[1], max_tokens=30, temperature=0.0).tokens
+    snap = scheduler.snapshot()
+    assert snap["cancelled"] == 1 and snap["active"] == 0
+
+
+def test_queue_bound_and_time_limit(lm):
+    s = Scheduler(lm.model, lm.tokenizer, max_batch=1, max_queue=2)  # not started: all wait
+    runs = [Run(PROMPTS[0], max_tokens=5, params=greedy(), timeout=0.0) for _ in range(3)]
+    s.submit([r.request for r in runs[:2]])
+    with pytest.raises(QueueFull):
+        s.submit([runs[2].request])
+    s.start()
+    try:
+        assert [r.wait().finish for r in runs[:2]] == ["timeout", "timeout"]
+        assert s.snapshot()["timed_out"] == 2 and s.snapshot()["rejected"] == 1
+    finally:
+        s.stop()
