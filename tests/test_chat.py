@@ -150,19 +150,3 @@ def test_a_conversation_round_trips_through_plain_data(scripted):
     assert copy.render("x") == conv.render("x")
     with pytest.raises(PocketLMError, match="s.json: not a saved conversation"):
         Conversation.from_dict(conv.lm, {"turns": [{"user": "a"}]}, source="s.json")
-
-
-def test_smollm2_chats_with_its_template_and_reuses_the_cache(smollm2_gguf):
-    lm = pocketlm.load(smollm2_gguf, device="cpu")
-    conv = Conversation(lm)
-    assert conv.uses_template
-    first = "".join(
-        c.text for c in conv.send("What is the capital of France?", temperature=0, max_tokens=12)
-    )
-    assert "Paris" in first
-    "".join(c.text for c in conv.send("And of Germany?", temperature=0, max_tokens=1))
-    # The reply ended with <|im_end|>, which was sampled but not fed back: it and the rest
-    # of the new turn are all that is computed.
-    tail = "<|im_end|>\n<|im_start|>user\nAnd of Germany?<|im_end|>\n<|im_start|>assistant\n"
-    assert lm.last_stats.prefilled_tokens == len(lm.tokenizer.encode(tail, add_bos=False))
-    assert lm.last_stats.prompt_tokens > 40

@@ -14,6 +14,7 @@ from pocketlm.errors import PocketLMError
 # Subcommand modules under pocketlm.cli, in the order `--help` lists them.
 COMMANDS = [
     "run",
+    "chat",
     "pull",
     "list_models",
     "show",

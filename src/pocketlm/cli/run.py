@@ -24,6 +24,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--stats", action="store_true", help="print tokens, time to first token and tokens/s")
     parser.add_argument("--no-truncate", action="store_true",
                         help="refuse a prompt longer than the context window instead of cutting it")
+    parser.add_argument("--examples", default=None, metavar="FILE",
+                        help="few-shot: answer PROMPT in the pattern of the .jsonl/.yaml examples")
+    parser.add_argument("--template", default=None, metavar="TEXT",
+                        help="few-shot template with {input} and {output} (default 'Q: {input}\\nA: {output}')")
+    parser.add_argument("--show-probs", action="store_true", help="colour each token by its probability")
     common.add_model_options(parser)
     common.add_sampling_options(parser)
     parser.set_defaults(handler=main)
@@ -51,15 +56,17 @@ def main(args: argparse.Namespace) -> int:
         return run_interactive(model_name, args)
     if not prompt.strip():
         raise PocketLMError("the prompt is empty: give some text to continue")
+    from pocketlm.cli.interactive import few_shot_from_args, paint
+
+    shots = few_shot_from_args(args)  # None without --examples; a bad file fails before loading
     lm = common.load_model(model_name, args)
     if args.adapter:
         lm.apply_adapter(args.adapter)
-    stream = lm.stream(
-        prompt, max_tokens=args.max_tokens, stop=[common.unescape(s) for s in args.stop],
-        truncate=not args.no_truncate, **common.sampling_kwargs(args),
-    )
+    options = dict(max_tokens=args.max_tokens, stop=[common.unescape(s) for s in args.stop],
+                   truncate=not args.no_truncate, **common.sampling_kwargs(args))
+    stream = shots.stream(lm, prompt, **options) if shots else lm.stream(prompt, **options)
     for chunk in stream:
-        sys.stdout.write(chunk.text)
+        sys.stdout.write(paint(chunk) if args.show_probs else chunk.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     if args.stats:
