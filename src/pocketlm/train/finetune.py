@@ -114,6 +114,7 @@ def _finetune(
         seed=job.train.seed,
     )
     if job.lora is not None:
+        torch.manual_seed(job.train.seed)  # the adapters' random initialisation
         apply_lora(model, job.lora)
     else:
         model.requires_grad_(True)  # the loader hands out frozen inference models
