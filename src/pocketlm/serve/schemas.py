@@ -122,6 +122,9 @@ class EmbeddingRequest(_Wire):
     user: str | None = None
 
 
+_TAGS = {"str", "int", "float", "bool", "TextPart"}
+
+
 def parse(model: type[BaseModel], body: bytes) -> BaseModel:
     """Validate a JSON body; any problem (bad JSON, bad UTF-8, wrong types) -> ApiError 400."""
     try:
@@ -136,6 +139,10 @@ def parse(model: type[BaseModel], body: bytes) -> BaseModel:
         first = error.errors()[0]
         if first["type"] == "json_invalid":
             raise ApiError(f"the request body is not valid JSON: {first['msg']}") from None
-        param = ".".join(str(part) for part in first["loc"]) or None
+        # Drop union tags from the location: ("prompt", "list[int]", 1) -> "prompt.1".
+        parts = [
+            str(p) for p in first["loc"] if not (isinstance(p, str) and (p in _TAGS or "[" in p))
+        ]
+        param = ".".join(parts) or None
         where = f" in '{param}'" if param else ""
         raise ApiError(f"invalid request{where}: {first['msg']}", param=param) from None
