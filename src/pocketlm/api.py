@@ -47,10 +47,13 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
+DEFAULT_CONTEXT = 4096  # tokens of KV cache unless `context=` asks for more
+
+
 class LM:
     """A loaded model with its tokenizer, ready to generate."""
 
-    def __init__(self, loaded: loader.LoadedModel, *, name: str) -> None:
+    def __init__(self, loaded: loader.LoadedModel, *, name: str, context: int | None = None) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
@@ -59,10 +62,12 @@ class LM:
         self.name = name
         self.last_stats = Stats()
         self._sequence: Sequence | None = None
-
-    @property
-    def context_length(self) -> int:
-        return self.model.config.context_length
+        self.draft: LM | None = None  # speculative decoding's draft model (`set_draft`)
+        # The KV cache is preallocated for the whole window: a 128k-token window would
+        # take GBs, so by default it is capped (as llama.cpp's and Ollama's num_ctx are).
+        if context is not None and context < 2:
+            raise PocketLMError(f"context must be at least 2 tokens (got {context})")
+        self.context_length = min(context or DEFAULT_CONTEXT, self.model.config.context_length)
 
     @property
     def device(self) -> torch.device:
@@ -75,11 +80,25 @@ class LM:
         load_adapter(self.model, Path(path), merge=True)
         self._sequence = None  # its cache was computed with the old weights
 
+    def set_draft(self, draft: "LM | None") -> None:
+        """Generate with speculative decoding, `draft` proposing (None: stop). The draft
+        must share this model's tokenizer; the output distribution is this model's."""
+        from pocketlm.speculative import check_draft
+
+        if draft is not None:
+            check_draft(self.tokenizer, draft.tokenizer, names=(self.name, draft.name))
+        self.draft = draft
+
+    def _speculative(self, seq: Sequence, ids: list[int], **options: object) -> Iterator:
+        from pocketlm.speculative import speculative_tokens
+
+        return speculative_tokens(seq, self.draft.sequence(), ids, **options)
+
     def sequence(self) -> Sequence:
         """The LM's own sequence (KV cache), reused between calls so a prompt that extends
         the previous one (a chat) only computes its new tokens."""
         if self._sequence is None:
-            self._sequence = Sequence(self.model)
+            self._sequence = Sequence(self.model, max_seq_len=self.context_length)
         return self._sequence
 
     def encode_prompt(self, prompt: str | Seq[int], *, max_tokens: int, truncate: bool = True) -> list[int]:
@@ -123,7 +142,7 @@ class LM:
             raise PocketLMError("stop sequences must not be empty strings")
         ids = self.encode_prompt(prompt, max_tokens=max_tokens, truncate=truncate)
         self.last_stats = Stats()
-        steps = generate_tokens(
+        steps = (self._speculative if self.draft is not None else generate_tokens)(
             self.sequence(), ids, params=params, max_tokens=max_tokens,
             eos_ids=self.tokenizer.eos_ids, top_logprobs=top_logprobs, stats=self.last_stats,
         )
@@ -236,9 +255,17 @@ def load(
     device: str | None = None,
     offline: bool = False,
     adapter: str | Path | None = None,
+    context: int | None = None,
+    quantize: str | None = None,
+    compile: bool = False,
+    draft: str | Path | None = None,
 ) -> LM:
     """Load a model by name (`gpt2`, `smollm2-135m`, `org/repo`), local path or GGUF file;
-    None loads the embedded default. `adapter`: a LoRA adapter folder to merge in."""
+    None loads the embedded default. `adapter`: a LoRA adapter folder to merge in.
+    `context`: the context window in tokens (default: the model's, at most 4096).
+    `quantize="int8"`: int8 weight-only; `compile`: torch.compile the model; `draft`: a
+    smaller model of the same tokenizer for speculative decoding (see pocketlm.quant,
+    pocketlm.speculative)."""
     from pocketlm.weights.sources import resolve
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -247,8 +274,20 @@ def load(
             raise PocketLMError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
         dtype = DTYPES[dtype]
     path = resolve(None if name is None else str(name), offline=offline)
-    loaded = loader.load(path, dtype=dtype, device=device)
-    lm = LM(loaded, name=str(name) if name is not None else path.parent.name)
+    if quantize == "int8" and path.suffix == ".gguf" and adapter is None:
+        from pocketlm.quant import load_gguf_int8  # Q8_0 matrices go straight to int8
+
+        loaded = load_gguf_int8(path, device=device)
+    else:
+        loaded = loader.load(path, dtype=dtype, device=device)
+    lm = LM(loaded, name=str(name) if name is not None else path.parent.name, context=context)
     if adapter is not None:
         lm.apply_adapter(adapter)
+    if quantize is not None or compile:
+        from pocketlm.quant import prepare
+
+        prepare(lm.model, quantize=quantize, compile=compile)
+    if draft is not None:
+        options = dict(dtype=dtype, device=device, offline=offline, context=context, quantize=quantize)
+        lm.set_draft(load(draft, **options))
     return lm

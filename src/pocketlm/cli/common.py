@@ -16,6 +16,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype (default fp32)")
     group.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     group.add_argument("--offline", action="store_true", help="never touch the network (also HF_HUB_OFFLINE=1)")
+    group.add_argument("--ctx-size", type=int, default=None, metavar="N",
+                       help="context window in tokens (default: the model's, at most 4096)")
+    group.add_argument("--quantize", default=None, choices=["int8"],
+                       help="int8: weight-only int8 (about 4x fewer bytes read per token than fp32)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model (slow first call)")
+    group.add_argument("--draft", default=None, metavar="MODEL",
+                       help="speculative decoding with MODEL (same tokenizer, smaller) drafting")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, temperature: float = 0.7) -> None:
@@ -66,7 +73,11 @@ def unescape(text: str) -> str:
 def load_model(name: str | None, args: argparse.Namespace):  # -> pocketlm.LM
     from pocketlm.api import load
 
-    return load(name, dtype=args.dtype, device=args.device, offline=args.offline)
+    return load(
+        name, dtype=args.dtype, device=args.device, offline=args.offline, context=args.context,
+        quantize=getattr(args, "quantize", None), compile=getattr(args, "compile", False),
+        draft=getattr(args, "draft", None),
+    )
 
 
 def setup_logging() -> None:
