@@ -74,7 +74,7 @@ def load_model(name: str | None, args: argparse.Namespace):  # -> pocketlm.LM
     from pocketlm.api import load
 
     return load(
-        name, dtype=args.dtype, device=args.device, offline=args.offline, context=args.context,
+        name, dtype=args.dtype, device=args.device, offline=args.offline, context=args.ctx_size,
         quantize=getattr(args, "quantize", None), compile=getattr(args, "compile", False),
         draft=getattr(args, "draft", None),
     )
