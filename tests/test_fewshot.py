@@ -7,6 +7,7 @@ import torch
 
 import pocketlm
 from checkpoints import hf_model
+from pocketlm.cli.main import main
 from pocketlm.errors import PocketLMError
 from pocketlm.fewshot import Example, FewShot, load_examples
 from scripted_model import make_scripted_gpt2
@@ -176,3 +177,21 @@ def test_the_examples_are_computed_once_across_questions(oracle_lm, tmp_path):
     b = lm.tokenizer.encode(shots.prompt("What is the capital of Chile?"))
     shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
     assert first == len(a) and lm.last_stats.prefilled_tokens == len(b) - shared
+
+
+def test_run_examples_answers_from_the_command_line(oracle_lm, tmp_path, capsys):
+    folder = str(oracle_lm[0])
+    file = tmp_path / "qa.jsonl"
+    file.write_text('{"input": "What is the capital of Italy?", "output": "Rome"}\n')
+    # Options go before MODEL PROMPT or after them (argparse cannot split the positionals).
+    argv = ["run", "--examples", str(file), "-t", "0", folder, "What is the capital of Peru?"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == "Lima\n"
+    template = "Q: {input} is {output}"
+    argv = ["run", "--examples", str(file), "--template", template, "-t", "0", folder, "France"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == "Paris\n"
+    file.write_text('{"input": "a", "output": "b"}\n{"input": "c"}\n')
+    assert main(["run", folder, "x", "--examples", str(file)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {file}:2: the example has 'input' but no 'output'\n"
