@@ -84,7 +84,7 @@ def test_perplexity_equals_the_transformers_recipe(gpt2, context, stride):
 
 
 def test_perplexity_defaults_and_llama(llama):
-    lm, hf, _ = llama
+    lm, hf, folder = llama
     ids = lm.tokenizer.encode(TEXT)
     seen = []
     result = lm.perplexity(ids, progress=lambda done, total: seen.append((done, total)))
@@ -93,6 +93,14 @@ def test_perplexity_defaults_and_llama(llama):
         hf_perplexity(hf, ids, max_length=64, stride=32), rel=1e-4
     )
     assert seen == [(i, result.windows) for i in range(result.windows + 1)]
+    small = pocketlm.load(folder, device="cpu", context=24)  # a smaller window, as loaded
+    result = small.perplexity(ids)
+    assert (result.context, result.stride) == (24, 12)
+    expected = hf_perplexity(hf, ids, max_length=24, stride=12)
+    assert result.perplexity == pytest.approx(expected, rel=1e-4)
+    scores = small.score(ids[:40])  # windows of 24, 12 apart: token 30 sees ids[12:30]
+    want = hf_logprobs(hf, ids[12:36])[30 - 1 - 12, ids[30]].item()
+    assert scores[30].logprob == pytest.approx(want, abs=1e-4)
 
 
 def test_perplexity_refuses_bad_windows(gpt2):

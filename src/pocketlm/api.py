@@ -195,8 +195,10 @@ class LM:
 
     def score(self, text: str | Seq[int], *, top_k: int = 0) -> list[features.TokenScore]:
         """Each token's log-probability given the text before it (the first has none),
-        with the `top_k` most likely alternatives at each position."""
-        return features.token_logprobs(self.model, self._encode_text(text), top_k=top_k)
+        with the `top_k` most likely alternatives at each position. A text longer than
+        the LM's context window is scored in windows of it, half a window apart."""
+        ids = self._encode_text(text)
+        return features.token_logprobs(self.model, ids, top_k=top_k, context=self.context_length)
 
     def perplexity(
         self,
@@ -206,9 +208,10 @@ class LM:
         stride: int | None = None,
         progress: features.Progress | None = None,
     ) -> features.PerplexityResult:
-        """Perplexity by the transformers guide's sliding window (context: the model's,
-        stride: half of it, by default)."""
+        """Perplexity by the transformers guide's sliding window (context: the LM's
+        context window, stride: half of it, by default)."""
         ids = self._encode_text(text)
+        context = self.context_length if context is None else context
         return features.perplexity(
             self.model, ids, context=context, stride=stride, progress=progress
         )

@@ -135,18 +135,19 @@ def token_logprobs(
     ids: Sequence[int],
     *,
     top_k: int = 0,
+    context: int | None = None,
 ) -> list[TokenScore]:
     """log p(ids[i] | ids[:i]) for every token (the first has none), with the `top_k`
-    most likely tokens at each position. A text longer than the context is scored in
-    sliding windows with a stride of half the context, so every token still sees at
-    least half a context of text before it."""
+    most likely tokens at each position. A text longer than `context` (default: the
+    model's) is scored in sliding windows half a context apart, so every token still
+    sees at least half a context of text before it."""
     vocab = model.config.vocab_size
     _check_ids(ids, vocab_size=vocab)
     if not 0 <= top_k <= vocab:
         raise PocketLMError(
             f"top_k must be between 0 and the vocabulary size {vocab} (got {top_k})"
         )
-    context, stride = _check_window(model, context=None, stride=None)
+    context, stride = _check_window(model, context=context, stride=None)
     scores = [TokenScore(ids[0], None)]
     device = next(model.parameters()).device
     for w in _windows(len(ids), context=context, stride=stride):

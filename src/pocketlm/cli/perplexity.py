@@ -23,7 +23,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", metavar="MODEL", help="model name, folder or .gguf file")
     parser.add_argument("file", metavar="FILE", help="a UTF-8 text file ('-' reads stdin)")
     parser.add_argument(
-        "--context", type=int, default=None, help="tokens per window (default: the model's context)"
+        "--context",
+        type=int,
+        default=None,
+        help="tokens per window (default: the context window, see --ctx-size)",
     )
     parser.add_argument(
         "--stride", type=int, default=None, help="tokens between windows (default: context / 2)"
