@@ -5,6 +5,7 @@ Slower than a native module (and `pocketlm show` says so), but the API, CLI and 
 work unchanged. Without `transformers` installed, a clear error names the architecture.
 """
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,12 @@ class FallbackCache:
         self.k = torch.empty(0, device=device)  # Sequence reads the cache's device from here
 
     def crop(self, length: int) -> None:
-        if self.past is not None and self.past.get_seq_length() > length:
-            self.past.crop(length)
+        if self.past is None or (held := self.past.get_seq_length()) <= length:
+            return
+        try:
+            self.past.crop(length)  # transformers 4: keep the first `length` positions
+        except ValueError:
+            self.past.crop(length - held)  # transformers 5: drop that many from the end
 
 
 class FallbackConfig:
@@ -45,6 +50,9 @@ class TransformersModel(nn.Module):
         super().__init__()
         self.hf = hf_model
         self.config = FallbackConfig(hf_model.config)
+        # transformers 5 renamed forward's `past_key_values` to `cache`.
+        params = inspect.signature(hf_model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def make_cache(self, *, batch_size: int, max_seq_len: int) -> FallbackCache:
         if batch_size != 1:

@@ -1,0 +1,51 @@
+"""An architecture without a native module (Falcon) runs through `transformers` behind the
+same API; without `transformers`, a clear error names the architecture."""
+
+import sys
+
+import pytest
+import torch
+
+import pocketlm
+from checkpoints import gpt2_vocab_files
+from pocketlm.errors import PocketLMError
+from pocketlm.weights.card import describe
+
+
+@pytest.fixture(scope="module")
+def falcon(tmp_path_factory):
+    from transformers import FalconConfig, FalconForCausalLM
+
+    folder = tmp_path_factory.mktemp("falcon")
+    torch.manual_seed(0)
+    config = FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=50257,
+                          bos_token_id=50256, eos_token_id=50256, max_position_embeddings=128)
+    FalconForCausalLM(config).eval().save_pretrained(folder)
+    gpt2_vocab_files(folder)
+    return folder
+
+
+def test_falcon_generates_what_transformers_generates(falcon):
+    from transformers import AutoModelForCausalLM
+
+    lm = pocketlm.load(str(falcon))
+    assert lm.native is False
+    prompt = lm.tokenizer.encode("Falcons fly")
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(falcon).eval().generate(
+            torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0,
+        )[0, len(prompt):].tolist()
+    assert lm.generate(prompt, max_tokens=20, temperature=0).tokens == expected
+    # A second call that extends the first reuses (and crops) transformers' cache correctly.
+    longer = prompt + expected[:5]
+    assert lm.generate(longer, max_tokens=10, temperature=0).tokens == expected[5:15]
+
+
+def test_show_says_it_runs_through_transformers(falcon):
+    assert describe(falcon).native is False
+
+
+def test_without_transformers_the_error_names_the_architecture(falcon, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(PocketLMError, match="no native module for architecture 'falcon'.*install transformers"):
+        pocketlm.load(str(falcon))
