@@ -31,6 +31,15 @@ def smollm2_gguf() -> Path:
     pytest.fail("the embedded default model is missing: run `pocketlm pull smollm2-135m` first")
 
 
+@pytest.fixture(scope="session")
+def smollm2_metadata(smollm2_gguf) -> dict:
+    """The SmolLM2 GGUF's metadata as pocketlm reads it (`read_gguf(path).metadata`), read
+    once per session: gguf-py's reader takes seconds on its 49k-token vocabulary."""
+    from pocketlm.weights.gguf import read_gguf
+
+    return read_gguf(smollm2_gguf).metadata
+
+
 @pytest.fixture
 def pocketlm_home(tmp_path, monkeypatch) -> Path:
     """An empty, private pocketlm home for tests that write to the model store."""

@@ -11,7 +11,6 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
-import gguf
 import pytest
 from transformers import AutoTokenizer
 
@@ -132,10 +131,8 @@ def _write_folder(folder: Path, template: str, **config) -> Path:
 
 
 @pytest.fixture(scope="module")
-def smollm(smollm2_gguf) -> Tokenizer:
-    reader = gguf.GGUFReader(smollm2_gguf)
-    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
-    return Tokenizer.from_gguf_metadata(meta)
+def smollm(smollm2_metadata) -> Tokenizer:
+    return Tokenizer.from_gguf_metadata(smollm2_metadata)
 
 
 @pytest.fixture(scope="module")

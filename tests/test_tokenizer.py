@@ -12,7 +12,6 @@ import shutil
 import unicodedata
 from pathlib import Path
 
-import gguf
 import pytest
 import tiktoken
 from tokenizers import AddedToken, decoders, models, normalizers
@@ -87,12 +86,6 @@ SMOLLM_DIGIT_CASES = [
 ]
 
 
-def gguf_metadata(path) -> dict:
-    """The GGUF's tokenizer metadata as a plain dict (what pocketlm.weights passes on)."""
-    reader = gguf.GGUFReader(path)
-    return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
-
-
 def _byte_ranks(tokens: dict[str, int]) -> dict[bytes, int]:
     byte_of = {c: b for b, c in _bytes_to_unicode().items()}
     return {bytes(byte_of[c] for c in t): i for t, i in tokens.items()}
@@ -131,8 +124,9 @@ def gpt2_tiktoken():
 
 
 @pytest.fixture(scope="module")
-def smollm_meta(smollm2_gguf) -> dict:
-    return gguf_metadata(smollm2_gguf)
+def smollm_meta(smollm2_metadata) -> dict:
+    """The GGUF's tokenizer metadata as a plain dict (what pocketlm.weights passes on)."""
+    return {k: v for k, v in smollm2_metadata.items() if k.startswith("tokenizer.")}
 
 
 @pytest.fixture(scope="module")

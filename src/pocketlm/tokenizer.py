@@ -9,9 +9,11 @@ models, weights, sampling or files beyond the tokenizer's own.
 Decoding goes through one table of raw bytes per token, so `decode` and `StreamDecoder` agree
 byte for byte and streaming costs O(1) per token.
 
+Chat templates are compiled and rendered by `pocketlm.chat_template`; `render_chat` is the
+entry point.
+
 References: GPT-2 `encoder.py` (byte alphabet), HF `tokenizers` (ByteLevel, Digits, Split),
-llama.cpp `llama-vocab.cpp` (GGUF pre-tokenizer types, end-of-generation tokens), and
-transformers `chat_template_utils.py` (the Jinja environment chat templates expect).
+llama.cpp `llama-vocab.cpp` (GGUF pre-tokenizer types, end-of-generation tokens).
 """
 
 from __future__ import annotations
@@ -21,18 +23,16 @@ import json
 import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
-import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
+from pocketlm.chat_template import compile_template as _compile_template
+from pocketlm.chat_template import render as render_template
 from pocketlm.errors import CorruptModelError, PocketLMError
 
 # -- the byte alphabet ------------------------------------------------------------------------
@@ -265,19 +265,12 @@ class Tokenizer:
             )
         if self._template is None:
             self._template = _compile_template(self.chat_template)
-        variables = {**self.special_tokens, **extra}
-        variables.setdefault("tools", None)
-        variables.setdefault("documents", None)
-        try:
-            return self._template.render(
-                messages=_chat_messages(messages),
-                add_generation_prompt=add_generation_prompt,
-                **_plain(variables),
-            )
-        except jinja2.TemplateError as error:
-            raise PocketLMError(
-                f"the chat template refused this conversation: {_one_line(error)}"
-            ) from None
+        return render_template(
+            self._template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            variables={**self.special_tokens, **extra},
+        )
 
 
 class StreamDecoder:
@@ -516,121 +509,3 @@ def _end_of_turn_ids(backend: Backend) -> set[int]:
     """Special tokens that end a turn by their text (llama.cpp's end-of-generation set)."""
     added = backend.get_added_tokens_decoder().items()
     return {i for i, t in added if t.special and t.content in _END_OF_TURN_TEXTS}
-
-
-# -- chat templates ---------------------------------------------------------------------------
-
-_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (marks assistant text for training masks in
-    transformers); here it renders its body unchanged."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller: Callable[[], str]) -> str:
-        return caller()
-
-
-class _TemplateDict:
-    """`dict(...)` for templates, without exposing the dict type itself."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """`namespace(...)` that refuses underscore names (no reaching CPython internals)."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - Jinja's own signature trick
-        self, rest = args[0], args[1:]
-        attrs = dict(*rest, **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"templates cannot set {name!r} on a namespace")
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # Not Jinja's own tojson: that one HTML-escapes, and templates expect plain JSON. Same
-    # signature as transformers' (a positional argument is ensure_ascii, not indent).
-    options = {"indent": indent, "separators": separators, "sort_keys": sort_keys}
-    return json.dumps(value, ensure_ascii=ensure_ascii, **options)
-
-
-def _compile_template(source: str) -> jinja2.Template:
-    """A chat template compiled in the sandboxed environment transformers renders it in."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.globals["dict"] = _TemplateDict()
-    env.globals["namespace"] = _TemplateNamespace
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as error:
-        raise CorruptModelError(
-            f"the model's chat template is not valid Jinja ({_one_line(error)})"
-        ) from None
-
-
-def _plain(value: Any) -> Any:
-    """Plain JSON-like data only (what the template may touch); other objects become a
-    placeholder naming their type, so the sandbox never sees their methods."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):  # subclasses (enums...) carry methods: back to the base type
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    if callable(getattr(value, "model_dump", None)):
-        return _plain(value.model_dump())  # pydantic messages (e.g. from the openai client)
-    return f"<{type(value).__name__}>"
-
-
-def _chat_messages(messages: Sequence[Any]) -> list[dict]:
-    """Messages as transformers hands them to templates: plain data, keys whose value is
-    None dropped, and a reasoning text under both names templates read it by."""
-    chat = []
-    for message in messages:
-        if not isinstance(message, Mapping):
-            raise PocketLMError(
-                f"a chat message must be a dict with role and content, not {message!r}"
-            )
-        plain = {k: v for k, v in _plain(message).items() if v is not None}
-        reasoning = next((plain[k] for k in _REASONING_KEYS if plain.get(k) is not None), None)
-        if reasoning is not None:
-            plain = {"thinking": reasoning, **plain, "reasoning_content": reasoning}
-        chat.append(plain)
-    return chat
