@@ -63,7 +63,13 @@ class Service:
         self.vocab_size = lm.model.config.vocab_size
         self.context_length = lm.context_length
         self.timeout, self.api_key, self.max_body = timeout, api_key, max_body
-        self.scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue)
+        self.scheduler = Scheduler(
+            lm.model,
+            lm.tokenizer,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            max_seq_len=self.context_length,
+        )
         self.created = int(time.time())
 
     def check_model(self, model: str | None) -> None:

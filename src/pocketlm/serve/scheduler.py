@@ -117,13 +117,14 @@ class Scheduler:
         *,
         max_batch: int = 8,
         max_queue: int = 64,
+        max_seq_len: int | None = None,
     ) -> None:
         if getattr(model, "make_cache", None) is not None:
             raise ValueError("continuous batching needs a native pocketlm model")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.vocab_size = model.config.vocab_size
-        self.cache = make_cache(model, batch_size=max_batch)
+        self.cache = make_cache(model, batch_size=max_batch, max_seq_len=max_seq_len)
         self.device = self.cache.k.device
         self.rows: list[_Active] = []  # rows[i] is in cache row i
         self._waiting: deque[Request] = deque()
