@@ -16,3 +16,7 @@ extras="serve,plot"
 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[${extras}]"
 .venv/bin/python -c "import pocketlm.cli.main" # fail here, clearly, if the install did not work
 .venv/bin/pocketlm pull smollm2-135m
+# The chat-page test (tests/test_serve_page.py) drives Debian's headless Chromium.
+if [[ "${1:-}" == "--dev" ]] && ! command -v chromium >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq chromium
+fi
