@@ -380,3 +380,24 @@ def test_embeddings_are_mean_pooled_last_hidden_states(folder, client):
         f"<{len(r.data[0].embedding)}f", base64.b64decode(raw["data"][0]["embedding"])
     )
     assert list(decoded) == pytest.approx(r.data[0].embedding, abs=1e-6)
+
+
+def test_time_limit_mid_stream_is_an_error_event(server, client):
+    server.service.timeout = 0.0
+    try:
+        with pytest.raises(openai.APIError, match="time limit|limit of 0 s"):
+            list(client.completions.create(model=MODEL, prompt="x", max_tokens=50, stream=True))
+    finally:
+        server.service.timeout = 60
+
+
+def test_client_leaving_a_plain_request_frees_its_row(server):
+    before = server.metrics()["pocketlm_requests_cancelled_total"]
+    body = {"model": MODEL, "prompt": "The dog", "max_tokens": 1000, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.3)
+    deadline = time.monotonic() + 20
+    while server.metrics()["pocketlm_requests_cancelled_total"] == before:
+        assert time.monotonic() < deadline, "the row was not freed"
+        time.sleep(0.05)
+    assert server.metrics()["pocketlm_active_requests"] == 0
