@@ -82,14 +82,14 @@ def test_oldest_turns_are_dropped_and_the_user_told_once(scripted, caplog):
     conv = fresh(scripted, harness=SHORT, system="Be nice.")
     max_tokens = 200  # leaves 56 tokens of the 256 for the prompt
     with caplog.at_level(logging.WARNING, logger="pocketlm"):
-        for n in range(12):
+        for n in range(7):
             "".join(c.text for c in conv.send(f"message {n}", max_tokens=max_tokens, temperature=0))
             prompt_tokens = conv.lm.last_stats.prompt_tokens
             assert prompt_tokens + max_tokens <= conv.lm.context_length == 256
-    assert 0 < conv.dropped_turns < 11 and len(conv.turns) == 12
+    assert 0 < conv.dropped_turns < 6 and len(conv.turns) == 7
     prompt = conv.render("next")
     assert prompt.startswith("Be nice.\n\nUser: Hi\nAssistant: Hello.\nUser: message ")
-    assert "message 0\n" not in prompt and "User: message 11\nAssistant: Hello!\n" in prompt
+    assert "message 0\n" not in prompt and "User: message 6\nAssistant: Hello!\n" in prompt
     warnings = [r for r in caplog.records if "outgrew" in r.getMessage()]
     assert len(warnings) == 1
 

@@ -3,13 +3,13 @@ pseudo-terminal (pexpect), typing lines, pressing Ctrl-C and Ctrl-D, reading the
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pexpect
 import pytest
 
+from pocketlm.cli.main import main
 from pocketlm.tokenizer import Tokenizer
 from pocketlm.weights.gguf import read_gguf
 from scripted_model import make_scripted_gpt2
@@ -126,15 +126,16 @@ def test_chat_set_save_load_and_quit(scripted, tmp_path):
     assert child.exitstatus == 0
 
 
-def test_chat_reads_messages_from_a_pipe(scripted, tmp_path):
-    env = {**os.environ, "POCKETLM_HOME": str(tmp_path)}
-    done = subprocess.run(
-        [POCKETLM, "chat", str(scripted), "-t", "0", "-n", "16"],
-        input="Say hello.\n/set max_tokens 2\nSay hello.\n", capture_output=True, text=True,
-        env=env, timeout=TIMEOUT,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "Hello!\nmax_tokens = 2\nHello\n"
+def test_chat_reads_messages_from_a_pipe(scripted, tmp_path, monkeypatch, capsys):
+    read, write = os.pipe()
+    os.write(write, b"Say hello.\n/set max_tokens 2\nSay hello.\n")
+    os.close(write)
+    monkeypatch.setattr(sys, "stdin", os.fdopen(read))
+    monkeypatch.setenv("POCKETLM_HOME", str(tmp_path))
+    # No prompt, banner or history on a pipe: just the replies, one a line.
+    assert main(["chat", str(scripted), "-t", "0", "-n", "16"]) == 0
+    assert capsys.readouterr().out == "Hello!\nmax_tokens = 2\nHello\n"
+    assert not (tmp_path / "history").exists()
 
 
 def test_smollm2_chat_answers_paris_and_computes_only_the_new_turn(smollm2_gguf, tmp_path):
