@@ -329,6 +329,85 @@ async def _chat_events(
     yield convert.sse("[DONE]")
 
 
+async def _completions(service: Service, request: Request):  # noqa: ANN202 - JSON or a stream
+    body = parse(CompletionRequest, await read_body(request, service.max_body))
+    jobs, prompts = _completion_jobs(service, body)
+    jobs.submit()
+    if body.stream:
+        return _stream(_completion_events(service, body, jobs, prompts), jobs)
+    choices = await _collect(jobs, request, len(jobs.requests))
+    out = []
+    for c in choices:
+        prompt = prompts[c.index // body.n]
+        echo = service.tokenizer.decode(prompt) if body.echo else ""
+        logprobs = None
+        if body.logprobs is not None:
+            echoed = prompt if body.echo else None
+            logprobs = convert.completion_logprobs(c, service.tokenizer, prompt=echoed)
+        text = echo + "".join(c.text)
+        out.append(
+            convert.completion_choice(
+                c.index, text, logprobs=logprobs, finish_reason=c.finish_reason
+            )
+        )
+    prompt_tokens = sum(len(p) for p in prompts)
+    usage = convert.usage(prompt_tokens, sum(c.completion_tokens for c in choices))
+    return convert.completion_response(
+        id=f"cmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=service.name,
+        choices=out,
+        usage=usage,
+    )
+
+
+async def _chat(service: Service, request: Request):  # noqa: ANN202 - JSON or a stream
+    body = parse(ChatCompletionRequest, await read_body(request, service.max_body))
+    jobs, prompt_tokens = _chat_jobs(service, body)
+    jobs.submit()
+    if body.stream:
+        return _stream(_chat_events(service, body, jobs, prompt_tokens), jobs)
+    choices = await _collect(jobs, request, body.n)
+    out = [
+        convert.chat_choice(
+            c.index,
+            "".join(c.text),
+            finish_reason=c.finish_reason,
+            logprobs=convert.chat_logprobs(c, service.tokenizer) if body.logprobs else None,
+        )
+        for c in choices
+    ]
+    usage = convert.usage(prompt_tokens, sum(c.completion_tokens for c in choices))
+    return convert.chat_response(
+        id=f"chatcmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=service.name,
+        choices=out,
+        usage=usage,
+    )
+
+
+async def _embeddings(service: Service, request: Request) -> dict:
+    body = parse(EmbeddingRequest, await read_body(request, service.max_body))
+    service.check_model(body.model)
+    if body.dimensions is not None:
+        raise ApiError(
+            "dimensions is not supported: the vectors have the model's width", param="dimensions"
+        )
+    batches = convert.prompt_ids(body.input, service.tokenizer, vocab_size=service.vocab_size)
+    for ids in batches:  # refuse what does not fit the window, as generation does
+        convert.token_budget(
+            prompt_tokens=len(ids) - 1, max_tokens=None, context_length=service.context_length
+        )
+    vectors = await run_in_threadpool(service.embed, batches)
+    return convert.embedding_response(
+        vectors,
+        model=service.name,
+        encoding_format=body.encoding_format,
+        prompt_tokens=sum(len(ids) for ids in batches),
+    )
+
+
 def _api_routes(service: Service) -> APIRouter:
     async def authorize(request: Request) -> None:
         if service.api_key and request.headers.get("authorization") != f"Bearer {service.api_key}":
@@ -346,86 +425,15 @@ def _api_routes(service: Service) -> APIRouter:
 
     @router.post("/completions")
     async def completions(request: Request):  # noqa: ANN202 - JSON or a stream
-        body = parse(CompletionRequest, await read_body(request, service.max_body))
-        jobs, prompts = _completion_jobs(service, body)
-        jobs.submit()
-        if body.stream:
-            return _stream(_completion_events(service, body, jobs, prompts), jobs)
-        choices = await _collect(jobs, request, len(jobs.requests))
-        out = []
-        for c in choices:
-            prompt = prompts[c.index // body.n]
-            echo = service.tokenizer.decode(prompt) if body.echo else ""
-            logprobs = None
-            if body.logprobs is not None:
-                logprobs = convert.completion_logprobs(
-                    c, service.tokenizer, prompt=prompt if body.echo else None
-                )
-            out.append(
-                convert.completion_choice(
-                    c.index,
-                    echo + "".join(c.text),
-                    logprobs=logprobs,
-                    finish_reason=c.finish_reason,
-                )
-            )
-        prompt_tokens = sum(len(p) for p in prompts)
-        usage = convert.usage(prompt_tokens, sum(c.completion_tokens for c in choices))
-        return convert.completion_response(
-            id=f"cmpl-{uuid.uuid4().hex}",
-            created=int(time.time()),
-            model=service.name,
-            choices=out,
-            usage=usage,
-        )
+        return await _completions(service, request)
 
     @router.post("/chat/completions")
     async def chat(request: Request):  # noqa: ANN202 - JSON or a stream
-        body = parse(ChatCompletionRequest, await read_body(request, service.max_body))
-        jobs, prompt_tokens = _chat_jobs(service, body)
-        jobs.submit()
-        if body.stream:
-            return _stream(_chat_events(service, body, jobs, prompt_tokens), jobs)
-        choices = await _collect(jobs, request, body.n)
-        out = [
-            convert.chat_choice(
-                c.index,
-                "".join(c.text),
-                finish_reason=c.finish_reason,
-                logprobs=convert.chat_logprobs(c, service.tokenizer) if body.logprobs else None,
-            )
-            for c in choices
-        ]
-        usage = convert.usage(prompt_tokens, sum(c.completion_tokens for c in choices))
-        return convert.chat_response(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
-            created=int(time.time()),
-            model=service.name,
-            choices=out,
-            usage=usage,
-        )
+        return await _chat(service, request)
 
     @router.post("/embeddings")
     async def embeddings(request: Request) -> dict:
-        body = parse(EmbeddingRequest, await read_body(request, service.max_body))
-        service.check_model(body.model)
-        if body.dimensions is not None:
-            raise ApiError(
-                "dimensions is not supported: the vectors have the model's width",
-                param="dimensions",
-            )
-        batches = convert.prompt_ids(body.input, service.tokenizer, vocab_size=service.vocab_size)
-        for ids in batches:
-            convert.token_budget(
-                prompt_tokens=len(ids) - 1, max_tokens=None, context_length=service.context_length
-            )
-        vectors = await run_in_threadpool(service.embed, batches)
-        return convert.embedding_response(
-            vectors,
-            model=service.name,
-            encoding_format=body.encoding_format,
-            prompt_tokens=sum(len(ids) for ids in batches),
-        )
+        return await _embeddings(service, request)
 
     return router
 
