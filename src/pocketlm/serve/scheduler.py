@@ -35,6 +35,16 @@ from pocketlm.tokenizer import Tokenizer
 log = logging.getLogger("pocketlm.serve")
 
 
+# finish reason -> the counter it adds to
+_COUNTER = {
+    "stop": "finished",
+    "length": "finished",
+    "cancelled": "cancelled",
+    "timeout": "timed_out",
+    "error": "errors",
+}
+
+
 class QueueFull(Exception):
     """The waiting queue is at its bound; the caller should retry later."""
 
@@ -205,7 +215,12 @@ class Scheduler:
             self._retire()
             self._admit()
             if self.rows:
-                self._decode()
+                try:
+                    self._decode()
+                except Exception:  # a failed step fails its rows, never the server
+                    log.exception("decode step failed")
+                    for active in self.rows:
+                        self._finish(active, "error", "")
                 self._retire()
         for active in self.rows:
             self._finish(active, "cancelled", "")
@@ -314,9 +329,7 @@ class Scheduler:
         event.prompt_tokens = len(active.request.prompt_ids)
         event.completion_tokens = active.generated
         active.done = True
-        self.counters[
-            "finished" if reason in ("stop", "length") else reason.replace("timeout", "timed_out")
-        ] += 1
+        self.counters[_COUNTER[reason]] += 1
         active.request.emit(event)
 
     def _retire(self) -> None:
