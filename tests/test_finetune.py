@@ -322,52 +322,17 @@ def test_adapter_only_output_runs_with_run_adapter(tiny, corpus, tmp_path, pocke
 # -- several processes --
 
 
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_with_gloo_match_one_with_the_same_global_batch(
-    tiny, corpus, tmp_path, monkeypatch
+    tiny, corpus, tmp_path, monkeypatch, mode
 ):
     monkeypatch.setenv("POCKETLM_HOME", str(tmp_path / "home"))
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-    ]
-    two = subprocess.run(
-        torchrun
-        + [
-            "-m",
-            "pocketlm.cli.main",
-            "finetune",
-            str(tiny),
-            str(corpus),
-            "--out",
-            "two",
-            "--steps",
-            "3",
-            "--batch-size",
-            "2",
-            "--grad-accum",
-            "2",
-            "--block-size",
-            "16",
-            "--lr",
-            "1e-2",
-            "--warmup",
-            "1",
-            "--eval-every",
-            "0",
-            "--save-every",
-            "0",
-            "--device",
-            "cpu",
-        ],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    torchrun = f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node 2"
+    flags = "--steps 3 --batch-size 2 --grad-accum 2 --block-size 16 --lr 1e-2 --warmup 1"
+    flags += " --eval-every 0 --save-every 0 --device cpu" + (" --fsdp" if mode == "fsdp" else "")
+    command = f"{torchrun} -m pocketlm.cli.main finetune {tiny} {corpus} --out two {flags}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(command.split(), env=env, capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr[-2000:]
     one = job(tiny, corpus, "one", tmp_path, steps=3, batch_size=4, grad_accum=2, warmup=1)
     one.run_dir, one.val_fraction = tmp_path / "home/runs/one", 0.1  # the CLI's defaults
@@ -495,3 +460,42 @@ def _assert_one_line_error(capsys, message: str) -> None:
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+# -- stopping early, and options that must not change the result --
+
+
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(tiny, corpus, tmp_path, pocketlm_home):
+    def press_ctrl_c(event: dict) -> None:
+        if event["kind"] == "step" and event["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    interrupted = job(tiny, corpus, "stopped", tmp_path, steps=50)
+    result = finetune(interrupted, on_event=press_ctrl_c)
+    assert (result.reason, result.step, result.output) == ("interrupted", 2, None)
+    assert checkpoint.load(checkpoint.latest(result.run_dir))["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
+
+
+def test_max_time_saves_and_stops(tiny, corpus, tmp_path, pocketlm_home):
+    result = finetune(job(tiny, corpus, "timed", tmp_path, steps=50, max_time=1e-6))
+    assert (result.reason, result.step) == ("time", 1)
+    assert checkpoint.latest(result.run_dir).name == "step-000001"
+
+
+def test_activation_checkpointing_gives_the_same_weights(tiny, corpus, tmp_path, pocketlm_home):
+    finetune(job(tiny, corpus, "plain", tmp_path, steps=2))
+    finetune(job(tiny, corpus, "recomputed", tmp_path, steps=2, activation_checkpointing=True))
+    a, b = weights(pocketlm_home / "models/plain"), weights(pocketlm_home / "models/recomputed")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+
+
+def test_a_fresh_run_does_not_discard_an_unfinished_one(
+    tiny, corpus, tmp_path, pocketlm_home, capsys
+):
+    args = f"finetune {tiny} {corpus} --out again --steps 4 --block-size 16 --max-time 0.000001"
+    assert cli(args.split()) == 0  # stopped by the time limit after one step, checkpoint kept
+    capsys.readouterr()
+    assert cli(args.split()) == 1
+    _assert_one_line_error(capsys, "pass --resume to continue it, or --overwrite to start again")

@@ -24,6 +24,7 @@ from pocketlm.errors import PocketLMError
 from pocketlm.train import checkpoint, distributed, export
 from pocketlm.train.data import load_dataset
 from pocketlm.train.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
+from pocketlm.train.metrics import METRICS, PLOT
 from pocketlm.train.trainer import Event, TrainConfig, Trainer
 
 RUN_FILE = "run.json"
@@ -70,6 +71,7 @@ def finetune(
     if job.resume:
         job = _resumed_job(job, run_dir)
     _check_output(job)
+    _check_run_dir(job, run_dir)
     device = job.device or ("cuda" if torch.cuda.is_available() else "cpu")
     world = distributed.setup(device)
     try:
@@ -139,6 +141,12 @@ def _finetune(
     reason = trainer.train(until=until)
     val_loss = trainer.evaluate() if dataset.val is not None else None
     output = None
+    if reason == "done" and trainer.sharded:
+        # FSDP holds a shard of each tensor per process: gather the whole model (a
+        # collective) and put it in an ordinary copy for the export.
+        state = trainer.full_model_state()
+        if world.is_main:
+            model = _plain_copy(source, job, state)
     if reason == "done" and world.is_main:
         model.eval()
         if job.adapter_only:
@@ -158,6 +166,16 @@ def _finetune(
             )
     distributed.barrier(world)
     return FinetuneResult(reason, trainer.step, trainer.total_steps, run_dir, output, val_loss)
+
+
+def _plain_copy(source: Path, job: FinetuneJob, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    from pocketlm.weights import loader
+
+    model = loader.load(source, dtype=torch.float32, device="cpu").model
+    if job.lora is not None:
+        apply_lora(model, job.lora)
+    model.load_state_dict(state)
+    return model
 
 
 def _settings(job: FinetuneJob, block_size: int) -> dict[str, Any]:
@@ -207,6 +225,21 @@ def _check_output(job: FinetuneJob) -> None:
             raise PocketLMError("--adapter-only needs --lora (a full fine-tune has no adapter)")
     else:
         export.check_output_name(job.out, overwrite=job.overwrite)
+
+
+def _check_run_dir(job: FinetuneJob, run_dir: Path) -> None:
+    """A fresh run does not silently throw away another run's checkpoints."""
+    if job.resume or checkpoint.latest(run_dir) is None:
+        return
+    if not job.overwrite:
+        raise PocketLMError(
+            f"{run_dir} holds the checkpoints of an earlier run for '{Path(job.out).name}': "
+            "pass --resume to continue it, or --overwrite to start again"
+        )
+    if os.environ.get("RANK", "0") == "0":  # torchrun: one process clears it
+        shutil.rmtree(checkpoint.checkpoints_dir(run_dir), ignore_errors=True)
+        for name in (METRICS, PLOT):
+            (run_dir / name).unlink(missing_ok=True)
 
 
 def _write_adapter(job: FinetuneJob, model: torch.nn.Module, *, base: str) -> Path:

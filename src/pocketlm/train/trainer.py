@@ -139,13 +139,19 @@ class Trainer:
         if config.activation_checkpointing:
             enable_activation_checkpointing(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        for p in self.params:
+            # GPT-2's Conv1D weights arrive as transposed views; FSDP needs contiguous
+            # parameters, and DDP's gradient buckets are laid out like them.
+            p.data = p.data.contiguous()
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.wrapped = distributed.wrap(
             model, self.world, fsdp=config.fsdp, blocks=model_blocks(model)
         )
         self.params = [p for p in model.parameters() if p.requires_grad]  # FSDP swaps them
-        self.optimizer = _make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = _make_optimizer(
+            model, lr=config.lr, weight_decay=config.weight_decay, fused=not config.fsdp
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         torch.manual_seed(config.seed + self.world.rank)  # dropout (LoRA) differs per process
 
@@ -329,8 +335,21 @@ class Trainer:
         distributed.barrier(self.world)
         return path
 
+    @property
+    def sharded(self) -> bool:
+        return self.config.fsdp and self.world.size > 1
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """The whole model's state dict on the CPU (collective under FSDP)."""
+        if not self.sharded:
+            return {n: t.detach().cpu() for n, t in self.model.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.model, options=options)
+
     def _state_dicts(self) -> tuple[dict, dict]:
-        if self.config.fsdp and self.world.size > 1:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -367,7 +386,7 @@ class Trainer:
         return self.step
 
     def _load_state_dicts(self, model_state: dict, optim_state: dict, *, source: Path) -> None:
-        if self.config.fsdp and self.world.size > 1:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
             options = StateDictOptions(full_state_dict=True)
@@ -428,16 +447,20 @@ def token_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> 
     B, T = inputs.shape
     positions = torch.arange(T, device=inputs.device).expand(B, T)  # (B, T)
     logits = model(inputs, positions)  # (B, T, V)
+    # Shift the labels, not the logits: slicing (B, T, V) would copy the largest tensor
+    # of the step. The last position has no next token: its label is -100.
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T)
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels[:, 1:].flatten(),
-        ignore_index=IGNORE,
-        reduction="sum",
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
     )
 
 
-def _make_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on biases or norm gains), as GPT-2 did."""
+def _make_optimizer(
+    model: nn.Module, *, lr: float, weight_decay: float, fused: bool
+) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on biases or norm gains), as GPT-2 did.
+    The fused kernel (one pass over each tensor) on CPUs and GPUs; FSDP's sharded
+    parameters take the default."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [
@@ -445,7 +468,7 @@ def _make_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torc
         {"params": rest, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8
+        [g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None
     )
 
 
