@@ -28,7 +28,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 def corpus(folder: Path) -> Path:
     """Real English prose to train on: the project's own documentation."""
     texts = [p.read_text(encoding="utf-8") for p in sorted(ROOT.glob("*.md")) if p.is_file()]
-    texts += [Path("/work/shared/DESIGN.md").read_text()] if Path("/work/shared/DESIGN.md").is_file() else []
+    texts += (
+        [Path("/work/shared/DESIGN.md").read_text()]
+        if Path("/work/shared/DESIGN.md").is_file()
+        else []
+    )
     file = folder / "corpus.txt"
     file.write_text("\n\n".join(texts) * 4)
     return file
@@ -88,13 +92,14 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from checkpoints import make_gpt2
-
     from pocketlm.tokenizer import Tokenizer
     from pocketlm.train.data import load_dataset
 
@@ -113,14 +118,20 @@ def main() -> int:
         ours, theirs = [], []
         for round_ in range(args.rounds):
             ours.append(run_pocketlm(model_dir, blocks, args=args, run_dir=tmp / f"ours{round_}"))
-            theirs.append(run_transformers(model_dir, blocks, args=args, out_dir=tmp / f"hf{round_}"))
+            theirs.append(
+                run_transformers(model_dir, blocks, args=args, out_dir=tmp / f"hf{round_}")
+            )
         a, b = tokens / min(ours), tokens / min(theirs)
         print(
             f"GPT-2 n_embd={args.n_embd} n_layer={args.n_layer}, batch {args.batch_size} x "
             f"{args.block_size} tokens, {args.steps} steps, fp32, {torch.get_num_threads()} threads"
         )
-        print(f"pocketlm Trainer:     {a:8.0f} training tokens/s  (runs: {', '.join(f'{t:.2f}s' for t in ours)})")
-        print(f"transformers Trainer: {b:8.0f} training tokens/s  (runs: {', '.join(f'{t:.2f}s' for t in theirs)})")
+        print(
+            f"pocketlm Trainer:     {a:8.0f} training tokens/s  (runs: {', '.join(f'{t:.2f}s' for t in ours)})"
+        )
+        print(
+            f"transformers Trainer: {b:8.0f} training tokens/s  (runs: {', '.join(f'{t:.2f}s' for t in theirs)})"
+        )
         print(f"ratio: {a / b:.2f}x")
     return 0
 
