@@ -277,6 +277,11 @@ BAD = [
         "response_format",
     ),
     ("embeddings", b'{"input": 3}', "input"),
+    (
+        "chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}',
+        "tools",
+    ),
 ]
 
 

@@ -183,6 +183,8 @@ def _chat_jobs(service: Service, body: ChatCompletionRequest) -> tuple[Jobs, int
             "constrained decoding to guarantee it",
             param="response_format",
         )
+    if body.tools:
+        raise ApiError("tools (function calling) are not supported", param="tools")
     if body.top_logprobs and not body.logprobs:
         raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
     params = convert.sampling_params(body, vocab_size=service.vocab_size)

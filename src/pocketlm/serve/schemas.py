@@ -110,6 +110,7 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None  # accepted only to refuse it clearly (no tool calling)
 
 
 class EmbeddingRequest(_Wire):
