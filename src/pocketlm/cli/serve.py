@@ -79,6 +79,8 @@ def main(args: argparse.Namespace) -> int:
     for flag in ("max_batch", "max_queue"):
         if getattr(args, flag) < 1:
             raise PocketLMError(f"--{flag.replace('_', '-')} must be at least 1")
+    if getattr(args, "draft", None):
+        raise PocketLMError("serve batches requests instead of drafting: drop --draft")
     if args.timeout <= 0:
         raise PocketLMError("--timeout must be positive")
     try:
