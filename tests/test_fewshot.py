@@ -20,9 +20,9 @@ def test_prompt_from_the_shipped_qa_file_is_exactly_the_pattern():
     assert shots.prompt("What is the capital of Peru?") == (
         "Q: What is the capital of Italy?\nA: Rome\n\n"
         "Q: What is the capital of Japan?\nA: Tokyo\n\n"
-        "Q: How many legs does a spider have?\nA: Eight\n\n"
-        "Q: What is the largest planet in the solar system?\nA: Jupiter\n\n"
+        "Q: What is the capital of Kenya?\nA: Nairobi\n\n"
         "Q: Who wrote Romeo and Juliet?\nA: William Shakespeare\n\n"
+        "Q: How many legs does a spider have?\nA: 8\n\n"
         "Q: What is the capital of Peru?\nA:"  # no trailing space: " Lima" is one token
     )
     assert shots.stops == ["\n\n", "\nQ:"]
@@ -31,7 +31,7 @@ def test_prompt_from_the_shipped_qa_file_is_exactly_the_pattern():
 def test_yaml_file_brings_its_template_and_a_user_template_overrides_it(tmp_path):
     shots = FewShot.from_file(EXAMPLES / "translate.yaml")
     assert shots.template == "English: {input}\nFrench: {output}"
-    assert shots.examples[0] == Example("Good morning.", "Bonjour.")
+    assert shots.examples[0] == Example("Hello.", "Bonjour.")
     assert shots.prompt("Hello.").endswith("Où est la bibliothèque ?\n\nEnglish: Hello.\nFrench:")
     assert shots.stops == ["\n\n", "\nEnglish:"]
     file = tmp_path / "pairs.yaml"
