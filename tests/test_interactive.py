@@ -2,6 +2,7 @@
 pseudo-terminal (pexpect), typing lines, pressing Ctrl-C and Ctrl-D, reading the screen."""
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -9,7 +10,10 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from pocketlm.cli.interactive import paint, parse_setting
 from pocketlm.cli.main import main
+from pocketlm.errors import PocketLMError
+from pocketlm.generate import Chunk
 from pocketlm.tokenizer import Tokenizer
 from pocketlm.weights.gguf import read_gguf
 from scripted_model import make_scripted_gpt2
@@ -156,3 +160,17 @@ def test_smollm2_chat_answers_paris_and_computes_only_the_new_turn(smollm2_gguf,
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_probability_colours_and_setting_values():
+    assert paint(Chunk("a", 1, math.log(0.85))) == "\x1b[32ma\x1b[0m"
+    assert paint(Chunk("a", 1, math.log(0.6))) == "\x1b[33ma\x1b[0m"
+    assert paint(Chunk("a", 1, math.log(0.3))) == "\x1b[35ma\x1b[0m"
+    assert paint(Chunk("a", 1, math.log(0.1))) == "\x1b[31ma\x1b[0m"
+    assert paint(Chunk("", finish_reason="stop")) == ""
+    assert parse_setting("seed", "none") is None and parse_setting("seed", "7") == 7
+    assert parse_setting("logit_bias", "50256:-100,13:2.5") == {50256: -100.0, 13: 2.5}
+    assert parse_setting("stop", "\\nUser:") == ["\nUser:"]
+    assert parse_setting("top_k", "40") == 40
+    with pytest.raises(PocketLMError, match="top_k needs a whole number"):
+        parse_setting("top_k", "0.5")

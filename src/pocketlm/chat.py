@@ -255,15 +255,15 @@ class Conversation:
                     started = bool(chunk.text)
                 yield chunk
         finally:
-            self._record(message, text, ids, "".join(pieces), reply_ids)
+            self._record(message, text=text, ids=ids, reply="".join(pieces), reply_ids=reply_ids)
 
     def _record(
-        self, message: str, text: str, ids: list[int], reply: str, reply_ids: list[int]
+        self, message: str, *, text: str, ids: list[int], reply: str, reply_ids: list[int]
     ) -> None:
         if not reply_ids and not reply:
             return  # stopped before anything came out: forget the message
         self.turns.append(Turn(message, reply))
-        kept = _ids_spelling_prefix(self.lm.tokenizer, reply_ids, reply)
+        kept = _ids_spelling_prefix(self.lm.tokenizer, reply_ids, text=reply)
         spelled = b"".join(self.lm.tokenizer.token_bytes(i) for i in kept).decode("utf-8")
         self._log = _Log(text + spelled, ids + kept)
 
@@ -317,7 +317,7 @@ class Conversation:
         return conv
 
 
-def _ids_spelling_prefix(tokenizer: Tokenizer, ids: Seq[int], text: str) -> list[int]:
+def _ids_spelling_prefix(tokenizer: Tokenizer, ids: Seq[int], *, text: str) -> list[int]:
     """The longest prefix of `ids` whose bytes are a prefix of `text` ending on a whole
     character: the generated tokens that the recorded reply really contains (a stop string
     may have cut the text inside a token, and held-back text may never have been shown)."""

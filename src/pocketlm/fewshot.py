@@ -97,7 +97,7 @@ class FewShot:
         # No trailing space: BPE vocabularies put the space at the start of the next word
         # (" Lima"), so a prompt ending in "A: " pushes the model off its usual tokens.
         ask = _fill(head, query).rstrip(" \t")
-        shots = [_fill(self.template, e.input, e.output) for e in self.examples]
+        shots = [_fill(self.template, e.input, output=e.output) for e in self.examples]
         return self.separator.join([*shots, ask])
 
     @property
@@ -153,7 +153,7 @@ def check_template(template: str) -> None:
         )
 
 
-def _fill(text: str, value: str, output: str = "") -> str:
+def _fill(text: str, value: str, *, output: str = "") -> str:
     # Plain replacement rather than str.format: examples and templates may hold braces.
     return text.replace("{input}", value).replace("{output}", output)
 
