@@ -457,7 +457,7 @@ def _read_json(file: Path) -> dict:
         return {}
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # bad UTF-8 or JSON, huge ints, deep nesting
         raise CorruptModelError(f"{file} is not valid JSON ({error}); fix or remove it") from None
     return data if isinstance(data, dict) else {}
 

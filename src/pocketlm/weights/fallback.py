@@ -99,7 +99,8 @@ def load_with_transformers(
         hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except (ValueError, KeyError, OSError) as error:
         raise PocketLMError(
-            f"transformers cannot load architecture {config['model_type']!r} from {path} ({error})"
+            f"transformers cannot load architecture {config['model_type']!r} from {path} "
+            f"({' '.join(str(error).split())})"  # one line: transformers' messages have several
         ) from None
     model = TransformersModel(hf_model.to(device).eval()).requires_grad_(False)
     return LoadedModel(model, Tokenizer.from_dir(path), config, path, native=False)
