@@ -30,7 +30,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="model store name for the result (with --adapter-only: a folder)",
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue the run of --out from its last checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue the run of --out from its last checkpoint, with its saved settings (only --max-time may change)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model NAME")
     _add_lora_options(parser)

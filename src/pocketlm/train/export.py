@@ -84,27 +84,27 @@ def hf_config(config: dict[str, Any], *, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def write_tokenizer(tokenizer: Tokenizer, folder: Path, *, source: Path | None) -> None:
-    """Copy the source's tokenizer files; build them from the tokenizer when it has none
-    (a GGUF model, or a GPT-2 checkpoint saved without its vocabulary)."""
-    copied = False
+    """Copy the source's tokenizer files, then add a tokenizer.json and a
+    tokenizer_config.json built from the tokenizer itself where the source has none (a
+    GGUF model, a bare vocab.json + merges.txt, or no tokenizer files at all), so that
+    `transformers` always finds a complete fast tokenizer."""
     if source is not None and source.is_dir():
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, folder / name)
-                copied |= name in ("tokenizer.json", "vocab.json")
-    if copied:
-        return
-    # The tokenizers backend is the complete description; Tokenizer keeps it private.
-    tokenizer._backend.save(str(folder / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": tokenizer.add_bos,
-        "clean_up_tokenization_spaces": False,
-        **tokenizer.special_tokens,
-    }
-    if tokenizer.chat_template:
-        config["chat_template"] = tokenizer.chat_template
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if not (folder / "tokenizer.json").is_file():
+        # The tokenizers backend is the complete description; Tokenizer keeps it private.
+        tokenizer._backend.save(str(folder / "tokenizer.json"))
+    if not (folder / "tokenizer_config.json").is_file():
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": tokenizer.add_bos,
+            "clean_up_tokenization_spaces": False,
+            **tokenizer.special_tokens,
+        }
+        if tokenizer.chat_template:
+            config["chat_template"] = tokenizer.chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def write_model_folder(

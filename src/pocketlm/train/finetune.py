@@ -139,7 +139,9 @@ def _finetune(
     if job.resume:
         trainer.resume()
     reason = trainer.train(until=until)
-    val_loss = trainer.evaluate() if dataset.val is not None else None
+    val_loss = trainer.val_loss
+    if val_loss is None and dataset.val is not None:
+        val_loss = trainer.evaluate()  # (collective under FSDP: every process calls it)
     output = None
     if reason == "done" and trainer.sharded:
         # FSDP holds a shard of each tensor per process: gather the whole model (a

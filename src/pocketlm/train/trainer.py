@@ -123,6 +123,7 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.metrics = MetricsLog(self.run_dir)
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
+        self.val_loss: float | None = None  # the latest validation loss
         self.global_batch = config.batch_size * config.grad_accum * self.world.size
         self.total_steps = config.steps or max(
             1, math.ceil((config.epochs or 1.0) * len(dataset.train) / self.global_batch)
@@ -252,7 +253,8 @@ class Trainer:
             and cfg.eval_every > 0
             and (step % cfg.eval_every == 0 or last)
         ):
-            self._record("eval", {"step": step, "val_loss": self.evaluate()})
+            self.val_loss = self.evaluate()
+            self._record("eval", {"step": step, "val_loss": self.val_loss})
         if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or last):
             self._record("sample", {"step": step, "sample": self.sample()})
         if cfg.save_every > 0 and step % cfg.save_every == 0 and not last:
