@@ -1,8 +1,14 @@
-"""`pocketlm serve` as a user runs it: a subprocess on a free loopback port (--port 0, the
-URL read from its first line) serving the real SmolLM2-135M-Instruct through its chat
-template. Replies are checked against `pocketlm.LM.generate` on the template's prompt
-ids, concurrent greedy requests against the same requests served one at a time."""
+"""`pocketlm serve` as a user runs it, and the real SmolLM2-135M-Instruct behind the API.
 
+- The command: a subprocess on a free loopback port (--port 0, the URL read from its first
+  line) answering the `openai` client, stopped by Ctrl-C; the warning for a non-loopback
+  address without a key; bad flags as one-line errors.
+- SmolLM2 through its chat template (server in a thread, to load the model once):
+  replies equal `pocketlm.LM.generate` on the template's prompt ids, and concurrent
+  greedy requests equal the same requests served one at a time.
+"""
+
+import logging
 import os
 import signal
 import subprocess
@@ -14,6 +20,9 @@ import openai
 import pytest
 
 import pocketlm
+from checkpoints import make_gpt2
+from pocketlm.cli.main import main as cli
+from test_serve_api import Server
 
 MESSAGES = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -25,46 +34,64 @@ MESSAGES = [
 ]
 
 
-def pocketlm_cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pocketlm.cli.main", *args]
-
-
-@pytest.fixture(scope="module")
-def served(smollm2_gguf):
+def test_the_command_serves_the_openai_client_and_stops_on_ctrl_c(tmp_path):
+    folder = make_gpt2(tmp_path / "tiny-model")
     process = subprocess.Popen(
-        pocketlm_cli("serve", str(smollm2_gguf), "--port", "0", "--max-batch", "4"),
+        [sys.executable, "-m", "pocketlm.cli.main", "serve", str(folder), "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    first = []
-    reader = threading.Thread(target=lambda: first.append(process.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout=90)
-    assert first and first[0].startswith("serving "), (first, process.poll())
-    url = first[0].split(" at ")[1].split()[0]  # http://127.0.0.1:PORT/v1
-    assert url.startswith("http://127.0.0.1:")
-    yield url, process
-    if process.poll() is None:
+    try:
+        first = []
+        reader = threading.Thread(
+            target=lambda: first.append(process.stdout.readline()), daemon=True
+        )
+        reader.start()
+        reader.join(timeout=90)
+        assert first and first[0].startswith("serving tiny-model at http://127.0.0.1:"), first
+        url = first[0].split(" at ")[1].split()[0]
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+        r = client.completions.create(
+            model="tiny-model", prompt="The dog", max_tokens=5, temperature=0
+        )
+        expected = pocketlm.load(folder).generate("The dog", max_tokens=5, temperature=0.0)
+        assert r.choices[0].text == expected.text
+    finally:
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=20)
+        code = process.wait(timeout=30)
+    assert code == 130  # the CLI's exit code for Ctrl-C, after a graceful shutdown
+    assert "Traceback" not in process.stderr.read()
+
+
+def test_warns_beyond_loopback_without_a_key_and_refuses_bad_flags(tmp_path, caplog, capsys):
+    with caplog.at_level(logging.WARNING, logger="pocketlm"):
+        assert cli(["serve", str(tmp_path / "missing"), "--host", "0.0.0.0"]) == 1
+    assert "listening on 0.0.0.0 without --api-key" in caplog.text
+    err = capsys.readouterr().err  # the model is missing: one line, and nothing was bound
+    assert err.splitlines()[-1].startswith("error: no such file") and "Traceback" not in err
+    assert cli(["serve", "--max-batch", "0"]) == 1
+    assert capsys.readouterr().err == "error: --max-batch must be at least 1\n"
+    assert cli(["serve", "--draft", "x"]) == 1
+    assert "drop --draft" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
-def lm(smollm2_gguf):
-    return pocketlm.load(smollm2_gguf, offline=True)
+def smollm2(smollm2_gguf):
+    lm = pocketlm.load(smollm2_gguf, offline=True)
+    server = Server(lm, max_batch=4, max_queue=8, timeout=120)
+    yield lm, server
+    server.close()
 
 
-def test_chat_template_replies_and_batching_with_smollm2(served, lm):
-    url, _ = served
-    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
-    model = client.models.list().data[0].id
-    assert model == "SmolLM2-135M-Instruct.Q4_1.gguf"
+def test_smollm2_chat_template_replies_alone_and_batched(smollm2):
+    lm, server = smollm2
+    client = server.client()
 
     def ask(messages):
         r = client.chat.completions.create(
-            model=model, messages=messages, max_tokens=10, temperature=0
+            model="tiny", messages=messages, max_tokens=10, temperature=0
         )
         return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.prompt_tokens
 
@@ -76,27 +103,3 @@ def test_chat_template_replies_and_batching_with_smollm2(served, lm):
     with ThreadPoolExecutor(len(MESSAGES)) as pool:
         together = list(pool.map(ask, MESSAGES, timeout=120))
     assert together == alone
-
-
-def test_interrupt_stops_the_server(served):
-    _, process = served
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=20) == 130  # the CLI's exit code for Ctrl-C
-    assert "Traceback" not in process.stderr.read()
-
-
-def test_warns_when_bound_beyond_loopback_without_a_key(tmp_path):
-    result = subprocess.run(
-        pocketlm_cli("serve", str(tmp_path / "missing"), "--host", "0.0.0.0"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("warning: listening on 0.0.0.0 without --api-key")
-    assert lines[-1].startswith("error: ") and "Traceback" not in result.stderr
-    result = subprocess.run(
-        pocketlm_cli("serve", "--max-batch", "0"), capture_output=True, text=True, timeout=60
-    )
-    assert (result.returncode, result.stderr) == (1, "error: --max-batch must be at least 1\n")

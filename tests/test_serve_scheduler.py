@@ -99,11 +99,11 @@ def test_seeded_sampling_does_not_depend_on_batch_mates(lm, scheduler):
         for i in range(len(PROMPTS))
     ]
     expected = [
-        lm.generate(ids, max_tokens=20, **vars(p)).tokens
+        lm.generate(ids, max_tokens=12, **vars(p)).tokens
         for ids, p in zip(PROMPTS, params, strict=True)
     ]
     # Together, and each with different, unseeded company.
-    runs = [Run(ids, max_tokens=20, params=p) for ids, p in zip(PROMPTS, params, strict=True)]
+    runs = [Run(ids, max_tokens=12, params=p) for ids, p in zip(PROMPTS, params, strict=True)]
     noise = [Run(ids, max_tokens=7, params=SamplingParams(temperature=1.5)) for ids in PROMPTS[:3]]
     scheduler.submit(
         [r.request for pair in zip(runs, noise + [None] * 2, strict=True) for r in pair if r]
