@@ -171,7 +171,7 @@ class Conversation:
     turns: list[Turn] = field(default_factory=list)
     first_kept: int = 0  # turns before this one no longer fit the context window
     reuse_ids: bool = True  # False: re-encode the whole text every turn (to compare)
-    retokenized: int = 0  # turns whose prompt ids could not extend the log (for measuring)
+    retokenized: int = 0  # prompts encoded whole because they did not extend the log
     _log: _Log | None = field(default=None, repr=False)
     _warned: bool = field(default=False, repr=False)
 
