@@ -143,31 +143,41 @@ def _finetune(
     if val_loss is None and dataset.val is not None:
         val_loss = trainer.evaluate()  # (collective under FSDP: every process calls it)
     output = None
-    if reason == "done" and trainer.sharded:
+    if reason == "done":
+        output = _save_result(job, trainer, loaded=loaded, source=source, val_loss=val_loss)
+    distributed.barrier(world)
+    return FinetuneResult(reason, trainer.step, trainer.total_steps, run_dir, output, val_loss)
+
+
+def _save_result(
+    job: FinetuneJob, trainer: Trainer, *, loaded: Any, source: Path, val_loss: float | None
+) -> Path | None:
+    """Export the trained model (or write the adapter); the path, on the main process."""
+    model = trainer.model
+    if trainer.sharded:
         # FSDP holds a shard of each tensor per process: gather the whole model (a
         # collective) and put it in an ordinary copy for the export.
         state = trainer.full_model_state()
-        if world.is_main:
+        if trainer.world.is_main:
             model = _plain_copy(source, job, state)
-    if reason == "done" and world.is_main:
-        model.eval()
-        if job.adapter_only:
-            output = _write_adapter(job, model, base=str(job.model))
-        else:
-            if job.lora is not None:
-                merge_lora(model)
-            output = export.export_to_store(
-                job.out,
-                model,
-                config=loaded.config,
-                tokenizer=loaded.tokenizer,
-                source=source if source.is_dir() else None,
-                base=str(job.model),
-                overwrite=job.overwrite,
-                extra={"steps": trainer.step, "lora": extra["lora"], "val_loss": val_loss},
-            )
-    distributed.barrier(world)
-    return FinetuneResult(reason, trainer.step, trainer.total_steps, run_dir, output, val_loss)
+    if not trainer.world.is_main:
+        return None
+    model.eval()
+    if job.adapter_only:
+        return _write_adapter(job, model, base=str(job.model))
+    if job.lora is not None:
+        merge_lora(model)
+    lora = asdict(job.lora) if job.lora else None
+    return export.export_to_store(
+        job.out,
+        model,
+        config=loaded.config,
+        tokenizer=loaded.tokenizer,
+        source=source if source.is_dir() else None,
+        base=str(job.model),
+        overwrite=job.overwrite,
+        extra={"steps": trainer.step, "lora": lora, "val_loss": val_loss},
+    )
 
 
 def _plain_copy(source: Path, job: FinetuneJob, state: dict[str, torch.Tensor]) -> torch.nn.Module:
