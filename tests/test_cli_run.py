@@ -71,3 +71,11 @@ def test_missing_weights_in_a_real_process(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "has no model.safetensors" in result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_options_may_sit_between_model_and_prompt(capsys, tiny):
+    expected = pocketlm.load(tiny).generate("Options in between", max_tokens=5, temperature=0).text
+    code, out, _ = run(capsys, "run", tiny, "-n", "5", "-t", "0", "Options in between")
+    assert code == 0 and out == expected + "\n"
+    with pytest.raises(SystemExit):
+        main(["run", tiny, "Hi", "--no-such-flag"])

@@ -26,6 +26,7 @@ COMMANDS = [
     "embed",
     "probs",
     "serve",
+    "bench",
 ]
 
 
@@ -43,7 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse stops filling a `words*` positional at the first option, so the prompt in
+    # `pocketlm run MODEL -t 0 "prompt"` comes back as an extra: give it to the words.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "words") or any(word.startswith("-") for word in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.words += extra
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
