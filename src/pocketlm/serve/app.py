@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -27,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException
 
 from pocketlm import features
+from pocketlm.sampling import SamplingParams
 from pocketlm.serve import convert
 from pocketlm.serve.convert import Choice
 from pocketlm.serve.scheduler import Event, QueueFull, Scheduler
@@ -209,10 +211,8 @@ def _chat_jobs(service: Service, body: ChatCompletionRequest) -> tuple[Jobs, int
     return jobs, len(ids)
 
 
-def _with_seed(params, seed):  # noqa: ANN001, ANN202
-    from dataclasses import replace
-
-    return replace(params, seed=seed)
+def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
+    return dataclasses.replace(params, seed=seed)
 
 
 async def _collect(jobs: Jobs, request: Request, count: int) -> list[Choice]:
