@@ -175,3 +175,15 @@ def test_queue_bound_and_time_limit(lm):
         assert s.snapshot()["timed_out"] == 2 and s.snapshot()["rejected"] == 1
     finally:
         s.stop()
+
+
+def test_choices_of_one_prompt_share_its_prefill(lm, scheduler):
+    ids = PROMPTS[2]  # one list object for both, as the server passes the n choices
+    params = [SamplingParams(temperature=1.0, top_k=20, seed=s) for s in (5, 6)]
+    expected = [lm.generate(ids, max_tokens=6, **vars(p)).tokens for p in params]
+    runs = [Run(ids, max_tokens=6, params=p) for p in params]
+    runs[1].request.prompt_ids = runs[0].request.prompt_ids
+    before = scheduler.snapshot()["prompt_tokens"]
+    scheduler.submit([r.request for r in runs])
+    assert [r.wait().tokens for r in runs] == expected
+    assert scheduler.snapshot()["prompt_tokens"] - before == len(ids)  # computed once

@@ -156,6 +156,7 @@ class Scheduler:
             0,
         )
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
+        self._shared: tuple | None = None  # (prompt ids, row, last logits, prompt logprobs)
 
     # -- the caller's side (any thread) --
 
@@ -228,6 +229,7 @@ class Scheduler:
             request.emit(Event("", finish_reason="cancelled"))
 
     def _admit(self) -> None:
+        self._shared = None  # rows move between rounds: share a prefill within one only
         while len(self.rows) < self.max_batch:
             with self._wake:
                 if not self._waiting:
@@ -254,19 +256,31 @@ class Scheduler:
             self.rows.append(active)
 
     def _prefill(self, active: _Active, *, row: int) -> None:
+        """Compute the prompt into cache row `row`, or copy it from the row just prefilled
+        with the same prompt (the n choices of one request share one prefill)."""
         ids = active.request.prompt_ids
-        tokens = torch.tensor([ids], device=self.device)  # (1, T)
-        positions = torch.arange(len(ids), device=self.device)[None]  # (1, T)
-        with torch.inference_mode():
-            logits = self.model(tokens, positions, _RowView(self.cache, row))[0].float()  # (T, V)
+        shared = self._shared
+        if shared is not None and shared[0] is ids:
+            _, source, last, prompt_logprobs = shared
+            self.cache.k[:, row, :, : len(ids)] = self.cache.k[:, source, :, : len(ids)]
+            self.cache.v[:, row, :, : len(ids)] = self.cache.v[:, source, :, : len(ids)]
+        else:
+            tokens = torch.tensor([ids], device=self.device)  # (1, T)
+            positions = torch.arange(len(ids), device=self.device)[None]  # (1, T)
+            with torch.inference_mode():
+                logits = self.model(tokens, positions, _RowView(self.cache, row))[
+                    0
+                ].float()  # (T, V)
+            self.counters["prompt_tokens"] += len(ids)
+            prompt_logprobs = None
+            if active.request.prompt_logprobs:
+                lp = torch.log_softmax(logits[:-1], dim=-1)  # (T-1, V): each predicts the next id
+                picked = lp.gather(1, torch.tensor(ids[1:], device=self.device)[:, None])[:, 0]
+                prompt_logprobs = [None, *picked.tolist()]
+            last = logits[-1]
+            self._shared = (ids, row, last, prompt_logprobs)
         active.position = len(ids)
-        self.counters["prompt_tokens"] += len(ids)
-        prompt_logprobs = None
-        if active.request.prompt_logprobs:
-            lp = torch.log_softmax(logits[:-1], dim=-1)  # (T-1, V): each predicts the next id
-            picked = lp.gather(1, torch.tensor(ids[1:], device=self.device)[:, None])[:, 0]
-            prompt_logprobs = [None, *picked.tolist()]
-        self._take(active, logits[-1], prompt_logprobs=prompt_logprobs)
+        self._take(active, last, prompt_logprobs=prompt_logprobs)
 
     def _decode(self) -> None:
         tokens = torch.tensor([[a.last_token] for a in self.rows], device=self.device)  # (B, 1)
