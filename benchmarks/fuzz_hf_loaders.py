@@ -297,8 +297,8 @@ def mutate_index(data: bytes, rng: random.Random) -> tuple[bytes, str]:
 
 
 def mutate(seed: Seed, rng: random.Random) -> tuple[dict[str, bytes | None], str, int]:
-    """The case's files (None: removed), the operations applied, and the size to give the
-    first safetensors file (beyond its bytes: a sparse hole)."""
+    """The case's files (None: removed), the operations applied, and how many bytes of
+    sparse hole to append to each safetensors file (0: none)."""
     files: dict[str, bytes | None] = dict(seed.files)
     shards = sorted(n for n in files if n.endswith(".safetensors"))
     ops = []
