@@ -103,3 +103,10 @@ def test_smollm2_chat_template_replies_alone_and_batched(smollm2):
     with ThreadPoolExecutor(len(MESSAGES)) as pool:
         together = list(pool.map(ask, MESSAGES, timeout=120))
     assert together == alone
+
+
+def test_which_addresses_count_as_loopback():
+    from pocketlm.cli.serve import is_loopback
+
+    assert all(map(is_loopback, ["127.0.0.1", "127.0.0.2", "::1", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "192.168.1.5", "example.com"]))
