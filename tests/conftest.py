@@ -40,6 +40,26 @@ def smollm2_metadata(smollm2_gguf) -> dict:
     return read_gguf(smollm2_gguf).metadata
 
 
+@pytest.fixture(scope="session")
+def smollm2_lm(smollm2_gguf):
+    """pocketlm's SmolLM2, loaded once for the whole run (tests must not change it)."""
+    import pocketlm
+
+    return pocketlm.load(str(smollm2_gguf), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf):
+    """The oracle: transformers loading the very same GGUF (it dequantizes on its own)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
 @pytest.fixture
 def pocketlm_home(tmp_path, monkeypatch) -> Path:
     """An empty, private pocketlm home for tests that write to the model store."""

@@ -371,15 +371,10 @@ def test_cli_bad_input_is_one_line_error(gpt2, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_logprobs_equal_transformers_on_the_same_gguf(smollm2_gguf):
+def test_smollm2_logprobs_equal_transformers_on_the_same_gguf(smollm2_lm, smollm2_transformers):
     """transformers dequantizes the Q4_1 GGUF to fp32 as we do; the logprobs agree
     within 2e-4 nats (fp32 accumulation order; measured about 2e-5)."""
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
-    ).eval()
-    lm = pocketlm.load(smollm2_gguf, device="cpu")
+    hf, lm = smollm2_transformers, smollm2_lm
     text = "The capital of France is Paris. It is known for the Eiffel Tower and fine food."
     ids = lm.tokenizer.encode(text)
     assert ids[:6] == [504, 3575, 282, 4649, 314, 7042]  # sane: "The capital of France is Paris"

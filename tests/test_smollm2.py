@@ -16,18 +16,13 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def ours(smollm2_gguf):
-    return pocketlm.load(str(smollm2_gguf))
+def ours(smollm2_lm):
+    return smollm2_lm
 
 
 @pytest.fixture(scope="module")
-def theirs(smollm2_gguf):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
-    )
-    return model.eval()
+def theirs(smollm2_transformers):
+    return smollm2_transformers
 
 
 def test_logits_match_transformers_on_the_same_gguf(ours, theirs):
