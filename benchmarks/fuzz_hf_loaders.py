@@ -432,7 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per case")
     parser.add_argument(
-        "--mem-gb", type=float, default=3.0, help="address space allowed beyond startup"
+        "--mem-gb",
+        type=float,
+        default=3.0,
+        help="address space allowed beyond startup (more than the 1 GB hole, which is mapped)",
     )
     parser.add_argument("--replay", type=int, help="run one case and show its traceback")
     args = parser.parse_args(argv)

@@ -12,6 +12,8 @@ import json
 import re
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -232,3 +234,26 @@ def test_good_values_still_load(llama_dir, tmp_path):
     assert (model.config.head_dim, model.config.context_length) == (8, 2**20)
     logits = model(torch.tensor([[1, 2]]), torch.tensor([[0, 1]]))
     assert logits.shape == (1, 2, 50257) and torch.isfinite(logits).all()
+
+
+def test_address_space_too_small_to_map_the_file(gpt2_dir, tmp_path):
+    # safe_open maps the whole file; under `ulimit -v` a large file raised MemoryError.
+    folder = _variant(gpt2_dir, tmp_path / "m")
+    with open(folder / "model.safetensors", "r+b") as f:
+        f.truncate(f.seek(0, 2) + 2**30)  # a 1 GB sparse tail: no disk, but 1 GB to map
+    script = (
+        "import resource, sys\n"
+        "from pocketlm.errors import PocketLMError\n"
+        "from pocketlm.weights.loader import load\n"
+        "vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + 2**28, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    load(sys.argv[1])\n"
+        "except PocketLMError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(folder)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cannot memory-map" in done.stdout and "ulimit -v" in done.stdout

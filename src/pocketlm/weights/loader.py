@@ -287,6 +287,11 @@ def _open_safetensors(file: Path):  # -> safetensors.safe_open
         raise CorruptModelError(
             f"{file} is not a readable safetensors file ({error}); re-download it"
         ) from None
+    except MemoryError:  # mmap refused: the file is larger than the address space allowed
+        raise PocketLMError(
+            f"cannot memory-map {file} ({file.stat().st_size:,} bytes): the process's "
+            "address-space limit (ulimit -v) is too small for this model"
+        ) from None
 
 
 def _get_tensor(f, key: str, file: Path) -> torch.Tensor:  # noqa: ANN001 - safe_open handle
