@@ -70,6 +70,15 @@ def sum_all(value: float, world: World, *, device: torch.device) -> float:
     return float(tensor.item())
 
 
+def any_of(flags: list[bool], world: World, *, device: torch.device) -> list[bool]:
+    """Each flag OR-ed over all processes (one small all-reduce)."""
+    if world.size <= 1:
+        return list(flags)
+    tensor = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
 def gather_objects(obj: object, world: World) -> list:
     """Every process's `obj`, in rank order (collective: all ranks must call it)."""
     if world.size <= 1:

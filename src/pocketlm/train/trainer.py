@@ -201,11 +201,17 @@ class Trainer:
                 seconds = time.perf_counter() - t0
                 self.elapsed += seconds
                 self._after_step(loss, tokens=tokens, seconds=seconds)
-                if self._stop_requested:
+                limit = self.config.max_time
+                out_of_time = limit is not None and time.perf_counter() - started >= limit
+                # Every process must stop after the same step (they meet in collectives):
+                # decide together.
+                interrupted, out_of_time = distributed.any_of(
+                    [self._stop_requested, out_of_time], self.world, device=self.device
+                )
+                if interrupted:
                     reason = "interrupted"
                     break
-                limit = self.config.max_time
-                if limit is not None and time.perf_counter() - started >= limit and self.step < end:
+                if out_of_time and self.step < end:
                     reason = "time"
                     break
         if self.step > start_step or reason != "done":
