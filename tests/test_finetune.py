@@ -510,3 +510,7 @@ def test_a_fresh_run_does_not_discard_an_unfinished_one(
     capsys.readouterr()
     assert cli(args.split()) == 1
     _assert_one_line_error(capsys, "pass --resume to continue it, or --overwrite to start again")
+    assert cli(f"finetune gpt2 {corpus} --out again --resume".split()) == 1
+    _assert_one_line_error(capsys, f"the run 'again' fine-tunes {tiny}, not gpt2")
+    assert cli(f"finetune {tiny} {corpus} --out again --resume".split()) == 0
+    assert (pocketlm_home / "models/again/model.safetensors").is_file()

@@ -209,6 +209,11 @@ def _resumed_job(job: FinetuneJob, run_dir: Path) -> FinetuneJob:
     if not file.is_file() or checkpoint.latest(run_dir) is None:
         raise PocketLMError(f"nothing to resume for '{job.out}': no checkpoint in {run_dir}")
     saved = json.loads(file.read_text(encoding="utf-8"))
+    if saved["model"] != str(job.model):
+        raise PocketLMError(
+            f"the run '{Path(job.out).name}' fine-tunes {saved['model']}, not {job.model}; "
+            "resume it with the same MODEL"
+        )
     train = TrainConfig(**{**saved["train"], "max_time": job.train.max_time})
     lora = LoRAConfig(**saved["lora"]) if saved["lora"] else None
     return FinetuneJob(
