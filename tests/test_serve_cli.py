@@ -91,12 +91,12 @@ def test_smollm2_chat_template_replies_alone_and_batched(smollm2):
 
     def ask(messages):
         r = client.chat.completions.create(
-            model="tiny", messages=messages, max_tokens=10, temperature=0
+            model="tiny", messages=messages, max_tokens=8, temperature=0
         )
         return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.prompt_tokens
 
     ids = lm.tokenizer.encode(lm.tokenizer.render_chat(MESSAGES[0]), add_bos=False)
-    expected = lm.generate(ids, max_tokens=10, temperature=0.0)
+    expected = lm.generate(ids, max_tokens=8, temperature=0.0)
     alone = [ask(m) for m in MESSAGES]
     assert alone[0] == (expected.text, expected.finish_reason, len(ids))
     assert "Paris" in alone[0][0]
