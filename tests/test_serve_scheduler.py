@@ -186,3 +186,61 @@ def test_choices_of_one_prompt_share_its_prefill(lm, scheduler):
     scheduler.submit([r.request for r in runs])
     assert [r.wait().tokens for r in runs] == expected
     assert scheduler.snapshot()["prompt_tokens"] - before == len(ids)  # computed once
+
+
+def test_long_prompts_prefill_in_chunks_while_others_stream(lm, folder):
+    theirs = hf_model(folder)
+    s = Scheduler(lm.model, lm.tokenizer, max_batch=4, max_queue=8, prefill_chunk=3)
+    s.start()
+    try:
+        order = []
+        short = Run(PROMPTS[0], max_tokens=40, params=greedy())
+        long_ids = list(range(1000, 1031))  # 31 tokens: 11 chunks of at most 3
+        long = Run(long_ids, max_tokens=5, params=greedy(), prompt_logprobs=True)
+        for name, run in (("short", short), ("long", long)):
+            emit = run.request.emit
+            run.request.emit = lambda e, emit=emit, name=name: (order.append(name), emit(e))
+        s.submit([short.request])
+        while not short.events:
+            time.sleep(0.001)
+        s.submit([long.request])
+        long.wait()
+        short.wait()
+        # One decode step per chunk: the short request kept streaming during the prefill.
+        assert order[: order.index("long")].count("short") >= 10
+        with torch.no_grad():
+            out = theirs.generate(
+                torch.tensor([long_ids]),
+                max_new_tokens=5,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            logits = theirs(torch.tensor([long_ids])).logits[0]
+        assert long.tokens == out[0, len(long_ids) :].tolist()
+        lp = torch.log_softmax(logits, -1)
+        expected = [float(lp[i, long_ids[i + 1]]) for i in range(len(long_ids) - 1)]
+        got = long.events[0].prompt_logprobs
+        assert got[0] is None and got[1:] == pytest.approx(expected, abs=1e-4)
+        assert short.tokens == lm.generate(PROMPTS[0], max_tokens=40, temperature=0.0).tokens
+        assert s.snapshot()["prompt_tokens"] == len(PROMPTS[0]) + len(long_ids)
+    finally:
+        s.stop()
+
+
+def test_cancel_during_a_chunked_prefill(lm):
+    s = Scheduler(lm.model, lm.tokenizer, max_batch=2, max_queue=8, prefill_chunk=1)
+    s.start()
+    try:
+        long = Run(list(range(2000, 2200)), max_tokens=50, params=greedy())
+        s.submit([long.request])
+        while s.snapshot()["prompt_tokens"] < 5:
+            time.sleep(0.001)
+        s.cancel(long.request)
+        assert long.wait().finish == "cancelled"
+        assert s.snapshot()["prompt_tokens"] < 200 and s.snapshot()["active"] == 0
+        after = Run(PROMPTS[1], max_tokens=8, params=greedy())
+        s.submit([after.request])
+        assert after.wait().tokens == lm.generate(PROMPTS[1], max_tokens=8, temperature=0.0).tokens
+    finally:
+        s.stop()

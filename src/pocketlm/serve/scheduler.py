@@ -3,7 +3,8 @@
 A background thread owns the model. The cache has `max_batch` rows; the requests being
 generated sit in rows 0..k-1 (kept contiguous, so a decode step is one forward over the
 first k rows, each at its own position). Between steps the loop admits waiting requests
-(each prefilled alone, B=1, into the next free row through a one-row view of the cache),
+(each prefilled alone, B=1, into the next free row through a one-row view of the cache;
+a long prompt in chunks, one per step, so the others keep streaming),
 and drops finished, cancelled and timed-out ones at once: the last row moves into the
 hole. Each request keeps its own sampling parameters, torch.Generator, penalty counts,
 detokenizer and stop matcher, and samples exactly as `generate.generate_tokens` does, so a
@@ -102,6 +103,10 @@ class _Active:
         self.matcher = StopMatcher(request.stop)
         self.eos_ids = tokenizer.eos_ids
         self.position = 0  # tokens in the cache row
+        # log p of each prompt token given the ones before (echo + logprobs); None for the first
+        self.prompt_logprobs: list[float | None] | None = (
+            [None] if request.prompt_logprobs else None
+        )
         self.last_token = -1
         self.generated = 0
         self.done = False
@@ -128,6 +133,7 @@ class Scheduler:
         max_batch: int = 8,
         max_queue: int = 64,
         max_seq_len: int | None = None,
+        prefill_chunk: int = 512,
     ) -> None:
         if getattr(model, "make_cache", None) is not None:
             raise ValueError("continuous batching needs a native pocketlm model")
@@ -157,6 +163,8 @@ class Scheduler:
         )
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self._shared: tuple | None = None  # (prompt ids, row, last logits, prompt logprobs)
+        self._filling: _Active | None = None  # a request being prefilled, in row len(rows)
+        self.prefill_chunk = prefill_chunk
 
     # -- the caller's side (any thread) --
 
@@ -209,7 +217,7 @@ class Scheduler:
         torch.set_grad_enabled(False)
         while True:
             with self._wake:
-                while self._running and not self._waiting and not self.rows:
+                while self._running and not self._waiting and not self._busy():
                     self._wake.wait()
                 if not self._running:
                     break
@@ -223,64 +231,88 @@ class Scheduler:
                     for active in self.rows:
                         self._finish(active, "error", "")
                 self._retire()
-        for active in self.rows:
+        for active in [*self.rows, *([self._filling] if self._filling else [])]:
             self._finish(active, "cancelled", "")
         for request in self._waiting:
             request.emit(Event("", finish_reason="cancelled"))
 
+    def _busy(self) -> bool:
+        return bool(self.rows) or self._filling is not None
+
     def _admit(self) -> None:
+        """Prefill waiting requests into free rows. A long prompt goes in chunks, one per
+        turn of the loop, so the rows already decoding keep streaming meanwhile."""
         self._shared = None  # rows move between rounds: share a prefill within one only
         while len(self.rows) < self.max_batch:
+            if self._filling is None:
+                self._filling = self._next_request()
+                if self._filling is None:
+                    return
+            active = self._filling
+            try:
+                done = self._prefill(active, row=len(self.rows))
+            except Exception as error:  # one bad request must not stop the server
+                log.exception("prefill failed")
+                self.counters["errors"] += 1
+                self._filling = None
+                active.request.emit(Event(f"prefill failed: {error}", finish_reason="error"))
+                continue
+            if not done:
+                return
+            self._filling = None
+            if not active.done:  # it may have finished on its first token
+                self.rows.append(active)
+
+    def _next_request(self) -> _Active | None:
+        while True:
             with self._wake:
                 if not self._waiting:
-                    return
+                    return None
                 request = self._waiting.popleft()
             if request.cancelled:
                 self.counters["cancelled"] += 1
                 request.emit(Event("", finish_reason="cancelled"))
-                continue
-            if self._expired(request):
+            elif self._expired(request):
                 self.counters["timed_out"] += 1
                 request.emit(Event("", finish_reason="timeout"))
-                continue
-            active = _Active(
-                request, vocab_size=self.vocab_size, tokenizer=self.tokenizer, device=self.device
-            )
-            try:
-                self._prefill(active, row=len(self.rows))
-            except Exception as error:  # one bad request must not stop the server
-                log.exception("prefill failed")
-                self.counters["errors"] += 1
-                request.emit(Event(f"prefill failed: {error}", finish_reason="error"))
-                continue
-            self.rows.append(active)
+            else:
+                return _Active(
+                    request,
+                    vocab_size=self.vocab_size,
+                    tokenizer=self.tokenizer,
+                    device=self.device,
+                )
 
-    def _prefill(self, active: _Active, *, row: int) -> None:
-        """Compute the prompt into cache row `row`, or copy it from the row just prefilled
-        with the same prompt (the n choices of one request share one prefill)."""
+    def _prefill(self, active: _Active, *, row: int) -> bool:
+        """Compute the next chunk of the prompt into cache row `row` (or copy the whole
+        prompt from the row just prefilled with it: the n choices of one request share a
+        prefill). True when the prompt is in and its first token taken."""
         ids = active.request.prompt_ids
         shared = self._shared
-        if shared is not None and shared[0] is ids:
-            _, source, last, prompt_logprobs = shared
+        if active.position == 0 and shared is not None and shared[0] is ids:
+            _, source, last, active.prompt_logprobs = shared
             self.cache.k[:, row, :, : len(ids)] = self.cache.k[:, source, :, : len(ids)]
             self.cache.v[:, row, :, : len(ids)] = self.cache.v[:, source, :, : len(ids)]
+            active.position = len(ids)
         else:
-            tokens = torch.tensor([ids], device=self.device)  # (1, T)
-            positions = torch.arange(len(ids), device=self.device)[None]  # (1, T)
+            start, end = active.position, min(len(ids), active.position + self.prefill_chunk)
+            tokens = torch.tensor([ids[start:end]], device=self.device)  # (1, T)
+            positions = torch.arange(start, end, device=self.device)[None]  # (1, T)
             with torch.inference_mode():
-                logits = self.model(tokens, positions, _RowView(self.cache, row))[
-                    0
-                ].float()  # (T, V)
-            self.counters["prompt_tokens"] += len(ids)
-            prompt_logprobs = None
+                logits = self.model(tokens, positions, _RowView(self.cache, row))[0]  # (T, V)
+            logits = logits.float()
+            self.counters["prompt_tokens"] += end - start
+            active.position = end
             if active.request.prompt_logprobs:
-                lp = torch.log_softmax(logits[:-1], dim=-1)  # (T-1, V): each predicts the next id
-                picked = lp.gather(1, torch.tensor(ids[1:], device=self.device)[:, None])[:, 0]
-                prompt_logprobs = [None, *picked.tolist()]
+                targets = torch.tensor(ids[start + 1 : end + 1], device=self.device)  # next ids
+                lp = torch.log_softmax(logits[: len(targets)], dim=-1)  # (T or T-1, V)
+                active.prompt_logprobs += lp.gather(1, targets[:, None])[:, 0].tolist()
+            if end < len(ids):
+                return False
             last = logits[-1]
-            self._shared = (ids, row, last, prompt_logprobs)
-        active.position = len(ids)
-        self._take(active, last, prompt_logprobs=prompt_logprobs)
+            self._shared = (ids, row, last, active.prompt_logprobs)
+        self._take(active, last, prompt_logprobs=active.prompt_logprobs)
+        return True
 
     def _decode(self) -> None:
         tokens = torch.tensor([[a.last_token] for a in self.rows], device=self.device)  # (B, 1)
@@ -347,7 +379,9 @@ class Scheduler:
         active.request.emit(event)
 
     def _retire(self) -> None:
-        """Drop finished, cancelled and timed-out rows; keep rows contiguous."""
+        """Drop finished, cancelled and timed-out rows; keep rows contiguous, with a
+        request still being prefilled right after them."""
+        filling_row = len(self.rows)
         for i in range(len(self.rows) - 1, -1, -1):
             active = self.rows[i]
             if not active.done and active.request.cancelled:
@@ -356,16 +390,27 @@ class Scheduler:
                 self._finish(active, "timeout", "")
             if active.done:
                 self._free(i)
+        filling = self._filling
+        if filling is not None and filling.request.cancelled:
+            self._finish(filling, "cancelled", "")
+            self._filling = None
+        elif filling is not None and self._expired(filling.request):
+            self._finish(filling, "timeout", "")
+            self._filling = None
+        elif filling is not None and filling_row != len(self.rows):
+            self._move(filling_row, len(self.rows), filling.position)
 
     def _free(self, row: int) -> None:
         last = len(self.rows) - 1
-        if row != last:  # move the last row into the hole (only the slots it has filled)
-            moved = self.rows[last]
-            n = moved.position
-            self.cache.k[:, row, :, :n] = self.cache.k[:, last, :, :n]
-            self.cache.v[:, row, :, :n] = self.cache.v[:, last, :, :n]
-            self.rows[row] = moved
+        if row != last:  # move the last row into the hole
+            self._move(last, row, self.rows[last].position)
+            self.rows[row] = self.rows[last]
         self.rows.pop()
+
+    def _move(self, source: int, target: int, n: int) -> None:
+        """Copy a cache row's first n slots (the ones it has filled) to another row."""
+        self.cache.k[:, target, :, :n] = self.cache.k[:, source, :, :n]
+        self.cache.v[:, target, :, :n] = self.cache.v[:, source, :, :n]
 
     @staticmethod
     def _expired(request: Request) -> bool:
