@@ -140,7 +140,7 @@ class Trainer:
         if config.activation_checkpointing:
             enable_activation_checkpointing(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        for p in self.params:
+        for p in model.parameters():
             # GPT-2's Conv1D weights arrive as transposed views; FSDP needs contiguous
             # parameters, and DDP's gradient buckets are laid out like them.
             p.data = p.data.contiguous()
