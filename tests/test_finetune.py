@@ -514,3 +514,16 @@ def test_a_fresh_run_does_not_discard_an_unfinished_one(
     _assert_one_line_error(capsys, f"the run 'again' fine-tunes {tiny}, not gpt2")
     assert cli(f"finetune {tiny} {corpus} --out again --resume".split()) == 0
     assert (pocketlm_home / "models/again/model.safetensors").is_file()
+
+
+def test_bf16_autocast_trains_close_to_fp32(tiny, corpus, tmp_path, pocketlm_home):
+    runs = {
+        p: finetune(job(tiny, corpus, p, tmp_path, steps=3, precision=p)) for p in ("fp32", "bf16")
+    }
+    losses = {
+        p: [json.loads(line)["loss"] for line in (r.run_dir / "metrics.jsonl").open()]
+        for p, r in runs.items()
+    }
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
+    assert losses["bf16"] != losses["fp32"]  # bf16 matmuls did run
+    assert all(t.dtype == torch.float32 for t in weights(pocketlm_home / "models/bf16").values())
