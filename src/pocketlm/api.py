@@ -260,15 +260,13 @@ def load(
     adapter: str | Path | None = None,
     context: int | None = None,
     quantize: str | None = None,
-    compile: bool = False,
     draft: str | Path | None = None,
 ) -> LM:
     """Load a model by name (`gpt2`, `smollm2-135m`, `org/repo`), local path or GGUF file;
     None loads the embedded default. `adapter`: a LoRA adapter folder to merge in.
     `context`: the context window in tokens (default: the model's, at most 4096).
-    `quantize="int8"`: int8 weight-only; `compile`: torch.compile the model; `draft`: a
-    smaller model of the same tokenizer for speculative decoding (see pocketlm.quant,
-    pocketlm.speculative)."""
+    `quantize="int8"`: int8 weight-only weights; `draft`: a smaller model of the same
+    tokenizer for speculative decoding (see pocketlm.quant, pocketlm.speculative)."""
     from pocketlm.weights.sources import resolve
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -286,10 +284,10 @@ def load(
     lm = LM(loaded, name=str(name) if name is not None else path.parent.name, context=context)
     if adapter is not None:
         lm.apply_adapter(adapter)
-    if quantize is not None or compile:
+    if quantize is not None:
         from pocketlm.quant import prepare
 
-        prepare(lm.model, quantize=quantize, compile=compile)
+        prepare(lm.model, quantize=quantize)
     if draft is not None:
         options = dict(dtype=dtype, device=device, offline=offline, context=context, quantize=quantize)
         lm.set_draft(load(draft, **options))

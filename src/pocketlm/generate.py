@@ -9,7 +9,8 @@ text pieces with stop sequences and a finish reason. Knows nothing of HTTP or te
 """
 
 import time
-from collections.abc import Iterable, Iterator, Sequence as Seq
+from collections.abc import Iterable, Iterator
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +39,9 @@ class Chunk:
     token: int | None = None
     logprob: float | None = None
     finish_reason: str | None = None  # "stop" (EOS or stop sequence) or "length"
-    top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # (id, logprob) alternatives
+    top_logprobs: list[tuple[int, float]] = field(
+        default_factory=list
+    )  # (id, logprob) alternatives
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Stats:
     prefilled_tokens: int = 0  # prompt tokens actually computed (the rest came from the cache)
     time_to_first_token: float = 0.0
     decode_seconds: float = 0.0
+    draft_proposed: int = 0  # speculative decoding: tokens the draft proposed
+    draft_accepted: int = 0  # ... and how many of them the target kept
 
     @property
     def tokens_per_second(self) -> float:
@@ -59,13 +64,20 @@ class Stats:
 class Sequence:
     """One sequence's KV cache and the token ids it holds."""
 
-    def __init__(self, model: nn.Module, *, max_seq_len: int | None = None, keep_fraction: float = 0.75) -> None:
+    def __init__(
+        self, model: nn.Module, *, max_seq_len: int | None = None, keep_fraction: float = 0.75
+    ) -> None:
         self.model = model
-        self.context_length = min(max_seq_len or model.config.context_length, model.config.context_length)
+        self.context_length = min(
+            max_seq_len or model.config.context_length, model.config.context_length
+        )
         # After the window fills, this many recent tokens are kept and re-prefilled.
         self.keep = max(1, int(self.context_length * keep_fraction))
         self.cache = make_cache(model, batch_size=1, max_seq_len=self.context_length)
         self.device = self.cache.k.device
+        # Preallocated inputs of a decode step: the token, and every position's index.
+        self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self._positions = torch.arange(self.context_length, device=self.device)[None]  # (1, S)
         self.tokens: list[int] = []
         self.rebuilds = 0  # how many times the window slid (for tests and stats)
 
@@ -89,21 +101,38 @@ class Sequence:
             self.tokens = []
             self.rebuilds += 1
             return self._forward(kept)
-        return self._forward([token])
+        self._token[0, 0] = token  # no tensor is allocated per decode step
+        return self._run(self._token, [token])[-1]
+
+    def extend(self, ids: Seq[int]) -> torch.Tensor:
+        """Append `ids` (they must fit in the window); return the logits after each (T, V).
+        A speculative verifier reads them all, then `truncate`s what it rejects."""
+        if len(self.tokens) + len(ids) > self.context_length:
+            raise ValueError(
+                f"{len(ids)} more tokens exceed the context length {self.context_length}"
+            )
+        return self._run(torch.tensor([list(ids)], device=self.device), list(ids))
+
+    def truncate(self, n: int) -> None:
+        """Forget all but the first `n` tokens (their cache slots are simply overwritten later)."""
+        del self.tokens[n:]
 
     @property
     def last_prefill_size(self) -> int:
         return self._last_size
 
     def _forward(self, new: list[int]) -> torch.Tensor:
+        return self._run(torch.tensor([new], device=self.device), new)[-1]
+
+    def _run(self, tokens: torch.Tensor, new: list[int]) -> torch.Tensor:
+        """Run `tokens` (1, T) at the next positions; the logits of every position (T, V)."""
         start = len(self.tokens)
-        tokens = torch.tensor([new], device=self.device)  # (1, T)
-        positions = torch.arange(start, start + len(new), device=self.device)[None]  # (1, T)
+        positions = self._positions[:, start : start + len(new)]  # (1, T), a view
         with torch.inference_mode():
             logits = self.model(tokens, positions, self.cache)
         self.tokens.extend(new)
         self._last_size = len(new)
-        return logits[0, -1].float()  # (V,)
+        return logits[0].float()  # (T, V)
 
 
 def _common_prefix(a: Seq[int], b: Seq[int]) -> int:
@@ -159,7 +188,9 @@ def generate_tokens(
         logits = seq.step(token)
 
 
-def stream_text(steps: Iterable[Step], tokenizer: Tokenizer, *, stop: Seq[str] = ()) -> Iterator[Chunk]:
+def stream_text(
+    steps: Iterable[Step], tokenizer: Tokenizer, *, stop: Seq[str] = ()
+) -> Iterator[Chunk]:
     """Text pieces from tokens: never broken UTF-8, stop strings matched across token
     boundaries and left out, end-of-text not shown. The last chunk has the finish reason."""
     decoder, matcher = tokenizer.stream_decoder(), StopMatcher(stop)
@@ -170,8 +201,12 @@ def stream_text(steps: Iterable[Step], tokenizer: Tokenizer, *, stop: Seq[str] =
             break
         text, stopped = matcher.feed(decoder.feed(step.token))
         if stopped:
-            yield Chunk(text, step.token, step.logprob, finish_reason="stop", top_logprobs=step.top_logprobs)
+            yield Chunk(
+                text, step.token, step.logprob, finish_reason="stop", top_logprobs=step.top_logprobs
+            )
             return
         yield Chunk(text, step.token, step.logprob, top_logprobs=step.top_logprobs)
     text, stopped = matcher.feed(decoder.flush())
-    yield Chunk(text if stopped else text + matcher.flush(), finish_reason="stop" if stopped else finish)
+    yield Chunk(
+        text if stopped else text + matcher.flush(), finish_reason="stop" if stopped else finish
+    )

@@ -20,7 +20,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="context window in tokens (default: the model's, at most 4096)")
     group.add_argument("--quantize", default=None, choices=["int8"],
                        help="int8: weight-only int8 (about 4x fewer bytes read per token than fp32)")
-    group.add_argument("--compile", action="store_true", help="torch.compile the model (slow first call)")
     group.add_argument("--draft", default=None, metavar="MODEL",
                        help="speculative decoding with MODEL (same tokenizer, smaller) drafting")
 
@@ -75,8 +74,7 @@ def load_model(name: str | None, args: argparse.Namespace):  # -> pocketlm.LM
 
     return load(
         name, dtype=args.dtype, device=args.device, offline=args.offline, context=args.ctx_size,
-        quantize=getattr(args, "quantize", None), compile=getattr(args, "compile", False),
-        draft=getattr(args, "draft", None),
+        quantize=getattr(args, "quantize", None), draft=getattr(args, "draft", None),
     )
 
 

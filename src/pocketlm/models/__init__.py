@@ -26,8 +26,12 @@ def build_config(config: dict[str, Any]) -> Any:
 
 
 def make_cache(
-    model: nn.Module, *, batch_size: int, max_seq_len: int | None = None,
-    dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+    model: nn.Module,
+    *,
+    batch_size: int,
+    max_seq_len: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> KVCache:
     """A KV cache shaped for `model` (defaults: its context length, dtype and device)."""
     c = model.config
@@ -35,9 +39,12 @@ def make_cache(
         return model.make_cache(batch_size=batch_size, max_seq_len=max_seq_len or c.context_length)
     weight = next(model.parameters())
     return KVCache(
-        n_layers=c.num_layers, batch_size=batch_size,
-        max_seq_len=max_seq_len or c.context_length, n_kv_heads=c.num_kv_heads,
-        head_dim=c.head_dim, dtype=dtype or _activation_dtype(weight.dtype),
+        n_layers=c.num_layers,
+        batch_size=batch_size,
+        max_seq_len=max_seq_len or c.context_length,
+        n_kv_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        dtype=dtype or _activation_dtype(weight.dtype),
         device=device or weight.device,
     )
 
@@ -47,4 +54,13 @@ def _activation_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype if weight_dtype.is_floating_point else torch.float32
 
 
-__all__ = ["ARCHITECTURES", "GPT2", "GPT2Config", "KVCache", "Llama", "LlamaConfig", "build_config", "make_cache"]
+__all__ = [
+    "ARCHITECTURES",
+    "GPT2",
+    "GPT2Config",
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
+    "build_config",
+    "make_cache",
+]

@@ -8,6 +8,7 @@ tokenizers or sampling: `forward(tokens, positions, cache) -> logits`.
 B = batch, T = time, C = channels (n_embd), H = heads, D = head dim (C / H).
 """
 
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -69,10 +70,14 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        q, k, v = (
+            t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)
+        )  # (B, H, T, D)
         y = attend(q, k, v, layer=self.layer, positions=positions, cache=cache)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
@@ -96,7 +101,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None
+    ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), positions, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -135,8 +142,8 @@ class GPT2(nn.Module):
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None
     ) -> torch.Tensor:
         """tokens, positions (B, T) -> logits (B, T, vocab)."""
-        for x in self.layer_outputs(tokens, positions, cache):
-            pass
+        # Only the last (final-normed) stream is kept: deque(maxlen=1) drops the others.
+        x = deque(self.layer_outputs(tokens, positions, cache), maxlen=1).pop()
         return self.lm_head(x)
 
     def init_buffers(self, device: torch.device | str) -> None:

@@ -7,6 +7,7 @@ sequence, a prefill into the cache, a one-token decode step and a ragged batch.
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pocketlm.models.cache import KVCache
 
@@ -43,8 +44,27 @@ def attend(
         # Only slots up to the furthest position hold anything this step can see.
         n_slots = int(positions.max()) + 1
         k, v = k[:, :, :n_slots], v[:, :, :n_slots]  # (B, Hkv, S, D)
+        if q.shape[0] == 1 and q.shape[2] == 1 and (window is None or n_slots <= window):
+            # One decode step: the only query is the newest position and sees every slot,
+            # so the mask would be all True; without one SDPA takes its fastest kernel.
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
         k_positions = torch.arange(n_slots, device=q.device).expand(q.shape[0], n_slots)
     mask = attention_mask(positions, k_positions, window=window)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1]
     )
+
+
+def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear that computes the given ones side by side (outputs concatenated), for
+    fusing projections that read the same input into one matmul at inference time.
+    Other layer types (a quantized linear) provide their own `concat`."""
+    if type(linears[0]) is not nn.Linear:
+        return type(linears[0]).concat(linears)
+    weight = torch.cat([lin.weight for lin in linears])
+    has_bias = linears[0].bias is not None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([lin.bias for lin in linears]), requires_grad=False)
+    return fused

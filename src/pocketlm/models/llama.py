@@ -10,6 +10,7 @@ B = batch, T = time, C = hidden_size, H = heads, K = key/value heads, D = head_d
 """
 
 import math
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -20,7 +21,7 @@ from torch import nn
 
 from pocketlm.errors import PocketLMError
 from pocketlm.models.cache import KVCache
-from pocketlm.models.layers import attend
+from pocketlm.models.layers import attend, concat_linears
 
 
 @dataclass
@@ -65,7 +66,9 @@ class LlamaConfig:
             if not self.use_sliding_window:
                 self.sliding_window = None
         if self.hidden_act != "silu":
-            raise PocketLMError(f"unsupported hidden_act {self.hidden_act!r} (pocketlm supports silu)")
+            raise PocketLMError(
+                f"unsupported hidden_act {self.hidden_act!r} (pocketlm supports silu)"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
@@ -93,7 +96,9 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
         return torch.where(medium, smoothed, scaled).float()
-    raise PocketLMError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+    raise PocketLMError(
+        f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)"
+    )
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +124,9 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = (
-            config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
         )
         self.window = config.sliding_window
         C, bias = config.hidden_size, config.attention_bias
@@ -127,17 +134,36 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+        self.qkv_proj: nn.Module | None = None  # set by `fuse()`
+
+    def fuse(self) -> None:
+        """Replace q/k/v_proj by one matmul (for inference: one weight read, one kernel
+        launch). The checkpoint names are gone afterwards, so training never fuses."""
+        if self.qkv_proj is not None:
+            return
+        self.qkv_proj = concat_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        cos, sin = rope  # (B, 1, T, D)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)
+        else:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = qkv.view(B, T, H + 2 * K, D)  # (B, T, H + 2K, D)
+        # Rotate q and k in one go: they sit side by side along the head axis.
+        cos, sin = rope  # (B, T, 1, D)
+        qk = qkv[:, :, : H + K]
+        qk = qk * cos + rotate_half(qk) * sin  # (B, T, H + K, D)
+        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H|K, T, D)
+        v = qkv[:, :, H + K :].transpose(1, 2)  # (B, K, T, D)
         y = attend(q, k, v, layer=self.layer, positions=positions, cache=cache, window=self.window)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
@@ -148,9 +174,20 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # set by `fuse()`
+
+    def fuse(self) -> None:
+        """Replace gate_proj and up_proj by one matmul (inference only, as Attention.fuse)."""
+        if self.gate_up_proj is not None:
+            return
+        self.gate_up_proj = concat_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -184,13 +221,21 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
+    def fuse(self) -> None:
+        """Fuse each layer's q/k/v and gate/up projections (for inference only)."""
+        for block in self.model.layers:
+            block.self_attn.fuse()
+            block.mlp.fuse()
+
     def init_buffers(self, device: torch.device | str) -> None:
         """Recompute the rotary frequencies (built on the meta device while loading)."""
         self.inv_freq = rope_inv_freq(self.config).to(device)
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
-        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
+        angles = torch.cat((angles, angles), dim=-1)[:, :, None]  # (B, T, 1, D)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def layer_outputs(
@@ -209,6 +254,6 @@ class Llama(nn.Module):
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None
     ) -> torch.Tensor:
         """tokens, positions (B, T) -> logits (B, T, vocab)."""
-        for x in self.layer_outputs(tokens, positions, cache):
-            pass
+        # Only the last (final-normed) stream is kept: deque(maxlen=1) drops the others.
+        x = deque(self.layer_outputs(tokens, positions, cache), maxlen=1).pop()
         return self.lm_head(x)

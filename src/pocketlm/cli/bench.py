@@ -1,0 +1,90 @@
+"""`pocketlm bench [MODEL]`: how fast pocketlm runs MODEL here, and how close it is to the
+memory-bandwidth bound (bandwidth / weight bytes read per token).
+
+Printing only; the measuring is `pocketlm.benchmark`. The comparison with transformers and
+llama.cpp on the same weights is benchmarks/peers.py in the source tree.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from pocketlm.cli import common
+from pocketlm.errors import PocketLMError
+
+MODES = {
+    "fp32": dict(dtype="fp32"),
+    "bf16": dict(dtype="bf16"),
+    "int8": dict(dtype="fp32", quantize="int8"),
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="measure decode/prefill speed and the memory-bandwidth bound",
+        description="Measure MODEL (default: the embedded SmolLM2-135M) at batch 1: decode "
+                    "tokens/s, prefill tokens/s, time to first token, peak memory, and the "
+                    "fraction of the bandwidth bound reached.",
+    )  # fmt: skip
+    parser.add_argument("model", nargs="?", default=None, help="model name, folder or .gguf file")
+    parser.add_argument(
+        "--modes", default="fp32,int8", help="comma-separated: fp32, bf16, int8 (default fp32,int8)"
+    )
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--json", default=None, metavar="FILE", help="also write the results as JSON"
+    )
+    parser.add_argument("--offline", action="store_true", help="never touch the network")
+    parser.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from pocketlm.api import load
+    from pocketlm.benchmark import measure, memory_bandwidth
+
+    common.setup_logging()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := [m for m in modes if m not in MODES]:
+        raise PocketLMError(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
+    for name, value in (
+        ("prompt", args.prompt_tokens),
+        ("new", args.new_tokens),
+        ("prefill", args.prefill_tokens),
+    ):
+        if value < 1:
+            raise PocketLMError(f"--{name}-tokens must be at least 1 (got {value})")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise PocketLMError(f"--threads must be at least 1 (got {args.threads})")
+        torch.set_num_threads(args.threads)
+    bandwidth = memory_bandwidth()
+    print(
+        f"read bandwidth {bandwidth:.1f} GB/s, {torch.get_num_threads()} threads", file=sys.stderr
+    )
+    results = []
+    for mode in modes:
+        lm = load(args.model, offline=args.offline, **MODES[mode])
+        m = measure(lm.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                    prefill_tokens=args.prefill_tokens)  # fmt: skip
+        bound = bandwidth * 1e9 / m.bytes_per_token
+        results.append({"model": lm.name, "mode": mode, **m.as_dict(), "bound_tok_s": bound})
+        print(
+            f"{lm.name} {mode:5} decode {m.decode_tok_s:6.1f} tok/s ({m.decode_tok_s / bound:4.0%} of the "
+            f"{bound:.0f} tok/s bound)  prefill {m.prefill_tok_s:6.0f} tok/s  TTFT {m.ttft_ms:5.0f} ms  "
+            f"peak RSS {m.peak_rss_mb:5.0f} MB"
+        )
+        del lm
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"bandwidth_gb_s": bandwidth, "results": results}, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0

@@ -1,0 +1,207 @@
+"""Weight-only int8 quantization and the inference preparation of a loaded model.
+
+`Int8Linear` keeps an nn.Linear's weight as int8 with one float scale per output channel
+(symmetric, absmax / 127) and computes in floating point: a decode step (a few rows)
+goes through `torch.ops.aten._weight_int8pack_mm`, which reads the int8 weight directly
+(a quarter of fp32's bytes, and decoding is bound by those bytes); a prefill (many rows)
+dequantizes to bf16 once and uses the bf16 matmul (AMX on recent x86), which is faster
+than the int8 kernel once the weight read is shared by many rows.
+
+GGUF files quantized as Q8_0 load straight into `Int8Linear`: each row's 32-weight
+blocks (int8 + an f16 scale) are rescaled to one scale per row a chunk of rows at a time,
+so the whole tensor never exists in float. Other GGUF types and HF checkpoints are loaded
+in fp32 and quantized here.
+
+`prepare` is the one entry point `pocketlm.load` uses: fuse projections, then quantize. Knows nothing of tokenizers, sampling or the command line.
+(gpt-fast `quantize.py` WeightOnlyInt8QuantHandler; ggml `block_q8_0`.)
+"""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocketlm.errors import PocketLMError
+
+log = logging.getLogger("pocketlm")
+
+QUANTIZATIONS = ("int8",)
+# Up to this many rows a matmul is a weight read (decode, a speculative verify); beyond
+# it the int8 kernel loses to dequantize-once + the bf16 matmul.
+_INT8_KERNEL_MAX_ROWS = 16
+_ROW_CHUNK = 4096  # rows rescaled at a time when converting Q8_0
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (weight_int8 * scales[:, None]).T + bias, the weight stored as int8."""
+
+    def __init__(
+        self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.contiguous())  # (N, K) int8
+        self.register_buffer("scales", scales.contiguous())  # (N,) float
+        self.register_buffer("bias", bias)  # (N,) or None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "Int8Linear":
+        weight, scales = quantize_per_channel(linear.weight)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        return cls(weight, scales, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # (M, K)
+        if rows.device.type == "cpu" and rows.shape[0] <= _INT8_KERNEL_MAX_ROWS:
+            # The CPU kernel's fast path wants bf16 activations (fp32 ones take a slow loop).
+            y = torch.ops.aten._weight_int8pack_mm(
+                rows.to(torch.bfloat16), self.weight, self.scales_bf16
+            )
+        else:
+            compute = torch.bfloat16 if rows.device.type == "cpu" else x.dtype
+            y = F.linear(rows.to(compute), self.weight.to(compute)).float() * self.scales
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    @classmethod
+    def concat(cls, linears: list["Int8Linear"]) -> "Int8Linear":
+        """One Int8Linear computing the given ones side by side (see models' concat_linears)."""
+        biases = [lin.bias for lin in linears]
+        bias = None if biases[0] is None else torch.cat(biases)
+        return cls(
+            torch.cat([lin.weight for lin in linears]),
+            torch.cat([lin.scales for lin in linears]),
+            bias,
+        )
+
+    @property
+    def scales_bf16(self) -> torch.Tensor:
+        if (
+            getattr(self, "_scales_bf16", None) is None
+            or self._scales_bf16.device != self.scales.device
+        ):
+            self._scales_bf16 = self.scales.to(torch.bfloat16)
+        return self._scales_bf16
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> int8 (N, K) and scales (N,) float32, symmetric absmax per row."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def q8_0_to_int8(raw: np.ndarray, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF Q8_0 bytes of an (N, K) matrix -> int8 (N, K) and per-row scales (N,).
+
+    A Q8_0 block is an f16 scale d then 32 int8 q (weight = d * q). The row scale is the
+    row's largest |d| * max|q| / 127; blocks at that scale keep their integers exactly and
+    the others are rounded onto the row's grid, chunk by chunk of rows."""
+    n, k = shape
+    if k % 32:
+        raise PocketLMError(f"a Q8_0 tensor of shape {shape} does not split into 32-weight blocks")
+    blocks = np.asarray(raw).reshape(n, k // 32, 34)
+    weight = torch.empty((n, k), dtype=torch.int8)
+    scales = torch.empty(n, dtype=torch.float32)
+    for start in range(0, n, _ROW_CHUNK):
+        chunk = torch.from_numpy(np.array(blocks[start : start + _ROW_CHUNK]))  # (R, B, 34) uint8
+        d = chunk[..., :2].contiguous().view(torch.float16).float()  # (R, B, 1)
+        q = chunk[..., 2:].contiguous().view(torch.int8)  # (R, B, 32)
+        amax = (q.abs().amax(dim=-1, keepdim=True).float() * d.abs()).amax(dim=1)  # (R, 1)
+        row_scale = amax.clamp(min=1e-12) / 127.0
+        ratio = d / row_scale[:, None]  # (R, B, 1): 1.0 for the blocks that set the scale
+        requant = torch.round(q.float() * ratio).clamp(-127, 127).to(torch.int8)
+        weight[start : start + len(chunk)] = requant.view(len(chunk), k)
+        scales[start : start + len(chunk)] = row_scale[:, 0]
+    return weight, scales
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear in `model` by an Int8Linear, in place. A head tied to the
+    embedding gets its own int8 copy; the embedding stays float (a lookup reads one row)."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, child_name, Int8Linear.from_float(child))
+    return model
+
+
+def fuse(model: nn.Module) -> nn.Module:
+    """Fuse projections that share an input (Llama q/k/v, gate/up) where the model can."""
+    if hasattr(model, "fuse"):
+        model.fuse()
+    return model
+
+
+def prepare(model: nn.Module, *, quantize: str | None = None) -> nn.Module:
+    """Make a loaded model ready for fast inference: fuse projections, then quantize."""
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise PocketLMError(
+            f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}"
+        )
+    fuse(model)
+    if quantize == "int8":
+        quantize_int8(model)
+    return model
+
+
+def load_gguf_int8(path: Path, *, device: torch.device | str = "cpu"):  # -> LoadedModel
+    """Load a GGUF with its Q8_0 matrices going straight to Int8Linear (never to float);
+    every other tensor is dequantized to fp32 as usual. Returns a fused LoadedModel."""
+    from pocketlm.tokenizer import Tokenizer
+    from pocketlm.weights.dequant import dequantize
+    from pocketlm.weights.gguf import gguf_raw_tensors, read_gguf
+    from pocketlm.weights.loader import LoadedModel, build_model
+
+    checkpoint = read_gguf(path)
+    raw = gguf_raw_tensors(checkpoint)
+    direct = {name for name, (kind, _, _) in raw.items()
+              if kind == "Q8_0" and name in _linear_weights(checkpoint.config)}  # fmt: skip
+
+    def tensors():
+        for name, (kind, data, shape) in raw.items():
+            if name in direct:
+                # Never read: an untouched torch.empty is not committed memory; replaced below.
+                yield name, torch.empty(shape, dtype=torch.float32)
+            else:
+                yield (
+                    name,
+                    dequantize(data, kind, shape=shape, dtype=torch.float32, tensor_name=name),
+                )
+
+    model = build_model(
+        checkpoint.config, tensors(), dtype=torch.float32, device=device, source=path
+    )
+    for name in direct:
+        module_name = name.removesuffix(".weight")
+        linear = model.get_submodule(module_name)
+        weight, scales = q8_0_to_int8(raw[name][1], raw[name][2])
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        parent, _, attr = module_name.rpartition(".")
+        setattr(
+            model.get_submodule(parent),
+            attr,
+            Int8Linear(weight.to(device), scales.to(device), bias),
+        )
+    quantize_int8(model)  # the rest (a tied head, matrices of other types)
+    fuse(model)
+    tokenizer = Tokenizer.from_gguf_metadata(checkpoint.metadata)
+    return LoadedModel(model, tokenizer, checkpoint.config, path, native=True)
+
+
+def _linear_weights(config: dict) -> set[str]:
+    """Parameter names of the nn.Linear weights of the model `config` describes."""
+    from pocketlm.models import ARCHITECTURES, build_config
+
+    with torch.device("meta"):
+        probe = ARCHITECTURES[config["model_type"]][1](build_config(config))
+    return {f"{name}.weight" for name, m in probe.named_modules() if type(m) is nn.Linear}

@@ -1,0 +1,326 @@
+"""Every fast path against its reference: the decode fast path (cache, unmasked one-query
+attention) against recomputing the whole sequence; fused projections against unfused;
+bf16 likewise; int8 weight-only against a float64 oracle of its own arithmetic, GGUF Q8_0
+loaded straight to int8 against gguf-py's dequantizer, and against fp32 on the real
+SmolLM2 (perplexity, greedy tokens); speculative decoding against the target alone
+(greedy: the same ids) and its acceptance rule against the target distribution.
+No timings are asserted anywhere."""
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import pocketlm
+from checkpoints import make_gpt2, make_llama
+from pocketlm.errors import PocketLMError
+from pocketlm.features import perplexity
+from pocketlm.generate import Sequence, Stats, generate_tokens
+from pocketlm.quant import Int8Linear, q8_0_to_int8, quantize_per_channel
+from pocketlm.sampling import SamplingParams
+from pocketlm.speculative import _verify, speculative_tokens
+from pocketlm.weights import loader
+from pocketlm.weights.gguf import read_gguf
+
+GREEDY = SamplingParams(temperature=0)
+PROMPT = [464, 3290, 373, 1043]  # "The dog was found"
+
+
+def greedy_ids(model, prompt, n, *, max_seq_len=None):
+    seq = Sequence(model, max_seq_len=max_seq_len)
+    return [s.token for s in generate_tokens(seq, prompt, params=GREEDY, max_tokens=n)]
+
+
+def recomputed_greedy_ids(model, prompt, n):
+    """The reference path: the whole sequence through the model, no cache, every step."""
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            tokens = torch.tensor([ids])
+            logits = model(tokens, torch.arange(len(ids))[None])
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    return make_gpt2(tmp_path_factory.mktemp("gpt2"), n_layer=2, n_embd=64, n_positions=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return make_llama(tmp_path_factory.mktemp("llama"), model_type="mistral", sliding_window=12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_llama"])
+def test_decode_fast_path_matches_recomputing_everything(which, dtype, request):
+    model = loader.load(request.getfixturevalue(which), dtype=dtype).model
+    assert greedy_ids(model, PROMPT, 24) == recomputed_greedy_ids(model, PROMPT, 24)
+
+
+def test_fused_llama_gives_the_same_logits_and_ids(tiny_llama):
+    plain, fused = loader.load(tiny_llama).model, loader.load(tiny_llama).model
+    fused.fuse()
+    assert fused.model.layers[0].self_attn.qkv_proj is not None
+    assert not hasattr(fused.model.layers[0].self_attn, "q_proj")
+    tokens = torch.tensor([PROMPT * 5])
+    positions = torch.arange(tokens.shape[1])[None]
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            fused(tokens, positions), plain(tokens, positions), rtol=1e-5, atol=1e-5
+        )
+    assert greedy_ids(fused, PROMPT, 40) == greedy_ids(plain, PROMPT, 40)
+
+
+# --- int8 ------------------------------------------------------------------------------
+
+
+def test_per_channel_quantization_error_is_at_most_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(48, 96) * torch.linspace(0.01, 3, 48)[:, None]  # rows of very different range
+    q, scales = quantize_per_channel(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    assert torch.all((w - q.float() * scales[:, None]).abs() <= scales[:, None] / 2 + 1e-7)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])  # decode (int8 kernel), verify, prefill (bf16 path)
+def test_int8_linear_matches_a_float64_oracle(rows):
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(96, 64)
+    int8 = Int8Linear.from_float(linear)
+    x = torch.randn(2, rows, 96)
+    dequantized = int8.weight.double() * int8.scales.double()[:, None]
+    want = x.double() @ dequantized.T + linear.bias.double()
+    got = int8(x)
+    assert got.shape == (2, rows, 64) and got.dtype == torch.float32
+    # bf16 activations and a bf16 result: a few 2^-9 relative roundings of the largest terms.
+    assert (got.double() - want).abs().max() < 2**-7 * want.abs().max()
+
+
+def q8_0_bytes(w: np.ndarray) -> np.ndarray:
+    return gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+
+
+def test_q8_0_to_int8_against_gguf_dequantize():
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((40, 128)) * rng.uniform(0.01, 2, (40, 1))).astype(np.float32)
+    w[3] = np.tile(np.linspace(-1, 1, 32, dtype=np.float32), 4)  # every block on one scale
+    raw = q8_0_bytes(w)
+    reference = torch.from_numpy(
+        gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0).astype(np.float32)
+    )
+    q, scales = q8_0_to_int8(raw, w.shape)
+    ours = q.float() * scales[:, None]
+    assert torch.all((ours - reference).abs() <= scales[:, None] / 2 + 1e-6)
+    torch.testing.assert_close(ours[3], reference[3], rtol=0, atol=1e-6)  # lossless there
+
+
+def write_q8_0_llama(path: Path, tokenizer_meta: dict, *, seed: int = 0) -> Path:
+    """A tiny random Llama GGUF, matrices in Q8_0 (norms and embedding F32), carrying
+    SmolLM2's tokenizer so pocketlm can load it as a whole model."""
+    rng = np.random.default_rng(seed)
+    C, F, L, H, K = 64, 160, 2, 4, 2
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {"block_count": L, "context_length": 128, "embedding_length": C,
+                       "feed_forward_length": F, "attention.head_count": H, "attention.head_count_kv": K,
+                       "rope.dimension_count": C // H}.items():  # fmt: skip
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.rope.freq_base", 10000.0)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_uint32("general.file_type", 7)  # MOSTLY_Q8_0
+    for key, value in tokenizer_meta.items():
+        if isinstance(value, list):
+            w.add_array(key, value)
+        elif isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        else:
+            w.add_string(key, value)
+    vocab = len(tokenizer_meta["tokenizer.ggml.tokens"])
+    w.add_tensor("token_embd.weight", (rng.standard_normal((vocab, C)) * 0.5).astype(np.float32))
+    w.add_tensor("output_norm.weight", np.ones(C, np.float32))
+    D = C // H
+    matrices = {"attn_q": (H * D, C), "attn_k": (K * D, C), "attn_v": (K * D, C), "attn_output": (C, C),
+                "ffn_gate": (F, C), "ffn_up": (F, C), "ffn_down": (C, F)}  # fmt: skip
+    for i in range(L):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(C, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(C, np.float32))
+        for name, shape in matrices.items():
+            data = (rng.standard_normal(shape) * 0.2).astype(np.float32)
+            w.add_tensor(
+                f"blk.{i}.{name}.weight", q8_0_bytes(data), raw_dtype=gguf.GGMLQuantizationType.Q8_0
+            )
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer_meta(smollm2_gguf):
+    meta = read_gguf(smollm2_gguf).metadata
+    return {k: v for k, v in meta.items() if k.startswith("tokenizer.ggml.")}
+
+
+def test_gguf_q8_0_loads_straight_to_int8(tmp_path, smollm2_tokenizer_meta):
+    path = write_q8_0_llama(tmp_path / "tiny-q8_0.gguf", smollm2_tokenizer_meta)
+    float_lm = pocketlm.load(path, device="cpu")  # Q8_0 dequantized to fp32 by the loader
+    int8_lm = pocketlm.load(path, device="cpu", quantize="int8")
+    attn = int8_lm.model.model.layers[1].self_attn
+    assert isinstance(attn.qkv_proj, Int8Linear) and isinstance(
+        int8_lm.model.model.layers[0].mlp.down_proj, Int8Linear
+    )
+    # The int8 weights are the Q8_0 weights on one scale per row (within half a step).
+    ref = float_lm.model.model.layers[1].self_attn
+    want = torch.cat([ref.q_proj.weight, ref.k_proj.weight, ref.v_proj.weight])
+    got = attn.qkv_proj.weight.float() * attn.qkv_proj.scales[:, None]
+    assert torch.all((got - want).abs() <= attn.qkv_proj.scales[:, None] / 2 + 1e-6)
+    ids = float_lm.tokenizer.encode("The harbour was quiet before the storm")
+    tokens, positions = torch.tensor([ids]), torch.arange(len(ids))[None]
+    with torch.inference_mode():
+        a, b = float_lm.model(tokens, positions), int8_lm.model(tokens, positions)
+    # Wiring mistakes (q/k/v order, rotary rows) would be ~100% off; rounding is a few %.
+    assert float((a - b).norm() / a.norm()) < 0.1
+
+
+# --- int8 on the real SmolLM2 ------------------------------------------------------------
+
+# Written for this test (so in no training set); about 200 tokens.
+HELD_OUT = (
+    "The ferry to the outer islands leaves at seven, although in winter it often waits for the "
+    "fog to lift. Most passengers are farmers carrying crates of eggs, a few teachers going back "
+    "to the school on the largest island, and now and then a visitor with a camera and the wrong "
+    "shoes. The captain, who has made the crossing for thirty years, says the sea is never the "
+    "same twice: in the morning it can be flat and grey like a sheet of metal, and by noon the "
+    "wind turns it white. When the boat reaches the harbour, children run down the pier to meet "
+    "it, and the postman loads his bicycle with letters and parcels. The island has one shop, "
+    "one church and a small library that opens on Tuesdays and Saturdays. In the evening the "
+    "lights of the mainland can be seen across the water, and the last boat back leaves at six."
+)
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "The three primary colors are"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair(smollm2_gguf):
+    return pocketlm.load(smollm2_gguf, device="cpu"), pocketlm.load(
+        smollm2_gguf, device="cpu", quantize="int8"
+    )
+
+
+def test_int8_perplexity_within_one_percent_of_fp32(smollm2_pair):
+    fp32, int8 = smollm2_pair
+    ids = fp32.tokenizer.encode(HELD_OUT)
+    assert len(ids) > 150
+    ppl_fp32 = perplexity(fp32.model, ids).perplexity
+    ppl_int8 = perplexity(int8.model, ids).perplexity
+    assert 1 < ppl_fp32 < 100  # a sane oracle: the real model reads English well
+    assert abs(ppl_int8 / ppl_fp32 - 1) < 0.01
+
+
+# --- speculative decoding -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt2_pair(tmp_path_factory):
+    """A 3-layer target and a 1-layer draft with the same (GPT-2) tokenizer; small windows
+    so generation runs past them and the sliding window comes into play."""
+    target = make_gpt2(tmp_path_factory.mktemp("target"), n_layer=2, n_embd=64, n_positions=40)
+    draft = make_gpt2(
+        tmp_path_factory.mktemp("draft"), n_layer=1, n_embd=32, n_positions=32, seed=1
+    )
+    return target, draft
+
+
+@pytest.mark.parametrize("lookahead", [1, 4])
+def test_speculative_greedy_is_the_target_alone(gpt2_pair, lookahead):
+    target, draft = (loader.load(p).model for p in gpt2_pair)
+    want = greedy_ids(target, PROMPT, 50)  # past both windows (40 and 32 tokens)
+    stats = Stats()
+    steps = speculative_tokens(Sequence(target), Sequence(draft), PROMPT, params=GREEDY, max_tokens=50,
+                               stats=stats, lookahead=lookahead)  # fmt: skip
+    assert [s.token for s in steps] == want
+    assert (
+        stats.new_tokens == 50
+        and stats.draft_proposed > 0
+        and stats.draft_accepted <= stats.draft_proposed
+    )
+
+
+def test_speculative_with_itself_as_draft_accepts_everything(gpt2_pair):
+    target = loader.load(gpt2_pair[0]).model
+    stats = Stats()
+    steps = list(speculative_tokens(Sequence(target), Sequence(target), PROMPT, params=GREEDY,
+                                    max_tokens=30, stats=stats))  # fmt: skip
+    assert [s.token for s in steps] == greedy_ids(target, PROMPT, 30)
+    assert stats.draft_accepted == stats.draft_proposed > 0
+    # Log-probabilities are the target's own, as without a draft.
+    plain = list(generate_tokens(Sequence(target), PROMPT, params=GREEDY, max_tokens=30))
+    np.testing.assert_allclose(
+        [s.logprob for s in steps], [s.logprob for s in plain], rtol=1e-4, atol=1e-4
+    )
+
+
+def test_api_draft_gives_the_same_completion_and_refuses_another_tokenizer(gpt2_pair, smollm2_gguf):
+    target, draft = gpt2_pair
+    want = pocketlm.load(target).generate("The dog", max_tokens=20, temperature=0)
+    got = pocketlm.load(target, draft=draft).generate("The dog", max_tokens=20, temperature=0)
+    assert got.tokens == want.tokens and got.text == want.text
+    assert got.stats.draft_proposed > 0
+    with pytest.raises(PocketLMError, match="does not share"):
+        pocketlm.load(target, draft=smollm2_gguf)
+
+
+def test_acceptance_rule_draws_from_the_target_distribution():
+    """Leviathan et al.'s rule, run 40,000 times on hand-built p and q over 5 tokens: the
+    tokens it outputs follow p (not q), within Monte Carlo error."""
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    q = torch.tensor([0.1, 0.1, 0.2, 0.3, 0.3])  # a poor draft
+    params = SamplingParams(temperature=1.0)
+    rng = torch.Generator().manual_seed(0)
+    n, counts = 40_000, torch.zeros(5)
+    proposals = torch.multinomial(q, n, replacement=True, generator=rng).tolist()
+    for x in proposals:
+        token, _ = _verify(p.log(), [q.log()], [x], 0, params=params, rng=rng)
+        counts[token] += 1
+    assert (counts / n - p).abs().max() < 0.01  # 4 standard errors at p = 0.5
+
+
+def test_speculative_sampling_with_a_seed_is_reproducible(gpt2_pair):
+    target, draft = (loader.load(p).model for p in gpt2_pair)
+    params = SamplingParams(temperature=0.8, top_k=50, seed=7)
+
+    def run():
+        steps = speculative_tokens(
+            Sequence(target), Sequence(draft), PROMPT, params=params, max_tokens=20
+        )
+        return [s.token for s in steps]
+
+    assert run() == run()
+
+
+def test_int8_greedy_agrees_with_fp32_except_at_near_ties(smollm2_pair):
+    """The first 32 greedy tokens of int8 and fp32 on the real SmolLM2, for fixed prompts.
+    Weight-only int8 moves logits by ~0.1, so the two may part where fp32's two best
+    tokens are that close; before such a near-tie they must agree token for token. (On
+    2026-11-24 one prompt of these three agreed for all 32 tokens; see the README.)"""
+    fp32, int8 = smollm2_pair
+    identical = 0
+    for prompt in PROMPTS:
+        ids = fp32.tokenizer.encode(prompt)
+        seq, want, margins = Sequence(fp32.model), [], []
+        logits = seq.prefill(ids)
+        for _ in range(32):
+            top2 = logits.topk(2).values
+            margins.append(float(top2[0] - top2[1]))
+            want.append(int(logits.argmax()))
+            logits = seq.step(want[-1])
+        got = greedy_ids(int8.model, ids, 32)
+        first_tie = next((i for i, m in enumerate(margins) if m < 0.25), 32)
+        assert got[:first_tie] == want[:first_tie], prompt
+        identical += got == want
+    assert identical >= 1
