@@ -75,15 +75,29 @@ def load_model(name: str | None, args: argparse.Namespace):  # -> pocketlm.LM
     return load(
         name, dtype=args.dtype, device=args.device, offline=args.offline, context=args.ctx_size,
         quantize=getattr(args, "quantize", None), draft=getattr(args, "draft", None),
+        adapter=getattr(args, "adapter", None),
     )
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (not the stream it was created with), so a
+    redirected or replaced stderr never receives writes meant for a closed one."""
+
+    @property
+    def stream(self):  # noqa: ANN201 - logging's own attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001
+        pass
 
 
 def setup_logging() -> None:
     """Library warnings (a truncated prompt...) go to stderr as one line each."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     logger = logging.getLogger("pocketlm")
-    if not logger.handlers:
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logging.addLevelName(logging.WARNING, "warning")

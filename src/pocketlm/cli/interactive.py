@@ -121,8 +121,6 @@ def run_interactive(
     harness = Harness.from_file(harness_file) if harness_file else None
     settings = settings_from_args(args)
     lm = common.load_model(model_name, args)
-    if getattr(args, "adapter", None):
-        lm.apply_adapter(args.adapter)
     if mode is None:
         mode = "chat" if lm.tokenizer.chat_template and shots is None else "completion"
     conversation = Conversation(lm, system=getattr(args, "system", None), harness=harness)

@@ -60,8 +60,6 @@ def main(args: argparse.Namespace) -> int:
 
     shots = few_shot_from_args(args)  # None without --examples; a bad file fails before loading
     lm = common.load_model(model_name, args)
-    if args.adapter:
-        lm.apply_adapter(args.adapter)
     options = dict(max_tokens=args.max_tokens, stop=[common.unescape(s) for s in args.stop],
                    truncate=not args.no_truncate, **common.sampling_kwargs(args))
     stream = shots.stream(lm, prompt, **options) if shots else lm.stream(prompt, **options)
