@@ -369,11 +369,19 @@ def main() -> int:
     now = datetime.now(timezone.utc)
     title = f"pocketlm vs peers, {now:%Y-%m-%d %H:%M} UTC, {machine()}, {args.threads} threads"
     print(f"{title}\nmeasured read bandwidth: {bandwidth:.1f} GB/s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"peers-{now:%Y%m%d-%H%M}"
     rows = []
     for model in args.models:
         rows += run_model(model, args, bandwidth)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"peers-{now:%Y%m%d-%H%M}"
+        write_results(stem, rows, args=args, title=title, bandwidth=bandwidth, now=now)  # after each model
+    print(f"\n{stem.with_suffix('.md').read_text()}\nwrote {stem}.json, .md and .png")
+    return 0
+
+
+def write_results(
+    stem: Path, rows: list[dict], *, args: argparse.Namespace, title: str, bandwidth: float, now: datetime
+) -> None:
     report = {"date": now.isoformat(), "machine": machine(), "threads": args.threads,
               "bandwidth_gb_s": bandwidth, "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens, "rows": rows}  # fmt: skip
@@ -381,8 +389,6 @@ def main() -> int:
     text = f"{title}\n\nmeasured read bandwidth {bandwidth:.1f} GB/s; x tf = ratio to transformers fp32\n\n{table(rows)}\n"
     _atomic_write(stem.with_suffix(".md"), text)
     chart(rows, stem.with_suffix(".png"), title)
-    print("\n" + text + f"\nwrote {stem}.json, .md and .png")
-    return 0
 
 
 def _atomic_write(file: Path, text: str) -> None:

@@ -18,7 +18,7 @@ from checkpoints import make_gpt2, make_llama
 from pocketlm.errors import PocketLMError
 from pocketlm.features import perplexity
 from pocketlm.generate import Sequence, Stats, generate_tokens
-from pocketlm.quant import Int8Linear, q8_0_to_int8, quantize_per_channel
+from pocketlm.quant import Int8Linear, q8_0_to_int8, quantize_int8, quantize_per_channel
 from pocketlm.sampling import SamplingParams
 from pocketlm.speculative import _verify, speculative_tokens
 from pocketlm.weights import loader
@@ -324,3 +324,39 @@ def test_int8_greedy_agrees_with_fp32_except_at_near_ties(smollm2_pair):
         assert got[:first_tie] == want[:first_tie], prompt
         identical += got == want
     assert identical >= 1
+
+
+# --- what the benchmark counts --------------------------------------------------------------
+
+
+def test_bytes_per_token_counts_each_weight_read_once(tiny_gpt2):
+    """By hand for GPT-2 (n_embd 64, 2 layers, vocab 50257, tied head): the head is the
+    token embedding read as a matrix; the position table is a lookup (one row)."""
+    from pocketlm.benchmark import bytes_per_token
+
+    C, L, V = 64, 2, 50257
+    per_block = (
+        (3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C) + (4 * C * C + C) + 4 * C
+    )  # attn, mlp, 2 LNs
+    fp32 = loader.load(tiny_gpt2).model
+    assert bytes_per_token(fp32) == 4 * (V * C + L * per_block + 2 * C)
+    int8 = quantize_int8(loader.load(tiny_gpt2).model)
+    matrices = V * C + L * 12 * C * C  # int8 bytes
+    scales = 4 * (V + L * (3 * C + C + 4 * C + C))  # one fp32 scale per output row
+    others = 4 * (L * (3 * C + C + 4 * C + C + 4 * C) + 2 * C)  # biases and LayerNorms
+    assert bytes_per_token(int8) == matrices + scales + others
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "--modes", "fp64"], "unknown mode 'fp64'"),
+        (["bench", "--new-tokens", "0"], "--new-tokens must be"),
+    ],
+)
+def test_bench_refuses_bad_options_in_one_line(argv, message, capsys):
+    from pocketlm.cli.main import main
+
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err

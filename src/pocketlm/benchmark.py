@@ -13,6 +13,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -111,6 +112,14 @@ def memory_bandwidth(*, megabytes: int = 512, repeats: int = 5) -> float:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size in MB (Linux reports KB, macOS bytes)."""
+    """This process's peak resident set size in MB. On Linux it is VmHWM: getrusage's
+    ru_maxrss also counts the parent's memory at fork time, so a benchmark child spawned
+    by a large parent would inherit the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
