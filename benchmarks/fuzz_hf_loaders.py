@@ -36,7 +36,6 @@ import signal
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +46,11 @@ import torch  # noqa: E402
 from fuzz_loaders import (  # noqa: E402 - shared with the GGUF fuzzer
     HOLE,
     MAX_RSS_GROWTH_MB,
-    CaseTimeout,
     Report,
     _limit_address_space,
     _max_rss_mb,
     _on_alarm,
+    classify,
 )
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -374,22 +373,7 @@ def _kind(error: PocketLMError) -> str:
 
 
 def run_case(case: Path, *, timeout: float) -> str:
-    signal.setitimer(signal.ITIMER_REAL, timeout)
-    try:
-        return load_and_generate(case)
-    except PocketLMError as e:
-        if "\n" in str(e):
-            return f"BUG multi-line message: {str(e)[:80]!r}"
-        return _kind(e)
-    except CaseTimeout:
-        return "BUG timeout"
-    except Exception as e:  # the point of fuzzing: anything else is a bug
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        return (
-            f"BUG {type(e).__name__} at {Path(where.filename).name}:{where.lineno}: {str(e)[:80]}"
-        )
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+    return classify(lambda: load_and_generate(case), timeout=timeout)
 
 
 def fuzz(*, cases: int, seed: int = 0, folder: Path, timeout: float = 5.0) -> Report:

@@ -26,6 +26,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -261,12 +262,22 @@ def write_case(path: Path, data: bytes, size: int) -> None:
 def run_case(path: Path, data: bytes, *, size: int, timeout: float) -> str:
     """Load `data` as a GGUF file the way pocketlm does; the outcome's kind."""
     write_case(path, data, size)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
-    try:
+
+    def load() -> str:
         ckpt = read_gguf(path)
         gguf_state_dict(ckpt)
         gguf_raw_tensors(ckpt)
         return "ok"
+
+    return classify(load, timeout=timeout)
+
+
+def classify(action: Callable[[], str], *, timeout: float) -> str:
+    """Run one case under a timer: its result, our one-line error's kind, or a BUG line
+    for anything else (another exception, a multi-line message, a hang)."""
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        return action()
     except PocketLMError as e:
         if "\n" in str(e):
             return f"BUG multi-line message: {str(e)[:80]!r}"
