@@ -374,13 +374,21 @@ def main() -> int:
     rows = []
     for model in args.models:
         rows += run_model(model, args, bandwidth)
-        write_results(stem, rows, args=args, title=title, bandwidth=bandwidth, now=now)  # after each model
+        write_results(
+            stem, rows, args=args, title=title, bandwidth=bandwidth, now=now
+        )  # after each model
     print(f"\n{stem.with_suffix('.md').read_text()}\nwrote {stem}.json, .md and .png")
     return 0
 
 
 def write_results(
-    stem: Path, rows: list[dict], *, args: argparse.Namespace, title: str, bandwidth: float, now: datetime
+    stem: Path,
+    rows: list[dict],
+    *,
+    args: argparse.Namespace,
+    title: str,
+    bandwidth: float,
+    now: datetime,
 ) -> None:
     report = {"date": now.isoformat(), "machine": machine(), "threads": args.threads,
               "bandwidth_gb_s": bandwidth, "prompt_tokens": args.prompt_tokens,
