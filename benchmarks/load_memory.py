@@ -31,17 +31,30 @@ def make_checkpoint(folder: Path, shape: str) -> None:
     c = dict(vocab_size=50257, n_positions=1024, model_type="gpt2", **SHAPES[shape])
     folder.mkdir(parents=True, exist_ok=True)
     C, L = c["n_embd"], c["n_layer"]
-    shapes = {"transformer.wte.weight": (50257, C), "transformer.wpe.weight": (1024, C),
-              "transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,)}
+    shapes = {
+        "transformer.wte.weight": (50257, C),
+        "transformer.wpe.weight": (1024, C),
+        "transformer.ln_f.weight": (C,),
+        "transformer.ln_f.bias": (C,),
+    }
     for i in range(L):
         p = f"transformer.h.{i}."
-        shapes.update({
-            p + "ln_1.weight": (C,), p + "ln_1.bias": (C,), p + "ln_2.weight": (C,), p + "ln_2.bias": (C,),
-            p + "attn.c_attn.weight": (C, 3 * C), p + "attn.c_attn.bias": (3 * C,),
-            p + "attn.c_proj.weight": (C, C), p + "attn.c_proj.bias": (C,),
-            p + "mlp.c_fc.weight": (C, 4 * C), p + "mlp.c_fc.bias": (4 * C,),
-            p + "mlp.c_proj.weight": (4 * C, C), p + "mlp.c_proj.bias": (C,),
-        })
+        shapes.update(
+            {
+                p + "ln_1.weight": (C,),
+                p + "ln_1.bias": (C,),
+                p + "ln_2.weight": (C,),
+                p + "ln_2.bias": (C,),
+                p + "attn.c_attn.weight": (C, 3 * C),
+                p + "attn.c_attn.bias": (3 * C,),
+                p + "attn.c_proj.weight": (C, C),
+                p + "attn.c_proj.bias": (C,),
+                p + "mlp.c_fc.weight": (C, 4 * C),
+                p + "mlp.c_fc.bias": (4 * C,),
+                p + "mlp.c_proj.weight": (4 * C, C),
+                p + "mlp.c_proj.bias": (C,),
+            }
+        )
     tensors = {k: torch.randn(s) * 0.02 for k, s in shapes.items()}
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(c))
@@ -61,9 +74,14 @@ def measure(folder: Path, dtype: str) -> dict:
     with torch.inference_mode():
         model(torch.tensor([[464, 3290]]), torch.tensor([[0, 1]]))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"dtype": dtype, "params": sum(p.numel() for p in model.parameters()),
-            "weights_gb": weight_bytes / 1e9, "load_rss_gb": after_load / 1e9,
-            "peak_rss_gb": peak / 1e9, "ratio": peak / weight_bytes}
+    return {
+        "dtype": dtype,
+        "params": sum(p.numel() for p in model.parameters()),
+        "weights_gb": weight_bytes / 1e9,
+        "load_rss_gb": after_load / 1e9,
+        "peak_rss_gb": peak / 1e9,
+        "ratio": peak / weight_bytes,
+    }
 
 
 def main() -> None:
@@ -79,12 +97,27 @@ def main() -> None:
     if not (folder / "model.safetensors").is_file():
         make_checkpoint(folder, args.shape)
     for dtype in ("fp32", "bf16"):
-        out = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--dir", str(args.dir),
-                              "--measure", dtype], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--shape",
+                args.shape,
+                "--dir",
+                str(args.dir),
+                "--measure",
+                dtype,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"GPT-2 {args.shape} {r['dtype']}: {r['params'] / 1e9:.2f}B params, weights "
-              f"{r['weights_gb']:.2f} GB, peak RSS {r['load_rss_gb']:.2f} GB after loading, "
-              f"{r['peak_rss_gb']:.2f} GB after a forward pass = {r['ratio']:.2f}x the weights")
+        print(
+            f"GPT-2 {args.shape} {r['dtype']}: {r['params'] / 1e9:.2f}B params, weights "
+            f"{r['weights_gb']:.2f} GB, peak RSS {r['load_rss_gb']:.2f} GB after loading, "
+            f"{r['peak_rss_gb']:.2f} GB after a forward pass = {r['ratio']:.2f}x the weights"
+        )
 
 
 if __name__ == "__main__":

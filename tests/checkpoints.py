@@ -42,9 +42,15 @@ def make_llama(folder: Path, *, model_type: str = "llama", seed: int = 0, **conf
     }
     config_cls, model_cls = classes[model_type]
     defaults = dict(
-        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, vocab_size=50257,
-        bos_token_id=50256, eos_token_id=50256,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        vocab_size=50257,
+        bos_token_id=50256,
+        eos_token_id=50256,
     )
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**defaults, **config})).eval()

@@ -11,7 +11,18 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "pocketlm"
 
 # room -> pocketlm rooms it must never import
 FORBIDDEN = {
-    "models": {"weights", "tokenizer", "sampling", "generate", "features", "train", "serve", "cli", "api", "chat"},
+    "models": {
+        "weights",
+        "tokenizer",
+        "sampling",
+        "generate",
+        "features",
+        "train",
+        "serve",
+        "cli",
+        "api",
+        "chat",
+    },
     "weights": {"generate", "features", "train", "serve", "cli", "api", "chat", "sampling"},
     "sampling": {"models", "weights", "tokenizer", "generate", "serve", "cli", "api"},
     "tokenizer": {"models", "weights", "sampling", "generate", "serve", "cli", "api"},

@@ -27,8 +27,12 @@ def run(capsys, *argv):
 
 
 def test_run_prints_the_continuation_and_stats(capsys, tiny):
-    expected = pocketlm.load(tiny).generate("Alice was beginning to", max_tokens=10, temperature=0).text
-    code, out, err = run(capsys, "run", tiny, "Alice was beginning to", "-n", "10", "-t", "0", "--stats")
+    expected = (
+        pocketlm.load(tiny).generate("Alice was beginning to", max_tokens=10, temperature=0).text
+    )
+    code, out, err = run(
+        capsys, "run", tiny, "Alice was beginning to", "-n", "10", "-t", "0", "--stats"
+    )
     assert code == 0
     assert out == expected + "\n"
     assert "prompt tokens: 4" in err and "new tokens: 10" in err and "tokens/s" in err
@@ -37,8 +41,12 @@ def test_run_prints_the_continuation_and_stats(capsys, tiny):
 def test_prompt_from_stdin_in_a_real_process(tiny):
     expected = pocketlm.load(tiny).generate("Hello from a pipe\n", max_tokens=6, temperature=0).text
     result = subprocess.run(
-        [POCKETLM, "run", tiny, "-n", "6", "-t", "0"], input="Hello from a pipe\n",
-        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [POCKETLM, "run", tiny, "-n", "6", "-t", "0"],
+        input="Hello from a pipe\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
@@ -67,7 +75,9 @@ def test_missing_weights_in_a_real_process(tmp_path):
     folder = tmp_path / "noweights"
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "gpt2"}')
-    result = subprocess.run([POCKETLM, "run", str(folder), "Hi"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [POCKETLM, "run", str(folder), "Hi"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "has no model.safetensors" in result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1

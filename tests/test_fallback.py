@@ -18,8 +18,15 @@ def falcon(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("falcon")
     torch.manual_seed(0)
-    config = FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=50257,
-                          bos_token_id=50256, eos_token_id=50256, max_position_embeddings=128)
+    config = FalconConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=50257,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        max_position_embeddings=128,
+    )
     FalconForCausalLM(config).eval().save_pretrained(folder)
     gpt2_vocab_files(folder)
     return folder
@@ -32,9 +39,18 @@ def test_falcon_generates_what_transformers_generates(falcon):
     assert lm.native is False
     prompt = lm.tokenizer.encode("Falcons fly")
     with torch.no_grad():
-        expected = AutoModelForCausalLM.from_pretrained(falcon).eval().generate(
-            torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0,
-        )[0, len(prompt):].tolist()
+        expected = (
+            AutoModelForCausalLM.from_pretrained(falcon)
+            .eval()
+            .generate(
+                torch.tensor([prompt]),
+                max_new_tokens=20,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :]
+            .tolist()
+        )
     assert lm.generate(prompt, max_tokens=20, temperature=0).tokens == expected
     # A second call that extends the first reuses (and crops) transformers' cache correctly.
     longer = prompt + expected[:5]
@@ -47,5 +63,7 @@ def test_show_says_it_runs_through_transformers(falcon):
 
 def test_without_transformers_the_error_names_the_architecture(falcon, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
-    with pytest.raises(PocketLMError, match="no native module for architecture 'falcon'.*install transformers"):
+    with pytest.raises(
+        PocketLMError, match="no native module for architecture 'falcon'.*install transformers"
+    ):
         pocketlm.load(str(falcon))

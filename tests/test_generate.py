@@ -38,7 +38,10 @@ def test_generate_returns_text_finish_reason_and_usage(lm):
 def test_stream_pieces_join_to_generate_text(lm):
     pieces = list(lm.stream("Hello there", max_tokens=20, temperature=0))
     assert pieces[-1].finish_reason == "length"
-    assert "".join(p.text for p in pieces) == lm.generate("Hello there", max_tokens=20, temperature=0).text
+    assert (
+        "".join(p.text for p in pieces)
+        == lm.generate("Hello there", max_tokens=20, temperature=0).text
+    )
 
 
 def test_stop_sequence_spanning_token_boundaries(lm):
@@ -51,7 +54,9 @@ def test_stop_sequence_spanning_token_boundaries(lm):
     out = lm.generate("The dog", max_tokens=40, temperature=0, stop=[stop, "never-seen-string"])
     assert out.finish_reason == "stop"
     assert out.text == full.text[:cut]
-    streamed = "".join(c.text for c in lm.stream("The dog", max_tokens=40, temperature=0, stop=stop))
+    streamed = "".join(
+        c.text for c in lm.stream("The dog", max_tokens=40, temperature=0, stop=stop)
+    )
     assert streamed == full.text[:cut]
 
 
@@ -95,7 +100,7 @@ def test_generation_slides_past_the_context_window(tmp_path):
             if len(ids) - start > 32:
                 start = len(ids) - keep
             ids.append(int(theirs(torch.tensor([ids[start:]])).logits[0, -1].argmax()))
-    assert out.tokens == ids[len(prompt):]
+    assert out.tokens == ids[len(prompt) :]
 
 
 def test_long_prompt_is_truncated_from_the_left_with_a_warning(tmp_path, caplog):
@@ -142,13 +147,19 @@ def test_sharded_safetensors_and_weights_only_bin_load_the_same_model(tiny, tmp_
     assert (sharded / "model.safetensors.index.json").is_file()
     (sharded / "vocab.json").write_bytes((tiny / "vocab.json").read_bytes())
     (sharded / "merges.txt").write_bytes((tiny / "merges.txt").read_bytes())
-    assert pocketlm.load(str(sharded)).generate("Sharded", max_tokens=8, temperature=0).tokens == reference
+    assert (
+        pocketlm.load(str(sharded)).generate("Sharded", max_tokens=8, temperature=0).tokens
+        == reference
+    )
 
     binary = tmp_path / "bin"
     binary.mkdir()
     (binary / "config.json").write_bytes((tiny / "config.json").read_bytes())
     torch.save(load_file(tiny / "model.safetensors"), binary / "pytorch_model.bin")
-    assert pocketlm.load(str(binary)).generate("Sharded", max_tokens=8, temperature=0).tokens == reference
+    assert (
+        pocketlm.load(str(binary)).generate("Sharded", max_tokens=8, temperature=0).tokens
+        == reference
+    )
 
 
 class _Evil:
@@ -183,7 +194,9 @@ def test_checkpoint_errors_name_the_tensor(tiny, tmp_path):
     with pytest.raises(PocketLMError, match=r"missing tensor 'transformer\.h\.1\.mlp\.c_fc\.bias'"):
         pocketlm.load(folder_with("missing", missing))
     wrong = {**tensors, "transformer.h.0.attn.c_proj.weight": torch.zeros(64, 63)}
-    with pytest.raises(PocketLMError, match=r"'transformer\.h\.0\.attn\.c_proj\.weight' has shape \(63, 64\)"):
+    with pytest.raises(
+        PocketLMError, match=r"'transformer\.h\.0\.attn\.c_proj\.weight' has shape \(63, 64\)"
+    ):
         pocketlm.load(folder_with("shape", wrong))
     extra = {**tensors, "transformer.h.0.attn.rogue": torch.zeros(3)}
     with pytest.raises(PocketLMError, match="unexpected tensor 'transformer.h.0.attn.rogue'"):
@@ -202,6 +215,24 @@ def test_real_gpt2_greedy_golden_ids():
     lm = pocketlm.load("gpt2", offline=True)
     out = lm.generate("The dog", max_tokens=18, temperature=0)
     assert lm.tokenizer.encode("The dog") + out.tokens == [
-        464, 3290, 373, 1043, 287, 257, 2214, 1474, 262, 16246, 286, 2688,
-        290, 2688, 27262, 13, 198, 198, 464, 3290,
+        464,
+        3290,
+        373,
+        1043,
+        287,
+        257,
+        2214,
+        1474,
+        262,
+        16246,
+        286,
+        2688,
+        290,
+        2688,
+        27262,
+        13,
+        198,
+        198,
+        464,
+        3290,
     ]

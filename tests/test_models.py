@@ -19,10 +19,20 @@ GPT2_CONFIGS = {
 LLAMA_CONFIGS = {
     "llama-gqa": dict(model_type="llama"),
     "llama-mha-tied": dict(model_type="llama", num_key_value_heads=4, tie_word_embeddings=True),
-    "llama3-rope": dict(model_type="llama", rope_theta=500000.0, rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=32)),
-    "llama-linear-rope": dict(model_type="llama", rope_scaling=dict(rope_type="linear", factor=2.0)),
+    "llama3-rope": dict(
+        model_type="llama",
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=32,
+        ),
+    ),
+    "llama-linear-rope": dict(
+        model_type="llama", rope_scaling=dict(rope_type="linear", factor=2.0)
+    ),
     "mistral-window": dict(model_type="mistral", sliding_window=8),
     "qwen2-bias": dict(model_type="qwen2", num_key_value_heads=1),
 }
@@ -88,9 +98,12 @@ def test_64_greedy_tokens_identical_to_transformers_generate(pair):
     prompt = [464, 3290, 318, 257]
     with torch.no_grad():
         expected = theirs.generate(
-            torch.tensor([prompt]), max_new_tokens=64, do_sample=False,
-            eos_token_id=None, pad_token_id=0,
-        )[0, len(prompt):].tolist()
+            torch.tensor([prompt]),
+            max_new_tokens=64,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
     steps = generate_tokens(
         Sequence(ours), prompt, params=SamplingParams(temperature=0.0), max_tokens=64
     )
@@ -104,7 +117,9 @@ def test_cache_and_no_cache_give_identical_greedy_ids(pair):
         for _ in range(24):
             logits = ours(torch.tensor([ids]), _positions(len(ids)))
             ids.append(int(logits[0, -1].argmax()))
-    steps = generate_tokens(Sequence(ours), ids[:2], params=SamplingParams(temperature=0.0), max_tokens=24)
+    steps = generate_tokens(
+        Sequence(ours), ids[:2], params=SamplingParams(temperature=0.0), max_tokens=24
+    )
     assert [s.token for s in steps] == ids[2:]
 
 

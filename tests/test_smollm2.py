@@ -42,9 +42,13 @@ def test_32_greedy_tokens_identical_to_transformers(ours, theirs, prompt):
         # An explicit mask: else transformers masks every id equal to pad_token_id, and
         # SmolLM2's pad id (2) is <|im_end|>, which chat prompts contain.
         expected = theirs.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=2,
-        )[0, len(ids):].tolist()
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=2,
+        )[0, len(ids) :].tolist()
     got = ours.generate(ids, max_tokens=32, temperature=0).tokens
     # Ours stops at an end-of-turn token; compare up to there.
     assert got == expected[: len(got)]

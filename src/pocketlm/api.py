@@ -21,8 +21,14 @@ from pocketlm.weights import loader
 
 log = logging.getLogger("pocketlm")
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 @dataclass
@@ -53,7 +59,9 @@ DEFAULT_CONTEXT = 4096  # tokens of KV cache unless `context=` asks for more
 class LM:
     """A loaded model with its tokenizer, ready to generate."""
 
-    def __init__(self, loaded: loader.LoadedModel, *, name: str, context: int | None = None) -> None:
+    def __init__(
+        self, loaded: loader.LoadedModel, *, name: str, context: int | None = None
+    ) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
@@ -101,7 +109,9 @@ class LM:
             self._sequence = Sequence(self.model, max_seq_len=self.context_length)
         return self._sequence
 
-    def encode_prompt(self, prompt: str | Seq[int], *, max_tokens: int, truncate: bool = True) -> list[int]:
+    def encode_prompt(
+        self, prompt: str | Seq[int], *, max_tokens: int, truncate: bool = True
+    ) -> list[int]:
         """Prompt ids, left-truncated (with a warning) to leave room in the window for at
         least one new token, or refused when `truncate` is False."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -114,8 +124,12 @@ class LM:
                     f"the prompt is {len(ids)} tokens but the context window is {self.context_length}; "
                     "shorten it or allow truncation"
                 )
-            log.warning("prompt is %d tokens; keeping the last %d (the context window is %d)",
-                        len(ids), room, self.context_length)
+            log.warning(
+                "prompt is %d tokens; keeping the last %d (the context window is %d)",
+                len(ids),
+                room,
+                self.context_length,
+            )
             ids = ids[-room:]
         return ids
 
@@ -143,8 +157,13 @@ class LM:
         ids = self.encode_prompt(prompt, max_tokens=max_tokens, truncate=truncate)
         self.last_stats = Stats()
         steps = (self._speculative if self.draft is not None else generate_tokens)(
-            self.sequence(), ids, params=params, max_tokens=max_tokens,
-            eos_ids=self.tokenizer.eos_ids, top_logprobs=top_logprobs, stats=self.last_stats,
+            self.sequence(),
+            ids,
+            params=params,
+            max_tokens=max_tokens,
+            eos_ids=self.tokenizer.eos_ids,
+            top_logprobs=top_logprobs,
+            stats=self.last_stats,
         )
         yield from stream_text(steps, self.tokenizer, stop=stops)
 
@@ -289,6 +308,8 @@ def load(
 
         prepare(lm.model, quantize=quantize)
     if draft is not None:
-        options = dict(dtype=dtype, device=device, offline=offline, context=context, quantize=quantize)
+        options = dict(
+            dtype=dtype, device=device, offline=offline, context=context, quantize=quantize
+        )
         lm.set_draft(load(draft, **options))
     return lm

@@ -13,41 +13,88 @@ from pocketlm.errors import PocketLMError
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype (default fp32)")
+    group.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="weight dtype (default fp32)",
+    )
     group.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    group.add_argument("--offline", action="store_true", help="never touch the network (also HF_HUB_OFFLINE=1)")
-    group.add_argument("--ctx-size", type=int, default=None, metavar="N",
-                       help="context window in tokens (default: the model's, at most 4096)")
-    group.add_argument("--quantize", default=None, choices=["int8"],
-                       help="int8: weight-only int8 (about 4x fewer bytes read per token than fp32)")
-    group.add_argument("--draft", default=None, metavar="MODEL",
-                       help="speculative decoding with MODEL (same tokenizer, smaller) drafting")
+    group.add_argument(
+        "--offline", action="store_true", help="never touch the network (also HF_HUB_OFFLINE=1)"
+    )
+    group.add_argument(
+        "--ctx-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="context window in tokens (default: the model's, at most 4096)",
+    )
+    group.add_argument(
+        "--quantize",
+        default=None,
+        choices=["int8"],
+        help="int8: weight-only int8 (about 4x fewer bytes read per token than fp32)",
+    )
+    group.add_argument(
+        "--draft",
+        default=None,
+        metavar="MODEL",
+        help="speculative decoding with MODEL (same tokenizer, smaller) drafting",
+    )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, temperature: float = 0.7) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("-n", "--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
-    group.add_argument("-t", "--temperature", type=float, default=temperature,
-                       help=f"0 is greedy (default {temperature})")
-    group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    group.add_argument(
+        "-n", "--max-tokens", type=int, default=128, help="new tokens at most (default 128)"
+    )
+    group.add_argument(
+        "-t",
+        "--temperature",
+        type=float,
+        default=temperature,
+        help=f"0 is greedy (default {temperature})",
+    )
+    group.add_argument(
+        "--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)"
+    )
     group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
-    group.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    group.add_argument(
+        "--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability"
+    )
     group.add_argument("--repetition-penalty", type=float, default=1.0)
     group.add_argument("--presence-penalty", type=float, default=0.0)
     group.add_argument("--frequency-penalty", type=float, default=0.0)
-    group.add_argument("--logit-bias", default=None, metavar="ID:BIAS[,ID:BIAS]",
-                       help="add BIAS to token ID's logit, e.g. 50256:-100")
-    group.add_argument("--seed", type=int, default=None, help="same seed + same input = same output")
-    group.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                       help="stop when TEXT appears (repeatable; \\n is a newline)")
+    group.add_argument(
+        "--logit-bias",
+        default=None,
+        metavar="ID:BIAS[,ID:BIAS]",
+        help="add BIAS to token ID's logit, e.g. 50256:-100",
+    )
+    group.add_argument(
+        "--seed", type=int, default=None, help="same seed + same input = same output"
+    )
+    group.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when TEXT appears (repeatable; \\n is a newline)",
+    )
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     """The sampling options as keyword arguments for `LM.generate` / `LM.stream`."""
     return dict(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, logit_bias=parse_logit_bias(args.logit_bias),
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        logit_bias=parse_logit_bias(args.logit_bias),
         seed=args.seed,
     )
 
@@ -73,8 +120,13 @@ def load_model(name: str | None, args: argparse.Namespace):  # -> pocketlm.LM
     from pocketlm.api import load
 
     return load(
-        name, dtype=args.dtype, device=args.device, offline=args.offline, context=args.ctx_size,
-        quantize=getattr(args, "quantize", None), draft=getattr(args, "draft", None),
+        name,
+        dtype=args.dtype,
+        device=args.device,
+        offline=args.offline,
+        context=args.ctx_size,
+        quantize=getattr(args, "quantize", None),
+        draft=getattr(args, "draft", None),
         adapter=getattr(args, "adapter", None),
     )
 

@@ -13,22 +13,44 @@ from pocketlm.errors import PocketLMError
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "run", help="generate text from a prompt (streams as it goes)",
+        "run",
+        help="generate text from a prompt (streams as it goes)",
         description="Continue PROMPT with MODEL (default: the embedded SmolLM2-135M). "
-                    "The prompt may also come from stdin.",
+        "The prompt may also come from stdin.",
     )
-    parser.add_argument("words", nargs="*", metavar="[MODEL] [PROMPT]", help="model name or path, then the prompt")
+    parser.add_argument(
+        "words", nargs="*", metavar="[MODEL] [PROMPT]", help="model name or path, then the prompt"
+    )
     parser.add_argument("-m", "--model", default=None, help="model name, folder or .gguf file")
-    parser.add_argument("--adapter", default=None, metavar="PATH",
-                        help="a LoRA adapter folder (from `finetune --lora --adapter-only`) to apply")
-    parser.add_argument("--stats", action="store_true", help="print tokens, time to first token and tokens/s")
-    parser.add_argument("--no-truncate", action="store_true",
-                        help="refuse a prompt longer than the context window instead of cutting it")
-    parser.add_argument("--examples", default=None, metavar="FILE",
-                        help="few-shot: answer PROMPT in the pattern of the .jsonl/.yaml examples")
-    parser.add_argument("--template", default=None, metavar="TEXT",
-                        help="few-shot template with {input} and {output} (default 'Q: {input}\\nA: {output}')")
-    parser.add_argument("--show-probs", action="store_true", help="colour each token by its probability")
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        metavar="PATH",
+        help="a LoRA adapter folder (from `finetune --lora --adapter-only`) to apply",
+    )
+    parser.add_argument(
+        "--stats", action="store_true", help="print tokens, time to first token and tokens/s"
+    )
+    parser.add_argument(
+        "--no-truncate",
+        action="store_true",
+        help="refuse a prompt longer than the context window instead of cutting it",
+    )
+    parser.add_argument(
+        "--examples",
+        default=None,
+        metavar="FILE",
+        help="few-shot: answer PROMPT in the pattern of the .jsonl/.yaml examples",
+    )
+    parser.add_argument(
+        "--template",
+        default=None,
+        metavar="TEXT",
+        help="few-shot template with {input} and {output} (default 'Q: {input}\\nA: {output}')",
+    )
+    parser.add_argument(
+        "--show-probs", action="store_true", help="colour each token by its probability"
+    )
     common.add_model_options(parser)
     common.add_sampling_options(parser)
     parser.set_defaults(handler=main)
@@ -60,8 +82,12 @@ def main(args: argparse.Namespace) -> int:
 
     shots = few_shot_from_args(args)  # None without --examples; a bad file fails before loading
     lm = common.load_model(model_name, args)
-    options = dict(max_tokens=args.max_tokens, stop=[common.unescape(s) for s in args.stop],
-                   truncate=not args.no_truncate, **common.sampling_kwargs(args))
+    options = dict(
+        max_tokens=args.max_tokens,
+        stop=[common.unescape(s) for s in args.stop],
+        truncate=not args.no_truncate,
+        **common.sampling_kwargs(args),
+    )
     stream = shots.stream(lm, prompt, **options) if shots else lm.stream(prompt, **options)
     for chunk in stream:
         sys.stdout.write(paint(chunk) if args.show_probs else chunk.text)
