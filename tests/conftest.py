@@ -6,9 +6,15 @@ each time). `POCKETLM_TEST_GGUF` points at another copy of the same file.
 """
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
+
+# A shell that starts a job in the background sets SIGINT to "ignore", and that is
+# inherited by this process and every process the tests start. The Ctrl-C tests need
+# Ctrl-C to work, so restore Python's own handler (children then get the default).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
