@@ -45,10 +45,8 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]  # the GGUF fuzze
 import torch  # noqa: E402
 from fuzz_loaders import (  # noqa: E402 - shared with the GGUF fuzzer
     HOLE,
-    MAX_RSS_GROWTH_MB,
     Report,
     _limit_address_space,
-    _max_rss_mb,
     _on_alarm,
     classify,
 )
@@ -387,7 +385,7 @@ def fuzz(*, cases: int, seed: int = 0, folder: Path, timeout: float = 5.0) -> Re
     # thread's spin-waits made each case ~10x slower.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    report, start, rss = Report(), time.perf_counter(), _max_rss_mb()
+    report, start = Report(), time.perf_counter()
     try:
         for i in range(cases):
             rng = random.Random(f"{seed}:{i}")
@@ -395,14 +393,7 @@ def fuzz(*, cases: int, seed: int = 0, folder: Path, timeout: float = 5.0) -> Re
             files, ops, hole = mutate(s, rng)
             began = time.perf_counter()
             outcome = run_case(write_case(folder, s, files, hole=hole), timeout=timeout)
-            report.slowest = max(report.slowest, (time.perf_counter() - began, i))
-            if _max_rss_mb() - rss > MAX_RSS_GROWTH_MB:
-                outcome, rss = f"BUG memory: peak RSS grew to {_max_rss_mb():.0f} MB", _max_rss_mb()
-            if outcome.startswith("BUG"):
-                report.failures.append(f"case {i} ({s.name}: {ops}): {outcome}")
-                outcome = re.split(r" at |:", outcome)[0]  # count bugs by exception type
-            report.outcomes[outcome] += 1
-            report.cases += 1
+            report.record(i, f"{s.name}: {ops}", outcome, seconds=time.perf_counter() - began)
     finally:
         signal.signal(signal.SIGALRM, previous)
         torch.set_num_threads(threads)

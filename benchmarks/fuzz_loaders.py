@@ -69,6 +69,19 @@ class Report:
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
     slowest: tuple[float, int] = (0.0, -1)  # (seconds, case)
+    rss_mb: float = field(default_factory=lambda: _max_rss_mb())  # peak RSS so far
+
+    def record(self, case: int, what: str, outcome: str, *, seconds: float) -> None:
+        """Count one case's outcome; a BUG (or peak RSS grown past the limit) is kept whole."""
+        self.slowest = max(self.slowest, (seconds, case))
+        if _max_rss_mb() - self.rss_mb > MAX_RSS_GROWTH_MB:
+            self.rss_mb = _max_rss_mb()
+            outcome = f"BUG memory: peak RSS grew to {self.rss_mb:.0f} MB"
+        if outcome.startswith("BUG"):
+            self.failures.append(f"case {case} ({what}): {outcome}")
+            outcome = re.split(r" at |:", outcome)[0]  # count bugs by exception type
+        self.outcomes[outcome] += 1
+        self.cases += 1
 
     def summary(self) -> str:
         bugs = sum(n for kind, n in self.outcomes.items() if kind.startswith("BUG"))
@@ -304,21 +317,14 @@ def fuzz(*, cases: int, seed: int = 0, folder: Path, timeout: float = 5.0) -> Re
     for s in seeds:  # the unmutated seeds must load
         assert run_case(folder / "case.gguf", s.data, size=len(s.data), timeout=timeout) == "ok"
     previous = signal.signal(signal.SIGALRM, _on_alarm)
-    report, start, rss = Report(), time.perf_counter(), _max_rss_mb()
+    report, start = Report(), time.perf_counter()
     try:
         for i in range(cases):
             rng = random.Random(f"{seed}:{i}")
             data, ops, size = mutate(rng.choice(seeds), rng)
             began = time.perf_counter()
             outcome = run_case(folder / "case.gguf", data, size=size, timeout=timeout)
-            report.slowest = max(report.slowest, (time.perf_counter() - began, i))
-            if _max_rss_mb() - rss > MAX_RSS_GROWTH_MB:
-                outcome, rss = f"BUG memory: peak RSS grew to {_max_rss_mb():.0f} MB", _max_rss_mb()
-            if outcome.startswith("BUG"):
-                report.failures.append(f"case {i} ({ops}): {outcome}")
-                outcome = re.split(r" at |:", outcome)[0]  # count bugs by exception type
-            report.outcomes[outcome] += 1
-            report.cases += 1
+            report.record(i, ops, outcome, seconds=time.perf_counter() - began)
     finally:
         signal.signal(signal.SIGALRM, previous)
     report.seconds = time.perf_counter() - start

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pocketlm.models import make_cache
-from pocketlm.sampling import SamplingParams, make_generator, process_logits, sample
+from pocketlm.sampling import SamplingParams, make_generator, process_logits, prompt_mask, sample
 from pocketlm.stopping import StopMatcher
 from pocketlm.tokenizer import Tokenizer
 
@@ -29,6 +29,16 @@ class Step:
     token: int
     logprob: float  # log-probability under the model (before sampling filters)
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, token: int, *, top_logprobs: int = 0) -> "Step":
+        """The step for `token` drawn from raw `logits` (V,), with the k best alternatives."""
+        logprobs = torch.log_softmax(logits, dim=-1)
+        step = cls(token, float(logprobs[token]))
+        if top_logprobs:
+            values, ids = logprobs.topk(top_logprobs)
+            step.top_logprobs = list(zip(ids.tolist(), values.tolist(), strict=True))
+        return step
 
 
 @dataclass
@@ -53,6 +63,15 @@ class Stats:
     decode_seconds: float = 0.0
     draft_proposed: int = 0  # speculative decoding: tokens the draft proposed
     draft_accepted: int = 0  # ... and how many of them the target kept
+
+    def record_token(self, started: float) -> None:
+        """Count one more generated token; `started` is when the prefill began."""
+        elapsed = time.perf_counter() - started
+        if self.new_tokens == 0:
+            self.time_to_first_token = elapsed  # the first token comes out of the prefill
+        else:
+            self.decode_seconds = elapsed - self.time_to_first_token
+        self.new_tokens += 1
 
     @property
     def tokens_per_second(self) -> float:
@@ -163,24 +182,12 @@ def generate_tokens(
     started = time.perf_counter()
     logits = seq.prefill(prompt_ids)
     stats.prefilled_tokens = seq.last_prefill_size
-    prompt_mask = None
-    if params.repetition_penalty != 1.0:  # HF and vLLM penalise prompt tokens too
-        prompt_mask = torch.zeros_like(counts, dtype=torch.bool)
-        prompt_mask[torch.tensor(list(prompt_ids), device=seq.device)] = True
+    seen_in_prompt = prompt_mask(params, prompt_ids, vocab_size=len(counts), device=seq.device)
     for i in range(max_tokens):
-        token_logprobs = torch.log_softmax(logits, dim=-1)
-        filtered = process_logits(logits, params, counts=counts, prompt_mask=prompt_mask)
+        filtered = process_logits(logits, params, counts=counts, prompt_mask=seen_in_prompt)
         token = int(sample(filtered, params, generator=generator))
-        step = Step(token, float(token_logprobs[token]))
-        if top_logprobs:
-            values, ids = token_logprobs.topk(top_logprobs)
-            step.top_logprobs = list(zip(ids.tolist(), values.tolist(), strict=True))
-        now = time.perf_counter()
-        if i == 0:
-            stats.time_to_first_token = now - started
-        else:
-            stats.decode_seconds = now - started - stats.time_to_first_token
-        stats.new_tokens = i + 1
+        step = Step.from_logits(logits, token, top_logprobs=top_logprobs)
+        stats.record_token(started)
         yield step
         if token in eos or i == max_tokens - 1:
             return

@@ -19,7 +19,7 @@ Semantics follow the references:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -274,6 +274,22 @@ def sample(
 def logprobs(logits: torch.Tensor) -> torch.Tensor:
     """Log-probabilities over the vocabulary (float32 log-softmax along the last dim)."""
     return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+
+
+def prompt_mask(
+    params: SamplingParams,
+    prompt_ids: Sequence[int],
+    *,
+    vocab_size: int,
+    device: torch.device | str,
+) -> torch.Tensor | None:
+    """The bool (V,) mask of prompt tokens that the repetition penalty treats as seen (HF
+    and vLLM penalise prompt tokens too); None when the penalty is off."""
+    if params.repetition_penalty == 1.0:
+        return None
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    mask[torch.tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
+    return mask
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:

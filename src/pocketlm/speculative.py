@@ -22,7 +22,13 @@ import torch
 
 from pocketlm.errors import PocketLMError
 from pocketlm.generate import Sequence, Stats, Step
-from pocketlm.sampling import SamplingParams, make_generator, process_logits, sample
+from pocketlm.sampling import (
+    SamplingParams,
+    make_generator,
+    process_logits,
+    prompt_mask,
+    sample,
+)
 from pocketlm.tokenizer import Tokenizer
 
 
@@ -44,10 +50,7 @@ def speculative_tokens(
     eos = frozenset(eos_ids)
     rng = make_generator(params.seed, target.device)
     counts = torch.zeros(target.model.config.vocab_size, device=target.device)
-    prompt_mask = None
-    if params.repetition_penalty != 1.0:
-        prompt_mask = torch.zeros_like(counts, dtype=torch.bool)
-        prompt_mask[torch.tensor(list(prompt_ids), device=target.device)] = True
+    seen_in_prompt = prompt_mask(params, prompt_ids, vocab_size=len(counts), device=target.device)
     started = time.perf_counter()
     first = target.prefill(prompt_ids)[None]  # (1, V): the first token's distribution
     stats.prefilled_tokens = target.last_prefill_size
@@ -58,7 +61,7 @@ def speculative_tokens(
         room = context - len(text) - 1  # leave a slot for the target's own token
         k = max(0, min(lookahead, max_tokens - stats.new_tokens - 1, room))
         proposals, q_rows = _propose(
-            draft, text, k, params=params, counts=counts, prompt_mask=prompt_mask, rng=rng
+            draft, text, k, params=params, counts=counts, prompt_mask=seen_in_prompt, rng=rng
         )
         if pending is None:
             rows = torch.cat([first, target.extend(proposals)]) if proposals else first
@@ -68,11 +71,11 @@ def speculative_tokens(
             rows = target.extend([pending, *proposals])  # (1 + k, V)
         stats.draft_proposed += len(proposals)
         for i, row in enumerate(rows):
-            filtered = process_logits(row, params, counts=counts, prompt_mask=prompt_mask)
+            filtered = process_logits(row, params, counts=counts, prompt_mask=seen_in_prompt)
             token, agreed = _verify(filtered, q_rows, proposals, i, params=params, rng=rng)
             stats.draft_accepted += agreed
-            step = _step(row, token, top_logprobs)
-            _time(stats, started)
+            step = Step.from_logits(row, token, top_logprobs=top_logprobs)
+            stats.record_token(started)
             yield step
             if token in eos or stats.new_tokens >= max_tokens:
                 return
@@ -137,24 +140,6 @@ def _verify(
     if float(residual.sum()) <= 0:  # p == q up to rounding: nothing to correct
         residual = p
     return int(torch.multinomial(residual, 1, generator=rng)), False
-
-
-def _step(logits: torch.Tensor, token: int, top_logprobs: int) -> Step:
-    logprobs = torch.log_softmax(logits, dim=-1)
-    step = Step(token, float(logprobs[token]))
-    if top_logprobs:
-        values, ids = logprobs.topk(top_logprobs)
-        step.top_logprobs = list(zip(ids.tolist(), values.tolist(), strict=True))
-    return step
-
-
-def _time(stats: Stats, started: float) -> None:
-    now = time.perf_counter()
-    if stats.new_tokens == 0:
-        stats.time_to_first_token = now - started
-    else:
-        stats.decode_seconds = now - started - stats.time_to_first_token
-    stats.new_tokens += 1
 
 
 def check_draft(target: Tokenizer, draft: Tokenizer, *, names: tuple[str, str]) -> None:

@@ -29,7 +29,13 @@ import torch
 from torch import nn
 
 from pocketlm.models import KVCache, make_cache
-from pocketlm.sampling import SamplingParams, make_generator, process_logits, sample
+from pocketlm.sampling import (
+    SamplingParams,
+    make_generator,
+    process_logits,
+    prompt_mask,
+    sample,
+)
 from pocketlm.stopping import StopMatcher
 from pocketlm.tokenizer import Tokenizer
 
@@ -95,10 +101,9 @@ class _Active:
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         self.generator = make_generator(seed, device)
         self.counts = torch.zeros(vocab_size, device=device)
-        self.prompt_mask = None
-        if params.repetition_penalty != 1.0:  # as generate_tokens: prompt tokens count as seen
-            self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            self.prompt_mask[torch.tensor(request.prompt_ids, device=device)] = True
+        self.prompt_mask = prompt_mask(
+            params, request.prompt_ids, vocab_size=vocab_size, device=device
+        )
         self.decoder = tokenizer.stream_decoder()
         self.matcher = StopMatcher(request.stop)
         self.eos_ids = tokenizer.eos_ids
