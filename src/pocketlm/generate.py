@@ -121,7 +121,7 @@ class Sequence:
             self.rebuilds += 1
             return self._forward(kept)
         self._token[0, 0] = token  # no tensor is allocated per decode step
-        return self._run(self._token, [token])[-1]
+        return self._run(self._token, [token], last_only=True)[-1]
 
     def extend(self, ids: Seq[int]) -> torch.Tensor:
         """Append `ids` (they must fit in the window); return the logits after each (T, V).
@@ -141,17 +141,20 @@ class Sequence:
         return self._last_size
 
     def _forward(self, new: list[int]) -> torch.Tensor:
-        return self._run(torch.tensor([new], device=self.device), new)[-1]
+        return self._run(torch.tensor([new], device=self.device), new, last_only=True)[-1]
 
-    def _run(self, tokens: torch.Tensor, new: list[int]) -> torch.Tensor:
-        """Run `tokens` (1, T) at the next positions; the logits of every position (T, V)."""
+    def _run(
+        self, tokens: torch.Tensor, new: list[int], *, last_only: bool = False
+    ) -> torch.Tensor:
+        """Run `tokens` (1, T) at the next positions; the logits of every position (T, V),
+        or of the last one only (1, V)."""
         start = len(self.tokens)
         positions = self._positions[:, start : start + len(new)]  # (1, T), a view
         with torch.inference_mode():
-            logits = self.model(tokens, positions, self.cache)
+            logits = self.model(tokens, positions, self.cache, logits_to_keep=1 if last_only else 0)
         self.tokens.extend(new)
         self._last_size = len(new)
-        return logits[0].float()  # (T, V)
+        return logits[0].float()  # (T or 1, V)
 
 
 def _common_prefix(a: Seq[int], b: Seq[int]) -> int:

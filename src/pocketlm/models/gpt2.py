@@ -139,12 +139,19 @@ class GPT2(nn.Module):
         yield t.ln_f(x)
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """tokens, positions (B, T) -> logits (B, T, vocab)."""
+        """tokens, positions (B, T) -> logits (B, T, vocab), or (B, logits_to_keep, vocab)
+        for the last positions only (as HF's argument: a prefill needs just the last, and
+        the head is the largest matrix)."""
         # Only the last (final-normed) stream is kept: deque(maxlen=1) drops the others.
         x = deque(self.layer_outputs(tokens, positions, cache), maxlen=1).pop()
-        return self.lm_head(x)
+        return self.lm_head(x[:, -logits_to_keep:])  # (B, T or logits_to_keep, C)
 
     def init_buffers(self, device: torch.device | str) -> None:
         """GPT-2 has no computed buffers (the causal mask comes from positions)."""

@@ -251,9 +251,16 @@ class Llama(nn.Module):
         yield self.model.norm(x)
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """tokens, positions (B, T) -> logits (B, T, vocab)."""
+        """tokens, positions (B, T) -> logits (B, T, vocab), or (B, logits_to_keep, vocab)
+        for the last positions only (as HF's argument: a prefill needs just the last, and
+        the head is the largest matrix)."""
         # Only the last (final-normed) stream is kept: deque(maxlen=1) drops the others.
         x = deque(self.layer_outputs(tokens, positions, cache), maxlen=1).pop()
-        return self.lm_head(x)
+        return self.lm_head(x[:, -logits_to_keep:])  # (B, T or logits_to_keep, C)

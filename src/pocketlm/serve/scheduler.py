@@ -303,8 +303,12 @@ class Scheduler:
             start, end = active.position, min(len(ids), active.position + self.prefill_chunk)
             tokens = torch.tensor([ids[start:end]], device=self.device)  # (1, T)
             positions = torch.arange(start, end, device=self.device)[None]  # (1, T)
+            # Prompt logprobs need every position's logits; otherwise the last will do.
+            keep = 0 if active.request.prompt_logprobs else 1
             with torch.inference_mode():
-                logits = self.model(tokens, positions, _RowView(self.cache, row))[0]  # (T, V)
+                logits = self.model(
+                    tokens, positions, _RowView(self.cache, row), logits_to_keep=keep
+                )[0]  # (T or 1, V)
             logits = logits.float()
             self.counters["prompt_tokens"] += end - start
             active.position = end

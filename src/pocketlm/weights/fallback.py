@@ -60,17 +60,32 @@ class TransformersModel(nn.Module):
         return FallbackCache(max_seq_len, next(self.parameters()).device)
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: FallbackCache | None = None
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: FallbackCache | None = None,
+        *,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         if cache is None:
-            return self.hf(input_ids=tokens, position_ids=positions, use_cache=False).logits
+            out = self.hf(
+                input_ids=tokens,
+                position_ids=positions,
+                use_cache=False,
+                logits_to_keep=logits_to_keep,
+            )
+            return out.logits
         from transformers import DynamicCache
 
         cache.crop(int(positions[0, 0]))  # a rebuilt or rewound sequence drops later slots
         if cache.past is None:
             cache.past = DynamicCache()
         out = self.hf(
-            input_ids=tokens, position_ids=positions, past_key_values=cache.past, use_cache=True
+            input_ids=tokens,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_arg: cache.past},
+            logits_to_keep=logits_to_keep,
         )
         cache.past = out.past_key_values
         return out.logits
