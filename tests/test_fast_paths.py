@@ -21,6 +21,7 @@ from pocketlm.generate import Sequence, Stats, generate_tokens
 from pocketlm.quant import Int8Linear, q8_0_to_int8, quantize_int8, quantize_per_channel
 from pocketlm.sampling import SamplingParams
 from pocketlm.speculative import _verify, speculative_tokens
+from pocketlm.split import SplitLinear
 from pocketlm.weights import loader
 from pocketlm.weights.gguf import read_gguf
 
@@ -73,6 +74,45 @@ def test_fused_llama_gives_the_same_logits_and_ids(tiny_llama):
             fused(tokens, positions), plain(tokens, positions), rtol=1e-5, atol=1e-5
         )
     assert greedy_ids(fused, PROMPT, 40) == greedy_ids(plain, PROMPT, 40)
+
+
+# --- fp32 split between threads -------------------------------------------------------
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 5])  # a decode step, a prefill
+@pytest.mark.parametrize("bias", [True, False])
+def test_split_linear_matches_the_linear_it_replaces(blocks, rows, bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 101, bias=bias)  # 101 columns: the last block is padded
+    split = SplitLinear.from_linear(linear, blocks=blocks)
+    x = torch.randn(2, rows, 48)
+    with torch.inference_mode():
+        got, want = split(x), linear(x)
+    assert got.shape == want.shape == (2, rows, 101)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_llama"])
+def test_prepared_fp32_model_gives_the_same_logits_and_ids(which, request):
+    folder = request.getfixturevalue(which)
+    plain = loader.load(folder).model
+    lm = pocketlm.load(folder, device="cpu")  # fused and split across threads
+    linears = [m for m in lm.model.modules() if isinstance(m, SplitLinear)]
+    assert linears and not any(type(m) is torch.nn.Linear for m in lm.model.modules())
+    tokens = torch.tensor([PROMPT * 5])
+    positions = torch.arange(tokens.shape[1])[None]
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            lm.model(tokens, positions), plain(tokens, positions), rtol=1e-5, atol=1e-5
+        )
+    assert greedy_ids(lm.model, PROMPT, 40) == greedy_ids(plain, PROMPT, 40)
+
+
+def test_an_adapter_after_loading_is_refused_in_one_line(tiny_gpt2):
+    lm = pocketlm.load(tiny_gpt2, device="cpu")
+    with pytest.raises(PocketLMError, match="adapter=PATH"):
+        lm.apply_adapter(tiny_gpt2)
 
 
 # --- int8 ------------------------------------------------------------------------------
@@ -169,21 +209,22 @@ def smollm2_tokenizer_meta(smollm2_gguf):
 
 def test_gguf_q8_0_loads_straight_to_int8(tmp_path, smollm2_tokenizer_meta):
     path = write_q8_0_llama(tmp_path / "tiny-q8_0.gguf", smollm2_tokenizer_meta)
-    float_lm = pocketlm.load(path, device="cpu")  # Q8_0 dequantized to fp32 by the loader
+    # Q8_0 dequantized to fp32 by the loader, the checkpoint's layers as they are.
+    float_model = loader.load(path, dtype=torch.float32, device="cpu").model
     int8_lm = pocketlm.load(path, device="cpu", quantize="int8")
     attn = int8_lm.model.model.layers[1].self_attn
     assert isinstance(attn.qkv_proj, Int8Linear) and isinstance(
         int8_lm.model.model.layers[0].mlp.down_proj, Int8Linear
     )
     # The int8 weights are the Q8_0 weights on one scale per row (within half a step).
-    ref = float_lm.model.model.layers[1].self_attn
+    ref = float_model.model.layers[1].self_attn
     want = torch.cat([ref.q_proj.weight, ref.k_proj.weight, ref.v_proj.weight])
     got = attn.qkv_proj.weight.float() * attn.qkv_proj.scales[:, None]
     assert torch.all((got - want).abs() <= attn.qkv_proj.scales[:, None] / 2 + 1e-6)
-    ids = float_lm.tokenizer.encode("The harbour was quiet before the storm")
+    ids = int8_lm.tokenizer.encode("The harbour was quiet before the storm")
     tokens, positions = torch.tensor([ids]), torch.arange(len(ids))[None]
     with torch.inference_mode():
-        a, b = float_lm.model(tokens, positions), int8_lm.model(tokens, positions)
+        a, b = float_model(tokens, positions), int8_lm.model(tokens, positions)
     # Wiring mistakes (q/k/v order, rotary rows) would be ~100% off; rounding is a few %.
     assert float((a - b).norm() / a.norm()) < 0.1
 

@@ -85,6 +85,12 @@ class LM:
         """Merge a LoRA adapter (from `pocketlm finetune --lora --adapter-only`) into the weights."""
         from pocketlm.train.lora import load_adapter
 
+        if getattr(self.model, "prepared", False):
+            # Fused and re-laid-out layers no longer carry the checkpoint's names.
+            raise PocketLMError(
+                "an adapter is merged while loading: pocketlm.load(..., adapter=PATH)"
+            )
+
         load_adapter(self.model, Path(path), merge=True)
         self._sequence = None  # its cache was computed with the old weights
 
@@ -303,10 +309,9 @@ def load(
     lm = LM(loaded, name=str(name) if name is not None else path.parent.name, context=context)
     if adapter is not None:
         lm.apply_adapter(adapter)
-    if quantize is not None:
-        from pocketlm.quant import prepare
+    from pocketlm.quant import prepare
 
-        prepare(lm.model, quantize=quantize)
+    prepare(lm.model, quantize=quantize)
     if draft is not None:
         options = dict(
             dtype=dtype, device=device, offline=offline, context=context, quantize=quantize

@@ -93,8 +93,8 @@ def bytes_per_token(model: nn.Module) -> int:
         if id(tensor) in embeddings and id(tensor) not in heads:
             continue
         total += tensor.numel() * tensor.element_size()
-    # A head tied to the embedding and quantized separately is a buffer of its own (counted);
-    # an fp32 tied head shares the embedding's tensor (counted once above).
+    # A head tied to the embedding but quantized or split separately is a buffer of its own
+    # (counted); a tied head that shares the embedding's tensor is counted once above.
     return total
 
 

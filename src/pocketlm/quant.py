@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.errors import PocketLMError
+from pocketlm.split import split_linears
 
 log = logging.getLogger("pocketlm")
 
@@ -143,7 +144,8 @@ def fuse(model: nn.Module) -> nn.Module:
 
 
 def prepare(model: nn.Module, *, quantize: str | None = None) -> nn.Module:
-    """Make a loaded model ready for fast inference: fuse projections, then quantize."""
+    """Make a loaded model ready for fast inference: fuse projections, then quantize, or
+    in fp32 on a CPU split each matmul between the threads (pocketlm.split)."""
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise PocketLMError(
             f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}"
@@ -151,6 +153,8 @@ def prepare(model: nn.Module, *, quantize: str | None = None) -> nn.Module:
     fuse(model)
     if quantize == "int8":
         quantize_int8(model)
+    split_linears(model)  # what is still an fp32 nn.Linear on a CPU
+    model.prepared = True
     return model
 
 

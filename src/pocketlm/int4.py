@@ -1,0 +1,123 @@
+"""Weight-only int4 on the CPU: 4-bit codes in groups of 32 weights, each group with a
+scale and an offset, computed by PyTorch's int4 kernel (`_weight_int4pack_mm_for_cpu`).
+
+A weight is w = (q - 8) * scale + zero, q in 0..15, one (scale, zero) per 32 weights of a
+row: exactly the layout of the GGUF files the default model ships as (Q4_0: zero = 0;
+Q4_1, w = d * q + m: scale = d, zero = m + 8 d), so those load with their own 4-bit codes,
+never rounded again. A float checkpoint is quantized here (min/max per group). The
+kernel reads a quarter of bf16's bytes and wants bf16 activations: its fp32 path is
+two orders of magnitude slower, so rows are cast to bf16 and back, as for int8.
+
+Dimension letters: N = out features, K = in features, G = groups (K / 32), M = rows.
+Knows nothing of files or models beyond nn.Linear. (torchao `int4_weight_only`;
+ggml `block_q4_0`, `block_q4_1`.)
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocketlm.errors import PocketLMError
+
+GROUP = 32  # weights per scale: a GGUF Q4 block
+Q4_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}  # f16 d (+ f16 m) and 16 bytes of nibbles
+# Up to this many rows the int4 kernel (a weight read); beyond it dequantize + bf16 matmul.
+_KERNEL_MAX_ROWS = 16
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T + bias, W (N, K) stored as 4-bit codes with a bf16 scale and zero per
+    group of 32."""
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        if codes.device.type != "cpu":
+            raise PocketLMError("int4 runs on the CPU only; on a GPU use --quantize int8 or bf16")
+        # The kernel's own packing, which depends on the CPU's vector width: done at load.
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        self.register_buffer("packed", packed)  # (N, K/2) uint8
+        pairs = torch.stack([scales, zeros], dim=-1)  # (N, G, 2)
+        self.register_buffer("scales_zeros", pairs.transpose(0, 1).contiguous().bfloat16())
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "Int4Linear":
+        """Asymmetric per-group quantization: a group's min and max are codes 0 and 15."""
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        groups = w.view(n, k // GROUP, GROUP)  # (N, G, 32)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # (N, G)
+        scales = ((high - low) / 15).clamp(min=1e-12)
+        codes = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        return cls(codes.to(torch.uint8).view(n, k), scales, low + 8 * scales, bias)
+
+    @classmethod
+    def fits(cls, linear: nn.Module) -> bool:
+        return linear.in_features % GROUP == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
+        if rows.shape[0] <= _KERNEL_MAX_ROWS:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                rows, self.packed, GROUP, self.scales_zeros
+            )
+        else:
+            y = F.linear(rows, self.dequantized())
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """W (N, K) in bf16, through the kernel itself: the identity's rows times W.T."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            eye, self.packed, GROUP, self.scales_zeros
+        )  # (K, N)
+        return w_t.t()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP}"
+
+
+def q4_to_int4(
+    raw: np.ndarray, kind: str, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF Q4_0 / Q4_1 bytes of an (N, K) matrix -> codes (N, K) uint8, scales and zeros
+    (N, G) float32, with w = (q - 8) * scale + zero equal to the file's weights."""
+    n, k = shape
+    if k % GROUP:
+        raise PocketLMError(f"a {kind} tensor of shape {shape} does not split into 32-weight blocks")
+    blocks = torch.from_numpy(np.asarray(raw)).view(n, k // GROUP, Q4_BLOCK_BYTES[kind])
+    d = blocks[..., :2].contiguous().view(torch.float16).float()[..., 0]  # (N, G)
+    if kind == "Q4_0":  # w = d * (q - 8)
+        zeros, qs = torch.zeros_like(d), blocks[..., 2:]
+    else:  # w = d * q + m = d * (q - 8) + (m + 8 d)
+        m = blocks[..., 2:4].contiguous().view(torch.float16).float()[..., 0]
+        zeros, qs = m + 8 * d, blocks[..., 4:]
+    codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # (N, G, 32): low nibbles first
+    return codes.reshape(n, k), d, zeros
+
+
+def quantize_int4(model: nn.Module) -> nn.Module:
+    """Replace the nn.Linear layers of `model` by Int4Linear, in place; the head (the
+    largest single source of logit error) and any matrix whose rows do not split into
+    32-weight groups get int8 instead."""
+    from pocketlm.quant import Int8Linear
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                four_bit = name != "lm_head" and Int4Linear.fits(child)
+                layer = Int4Linear if four_bit else Int8Linear
+                setattr(module, name, layer.from_float(child))
+    return model
