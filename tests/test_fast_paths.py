@@ -18,7 +18,14 @@ from checkpoints import make_gpt2, make_llama
 from pocketlm.errors import PocketLMError
 from pocketlm.features import perplexity
 from pocketlm.generate import Sequence, Stats, generate_tokens
-from pocketlm.quant import Int8Linear, q8_0_to_int8, quantize_int8, quantize_per_channel
+from pocketlm.int4 import Int4Linear, q4_to_int4
+from pocketlm.quant import (
+    Int8Linear,
+    check_quantization,
+    q8_0_to_int8,
+    quantize_int8,
+    quantize_per_channel,
+)
 from pocketlm.sampling import SamplingParams
 from pocketlm.speculative import _verify, speculative_tokens
 from pocketlm.split import SplitLinear
@@ -158,8 +165,71 @@ def test_q8_0_to_int8_against_gguf_dequantize():
     torch.testing.assert_close(ours[3], reference[3], rtol=0, atol=1e-6)  # lossless there
 
 
-def write_q8_0_llama(path: Path, tokenizer_meta: dict, *, seed: int = 0) -> Path:
-    """A tiny random Llama GGUF, matrices in Q8_0 (norms and embedding F32), carrying
+# --- int4 ---------------------------------------------------------------------------------
+
+
+def test_int4_quantization_error_is_at_most_half_a_step():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 48)
+    layer = Int4Linear.from_float(linear)
+    codes, scales, zeros = layer.codes.float(), layer.scales, layer.zeros
+    assert codes.min() >= 0 and codes.max() <= 15
+    w = (codes.view(48, 3, 32) - 8) * scales[..., None] + zeros[..., None]  # (N, G, 32)
+    error = (w - linear.weight.detach().view(48, 3, 32)).abs()
+    assert torch.all(error <= scales[..., None] / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])  # decode, a verify, a prefill: one kernel
+def test_int4_linear_matches_a_float64_oracle(rows):
+    """The kernel against its formula, w = (q - 8) * scale + zero, computed in float64 from
+    the same codes, the bf16-rounded scales/zeros and the bf16-rounded input."""
+    torch.manual_seed(0)
+    layer = Int4Linear.from_float(torch.nn.Linear(96, 48))
+    codes, scales, zeros = layer.codes.double(), layer.scales, layer.zeros
+    sz = [t.bfloat16().double()[..., None] for t in (scales, zeros)]
+    w = ((codes.view(48, 3, 32) - 8) * sz[0] + sz[1]).view(48, 96)
+    x = torch.randn(2, rows, 96)
+    want = x.bfloat16().double() @ w.t() + layer.bias.double()
+    with torch.inference_mode():
+        got = layer(x)
+    assert got.shape == (2, rows, 48) and layer.codes is None  # packed on first use
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=2e-2)
+
+
+def test_int4_concat_is_the_layers_side_by_side():
+    torch.manual_seed(0)
+    a, b = (Int4Linear.from_float(torch.nn.Linear(64, n, bias=False)) for n in (32, 16))
+    fused = Int4Linear.concat([a, b])
+    x = torch.randn(1, 2, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), torch.cat([a(x), b(x)], dim=-1))
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_q4_codes_are_the_files_weights(kind):
+    """GGUF Q4 blocks -> codes, scales, zeros whose weights equal gguf's own dequantizer
+    exactly (no rounding: the file's codes are kept)."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((32, 128)) * 0.3).astype(np.float32)
+    ggml_type = getattr(gguf.GGMLQuantizationType, kind)
+    raw = gguf.quants.quantize(w, ggml_type)
+    reference = torch.from_numpy(gguf.quants.dequantize(raw, ggml_type).astype(np.float32))
+    codes, scales, zeros = q4_to_int4(raw.reshape(-1), kind, w.shape)
+    ours = (codes.float().view(32, 4, 32) - 8) * scales[..., None] + zeros[..., None]
+    torch.testing.assert_close(ours.view(32, 128), reference, rtol=0, atol=1e-6)
+
+
+def test_int4_is_refused_off_the_cpu_in_one_line():
+    with pytest.raises(PocketLMError, match="int4 runs on the CPU only"):
+        check_quantization("int4", device="cuda")
+    with pytest.raises(PocketLMError, match="choose one of int8, int4"):
+        check_quantization("int3", device="cpu")
+
+
+def write_tiny_llama_gguf(
+    path: Path, tokenizer_meta: dict, *, kind: str = "Q8_0", seed: int = 0
+) -> Path:
+    """A tiny random Llama GGUF, matrices in `kind` (norms and embedding F32), carrying
     SmolLM2's tokenizer so pocketlm can load it as a whole model."""
     rng = np.random.default_rng(seed)
     C, F, L, H, K = 64, 160, 2, 4, 2
@@ -170,7 +240,7 @@ def write_q8_0_llama(path: Path, tokenizer_meta: dict, *, seed: int = 0) -> Path
         w.add_uint32(f"llama.{key}", value)
     w.add_float32("llama.rope.freq_base", 10000.0)
     w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_uint32("general.file_type", 7)  # MOSTLY_Q8_0
+    w.add_uint32("general.file_type", {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3}[kind])
     for key, value in tokenizer_meta.items():
         if isinstance(value, list):
             w.add_array(key, value)
@@ -191,9 +261,9 @@ def write_q8_0_llama(path: Path, tokenizer_meta: dict, *, seed: int = 0) -> Path
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(C, np.float32))
         for name, shape in matrices.items():
             data = (rng.standard_normal(shape) * 0.2).astype(np.float32)
-            w.add_tensor(
-                f"blk.{i}.{name}.weight", q8_0_bytes(data), raw_dtype=gguf.GGMLQuantizationType.Q8_0
-            )
+            ggml_type = getattr(gguf.GGMLQuantizationType, kind)
+            raw = q8_0_bytes(data) if kind == "Q8_0" else gguf.quants.quantize(data, ggml_type)
+            w.add_tensor(f"blk.{i}.{name}.weight", raw, raw_dtype=ggml_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -208,7 +278,7 @@ def smollm2_tokenizer_meta(smollm2_gguf):
 
 
 def test_gguf_q8_0_loads_straight_to_int8(tmp_path, smollm2_tokenizer_meta):
-    path = write_q8_0_llama(tmp_path / "tiny-q8_0.gguf", smollm2_tokenizer_meta)
+    path = write_tiny_llama_gguf(tmp_path / "tiny-q8_0.gguf", smollm2_tokenizer_meta)
     # Q8_0 dequantized to fp32 by the loader, the checkpoint's layers as they are.
     float_model = loader.load(path, dtype=torch.float32, device="cpu").model
     int8_lm = pocketlm.load(path, device="cpu", quantize="int8")
@@ -229,6 +299,29 @@ def test_gguf_q8_0_loads_straight_to_int8(tmp_path, smollm2_tokenizer_meta):
     assert float((a - b).norm() / a.norm()) < 0.1
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_gguf_q4_loads_straight_to_int4_with_the_files_codes(
+    tmp_path, smollm2_tokenizer_meta, kind
+):
+    path = write_tiny_llama_gguf(tmp_path / f"tiny-{kind}.gguf", smollm2_tokenizer_meta, kind=kind)
+    float_model = loader.load(path, dtype=torch.float32, device="cpu").model
+    int4_lm = pocketlm.load(path, device="cpu", quantize="int4")
+    layers = int4_lm.model.model.layers
+    assert isinstance(layers[1].self_attn.qkv_proj, Int4Linear)
+    assert isinstance(layers[0].mlp.down_proj, Int4Linear)
+    assert isinstance(int4_lm.model.lm_head, Int8Linear)  # the (tied) head is kept in int8
+    # One layer on one decode row: the file's weights, up to the kernel's bf16 rounding.
+    x = torch.randn(1, 1, 160)
+    with torch.inference_mode():
+        got, want = layers[0].mlp.down_proj(x), float_model.model.layers[0].mlp.down_proj(x)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    ids = int4_lm.tokenizer.encode("The harbour was quiet before the storm")
+    tokens, positions = torch.tensor([ids]), torch.arange(len(ids))[None]
+    with torch.inference_mode():
+        a, b = float_model(tokens, positions), int4_lm.model(tokens, positions)
+    assert float((a - b).norm() / a.norm()) < 0.05  # bf16 rounding only, not 4-bit error
+
+
 # --- int8 on the real SmolLM2 ------------------------------------------------------------
 
 # Written for this test (so in no training set); about 200 tokens.
@@ -247,13 +340,18 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "The three primary c
 
 
 @pytest.fixture(scope="module")
-def smollm2_pair(smollm2_gguf):
-    return pocketlm.load(smollm2_gguf, device="cpu"), pocketlm.load(
-        smollm2_gguf, device="cpu", quantize="int8"
-    )
+def smollm2_fp32(smollm2_gguf):
+    return pocketlm.load(smollm2_gguf, device="cpu")
 
 
-def test_int8_perplexity_within_one_percent_of_fp32(smollm2_pair):
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def smollm2_pair(request, smollm2_gguf, smollm2_fp32):
+    """fp32 (the file dequantized) and a quantized load of the real SmolLM2 (Q4_1 matrices:
+    int8 rescales them per row; int4 keeps the file's own 4-bit codes)."""
+    return smollm2_fp32, pocketlm.load(smollm2_gguf, device="cpu", quantize=request.param)
+
+
+def test_quantized_perplexity_within_one_percent_of_fp32(smollm2_pair):
     fp32, int8 = smollm2_pair
     ids = fp32.tokenizer.encode(HELD_OUT)
     assert len(ids) > 150
@@ -344,11 +442,12 @@ def test_speculative_sampling_with_a_seed_is_reproducible(gpt2_pair):
     assert run() == run()
 
 
-def test_int8_greedy_agrees_with_fp32_except_at_near_ties(smollm2_pair):
-    """The first 32 greedy tokens of int8 and fp32 on the real SmolLM2, for fixed prompts.
-    Weight-only int8 moves logits by ~0.1, so the two may part where fp32's two best
-    tokens are that close; before such a near-tie they must agree token for token. (On
-    2026-11-24 one prompt of these three agreed for all 32 tokens; see the README.)"""
+def test_quantized_greedy_agrees_with_fp32_except_at_near_ties(smollm2_pair):
+    """The first 32 greedy tokens of int8/int4 and fp32 on the real SmolLM2, for fixed
+    prompts. The quantized kernels take bf16 activations and int8 rescales the weights,
+    which moves logits by ~0.1, so the two may part where fp32's two best tokens are that
+    close; before such a near-tie they must agree token for token. (On 2026-11-24 one
+    prompt of these three agreed for all 32 tokens in int8, two in int4; see the README.)"""
     fp32, int8 = smollm2_pair
     identical = 0
     for prompt in PROMPTS:

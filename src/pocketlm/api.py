@@ -290,7 +290,7 @@ def load(
     """Load a model by name (`gpt2`, `smollm2-135m`, `org/repo`), local path or GGUF file;
     None loads the embedded default. `adapter`: a LoRA adapter folder to merge in.
     `context`: the context window in tokens (default: the model's, at most 4096).
-    `quantize="int8"`: int8 weight-only weights; `draft`: a smaller model of the same
+    `quantize="int8"` or `"int4"`: weight-only quantized weights; `draft`: a smaller model of the same
     tokenizer for speculative decoding (see pocketlm.quant, pocketlm.speculative)."""
     from pocketlm.weights.sources import resolve
 
@@ -300,10 +300,10 @@ def load(
             raise PocketLMError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
         dtype = DTYPES[dtype]
     path = resolve(None if name is None else str(name), offline=offline)
-    if quantize == "int8" and path.suffix == ".gguf" and adapter is None:
-        from pocketlm.quant import load_gguf_int8  # Q8_0 matrices go straight to int8
+    if quantize is not None and path.suffix == ".gguf" and adapter is None:
+        from pocketlm.quant import load_gguf_quantized  # Q8_0 / Q4 matrices never in float
 
-        loaded = load_gguf_int8(path, device=device)
+        loaded = load_gguf_quantized(path, quantize=quantize, device=device)
     else:
         loaded = loader.load(path, dtype=dtype, device=device)
     lm = LM(loaded, name=str(name) if name is not None else path.parent.name, context=context)

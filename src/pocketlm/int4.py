@@ -15,15 +15,12 @@ ggml `block_q4_0`, `block_q4_1`.)
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.errors import PocketLMError
 
 GROUP = 32  # weights per scale: a GGUF Q4 block
 Q4_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}  # f16 d (+ f16 m) and 16 bytes of nibbles
-# Up to this many rows the int4 kernel (a weight read); beyond it dequantize + bf16 matmul.
-_KERNEL_MAX_ROWS = 16
 
 
 class Int4Linear(nn.Module):
@@ -41,12 +38,14 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = codes.shape
         if codes.device.type != "cpu":
             raise PocketLMError("int4 runs on the CPU only; on a GPU use --quantize int8 or bf16")
-        # The kernel's own packing, which depends on the CPU's vector width: done at load.
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-        self.register_buffer("packed", packed)  # (N, K/2) uint8
-        pairs = torch.stack([scales, zeros], dim=-1)  # (N, G, 2)
-        self.register_buffer("scales_zeros", pairs.transpose(0, 1).contiguous().bfloat16())
-        self.register_buffer("bias", bias)
+        # Kept as plain codes until the first forward packs them for the kernel (a layout
+        # that depends on the CPU's vector width), so layers can still be concatenated.
+        self.register_buffer("codes", codes.to(torch.uint8))  # (N, K) 0..15
+        self.register_buffer("packed", None)  # (N, K/2) uint8, the kernel's layout
+        self.register_buffer("scales_zeros", None)  # (G, N, 2) bf16, the kernel's layout
+        self.register_buffer("scales", scales.float())  # (N, G)
+        self.register_buffer("zeros", zeros.float())  # (N, G)
+        self.register_buffer("bias", bias)  # (N,) or None
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "Int4Linear":
@@ -60,30 +59,45 @@ class Int4Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().float()
         return cls(codes.to(torch.uint8).view(n, k), scales, low + 8 * scales, bias)
 
+    @staticmethod
+    def fits(out_features: int, in_features: int) -> bool:
+        """Whether the kernel takes this shape (rows in 32-weight groups, N in 16s)."""
+        return in_features % GROUP == 0 and out_features % 16 == 0
+
     @classmethod
-    def fits(cls, linear: nn.Module) -> bool:
-        return linear.in_features % GROUP == 0
+    def concat(cls, linears: list["Int4Linear"]) -> "Int4Linear":
+        """One Int4Linear computing the given ones side by side (see models' concat_linears)."""
+        if any(lin.codes is None for lin in linears):
+            raise ValueError("int4 layers are concatenated before their first forward")
+        biases = [lin.bias for lin in linears]
+        return cls(
+            *(
+                torch.cat([getattr(lin, part) for lin in linears])
+                for part in ("codes", "scales", "zeros")
+            ),
+            None if biases[0] is None else torch.cat(biases),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            self.pack()
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
-        if rows.shape[0] <= _KERNEL_MAX_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                rows, self.packed, GROUP, self.scales_zeros
-            )
-        else:
-            y = F.linear(rows, self.dequantized())
+        # One kernel for every row count: at 512 rows it is within 2x of a bf16 matmul,
+        # which would first need the weight dequantized.
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_zeros)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def dequantized(self) -> torch.Tensor:
-        """W (N, K) in bf16, through the kernel itself: the identity's rows times W.T."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            eye, self.packed, GROUP, self.scales_zeros
-        )  # (K, N)
-        return w_t.t()
+    def pack(self) -> None:
+        """Codes -> the kernel's packed layout; scales and zeros -> its (G, N, 2) bf16 pairs."""
+        if self.packed is not None:
+            return
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes.int(), 1)
+        pairs = torch.stack([self.scales, self.zeros], dim=-1)  # (N, G, 2)
+        self.scales_zeros = pairs.transpose(0, 1).contiguous().bfloat16()  # (G, N, 2)
+        self.codes = self.scales = self.zeros = None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP}"
@@ -96,8 +110,10 @@ def q4_to_int4(
     (N, G) float32, with w = (q - 8) * scale + zero equal to the file's weights."""
     n, k = shape
     if k % GROUP:
-        raise PocketLMError(f"a {kind} tensor of shape {shape} does not split into 32-weight blocks")
-    blocks = torch.from_numpy(np.asarray(raw)).view(n, k // GROUP, Q4_BLOCK_BYTES[kind])
+        raise PocketLMError(
+            f"a {kind} tensor of shape {shape} does not split into 32-weight blocks"
+        )
+    blocks = torch.from_numpy(np.array(raw)).view(n, k // GROUP, Q4_BLOCK_BYTES[kind])
     d = blocks[..., :2].contiguous().view(torch.float16).float()[..., 0]  # (N, G)
     if kind == "Q4_0":  # w = d * (q - 8)
         zeros, qs = torch.zeros_like(d), blocks[..., 2:]
@@ -110,14 +126,15 @@ def q4_to_int4(
 
 def quantize_int4(model: nn.Module) -> nn.Module:
     """Replace the nn.Linear layers of `model` by Int4Linear, in place; the head (the
-    largest single source of logit error) and any matrix whose rows do not split into
-    32-weight groups get int8 instead."""
-    from pocketlm.quant import Int8Linear
+    largest single source of logit error) and any matrix the kernel cannot take get int8."""
+    from pocketlm.quant import Int8Linear  # quant imports this module
 
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                four_bit = name != "lm_head" and Int4Linear.fits(child)
+                four_bit = name != "lm_head" and Int4Linear.fits(
+                    child.out_features, child.in_features
+                )
                 layer = Int4Linear if four_bit else Int8Linear
                 setattr(module, name, layer.from_float(child))
     return model

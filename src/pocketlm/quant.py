@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.errors import PocketLMError
+from pocketlm.int4 import Q4_BLOCK_BYTES, Int4Linear, q4_to_int4, quantize_int4
 from pocketlm.split import split_linears
 
 log = logging.getLogger("pocketlm")
 
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")
 # Up to this many rows a matmul is a weight read (decode, a speculative verify); beyond
 # it the int8 kernel loses to dequantize-once + the bf16 matmul.
 _INT8_KERNEL_MAX_ROWS = 16
@@ -146,30 +147,45 @@ def fuse(model: nn.Module) -> nn.Module:
 def prepare(model: nn.Module, *, quantize: str | None = None) -> nn.Module:
     """Make a loaded model ready for fast inference: fuse projections, then quantize, or
     in fp32 on a CPU split each matmul between the threads (pocketlm.split)."""
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise PocketLMError(
-            f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}"
-        )
+    check_quantization(quantize, device=next(model.parameters()).device)
     fuse(model)
     if quantize == "int8":
         quantize_int8(model)
+    elif quantize == "int4":
+        quantize_int4(model)
     split_linears(model)  # what is still an fp32 nn.Linear on a CPU
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.pack()
     model.prepared = True
     return model
 
 
-def load_gguf_int8(path: Path, *, device: torch.device | str = "cpu"):  # -> LoadedModel
-    """Load a GGUF with its Q8_0 matrices going straight to Int8Linear (never to float);
-    every other tensor is dequantized to fp32 as usual. Returns a fused LoadedModel."""
+def check_quantization(quantize: str | None, *, device: torch.device | str) -> None:
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise PocketLMError(
+            f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}"
+        )
+    if quantize == "int4" and torch.device(device).type != "cpu":
+        raise PocketLMError("int4 runs on the CPU only; on a GPU use --quantize int8 or bf16")
+
+
+def load_gguf_quantized(path: Path, *, quantize: str, device: torch.device | str = "cpu"):
+    """Load a GGUF with its matrices going straight to quantized layers, never to float:
+    Q8_0 to Int8Linear and, for int4, Q4_0/Q4_1 to Int4Linear with the file's own codes.
+    Every other tensor is dequantized to fp32 and quantized as `prepare` would. Returns a
+    fused LoadedModel (`prepare` then has nothing left to do but pack)."""
     from pocketlm.tokenizer import Tokenizer
     from pocketlm.weights.dequant import dequantize
     from pocketlm.weights.gguf import gguf_raw_tensors, read_gguf
     from pocketlm.weights.loader import LoadedModel, build_model
 
+    check_quantization(quantize, device=device)
     checkpoint = read_gguf(path)
     raw = gguf_raw_tensors(checkpoint)
-    direct = {name for name, (kind, _, _) in raw.items()
-              if kind == "Q8_0" and name in _linear_weights(checkpoint.config)}  # fmt: skip
+    linears = _linear_weights(checkpoint.config)
+    direct = {name for name, (kind, _, shape) in raw.items()
+              if name in linears and _direct_kind(kind, shape, quantize)}  # fmt: skip
 
     def tensors():
         for name, (kind, data, shape) in raw.items():
@@ -188,18 +204,27 @@ def load_gguf_int8(path: Path, *, device: torch.device | str = "cpu"):  # -> Loa
     for name in direct:
         module_name = name.removesuffix(".weight")
         linear = model.get_submodule(module_name)
-        weight, scales = q8_0_to_int8(raw[name][1], raw[name][2])
         bias = None if linear.bias is None else linear.bias.detach().float()
+        kind, data, shape = raw[name]
+        if kind == "Q8_0":
+            weight, scales = q8_0_to_int8(data, shape)
+            layer = Int8Linear(weight.to(device), scales.to(device), bias)
+        else:
+            layer = Int4Linear(*q4_to_int4(data, kind, shape), bias)
         parent, _, attr = module_name.rpartition(".")
-        setattr(
-            model.get_submodule(parent),
-            attr,
-            Int8Linear(weight.to(device), scales.to(device), bias),
-        )
-    quantize_int8(model)  # the rest (a tied head, matrices of other types)
+        setattr(model.get_submodule(parent), attr, layer)
+    # The rest (a tied head, matrices of other types), then fuse.
+    (quantize_int4 if quantize == "int4" else quantize_int8)(model)
     fuse(model)
     tokenizer = Tokenizer.from_gguf_metadata(checkpoint.metadata)
     return LoadedModel(model, tokenizer, checkpoint.config, path, native=True)
+
+
+def _direct_kind(kind: str, shape: tuple[int, ...], quantize: str) -> bool:
+    """Whether a GGUF matrix of this type loads straight into this quantization's layers."""
+    if kind == "Q8_0":
+        return True
+    return quantize == "int4" and kind in Q4_BLOCK_BYTES and Int4Linear.fits(*shape)
 
 
 def _linear_weights(config: dict) -> set[str]:

@@ -17,6 +17,7 @@ MODES = {
     "fp32": dict(dtype="fp32"),
     "bf16": dict(dtype="bf16"),
     "int8": dict(dtype="fp32", quantize="int8"),
+    "int4": dict(dtype="fp32", quantize="int4"),
 }
 
 
@@ -29,7 +30,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("model", nargs="?", default=None, help="model name, folder or .gguf file")
     parser.add_argument(
-        "--modes", default="fp32,int8", help="comma-separated: fp32, bf16, int8 (default fp32,int8)"
+        "--modes",
+        default="fp32,int8",
+        help="comma-separated: fp32, bf16, int8, int4 (default fp32,int8)",
     )
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)

@@ -33,8 +33,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--quantize",
         default=None,
-        choices=["int8"],
-        help="int8: weight-only int8 (about 4x fewer bytes read per token than fp32)",
+        choices=["int8", "int4"],
+        help="int8: weight-only int8 (4x fewer bytes read per token than fp32); int4: 4-bit "
+        "groups of 32 on the CPU (a Q4_0/Q4_1 GGUF keeps its own codes)",
     )
     group.add_argument(
         "--draft",
