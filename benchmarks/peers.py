@@ -36,7 +36,7 @@ GPT2_SHAPES = {
     "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20),
 }
 SMOLLM2 = "smollm2-135m"
-GGUF_TYPES = ("f32", "f16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_1")  # q4_1: llama.cpp's quantizer on the f32 file
 
 
 # --- preparing the weights ------------------------------------------------------------
@@ -70,6 +70,8 @@ def gguf_copy(folder: Path, kind: str, convert: Path | None) -> tuple[Path | Non
     out = folder.with_name(f"{folder.name}-{kind}.gguf")
     if out.is_file():
         return out, ""
+    if kind == "q4_1":
+        return _llama_quantize(folder, out)
     if convert is None or not convert.is_file():
         return None, "skipped: no convert_hf_to_gguf.py (pass --convert)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -80,6 +82,24 @@ def gguf_copy(folder: Path, kind: str, convert: Path | None) -> tuple[Path | Non
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return None, f"skipped: conversion failed ({done.stderr.strip().splitlines()[-1:]})"
+    return out, ""
+
+
+def _llama_quantize(folder: Path, out: Path) -> tuple[Path | None, str]:
+    """The folder's f32 GGUF quantized to Q4_1 by llama.cpp itself (as `llama-quantize`)."""
+    if not _importable("llama_cpp"):
+        return None, "skipped: llama-cpp-python is not installed (it quantizes to q4_1)"
+    source = folder.with_name(f"{folder.name}-f32.gguf")
+    if not source.is_file():
+        return None, "skipped: needs the f32 GGUF first"
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1
+    partial = out.with_suffix(".partial")
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params) != 0:
+        return None, "skipped: llama.cpp could not quantize to q4_1"
+    partial.rename(out)
     return out, ""
 
 
@@ -101,7 +121,7 @@ def work_pocketlm(args: argparse.Namespace) -> dict:
     from pocketlm.benchmark import measure
 
     dtype = "bf16" if args.mode == "bf16" else "fp32"
-    quantize = "int8" if args.mode.startswith("int8") else None
+    quantize = args.mode if args.mode in ("int8", "int4") else None
     started = time.perf_counter()
     lm = pocketlm.load(args.path, dtype=dtype, quantize=quantize, offline=True)
     load_s = time.perf_counter() - started
@@ -214,7 +234,8 @@ def plan(
     no_llama = "skipped: llama-cpp-python is not installed (pip install llama-cpp-python)"
     if model == SMOLLM2:
         rows = [("pocketlm", "fp32", folder, ""), ("pocketlm", "bf16", folder, ""),
-                ("pocketlm", "int8", folder, ""), ("transformers", "fp32", folder, ""),
+                ("pocketlm", "int8", folder, ""), ("pocketlm", "int4 (same file)", folder, ""),
+                ("transformers", "fp32", folder, ""),
                 ("transformers", "bf16", folder, "")]  # fmt: skip
         return [
             *rows,
@@ -226,12 +247,15 @@ def plan(
             ),
         ]
     ggufs = {kind: gguf_copy(folder, kind, args.convert) for kind in GGUF_TYPES}
-    q8_path, _ = ggufs["q8_0"]
+    (q8_path, _), (q4_path, _) = ggufs["q8_0"], ggufs["q4_1"]
     rows = [("pocketlm", "fp32", folder, ""), ("pocketlm", "bf16", folder, ""),
-            ("pocketlm", "int8", folder, ""), ("transformers", "fp32", folder, ""),
-            ("transformers", "bf16", folder, "")]  # fmt: skip
+            ("pocketlm", "int8", folder, "")]  # fmt: skip
     if q8_path is not None:
-        rows.insert(3, ("pocketlm", "int8 (from q8_0 gguf)", q8_path, ""))
+        rows.append(("pocketlm", "int8 (from q8_0 gguf)", q8_path, ""))
+    rows.append(("pocketlm", "int4", folder, ""))
+    if q4_path is not None:
+        rows.append(("pocketlm", "int4 (from q4_1 gguf)", q4_path, ""))
+    rows += [("transformers", "fp32", folder, ""), ("transformers", "bf16", folder, "")]
     if model in args.hf_compile:
         rows.append(("transformers", "static-compile", folder, ""))
     for kind, (path, why) in ggufs.items():
@@ -253,7 +277,7 @@ def _importable(module: str) -> bool:
 
 
 def spawn(engine: str, mode: str, path: Path, args: argparse.Namespace) -> dict:
-    mode_arg = "int8" if mode.startswith("int8") else mode.split(" ")[0]
+    mode_arg = mode.split(" ")[0]  # "int8 (from q8_0 gguf)" runs as int8 on that file
     command = [sys.executable, __file__, "--worker", engine, "--mode", mode_arg, "--path", str(path),
                "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
                "--prompt-tokens", str(args.prompt_tokens), "--prefill-tokens", str(args.prefill_tokens)]  # fmt: skip

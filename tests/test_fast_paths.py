@@ -69,6 +69,22 @@ def test_decode_fast_path_matches_recomputing_everything(which, dtype, request):
     assert greedy_ids(model, PROMPT, 24) == recomputed_greedy_ids(model, PROMPT, 24)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_llama"])
+def test_logits_to_keep_gives_the_last_rows_of_the_full_logits(which, dtype, request):
+    """A prefill computes the head for its last position only; those logits must be the
+    full forward's last row."""
+    lm = pocketlm.load(request.getfixturevalue(which), dtype=dtype, device="cpu")
+    tokens = torch.tensor([PROMPT * 3])
+    positions = torch.arange(tokens.shape[1])[None]
+    with torch.inference_mode():
+        full = lm.model(tokens, positions)
+        for keep in (1, 2):
+            last = lm.model(tokens, positions, logits_to_keep=keep)
+            assert last.shape == (1, keep, full.shape[-1])
+            torch.testing.assert_close(last, full[:, -keep:], rtol=1e-5, atol=1e-5)
+
+
 def test_fused_llama_gives_the_same_logits_and_ids(tiny_llama):
     plain, fused = loader.load(tiny_llama).model, loader.load(tiny_llama).model
     fused.fuse()

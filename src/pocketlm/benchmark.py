@@ -98,7 +98,7 @@ def bytes_per_token(model: nn.Module) -> int:
     return total
 
 
-def memory_bandwidth(*, megabytes: int = 512, repeats: int = 5) -> float:
+def memory_bandwidth(*, megabytes: int = 512, repeats: int = 20) -> float:
     """Measured read bandwidth in GB/s: the best of `repeats` sums over a large buffer, with
     torch's current thread count (the same threads the models use)."""
     buffer = torch.ones(megabytes * (1 << 20) // 4, dtype=torch.float32)

@@ -262,4 +262,8 @@ class Llama(nn.Module):
         the head is the largest matrix)."""
         # Only the last (final-normed) stream is kept: deque(maxlen=1) drops the others.
         x = deque(self.layer_outputs(tokens, positions, cache), maxlen=1).pop()
-        return self.lm_head(x[:, -logits_to_keep:])  # (B, T or logits_to_keep, C)
+        x = x[:, -logits_to_keep:]  # (B, T', C), T' = T or logits_to_keep
+        B, T, C = x.shape
+        # In 2D: a (B, 1, C) slice keeps its parent's strides, and on those PyTorch's
+        # matmul copies the whole head per call (GPT-2 bf16: 90 ms instead of 2.5).
+        return self.lm_head(x.reshape(B * T, C)).view(B, T, -1)  # (B, T', vocab)
