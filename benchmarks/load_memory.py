@@ -10,6 +10,7 @@ weights are memory-mapped and assigned to a meta-device model one tensor at a ti
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -63,12 +64,15 @@ def make_checkpoint(folder: Path, shape: str) -> None:
 def measure(folder: Path, dtype: str) -> dict:
     """In this (fresh) process: load, then report peak RSS against the weights' bytes."""
     import torch
+    from safetensors import safe_open
 
-    from pocketlm.weights.loader import load
+    import pocketlm
 
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    model = load(folder, dtype=dtypes[dtype]).model
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    weight_bytes = params * {"fp32": 4, "bf16": 2}[dtype]
+    # As a user gets it: loaded, then prepared for decoding (fp32 re-laid out per thread).
+    model = pocketlm.load(folder, dtype=dtype, device="cpu").model
     after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # fp32 weights stay memory-mapped views until read: one forward pass touches them all.
     with torch.inference_mode():
@@ -76,7 +80,7 @@ def measure(folder: Path, dtype: str) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "dtype": dtype,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": params,
         "weights_gb": weight_bytes / 1e9,
         "load_rss_gb": after_load / 1e9,
         "peak_rss_gb": peak / 1e9,

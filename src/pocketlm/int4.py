@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pocketlm.errors import PocketLMError
+from pocketlm.models.layers import replace_linears
 
 GROUP = 32  # weights per scale: a GGUF Q4 block
 Q4_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}  # f16 d (+ f16 m) and 16 bytes of nibbles
@@ -129,12 +130,8 @@ def quantize_int4(model: nn.Module) -> nn.Module:
     largest single source of logit error) and any matrix the kernel cannot take get int8."""
     from pocketlm.quant import Int8Linear  # quant imports this module
 
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                four_bit = name != "lm_head" and Int4Linear.fits(
-                    child.out_features, child.in_features
-                )
-                layer = Int4Linear if four_bit else Int8Linear
-                setattr(module, name, layer.from_float(child))
-    return model
+    def quantized(name: str, linear: nn.Linear) -> nn.Module:
+        four_bit = name != "lm_head" and Int4Linear.fits(linear.out_features, linear.in_features)
+        return (Int4Linear if four_bit else Int8Linear).from_float(linear)
+
+    return replace_linears(model, quantized)

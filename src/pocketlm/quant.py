@@ -26,6 +26,7 @@ from torch import nn
 
 from pocketlm.errors import PocketLMError
 from pocketlm.int4 import Q4_BLOCK_BYTES, Int4Linear, q4_to_int4, quantize_int4
+from pocketlm.models.layers import replace_linears
 from pocketlm.split import split_linears
 
 log = logging.getLogger("pocketlm")
@@ -130,11 +131,7 @@ def q8_0_to_int8(raw: np.ndarray, shape: tuple[int, ...]) -> tuple[torch.Tensor,
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear in `model` by an Int8Linear, in place. A head tied to the
     embedding gets its own int8 copy; the embedding stays float (a lookup reads one row)."""
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, child_name, Int8Linear.from_float(child))
-    return model
+    return replace_linears(model, lambda name, linear: Int8Linear.from_float(linear))
 
 
 def fuse(model: nn.Module) -> nn.Module:

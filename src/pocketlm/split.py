@@ -18,6 +18,8 @@ between its threads the same way.)
 import torch
 from torch import nn
 
+from pocketlm.models.layers import replace_linears
+
 
 class SplitLinear(nn.Module):
     """y = x @ weight.T + bias, the weight (N, K) kept as P column blocks (P, K, ceil(N/P))."""
@@ -57,12 +59,14 @@ def split_linears(model: nn.Module, *, blocks: int | None = None) -> nn.Module:
     default, PyTorch's thread count), and make other CPU ones row-major. A head tied to the embedding gets its own blocks;
     the embedding keeps the original (memory-mapped, so only the rows looked up are read)."""
     blocks = blocks or torch.get_num_threads()
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is not nn.Linear or child.weight.device.type != "cpu":
-                continue
-            if child.weight.dtype == torch.float32:
-                setattr(module, name, SplitLinear.from_linear(child, blocks=blocks))
-            elif not child.weight.is_contiguous():
-                child.weight = nn.Parameter(child.weight.detach().contiguous(), requires_grad=False)
-    return model
+
+    def relaid(name: str, linear: nn.Linear) -> nn.Module | None:
+        if linear.weight.device.type != "cpu":
+            return None
+        if linear.weight.dtype == torch.float32:
+            return SplitLinear.from_linear(linear, blocks=blocks)
+        if not linear.weight.is_contiguous():
+            linear.weight = nn.Parameter(linear.weight.detach().contiguous(), requires_grad=False)
+        return None
+
+    return replace_linears(model, relaid)

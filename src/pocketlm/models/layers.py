@@ -5,6 +5,8 @@ C = channels. Positions are explicit everywhere so the same code serves a whole
 sequence, a prefill into the cache, a one-token decode step and a ragged batch.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,3 +70,19 @@ def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
     if has_bias:
         fused.bias = nn.Parameter(torch.cat([lin.bias for lin in linears]), requires_grad=False)
     return fused
+
+
+def replace_linears(
+    model: nn.Module, make: Callable[[str, nn.Linear], nn.Module | None]
+) -> nn.Module:
+    """Replace each plain nn.Linear in `model` by `make(attribute name, layer)` (None keeps
+    it), in place. No reference to a replaced layer is held past its turn, so its weight is
+    freed (a memory-mapped one unmapped) before the next is built: converting a model
+    costs one layer of extra memory, not a second copy of the model."""
+    parents = [m for m in model.modules() if any(type(c) is nn.Linear for c in m.children())]
+    for parent in parents:
+        for name in [n for n, c in parent.named_children() if type(c) is nn.Linear]:
+            new = make(name, getattr(parent, name))
+            if new is not None:
+                setattr(parent, name, new)
+    return model

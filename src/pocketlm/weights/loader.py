@@ -244,8 +244,7 @@ def _hf_tensors(
     path: Path, model_type: str, *, dtype: torch.dtype
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, tensor) pairs from safetensors shards (or a weights_only .bin)."""
-    reopen = dtype != _checkpoint_dtype(path)
-    for key, tensor in _raw_hf_tensors(path, reopen=reopen):
+    for key, tensor in _raw_hf_tensors(path):
         if tables.is_ignored(key, model_type):
             continue
         name = tables.rename(key, model_type)
@@ -258,10 +257,11 @@ def _hf_tensors(
         yield name, tensor
 
 
-def _raw_hf_tensors(path: Path, *, reopen: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """Checkpoint tensors as memory-mapped views. With `reopen`, the file is mapped again
-    for each tensor, so pages already converted to another dtype are released instead of
-    staying resident beside their copies (peak ~1x the weights, not source + target)."""
+def _raw_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Checkpoint tensors as memory-mapped views, the file mapped again for each tensor:
+    a tensor later copied (to another dtype, quantized, or re-laid-out for decoding) then
+    releases its pages when dropped, instead of keeping the whole file resident beside
+    the copies (peak ~1x the weights, not source + copies)."""
     files = _safetensors_files(path)
     if not files:
         yield from _torch_bin_tensors(path)
@@ -269,10 +269,6 @@ def _raw_hf_tensors(path: Path, *, reopen: bool) -> Iterator[tuple[str, torch.Te
     for file in files:
         with _open_safetensors(file) as f:
             keys = list(f.keys())
-            if not reopen:
-                for key in keys:
-                    yield key, _get_tensor(f, key, file)
-                continue
         for key in keys:
             with _open_safetensors(file) as f:
                 yield key, _get_tensor(f, key, file)
@@ -303,19 +299,6 @@ def _get_tensor(f, key: str, file: Path) -> torch.Tensor:  # noqa: ANN001 - safe
         raise CorruptModelError(
             f"{file}: tensor {key!r} cannot be read ({error}); re-download it"
         ) from None
-
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def _checkpoint_dtype(path: Path) -> torch.dtype | None:
-    """The dtype of the first tensor in the first shard (None when there is none)."""
-    files = _safetensors_files(path)
-    if not files:
-        return None
-    with _open_safetensors(files[0]) as f:
-        keys = list(f.keys())
-        return SAFETENSORS_DTYPES.get(f.get_slice(keys[0]).get_dtype()) if keys else None
 
 
 def _safetensors_files(path: Path) -> list[Path]:
