@@ -3,7 +3,7 @@
 RMSNorm, rotary embeddings (default, linear and llama3 scaling), grouped-query
 attention, SwiGLU MLP, optional q/k/v bias (Qwen2), optional sliding window (Mistral),
 tied or untied embeddings. Parameter names line up with HF `LlamaForCausalLM` keys.
-Mirrors HF `modeling_llama.py` (rotate_half layout) and gpt-fast `model.py`. Knows
+Mirrors HF `modeling_llama.py` (rotate_half layout, computed as a roll) and gpt-fast `model.py`. Knows
 nothing of files, tokenizers or sampling: `forward(tokens, positions, cache) -> logits`.
 
 B = batch, T = time, C = hidden_size, H = heads, K = key/value heads, D = head_dim.
@@ -101,11 +101,6 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     )
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -160,7 +155,9 @@ class Attention(nn.Module):
         # Rotate q and k in one go: they sit side by side along the head axis.
         cos, sin = rope  # (B, T, 1, D)
         qk = qkv[:, :, : H + K]
-        qk = qk * cos + rotate_half(qk) * sin  # (B, T, H + K, D)
+        # HF's x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1): `sin` carries
+        # the minus sign on its first half (see `rope`), so a roll does the rest.
+        qk = qk * cos + qk.roll(D // 2, dims=-1) * sin  # (B, T, H + K, D)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H|K, T, D)
         v = qkv[:, :, H + K :].transpose(1, 2)  # (B, K, T, D)
         y = attend(q, k, v, layer=self.layer, positions=positions, cache=cache, window=self.window)
@@ -233,9 +230,11 @@ class Llama(nn.Module):
     def rope(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin (B, T, 1, D) of every position's rotary angles."""
         angles = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
-        angles = torch.cat((angles, angles), dim=-1)[:, :, None]  # (B, T, 1, D)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (B, T, D)
+        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)  # (B, T, 1, D)
 
     def layer_outputs(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None
