@@ -8,7 +8,6 @@ tokenizers or sampling: `forward(tokens, positions, cache) -> logits`.
 B = batch, T = time, C = channels (n_embd), H = heads, D = head dim (C / H).
 """
 
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.models.cache import KVCache
-from pocketlm.models.layers import attend
+from pocketlm.models.layers import CausalLM, attend
 
 
 @dataclass
@@ -117,7 +116,7 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
 
-class GPT2(nn.Module):
+class GPT2(CausalLM):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config
@@ -137,25 +136,6 @@ class GPT2(nn.Module):
             yield x
             x = block(x, positions, cache)
         yield t.ln_f(x)
-
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache | None = None,
-        *,
-        logits_to_keep: int = 0,
-    ) -> torch.Tensor:
-        """tokens, positions (B, T) -> logits (B, T, vocab), or (B, logits_to_keep, vocab)
-        for the last positions only (as HF's argument: a prefill needs just the last, and
-        the head is the largest matrix)."""
-        # Only the last (final-normed) stream is kept: deque(maxlen=1) drops the others.
-        x = deque(self.layer_outputs(tokens, positions, cache), maxlen=1).pop()
-        x = x[:, -logits_to_keep:]  # (B, T', C), T' = T or logits_to_keep
-        B, T, C = x.shape
-        # In 2D: a (B, 1, C) slice keeps its parent's strides, and on those PyTorch's
-        # matmul copies the whole head per call (GPT-2 bf16: 90 ms instead of 2.5).
-        return self.lm_head(x.reshape(B * T, C)).view(B, T, -1)  # (B, T', vocab)
 
     def init_buffers(self, device: torch.device | str) -> None:
         """GPT-2 has no computed buffers (the causal mask comes from positions)."""

@@ -10,7 +10,6 @@ B = batch, T = time, C = hidden_size, H = heads, K = key/value heads, D = head_d
 """
 
 import math
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -21,7 +20,7 @@ from torch import nn
 
 from pocketlm.errors import PocketLMError
 from pocketlm.models.cache import KVCache
-from pocketlm.models.layers import attend, concat_linears
+from pocketlm.models.layers import CausalLM, attend, concat_linears
 
 
 @dataclass
@@ -207,7 +206,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class Llama(nn.Module):
+class Llama(CausalLM):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
@@ -247,22 +246,3 @@ class Llama(nn.Module):
             yield x
             x = block(x, positions, rope, cache)
         yield self.model.norm(x)
-
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache | None = None,
-        *,
-        logits_to_keep: int = 0,
-    ) -> torch.Tensor:
-        """tokens, positions (B, T) -> logits (B, T, vocab), or (B, logits_to_keep, vocab)
-        for the last positions only (as HF's argument: a prefill needs just the last, and
-        the head is the largest matrix)."""
-        # Only the last (final-normed) stream is kept: deque(maxlen=1) drops the others.
-        x = deque(self.layer_outputs(tokens, positions, cache), maxlen=1).pop()
-        x = x[:, -logits_to_keep:]  # (B, T', C), T' = T or logits_to_keep
-        B, T, C = x.shape
-        # In 2D: a (B, 1, C) slice keeps its parent's strides, and on those PyTorch's
-        # matmul copies the whole head per call (GPT-2 bf16: 90 ms instead of 2.5).
-        return self.lm_head(x.reshape(B * T, C)).view(B, T, -1)  # (B, T', vocab)
