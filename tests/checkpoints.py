@@ -1,10 +1,13 @@
 """Checkpoints the tests make themselves: `transformers` models with random weights in
-Hugging Face layout (save_pretrained), plus the shipped GPT-2 vocabulary beside them."""
+Hugging Face layout (save_pretrained), plus the shipped GPT-2 vocabulary beside them; and
+GGUF files written with `gguf`'s own writer."""
 
 import shutil
 from importlib import resources
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
 
 
@@ -63,3 +66,29 @@ def hf_model(folder: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def write_gguf(
+    path: Path, arch: str, *, kv: dict, tensors: dict[str, tuple[np.ndarray, str]]
+) -> Path:
+    """A GGUF file with `kv` metadata (ints as uint32) and `tensors` = name -> (data, type)."""
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in kv.items():
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_array(key, value)
+    for name, (data, type_name) in tensors.items():
+        raw_dtype = None if type_name in ("F32", "F16") else gguf.GGMLQuantizationType[type_name]
+        w.add_tensor(name, data, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

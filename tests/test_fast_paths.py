@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pocketlm
-from checkpoints import make_gpt2, make_llama
+from checkpoints import make_gpt2, make_llama, write_gguf
 from pocketlm.errors import PocketLMError
 from pocketlm.features import perplexity
 from pocketlm.generate import Sequence, Stats, generate_tokens
@@ -249,42 +249,32 @@ def write_tiny_llama_gguf(
     SmolLM2's tokenizer so pocketlm can load it as a whole model."""
     rng = np.random.default_rng(seed)
     C, F, L, H, K = 64, 160, 2, 4, 2
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in {"block_count": L, "context_length": 128, "embedding_length": C,
-                       "feed_forward_length": F, "attention.head_count": H, "attention.head_count_kv": K,
-                       "rope.dimension_count": C // H}.items():  # fmt: skip
-        w.add_uint32(f"llama.{key}", value)
-    w.add_float32("llama.rope.freq_base", 10000.0)
-    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_uint32("general.file_type", {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3}[kind])
-    for key, value in tokenizer_meta.items():
-        if isinstance(value, list):
-            w.add_array(key, value)
-        elif isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        else:
-            w.add_string(key, value)
-    vocab = len(tokenizer_meta["tokenizer.ggml.tokens"])
-    w.add_tensor("token_embd.weight", (rng.standard_normal((vocab, C)) * 0.5).astype(np.float32))
-    w.add_tensor("output_norm.weight", np.ones(C, np.float32))
     D = C // H
+    kv = {f"llama.{key}": value for key, value in {
+        "block_count": L, "context_length": 128, "embedding_length": C, "feed_forward_length": F,
+        "attention.head_count": H, "attention.head_count_kv": K, "rope.dimension_count": D,
+        "rope.freq_base": 10000.0, "attention.layer_norm_rms_epsilon": 1e-5}.items()}  # fmt: skip
+    kv["general.file_type"] = {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3}[kind]
+    kv.update(tokenizer_meta)
+    vocab = len(tokenizer_meta["tokenizer.ggml.tokens"])
+    tensors = {
+        "token_embd.weight": ((rng.standard_normal((vocab, C)) * 0.5).astype(np.float32), "F32"),
+        "output_norm.weight": (np.ones(C, np.float32), "F32"),
+    }
     matrices = {"attn_q": (H * D, C), "attn_k": (K * D, C), "attn_v": (K * D, C), "attn_output": (C, C),
                 "ffn_gate": (F, C), "ffn_up": (F, C), "ffn_down": (C, F)}  # fmt: skip
     for i in range(L):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(C, np.float32))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(C, np.float32))
+        tensors[f"blk.{i}.attn_norm.weight"] = (np.ones(C, np.float32), "F32")
+        tensors[f"blk.{i}.ffn_norm.weight"] = (np.ones(C, np.float32), "F32")
         for name, shape in matrices.items():
             data = (rng.standard_normal(shape) * 0.2).astype(np.float32)
-            ggml_type = getattr(gguf.GGMLQuantizationType, kind)
-            raw = q8_0_bytes(data) if kind == "Q8_0" else gguf.quants.quantize(data, ggml_type)
-            w.add_tensor(f"blk.{i}.{name}.weight", raw, raw_dtype=ggml_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+            raw = (
+                q8_0_bytes(data)
+                if kind == "Q8_0"
+                else gguf.quants.quantize(data, getattr(gguf.GGMLQuantizationType, kind))
+            )
+            tensors[f"blk.{i}.{name}.weight"] = (raw, kind)
+    return write_gguf(path, "llama", kv=kv, tensors=tensors)
 
 
 @pytest.fixture(scope="module")

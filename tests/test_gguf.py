@@ -16,6 +16,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from checkpoints import write_gguf
 from pocketlm.errors import CorruptModelError, ModelNotFoundError, PocketLMError
 from pocketlm.weights.dequant import SUPPORTED_TYPES, dequantize, ggml_type_sizes
 from pocketlm.weights.gguf import (
@@ -44,32 +45,6 @@ def quantized(x: np.ndarray, type_name: str, rng: np.random.Generator) -> np.nda
 
 def reference(data: np.ndarray, type_name: str) -> np.ndarray:
     return gguf.quants.dequantize(data, QT[type_name]).astype(np.float32)
-
-
-def write_gguf(
-    path: Path, arch: str, *, kv: dict, tensors: dict[str, tuple[np.ndarray, str]]
-) -> Path:
-    """A GGUF file with `kv` metadata (ints as uint32) and `tensors` = name -> (data, type)."""
-    w = gguf.GGUFWriter(str(path), arch)
-    for key, value in kv.items():
-        if isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        elif isinstance(value, float):
-            w.add_float32(key, value)
-        elif isinstance(value, str):
-            w.add_string(key, value)
-        else:
-            w.add_array(key, value)
-    for name, (data, type_name) in tensors.items():
-        raw_dtype = None if type_name in ("F32", "F16") else QT[type_name]
-        w.add_tensor(name, data, raw_dtype=raw_dtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def one_line_error(exc_info: pytest.ExceptionInfo, path: Path) -> str:
