@@ -220,6 +220,7 @@ def test_describe_hf_folder(tmp_path):
     assert (info.context, info.vocab, info.quantization) == (32, 50257, "f32")
     assert info.file_size == (folder / "model.safetensors").stat().st_size
     assert info.ram_fp32 == 4 * info.parameters and info.ram_int8 == info.parameters
+    assert info.ram_int4 == info.parameters * 5 // 8
 
 
 def test_describe_marks_foreign_architectures(tmp_path):

@@ -57,6 +57,7 @@ def _card_fields(card: ModelCard) -> list[tuple[str, str]]:
         ("ram fp32", human_bytes(card.ram_fp32)),
         ("ram bf16", human_bytes(card.ram_bf16)),
         ("ram int8", human_bytes(card.ram_int8)),
+        ("ram int4", human_bytes(card.ram_int4)),
         ("ram note", card.ram_note),
         ("kv cache", f"{human_bytes(card.kv_cache_per_token_bf16 * 1024)} per 1k tokens (bf16)"),
     ]

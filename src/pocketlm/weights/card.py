@@ -64,6 +64,7 @@ class ModelCard:
     ram_fp32: int
     ram_bf16: int
     ram_int8: int
+    ram_int4: int  # 4-bit codes + a bf16 scale and offset per 32 weights
     kv_cache_per_token_bf16: int  # bytes the cache grows by per token of context
     ram_note: str = RAM_NOTE
 
@@ -94,6 +95,7 @@ def describe(path: Path, *, name: str | None = None) -> ModelCard:
         ram_fp32=params * 4,
         ram_bf16=params * 2,
         ram_int8=params,
+        ram_int4=params * 5 // 8,  # 0.5 byte + 4 bytes per 32
         kv_cache_per_token_bf16=2 * shape.layers * shape.kv_heads * shape.head_dim * 2,
     )
 
