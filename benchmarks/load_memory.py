@@ -69,7 +69,7 @@ def measure(folder: Path, dtype: str) -> dict:
     import pocketlm
 
     with safe_open(folder / "model.safetensors", framework="pt") as f:
-        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
     weight_bytes = params * {"fp32": 4, "bf16": 2}[dtype]
     # As a user gets it: loaded, then prepared for decoding (fp32 re-laid out per thread).
     model = pocketlm.load(folder, dtype=dtype, device="cpu").model

@@ -121,12 +121,14 @@ def work_pocketlm(args: argparse.Namespace) -> dict:
     from pocketlm.benchmark import measure
 
     dtype = "bf16" if args.mode == "bf16" else "fp32"
-    quantize = args.mode if args.mode in ("int8", "int4") else None
+    compile = args.mode.endswith("+compile")
+    base = args.mode.removesuffix("+compile")
+    quantize = base if base in ("int8", "int4") else None
     started = time.perf_counter()
     lm = pocketlm.load(args.path, dtype=dtype, quantize=quantize, offline=True)
     load_s = time.perf_counter() - started
     m = measure(lm.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                prefill_tokens=args.prefill_tokens)  # fmt: skip
+                prefill_tokens=args.prefill_tokens, compile=compile)  # fmt: skip
     return {**m.as_dict(), "load_s": load_s}
 
 
@@ -235,6 +237,7 @@ def plan(
     if model == SMOLLM2:
         rows = [("pocketlm", "fp32", folder, ""), ("pocketlm", "bf16", folder, ""),
                 ("pocketlm", "int8", folder, ""), ("pocketlm", "int4 (same file)", folder, ""),
+                ("pocketlm", "int4+compile (same file)", folder, ""),
                 ("transformers", "fp32", folder, ""),
                 ("transformers", "bf16", folder, "")]  # fmt: skip
         return [
@@ -255,6 +258,10 @@ def plan(
     rows.append(("pocketlm", "int4", folder, ""))
     if q4_path is not None:
         rows.append(("pocketlm", "int4 (from q4_1 gguf)", q4_path, ""))
+    if model in args.compiled:
+        rows += [("pocketlm", "fp32+compile", folder, ""), ("pocketlm", "int8+compile", folder, "")]
+        if q4_path is not None:
+            rows.append(("pocketlm", "int4+compile (from q4_1 gguf)", q4_path, ""))
     rows += [("transformers", "fp32", folder, ""), ("transformers", "bf16", folder, "")]
     if model in args.hf_compile:
         rows.append(("transformers", "static-compile", folder, ""))
@@ -441,6 +448,12 @@ def parse_args() -> argparse.Namespace:
         type=lambda s: s.split(","),
         default=["gpt2-small"],
         help="models to also run with transformers' static cache + torch.compile",
+    )
+    p.add_argument(
+        "--compiled",
+        type=lambda s: s.split(","),
+        default=["gpt2-small"],
+        help="GPT-2 shapes to also run with pocketlm's compiled decode step (--compile)",
     )
     p.add_argument(
         "--convert",

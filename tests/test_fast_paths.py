@@ -99,6 +99,21 @@ def test_fused_llama_gives_the_same_logits_and_ids(tiny_llama):
     assert greedy_ids(fused, PROMPT, 40) == greedy_ids(plain, PROMPT, 40)
 
 
+# --- the compiled decode step ---------------------------------------------------------------
+
+
+def test_compiled_decode_gives_the_eager_tokens(tiny_llama):
+    """`--compile`: the decode step through torch.compile (one graph for every position,
+    the sliding window included: this Mistral's window is 12 slots) gives the same greedy
+    tokens as eager decoding. (Compiling takes a while on 2 cores: one model, fp32.)"""
+    lm = pocketlm.load(tiny_llama, device="cpu")
+    eager = greedy_ids(lm.model, PROMPT, 24)
+    seq = Sequence(lm.model, compile=True)
+    compiled = [s.token for s in generate_tokens(seq, PROMPT, params=GREEDY, max_tokens=24)]
+    assert compiled == eager
+    assert seq._compiled._calls > 2  # every step after the prompt went through the graph
+
+
 # --- fp32 split between threads -------------------------------------------------------
 
 

@@ -87,7 +87,8 @@ def test_batched_rows_at_different_positions_match_one_by_one(pair):
         ours(a[:, :11], _positions(11), cache)  # row 0 prefill (row 1 untouched)
         cache_b = make_cache(ours, batch_size=1, max_seq_len=32)
         ours(b[:, :6], _positions(6), cache_b)
-        cache.k[:, 1], cache.v[:, 1] = cache_b.k[:, 0], cache_b.v[:, 0]
+        for whole, row in zip(cache.k + cache.v, cache_b.k + cache_b.v, strict=True):
+            whole[1] = row[0]
         step = ours(torch.tensor([[a[0, 11]], [b[0, 6]]]), torch.tensor([[11], [6]]), cache)
     torch.testing.assert_close(step[0, -1], alone_a, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(step[1, -1], alone_b, atol=1e-4, rtol=1e-4)

@@ -60,7 +60,12 @@ class LM:
     """A loaded model with its tokenizer, ready to generate."""
 
     def __init__(
-        self, loaded: loader.LoadedModel, *, name: str, context: int | None = None
+        self,
+        loaded: loader.LoadedModel,
+        *,
+        name: str,
+        context: int | None = None,
+        compile: bool = False,
     ) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -71,6 +76,7 @@ class LM:
         self.last_stats = Stats()
         self._sequence: Sequence | None = None
         self.draft: LM | None = None  # speculative decoding's draft model (`set_draft`)
+        self.compile = compile  # decode steps through torch.compile (pocketlm.compiled)
         # The KV cache is preallocated for the whole window: a 128k-token window would
         # take GBs, so by default it is capped (as llama.cpp's and Ollama's num_ctx are).
         if context is not None and context < 2:
@@ -112,7 +118,9 @@ class LM:
         """The LM's own sequence (KV cache), reused between calls so a prompt that extends
         the previous one (a chat) only computes its new tokens."""
         if self._sequence is None:
-            self._sequence = Sequence(self.model, max_seq_len=self.context_length)
+            self._sequence = Sequence(
+                self.model, max_seq_len=self.context_length, compile=self.compile
+            )
         return self._sequence
 
     def encode_prompt(
@@ -286,12 +294,14 @@ def load(
     context: int | None = None,
     quantize: str | None = None,
     draft: str | Path | None = None,
+    compile: bool = False,
 ) -> LM:
     """Load a model by name (`gpt2`, `smollm2-135m`, `org/repo`), local path or GGUF file;
     None loads the embedded default. `adapter`: a LoRA adapter folder to merge in.
     `context`: the context window in tokens (default: the model's, at most 4096).
     `quantize="int8"` or `"int4"`: weight-only quantized weights; `draft`: a smaller model of the same
-    tokenizer for speculative decoding (see pocketlm.quant, pocketlm.speculative)."""
+    tokenizer for speculative decoding (see pocketlm.quant, pocketlm.speculative);
+    `compile=True`: decode steps through torch.compile (pocketlm.compiled)."""
     from pocketlm.weights.sources import resolve
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -306,7 +316,12 @@ def load(
         loaded = load_gguf_quantized(path, quantize=quantize, device=device)
     else:
         loaded = loader.load(path, dtype=dtype, device=device)
-    lm = LM(loaded, name=str(name) if name is not None else path.parent.name, context=context)
+    lm = LM(
+        loaded,
+        name=str(name) if name is not None else path.parent.name,
+        context=context,
+        compile=compile,
+    )
     if adapter is not None:
         lm.apply_adapter(adapter)
     from pocketlm.quant import prepare

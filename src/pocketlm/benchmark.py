@@ -42,8 +42,10 @@ def measure(
     prefill_tokens: int = 512,
     repeats: int = 3,
     vocab_floor: int = 1000,
+    compile: bool = False,
 ) -> Measurement:
-    """Best of `repeats` runs of greedy decoding and of a prefill, after one warm-up."""
+    """Best of `repeats` runs of greedy decoding and of a prefill, after one warm-up (which
+    also compiles the decode step with `compile`: its cost is not in the figures)."""
     context = model.config.context_length
     prefill_tokens = min(prefill_tokens, context - 1)
     new_tokens = min(new_tokens, context - prompt_tokens)
@@ -51,7 +53,9 @@ def measure(
     ids = [vocab_floor + (7 * i) % 5000 for i in range(max(prompt_tokens, prefill_tokens))]
     greedy = SamplingParams(temperature=0)
     seq = Sequence(
-        model, max_seq_len=min(context, max(prefill_tokens, prompt_tokens + new_tokens) + 1)
+        model,
+        max_seq_len=min(context, max(prefill_tokens, prompt_tokens + new_tokens) + 1),
+        compile=compile,
     )
     list(generate_tokens(seq, ids[:prompt_tokens], params=greedy, max_tokens=4))  # warm-up
     decode, ttft = 0.0, float("inf")

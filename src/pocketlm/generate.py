@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pocketlm.compiled import CompiledDecode
 from pocketlm.models import make_cache
 from pocketlm.sampling import SamplingParams, make_generator, process_logits, prompt_mask, sample
 from pocketlm.stopping import StopMatcher
@@ -84,7 +85,12 @@ class Sequence:
     """One sequence's KV cache and the token ids it holds."""
 
     def __init__(
-        self, model: nn.Module, *, max_seq_len: int | None = None, keep_fraction: float = 0.75
+        self,
+        model: nn.Module,
+        *,
+        max_seq_len: int | None = None,
+        keep_fraction: float = 0.75,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.context_length = min(
@@ -93,10 +99,12 @@ class Sequence:
         # After the window fills, this many recent tokens are kept and re-prefilled.
         self.keep = max(1, int(self.context_length * keep_fraction))
         self.cache = make_cache(model, batch_size=1, max_seq_len=self.context_length)
-        self.device = self.cache.k.device
+        self.device = self.cache.device
         # Preallocated inputs of a decode step: the token, and every position's index.
         self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self._positions = torch.arange(self.context_length, device=self.device)[None]  # (1, S)
+        # Decode steps through torch.compile (pocketlm.compiled); prefills stay eager.
+        self._compiled = CompiledDecode(model, self.cache) if compile else None
         self.tokens: list[int] = []
         self.rebuilds = 0  # how many times the window slid (for tests and stats)
 
@@ -121,6 +129,15 @@ class Sequence:
             self.rebuilds += 1
             return self._forward(kept)
         self._token[0, 0] = token  # no tensor is allocated per decode step
+        if self._compiled is not None:
+            start = len(self.tokens)
+            with torch.inference_mode():
+                logits = self._compiled(
+                    self._token, self._positions[:, start : start + 1], start + 1
+                )
+            self.tokens.append(token)
+            self._last_size = 1
+            return logits[0, -1].float()
         return self._run(self._token, [token], last_only=True)[-1]
 
     def extend(self, ids: Seq[int]) -> torch.Tensor:

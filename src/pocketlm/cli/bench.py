@@ -19,6 +19,7 @@ MODES = {
     "int8": dict(dtype="fp32", quantize="int8"),
     "int4": dict(dtype="fp32", quantize="int4"),
 }
+COMPILED = "+compile"  # a mode with this suffix decodes through torch.compile
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--modes",
         default="fp32,int8",
-        help="comma-separated: fp32, bf16, int8, int4 (default fp32,int8)",
+        help="comma-separated: fp32, bf16, int8, int4, each optionally +compile "
+        "(e.g. int4+compile; default fp32,int8)",
     )
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -55,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
 
     common.setup_logging()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if unknown := [m for m in modes if m not in MODES]:
+    if unknown := [m for m in modes if m.removesuffix(COMPILED) not in MODES]:
         raise PocketLMError(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
     for name, value in (
         ("prompt", args.prompt_tokens),
@@ -74,13 +76,13 @@ def main(args: argparse.Namespace) -> int:
     )
     results = []
     for mode in modes:
-        lm = load(args.model, offline=args.offline, **MODES[mode])
+        lm = load(args.model, offline=args.offline, **MODES[mode.removesuffix(COMPILED)])
         m = measure(lm.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                    prefill_tokens=args.prefill_tokens)  # fmt: skip
+                    prefill_tokens=args.prefill_tokens, compile=mode.endswith(COMPILED))  # fmt: skip
         bound = bandwidth * 1e9 / m.bytes_per_token
         results.append({"model": lm.name, "mode": mode, **m.as_dict(), "bound_tok_s": bound})
         print(
-            f"{lm.name} {mode:5} decode {m.decode_tok_s:6.1f} tok/s ({m.decode_tok_s / bound:4.0%} of the "
+            f"{lm.name} {mode:12} decode {m.decode_tok_s:6.1f} tok/s ({m.decode_tok_s / bound:4.0%} of the "
             f"{bound:.0f} tok/s bound)  prefill {m.prefill_tok_s:6.0f} tok/s  TTFT {m.ttft_ms:5.0f} ms  "
             f"peak RSS {m.peak_rss_mb:5.0f} MB"
         )

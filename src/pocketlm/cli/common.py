@@ -45,6 +45,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_compile_option(parser: argparse.ArgumentParser) -> None:
+    """--compile, for the commands that decode one sequence token by token (run, chat)."""
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through torch.compile: one compiled step instead of Python per layer "
+        "(the first run compiles for about a minute; cached on disk after)",
+    )
+
+
 def add_sampling_options(parser: argparse.ArgumentParser, *, temperature: float = 0.7) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument(
@@ -129,6 +139,7 @@ def load_model(name: str | None, args: argparse.Namespace):  # -> pocketlm.LM
         quantize=getattr(args, "quantize", None),
         draft=getattr(args, "draft", None),
         adapter=getattr(args, "adapter", None),
+        compile=getattr(args, "compile", False),
     )
 
 

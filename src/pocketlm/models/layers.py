@@ -47,7 +47,7 @@ def attend(
     else:
         k, v = cache.update(layer, positions, k, v)
         # Only slots up to the furthest position hold anything this step can see.
-        n_slots = int(positions.max()) + 1
+        n_slots = cache.visible if cache.visible is not None else int(positions.max()) + 1
         k, v = k[:, :, :n_slots], v[:, :, :n_slots]  # (B, Hkv, S, D)
         if q.shape[0] == 1 and q.shape[2] == 1 and (window is None or n_slots <= window):
             # One decode step: the only query is the newest position and sees every slot,

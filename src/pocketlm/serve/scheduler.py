@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pocketlm.models import KVCache, make_cache
+from pocketlm.models import make_cache
 from pocketlm.sampling import (
     SamplingParams,
     make_generator,
@@ -117,16 +117,6 @@ class _Active:
         self.done = False
 
 
-class _RowView:
-    """Row `row` of a batched KVCache, seen as a one-row cache (shares its storage)."""
-
-    update = KVCache.update  # writes through the views below, into the shared cache
-
-    def __init__(self, cache: KVCache, row: int) -> None:
-        self.k = cache.k[:, row : row + 1]  # (L, 1, H, S, D)
-        self.v = cache.v[:, row : row + 1]
-
-
 class Scheduler:
     """Runs requests in a background thread with continuous batching."""
 
@@ -146,7 +136,7 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.vocab_size = model.config.vocab_size
         self.cache = make_cache(model, batch_size=max_batch, max_seq_len=max_seq_len)
-        self.device = self.cache.k.device
+        self.device = self.cache.device
         self.rows: list[_Active] = []  # rows[i] is in cache row i
         self._waiting: deque[Request] = deque()
         self._wake = threading.Condition()
@@ -296,8 +286,7 @@ class Scheduler:
         shared = self._shared
         if active.position == 0 and shared is not None and shared[0] is ids:
             _, source, last, active.prompt_logprobs = shared
-            self.cache.k[:, row, :, : len(ids)] = self.cache.k[:, source, :, : len(ids)]
-            self.cache.v[:, row, :, : len(ids)] = self.cache.v[:, source, :, : len(ids)]
+            self.cache.copy_row(source, row, len(ids))
             active.position = len(ids)
         else:
             start, end = active.position, min(len(ids), active.position + self.prefill_chunk)
@@ -306,9 +295,9 @@ class Scheduler:
             # Prompt logprobs need every position's logits; otherwise the last will do.
             keep = 0 if active.request.prompt_logprobs else 1
             with torch.inference_mode():
-                logits = self.model(
-                    tokens, positions, _RowView(self.cache, row), logits_to_keep=keep
-                )[0]  # (T or 1, V)
+                logits = self.model(tokens, positions, self.cache.row(row), logits_to_keep=keep)[
+                    0
+                ]  # (T or 1, V)
             logits = logits.float()
             self.counters["prompt_tokens"] += end - start
             active.position = end
@@ -418,8 +407,7 @@ class Scheduler:
 
     def _move(self, source: int, target: int, n: int) -> None:
         """Copy a cache row's first n slots (the ones it has filled) to another row."""
-        self.cache.k[:, target, :, :n] = self.cache.k[:, source, :, :n]
-        self.cache.v[:, target, :, :n] = self.cache.v[:, source, :, :n]
+        self.cache.copy_row(source, target, n)
 
     @staticmethod
     def _expired(request: Request) -> bool:

@@ -21,7 +21,7 @@ class FallbackCache:
     def __init__(self, max_seq_len: int, device: torch.device) -> None:
         self.max_seq_len = max_seq_len
         self.past: Any = None
-        self.k = torch.empty(0, device=device)  # Sequence reads the cache's device from here
+        self.device = device
 
     def crop(self, length: int) -> None:
         if self.past is None or (held := self.past.get_seq_length()) <= length:
