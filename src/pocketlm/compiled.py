@@ -1,16 +1,18 @@
 """The one-token decode step compiled with torch.compile: the whole model as one generated
-function, no Python per layer (`--compile`, CPU or GPU).
+function, no Python per layer (`--compile`; measured on a CPU only, no GPU was at hand).
 
 Eager decoding of a small model spends about as long in Python and PyTorch's dispatch as
 in its kernels (SmolLM2-135M int4 on 2 cores: ~4.5 of ~9 ms per token, 274 module calls).
-Compiled, the same kernels run from one C++ wrapper. Three details make it pay:
+Compiled, the same kernels run from one generated function with the small ops fused
+(measured: ~111 -> ~155 tok/s; ~0.7 ms per token still goes to dynamo's entry, guards
+skipped or not). Three details make it pay:
 - the KV cache is one tensor per layer (models/cache.py): a write into a slice of a
   shared tensor made the compiled step copy the whole cache, layer after layer;
 - the number of slots a step may see is the length of a tensor marked dynamic, so one
   graph serves every position (as an int read off `positions` it would stop the graph,
   and as a plain int it would recompile at every token);
-- once warm, guards are skipped (`skip_guard_eval_unsafe`): the step's inputs never
-  change kind, and checking the guards on every weight cost ~1 ms per token.
+- once warm, guard evaluation is skipped (`skip_guard_eval_unsafe`): the step's inputs
+  never change kind (a new kind raises, and is compiled for with the guards back on).
 Compiling takes tens of seconds on a CPU the first time; inductor keeps the result on
 disk, so a later load of the same model compiles in seconds.
 Knows nothing of tokens, sampling or files. (gpt-fast `decode_one_token`.)
