@@ -39,6 +39,11 @@ class CompiledDecode:
         self._slots = torch.arange(cache.max_seq_len, device=cache.device)
         self._graph = torch.compile(self._step, dynamic=False, fullgraph=True)
         self._calls = 0
+        # Said here, before any text streams: the compile itself happens at the first step.
+        log.info(
+            "the decode step compiles at the first token (about a minute the first time for "
+            "a model, seconds once cached)"
+        )
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor):  # noqa: ANN202
         """What is compiled: `slots` (n,) says by its length how many slots are visible."""
@@ -50,8 +55,6 @@ class CompiledDecode:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, n_slots: int) -> torch.Tensor:
         if n_slots < 2:  # a size-1 dimension would be specialised: not worth a graph
             return self.model(tokens, positions, self.cache, logits_to_keep=1)
-        if self._calls == 0:
-            log.info("compiling the decode step (the first time for a model: about a minute)")
         slots = self._slots[:n_slots]
         torch._dynamo.mark_dynamic(slots, 0)
         self._calls += 1
