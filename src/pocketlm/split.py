@@ -21,6 +21,19 @@ from torch import nn
 from pocketlm.models.layers import replace_linears
 
 
+@torch.library.custom_op("pocketlm::split_matmul", mutates_args=())
+def split_matmul(rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """rows (M, K) times each block (P, K, N/P) -> (P, M, N/P), as one bmm. An op of its
+    own so that torch.compile calls it as it is: inductor would otherwise turn a one-row
+    bmm into its own single-threaded loops (GPT-2 small fp32 compiled: 37 tok/s, not 66)."""
+    return torch.bmm(rows.expand(blocks.shape[0], *rows.shape), blocks)
+
+
+@split_matmul.register_fake
+def _(rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    return rows.new_empty((blocks.shape[0], rows.shape[0], blocks.shape[2]))
+
+
 class SplitLinear(nn.Module):
     """y = x @ weight.T + bias, the weight (N, K) kept as P column blocks (P, K, ceil(N/P))."""
 
@@ -40,8 +53,7 @@ class SplitLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
-        n_blocks = self.blocks.shape[0]
-        y = torch.bmm(rows.expand(n_blocks, *rows.shape), self.blocks)  # (P, M, N/P)
+        y = split_matmul(rows, self.blocks)  # (P, M, N/P)
         y = y.transpose(0, 1).reshape(len(rows), -1)[:, : self.out_features]  # (M, N)
         if self.bias is not None:
             y = y + self.bias
