@@ -129,15 +129,6 @@ class Sequence:
             self.rebuilds += 1
             return self._forward(kept)
         self._token[0, 0] = token  # no tensor is allocated per decode step
-        if self._compiled is not None:
-            start = len(self.tokens)
-            with torch.inference_mode():
-                logits = self._compiled(
-                    self._token, self._positions[:, start : start + 1], start + 1
-                )
-            self.tokens.append(token)
-            self._last_size = 1
-            return logits[0, -1].float()
         return self._run(self._token, [token], last_only=True)[-1]
 
     def extend(self, ids: Seq[int]) -> torch.Tensor:
@@ -168,7 +159,11 @@ class Sequence:
         start = len(self.tokens)
         positions = self._positions[:, start : start + len(new)]  # (1, T), a view
         with torch.inference_mode():
-            logits = self.model(tokens, positions, self.cache, logits_to_keep=1 if last_only else 0)
+            if self._compiled is not None and len(new) == 1:  # a decode step
+                logits = self._compiled(tokens, positions, start + 1)
+            else:
+                keep = 1 if last_only else 0
+                logits = self.model(tokens, positions, self.cache, logits_to_keep=keep)
         self.tokens.extend(new)
         self._last_size = len(new)
         return logits[0].float()  # (T or 1, V)
