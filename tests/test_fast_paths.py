@@ -310,7 +310,7 @@ def test_gguf_q8_0_loads_straight_to_int8(tmp_path, smollm2_tokenizer_meta):
     # The int8 weights are the Q8_0 weights on one scale per row (within half a step).
     ref = float_model.model.layers[1].self_attn
     want = torch.cat([ref.q_proj.weight, ref.k_proj.weight, ref.v_proj.weight])
-    got = attn.qkv_proj.weight.float() * attn.qkv_proj.scales[:, None]
+    got = attn.qkv_proj.unpacked().float() * attn.qkv_proj.scales[:, None]
     assert torch.all((got - want).abs() <= attn.qkv_proj.scales[:, None] / 2 + 1e-6)
     ids = int8_lm.tokenizer.encode("The harbour was quiet before the storm")
     tokens, positions = torch.tensor([ids]), torch.arange(len(ids))[None]
