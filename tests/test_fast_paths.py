@@ -435,6 +435,33 @@ def test_api_draft_gives_the_same_completion_and_refuses_another_tokenizer(gpt2_
         pocketlm.load(target, draft=smollm2_gguf)
 
 
+def test_a_quantized_copy_of_the_model_drafts_for_it(gpt2_pair):
+    """`--draft MODEL --draft-quantize int8 --lookahead 6` with MODEL the model itself: its
+    int8 copy proposes, the fp32 model decides; greedy output is the fp32 model's own."""
+    target = gpt2_pair[0]
+    want = pocketlm.load(target).generate("The dog", max_tokens=30, temperature=0)
+    lm = pocketlm.load(target, draft=target, draft_quantize="int8", lookahead=6)
+    got = lm.generate("The dog", max_tokens=30, temperature=0)
+    assert got.tokens == want.tokens and got.text == want.text
+    assert any(isinstance(m, Int8Linear) for m in lm.draft.model.modules())
+    assert not any(isinstance(m, Int8Linear) for m in lm.model.modules())
+    assert lm.lookahead == 6 and got.stats.draft_proposed > 0
+    # only rounding separates the two: most proposals are kept
+    assert got.stats.draft_accepted > got.stats.draft_proposed / 2
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(draft_quantize="int8"), "needs a draft model"),
+        (dict(lookahead=0), "lookahead must be at least 1"),
+    ],
+)
+def test_bad_draft_options_are_refused_in_one_line(gpt2_pair, options, message):
+    with pytest.raises(PocketLMError, match=message):
+        pocketlm.load(gpt2_pair[0], **options)
+
+
 def test_acceptance_rule_draws_from_the_target_distribution():
     """Leviathan et al.'s rule, run 40,000 times on hand-built p and q over 5 tokens: the
     tokens it outputs follow p (not q), within Monte Carlo error."""

@@ -76,6 +76,7 @@ class LM:
         self.last_stats = Stats()
         self._sequence: Sequence | None = None
         self.draft: LM | None = None  # speculative decoding's draft model (`set_draft`)
+        self.lookahead = 4  # tokens the draft proposes a round
         self.compile = compile  # decode steps through torch.compile (pocketlm.compiled)
         # The KV cache is preallocated for the whole window: a 128k-token window would
         # take GBs, so by default it is capped (as llama.cpp's and Ollama's num_ctx are).
@@ -100,19 +101,23 @@ class LM:
         load_adapter(self.model, Path(path), merge=True)
         self._sequence = None  # its cache was computed with the old weights
 
-    def set_draft(self, draft: "LM | None") -> None:
-        """Generate with speculative decoding, `draft` proposing (None: stop). The draft
-        must share this model's tokenizer; the output distribution is this model's."""
-        from pocketlm.speculative import check_draft
+    def set_draft(self, draft: "LM | None", *, lookahead: int = 4) -> None:
+        """Generate with speculative decoding, `draft` proposing `lookahead` tokens a round
+        (None: stop). The draft must share this model's tokenizer; the output
+        distribution is this model's."""
+        from pocketlm.speculative import check_draft, check_lookahead
 
+        check_lookahead(lookahead)
         if draft is not None:
             check_draft(self.tokenizer, draft.tokenizer, names=(self.name, draft.name))
-        self.draft = draft
+        self.draft, self.lookahead = draft, lookahead
 
     def _speculative(self, seq: Sequence, ids: list[int], **options: object) -> Iterator:
         from pocketlm.speculative import speculative_tokens
 
-        return speculative_tokens(seq, self.draft.sequence(), ids, **options)
+        return speculative_tokens(
+            seq, self.draft.sequence(), ids, lookahead=self.lookahead, **options
+        )
 
     def sequence(self) -> Sequence:
         """The LM's own sequence (KV cache), reused between calls so a prompt that extends
@@ -294,16 +299,26 @@ def load(
     context: int | None = None,
     quantize: str | None = None,
     draft: str | Path | None = None,
+    draft_quantize: str | None = None,
+    lookahead: int = 4,
     compile: bool = False,
 ) -> LM:
     """Load a model by name (`gpt2`, `smollm2-135m`, `org/repo`), local path or GGUF file;
     None loads the embedded default. `adapter`: a LoRA adapter folder to merge in.
     `context`: the context window in tokens (default: the model's, at most 4096).
-    `quantize="int8"` or `"int4"`: weight-only quantized weights; `draft`: a smaller model of the same
-    tokenizer for speculative decoding (see pocketlm.quant, pocketlm.speculative);
+    `quantize="int8"` or `"int4"`: weight-only quantized weights (pocketlm.quant);
+    `draft`: a smaller model of the same tokenizer for speculative decoding, proposing
+    `lookahead` tokens a round (pocketlm.speculative), quantized as `draft_quantize`
+    (default: as this model) -- a quantized copy of the model itself is a draft too;
     `compile=True`: decode steps through torch.compile (pocketlm.compiled)."""
+    from pocketlm.speculative import check_lookahead
     from pocketlm.weights.sources import resolve
 
+    check_lookahead(lookahead)
+    if draft_quantize is not None and draft is None:
+        raise PocketLMError(
+            "a draft quantization needs a draft model: name one (--draft MODEL, or draft=)"
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -328,8 +343,9 @@ def load(
 
     prepare(lm.model, quantize=quantize)
     if draft is not None:
+        quantize = draft_quantize or quantize
         options = dict(
             dtype=dtype, device=device, offline=offline, context=context, quantize=quantize
         )
-        lm.set_draft(load(draft, **options))
+        lm.set_draft(load(draft, **options), lookahead=lookahead)
     return lm

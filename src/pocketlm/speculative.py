@@ -32,6 +32,11 @@ from pocketlm.sampling import (
 from pocketlm.tokenizer import Tokenizer
 
 
+def check_lookahead(lookahead: int) -> None:
+    if lookahead < 1:
+        raise PocketLMError(f"lookahead must be at least 1 (got {lookahead})")
+
+
 def speculative_tokens(
     target: Sequence,
     draft: Sequence,

@@ -41,7 +41,21 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--draft",
         default=None,
         metavar="MODEL",
-        help="speculative decoding with MODEL (same tokenizer, smaller) drafting",
+        help="speculative decoding with MODEL (same tokenizer, smaller) drafting; the "
+        "model itself quantized (--draft-quantize) is a draft too",
+    )
+    group.add_argument(
+        "--draft-quantize",
+        default=None,
+        choices=["int8", "int4"],
+        help="quantize the draft so (default: as the model)",
+    )
+    group.add_argument(
+        "--lookahead",
+        type=int,
+        default=4,
+        metavar="N",
+        help="tokens the draft proposes a round (default: 4)",
     )
 
 
@@ -138,6 +152,8 @@ def load_model(name: str | None, args: argparse.Namespace):  # -> pocketlm.LM
         context=args.ctx_size,
         quantize=getattr(args, "quantize", None),
         draft=getattr(args, "draft", None),
+        draft_quantize=getattr(args, "draft_quantize", None),
+        lookahead=getattr(args, "lookahead", 4),
         adapter=getattr(args, "adapter", None),
         compile=getattr(args, "compile", False),
     )

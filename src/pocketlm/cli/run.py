@@ -100,9 +100,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def print_stats(stats) -> None:
+    drafted = (
+        f"  draft accepted: {stats.draft_accepted}/{stats.draft_proposed}"
+        if stats.draft_proposed
+        else ""
+    )
     print(
         f"prompt tokens: {stats.prompt_tokens}  new tokens: {stats.new_tokens}  "
         f"time to first token: {stats.time_to_first_token * 1000:.0f} ms  "
-        f"speed: {stats.tokens_per_second:.1f} tokens/s",
+        f"speed: {stats.tokens_per_second:.1f} tokens/s{drafted}",
         file=sys.stderr,
     )

@@ -20,7 +20,7 @@ namespace {
 
 constexpr int64_t R = 4;             // weight rows read together
 constexpr int64_t C = 64;            // bytes of a row read at a time: one cache line
-constexpr int64_t PREFETCH = 2048;   // bytes ahead of the read position
+constexpr int64_t PREFETCH = 4096;   // bytes ahead of the read position, fetched into L2
 
 // 16 int8 -> 16 fp32
 inline __m512 widen(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
@@ -34,7 +34,7 @@ inline void dot_block(const float* x, const int8_t* block, int64_t K, float* out
     const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16),
                  x2 = _mm512_loadu_ps(x + k + 32), x3 = _mm512_loadu_ps(x + k + 48);
     for (int64_t r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(p + r * C + PREFETCH), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + r * C + PREFETCH), _MM_HINT_T1);
       const __m512i q = _mm512_loadu_si512(p + r * C);  // 64 weights of row r
       acc[r] = _mm512_fmadd_ps(widen(_mm512_castsi512_si128(q)), x0, acc[r]);
       acc[r] = _mm512_fmadd_ps(widen(_mm512_extracti32x4_epi32(q, 1)), x1, acc[r]);
