@@ -6,7 +6,8 @@
 For each model it measures, at batch 1 with greedy decoding: decode tokens/s (a 32-token
 prompt, 128 new tokens), prefill tokens/s (one 512-token prompt), time to first token and
 peak RSS, for
-  - pocketlm: fp32, bf16, int8 (weight-only; from the Q8_0 GGUF where there is one);
+  - pocketlm: fp32, bf16, int8 (weight-only; from the Q8_0 GGUF where there is one),
+    int4 (from the Q4_1 GGUF where there is one), and some of them with --compile;
   - transformers `generate`: fp32, bf16, and static cache + torch.compile (GPT-2 small);
   - llama.cpp through llama-cpp-python: the same weights as GGUF f32, f16 and q8_0
     (converted with llama.cpp's own convert_hf_to_gguf.py), or the shipped GGUF itself.
@@ -236,7 +237,8 @@ def plan(
     no_llama = "skipped: llama-cpp-python is not installed (pip install llama-cpp-python)"
     if model == SMOLLM2:
         rows = [("pocketlm", "fp32", folder, ""), ("pocketlm", "bf16", folder, ""),
-                ("pocketlm", "int8", folder, ""), ("pocketlm", "int4 (same file)", folder, ""),
+                ("pocketlm", "int8", folder, ""), ("pocketlm", "int8+compile", folder, ""),
+                ("pocketlm", "int4 (same file)", folder, ""),
                 ("pocketlm", "int4+compile (same file)", folder, ""),
                 ("transformers", "fp32", folder, ""),
                 ("transformers", "bf16", folder, "")]  # fmt: skip
