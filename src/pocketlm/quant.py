@@ -51,6 +51,7 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight.contiguous())  # (N, K) int8, until packed
         self.register_buffer("packed", None)  # (N/4, K/64, 4, 64) int8, pocketlm's kernel
+        self._gemv = None  # that kernel (pocketlm.kernels.int8_gemv), once packed
         self.register_buffer("scales", scales.contiguous())  # (N,) float
         self.register_buffer("bias", bias)  # (N,) or None
 
