@@ -133,19 +133,27 @@ def test_compiled_int8_decode_gives_the_eager_tokens(gemv, tmp_path):
     assert seq._compiled._calls > 2
 
 
-def test_a_kernel_that_does_not_build_falls_back_in_one_line(monkeypatch, caplog):
-    def no_ninja(**kwargs):
-        raise RuntimeError("Ninja is required to load C++ extensions\n(details)")
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        ("Ninja is required to load C++ extensions\n(details)", "Ninja is required"),
+        ("Error building extension 'pocketlm_kernels': [1/2] c++ -MMD ...", "C++ compiler failed"),
+    ],
+)
+def test_a_kernel_that_does_not_build_falls_back_in_one_line(monkeypatch, caplog, error, reason):
+    def failing_build(**kwargs):
+        raise RuntimeError(error)
 
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_ninja)
-    assert kernels.build() == "Ninja is required to load C++ extensions"
-    monkeypatch.setattr(kernels, "build", lambda: "Ninja is required to load C++ extensions")
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", failing_build)
+    said = kernels.build()
+    assert reason in said and "\n" not in said
+    monkeypatch.setattr(kernels, "build", lambda: said)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     kernels.int8_gemv.cache_clear()
     try:
         with caplog.at_level(logging.INFO, logger="pocketlm"):
             assert kernels.int8_gemv() is None
-        assert "pocketlm's did not build (Ninja is required" in caplog.text
+        assert f"pocketlm's did not build ({said}" in caplog.text
         # and a layer then keeps its plain weight for PyTorch's kernel
         layer = Int8Linear.from_float(torch.nn.Linear(64, 8))
         layer.pack()

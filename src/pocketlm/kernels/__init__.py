@@ -35,7 +35,11 @@ def int8_gemv():  # noqa: ANN201 (an OpOverloadPacket)
         log.info("int8 decoding uses PyTorch's kernel: pocketlm's needs an AVX-512 CPU")
         return None
     if (reason := build()) is not None:
-        log.warning("int8 decoding uses PyTorch's kernel: pocketlm's did not build (%s)", reason)
+        log.warning(
+            "int8 decoding uses PyTorch's kernel: pocketlm's did not build (%s; "
+            "POCKETLM_KERNELS=0 skips trying)",
+            reason,
+        )
         return None
     _register_fakes()
     return torch.ops.pocketlm_kernels.int8_gemv
@@ -53,6 +57,9 @@ def _register_fakes() -> None:
 def build() -> str | None:
     """Compile the kernels (or find them compiled) and load them into PyTorch; None, or
     why not in one line."""
+    quiet = logging.getLogger("torch.utils.cpp_extension")  # its compiler lecture, if any
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         from torch.utils.cpp_extension import get_default_build_root, load  # needs setuptools
 
@@ -71,8 +78,12 @@ def build() -> str | None:
             is_python_module=False,
         )
     except (ImportError, OSError, RuntimeError, subprocess.CalledProcessError) as err:
-        lines = str(err).strip().splitlines()
-        return lines[0] if lines else type(err).__name__
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        if lines[0].startswith("Error building extension"):
+            return "the C++ compiler failed on it; it needs g++ with OpenMP"
+        return lines[0]
+    finally:
+        quiet.setLevel(level)
     return None
 
 
