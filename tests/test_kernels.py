@@ -39,7 +39,7 @@ def gemv():
 
 
 @pytest.mark.parametrize("n, k", [(1, 64), (5, 64), (7, 128), (101, 576), (2304, 768)])
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16])  # 4 rows share each widened weight
 def test_int8_gemv_equals_pytorchs_int8_kernel(gemv, n, k, rows):
     """Every N (padded blocks of four rows), widths of whole cache lines, up to the 16 rows
     the kernel is used for: equal to PyTorch's int8 kernel in fp32 and to float64."""

@@ -21,28 +21,32 @@ namespace {
 constexpr int64_t R = 4;             // weight rows read together
 constexpr int64_t C = 64;            // bytes of a row read at a time: one cache line
 constexpr int64_t PREFETCH = 4096;   // bytes ahead of the read position, fetched into L2
+constexpr int64_t MB_MAX = 4;        // rows of x that share each widened weight
 
 // 16 int8 -> 16 fp32
 inline __m512 widen(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
 
-// Dot products of one fp32 row x (K) with the R weight rows of one packed block.
-inline void dot_block(const float* x, const int8_t* block, int64_t K, float* out) {
-  __m512 acc[R];
-  for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+// Dot products of MB fp32 rows of x (K each, `ldx` apart) with the R weight rows of one
+// packed block: out[m * R + r]. Each 64 weights are widened to fp32 once for all MB rows.
+template <int64_t MB>
+inline void dot_block(const float* x, int64_t ldx, const int8_t* block, int64_t K, float* out) {
+  __m512 acc[MB][R];
+  for (int64_t m = 0; m < MB; ++m)
+    for (int64_t r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
   const int8_t* p = block;
   for (int64_t k = 0; k < K; k += C, p += R * C) {
-    const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16),
-                 x2 = _mm512_loadu_ps(x + k + 32), x3 = _mm512_loadu_ps(x + k + 48);
     for (int64_t r = 0; r < R; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(p + r * C + PREFETCH), _MM_HINT_T1);
       const __m512i q = _mm512_loadu_si512(p + r * C);  // 64 weights of row r
-      acc[r] = _mm512_fmadd_ps(widen(_mm512_castsi512_si128(q)), x0, acc[r]);
-      acc[r] = _mm512_fmadd_ps(widen(_mm512_extracti32x4_epi32(q, 1)), x1, acc[r]);
-      acc[r] = _mm512_fmadd_ps(widen(_mm512_extracti32x4_epi32(q, 2)), x2, acc[r]);
-      acc[r] = _mm512_fmadd_ps(widen(_mm512_extracti32x4_epi32(q, 3)), x3, acc[r]);
+      const __m512 w[4] = {widen(_mm512_castsi512_si128(q)), widen(_mm512_extracti32x4_epi32(q, 1)),
+                           widen(_mm512_extracti32x4_epi32(q, 2)), widen(_mm512_extracti32x4_epi32(q, 3))};
+      for (int64_t m = 0; m < MB; ++m)
+        for (int64_t j = 0; j < 4; ++j)
+          acc[m][r] = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(x + m * ldx + k + 16 * j), acc[m][r]);
     }
   }
-  for (int64_t r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int64_t m = 0; m < MB; ++m)
+    for (int64_t r = 0; r < R; ++r) out[m * R + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
 // x (M, K) float, packed (N/R, K/C, R, C) int8, scale (n,) fp32 -> y (M, n) fp32, the
@@ -62,12 +66,18 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const float* sp = s.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    float out[R];
+    float out[MB_MAX * R];
     for (int64_t b = begin; b < end; ++b) {
-      for (int64_t m = 0; m < M; ++m) {  // a block stays in L1 for the other rows
-        dot_block(xp + m * K, wp + b * R * K, K, out);
-        for (int64_t r = 0; r < R && b * R + r < n; ++r)
-          yp[m * n + b * R + r] = out[r] * sp[b * R + r];
+      for (int64_t m = 0; m < M;) {  // MB_MAX rows at a time, then one by one
+        const int64_t rows = M - m >= MB_MAX ? MB_MAX : 1;
+        if (rows == MB_MAX)
+          dot_block<MB_MAX>(xp + m * K, K, wp + b * R * K, K, out);
+        else
+          dot_block<1>(xp + m * K, K, wp + b * R * K, K, out);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t r = 0; r < R && b * R + r < n; ++r)
+            yp[(m + i) * n + b * R + r] = out[i * R + r] * sp[b * R + r];
+        m += rows;
       }
     }
   });
