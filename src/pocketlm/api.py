@@ -348,4 +348,6 @@ def load(
             dtype=dtype, device=device, offline=offline, context=context, quantize=quantize
         )
         lm.set_draft(load(draft, **options), lookahead=lookahead)
+    if compile:
+        lm.sequence()  # compiles its decode step now, while loading
     return lm

@@ -39,10 +39,9 @@ class CompiledDecode:
         self._slots = torch.arange(cache.max_seq_len, device=cache.device)
         self._graph = torch.compile(self._step, dynamic=False, fullgraph=True)
         self._calls = 0
-        # Said here, before any text streams: the compile itself happens at the first step.
         log.info(
-            "the decode step compiles at the first token (about a minute the first time for "
-            "a model, seconds once cached)"
+            "compiling the decode step (about a minute the first time for a model, seconds "
+            "once cached)"
         )
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor):  # noqa: ANN202

@@ -107,6 +107,18 @@ class Sequence:
         self._compiled = CompiledDecode(model, self.cache) if compile else None
         self.tokens: list[int] = []
         self.rebuilds = 0  # how many times the window slid (for tests and stats)
+        if compile:
+            self._compile_now()
+
+    def _compile_now(self) -> None:
+        """Take a few compiled steps on scratch tokens, so that compiling (tens of seconds
+        the first time) happens now, not in the middle of the first answer or its timing.
+        Their cache slots are overwritten by the next prefill."""
+        if self.context_length > 5:
+            self.prefill([0, 0])
+            for _ in range(3):
+                self.step(0)
+            self.truncate(0)
 
     def prefill(self, ids: Seq[int]) -> torch.Tensor:
         """Make the cache hold exactly `ids` (at most the context length); return the last
