@@ -93,6 +93,21 @@ def test_batched_greedy_equals_transformers_generate(lm, folder, scheduler):
     assert scheduler.snapshot()["active"] == 0
 
 
+def test_batched_int8_greedy_equals_each_request_alone(folder):
+    """int8 weights (pocketlm's kernel where it builds): a batch of rows gives each
+    request the tokens it gets alone."""
+    lm = pocketlm.load(folder, quantize="int8")
+    alone = [lm.generate(ids, max_tokens=12, temperature=0).tokens for ids in PROMPTS]
+    scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=4, max_queue=8)
+    scheduler.start()
+    try:
+        runs = [Run(ids, max_tokens=12, params=greedy()) for ids in PROMPTS]
+        scheduler.submit([r.request for r in runs])
+        assert [r.wait().tokens for r in runs] == alone
+    finally:
+        scheduler.stop()
+
+
 def test_seeded_sampling_does_not_depend_on_batch_mates(lm, scheduler):
     prompts = PROMPTS[:3]
     params = [
