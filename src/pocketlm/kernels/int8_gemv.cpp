@@ -1,15 +1,18 @@
-// y = x @ (w * scale[:, None]).T for a few rows x: int8 weights read at memory speed.
+// y = x @ (w * scale[:, None]).T for a few rows x (a decode step, a batch of them, a
+// speculative verify): int8 weights streamed from memory as fast as they will come.
 //
 // A decode step reads every weight once, so its matmuls are bound by how fast the weights
-// stream from memory. PyTorch's int8 kernel (_weight_int8pack_mm) reads an (N, K) weight as
-// four rows at once, four streams a few hundred bytes long each, and reached ~30 GB/s on
-// GPT-2 small's matrices on a machine that sums a large buffer at ~75 GB/s. Here the weight
-// is stored in the order it is read -- blocks of R = 4 rows, each cut into C = 64-byte
-// columns, (N/R, K/C, R, C) -- so each thread reads one contiguous stretch front to back,
-// prefetching ahead: ~50 GB/s on the same matrices.
+// stream from memory. PyTorch's int8 kernel (_weight_int8pack_mm) read GPT-2 small's
+// matrices at ~30 GB/s from memory, on a machine that sums a large buffer at ~75 GB/s,
+// though at 71-81 GB/s once they sat in cache: the loss was in the streaming, not the
+// arithmetic. Here the weight is stored in the order it is read -- blocks of R = 4 rows,
+// each cut into C = 64-byte columns, (N/R, K/C, R, C) -- so each thread reads one
+// contiguous stretch front to back, prefetching ahead: ~50 GB/s on the same matrices.
+// Up to MB_MAX rows of x share each weight once it is widened to fp32.
 //
 // M = rows of x, N = out features (a multiple of R: pocketlm pads), K = in features (a
-// multiple of C). x is converted to fp32; the products accumulate in fp32, per lane.
+// multiple of C). x is converted to fp32; the products accumulate in fp32, per lane, in
+// the same order for a row whatever other rows share the call.
 // AVX-512 (F + BW) only; pocketlm uses PyTorch's kernel on other CPUs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
