@@ -38,9 +38,9 @@ def gemv():
 
 
 @pytest.mark.parametrize("n, k", [(1, 64), (5, 64), (7, 128), (101, 576), (2304, 768)])
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16])  # 4 rows share each widened weight
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 32])  # 4 rows share each widened weight
 def test_int8_gemv_equals_pytorchs_int8_kernel(gemv, n, k, rows):
-    """Every N (padded blocks of four rows), widths of whole cache lines, up to the 16 rows
+    """Every N (padded blocks of four rows), widths of whole cache lines, up to the 32 rows
     the kernel is used for: equal to PyTorch's int8 kernel in fp32 and to float64."""
     torch.manual_seed(n + k + rows)
     weight, scales = quantize_per_channel(torch.randn(n, k))
@@ -87,7 +87,7 @@ def test_packed_int8_linear_matches_a_float64_oracle(gemv, rows):
     got = layer(x)
     assert got.shape == (2, rows, 70) and got.dtype == torch.float32
     # fp32 activations through the kernel; the prefill's bf16 path rounds to 2^-9
-    bound = 1e-5 if rows <= 16 else 2**-7
+    bound = 1e-5 if rows <= 32 else 2**-7
     assert (got.double() - want).abs().max() < bound * want.abs().max()
 
 
