@@ -1,6 +1,7 @@
 """Aggregate tokens/s of `pocketlm serve` with 1, 4 and 16 concurrent streaming clients.
 
-Starts `pocketlm serve MODEL --port 0 --max-batch 16` as a subprocess on 127.0.0.1, then
+Starts `pocketlm serve MODEL --port 0 --max-batch 16` (or the largest client count, and
+`--quantize` as given) as a subprocess on 127.0.0.1, then
 for each client count runs that many threads at once, each streaming one completion of
 --tokens new tokens (greedy, EOS suppressed with logit_bias so every request runs its
 full length), and reports total generated tokens / wall time. One warm-up request first.
@@ -9,6 +10,7 @@ step); absolute speeds depend on the machine and its load.
 
     python benchmarks/serve_concurrency.py                  # the embedded SmolLM2-135M
     python benchmarks/serve_concurrency.py --gpt2-small     # a random GPT-2-small-shaped model
+    python benchmarks/serve_concurrency.py --quantize int8 --levels 1,4,16,32
 """
 
 from __future__ import annotations
@@ -45,21 +47,15 @@ def random_gpt2_small(folder: Path) -> Path:
     return make_gpt2(folder, n_embd=768, n_layer=12, n_head=12, n_positions=1024)
 
 
-def start_server(model: str, *, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model: str, *, threads: int, max_batch: int, quantize: str | None
+) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+    options = ["--port", "0", "--max-batch", str(max_batch), "--offline"]
+    if quantize:
+        options += ["--quantize", quantize]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pocketlm.cli.main",
-            "serve",
-            model,
-            "--port",
-            "0",
-            "--max-batch",
-            "16",
-            "--offline",
-        ],
+        [sys.executable, "-m", "pocketlm.cli.main", "serve", model, *options],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -114,21 +110,29 @@ def main() -> None:
         "--threads", type=int, default=2, help="torch threads in the server (default 2)"
     )
     parser.add_argument("--levels", default="1,4,16", help="client counts (default 1,4,16)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="the server's --quantize")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = str(random_gpt2_small(Path(tmp) / "gpt2-small")) if args.gpt2_small else args.model
         bias = eos_bias(model or "default")
-        process, url = start_server(model or "smollm2-135m", threads=args.threads)
+        levels = [int(n) for n in args.levels.split(",")]
+        process, url = start_server(
+            model or "smollm2-135m",
+            threads=args.threads,
+            max_batch=max(16, *levels),
+            quantize=args.quantize,
+        )
         try:
             client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
             name = client.models.list().data[0].id
             run_level(client, name, clients=1, tokens=8, bias=bias)  # warm-up
             print(
-                f"model {name}, {args.tokens} new tokens per request, {args.threads} torch threads, "
+                f"model {name} ({args.quantize or 'fp32'}), {args.tokens} new tokens per request, "
+                f"{args.threads} torch threads, "
                 f"load average {os.getloadavg()[0]:.1f}"
             )
             base = None
-            for level in [int(n) for n in args.levels.split(",")]:
+            for level in levels:
                 total, seconds = run_level(
                     client, name, clients=level, tokens=args.tokens, bias=bias
                 )
