@@ -17,6 +17,7 @@ from pocketlm import features
 from pocketlm.errors import PocketLMError
 from pocketlm.generate import Chunk, Sequence, Stats, generate_tokens, stream_text
 from pocketlm.sampling import SamplingParams
+from pocketlm.speculative import LOOKAHEAD
 from pocketlm.weights import loader
 
 log = logging.getLogger("pocketlm")
@@ -76,7 +77,7 @@ class LM:
         self.last_stats = Stats()
         self._sequence: Sequence | None = None
         self.draft: LM | None = None  # speculative decoding's draft model (`set_draft`)
-        self.lookahead = 4  # tokens the draft proposes a round
+        self.lookahead = LOOKAHEAD  # tokens the draft proposes a round
         self.compile = compile  # decode steps through torch.compile (pocketlm.compiled)
         # The KV cache is preallocated for the whole window: a 128k-token window would
         # take GBs, so by default it is capped (as llama.cpp's and Ollama's num_ctx are).
@@ -101,7 +102,7 @@ class LM:
         load_adapter(self.model, Path(path), merge=True)
         self._sequence = None  # its cache was computed with the old weights
 
-    def set_draft(self, draft: "LM | None", *, lookahead: int = 4) -> None:
+    def set_draft(self, draft: "LM | None", *, lookahead: int = LOOKAHEAD) -> None:
         """Generate with speculative decoding, `draft` proposing `lookahead` tokens a round
         (None: stop). The draft must share this model's tokenizer; the output
         distribution is this model's."""
@@ -300,7 +301,7 @@ def load(
     quantize: str | None = None,
     draft: str | Path | None = None,
     draft_quantize: str | None = None,
-    lookahead: int = 4,
+    lookahead: int = LOOKAHEAD,
     compile: bool = False,
 ) -> LM:
     """Load a model by name (`gpt2`, `smollm2-135m`, `org/repo`), local path or GGUF file;
@@ -343,9 +344,12 @@ def load(
 
     prepare(lm.model, quantize=quantize)
     if draft is not None:
-        quantize = draft_quantize or quantize
         options = dict(
-            dtype=dtype, device=device, offline=offline, context=context, quantize=quantize
+            dtype=dtype,
+            device=device,
+            offline=offline,
+            context=context,
+            quantize=draft_quantize or quantize,
         )
         lm.set_draft(load(draft, **options), lookahead=lookahead)
     if compile:

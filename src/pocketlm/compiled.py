@@ -27,7 +27,7 @@ from pocketlm.models.cache import KVCache
 
 log = logging.getLogger("pocketlm")
 
-_WARM_CALLS = 2  # calls with guards checked before they are skipped
+WARM_CALLS = 2  # calls with guards checked before they are skipped
 
 
 class CompiledDecode:
@@ -58,7 +58,7 @@ class CompiledDecode:
         torch._dynamo.mark_dynamic(slots, 0)
         self._calls += 1
         try:
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=self._calls > _WARM_CALLS):
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=self._calls > WARM_CALLS):
                 return self._graph(tokens, positions, slots)
         except RuntimeError as error:
             if "skip_guard_eval_unsafe" not in str(error):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pocketlm.compiled import CompiledDecode
+from pocketlm.compiled import WARM_CALLS, CompiledDecode
 from pocketlm.models import make_cache
 from pocketlm.sampling import SamplingParams, make_generator, process_logits, prompt_mask, sample
 from pocketlm.stopping import StopMatcher
@@ -116,7 +116,7 @@ class Sequence:
         Their cache slots are overwritten by the next prefill."""
         if self.context_length > 5:
             self.prefill([0, 0])
-            for _ in range(3):
+            for _ in range(WARM_CALLS + 1):  # the last one with guards skipped
                 self.step(0)
             self.truncate(0)
 

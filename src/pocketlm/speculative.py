@@ -31,6 +31,8 @@ from pocketlm.sampling import (
 )
 from pocketlm.tokenizer import Tokenizer
 
+LOOKAHEAD = 4  # tokens the draft proposes a round, unless told otherwise
+
 
 def check_lookahead(lookahead: int) -> None:
     if lookahead < 1:
@@ -47,7 +49,7 @@ def speculative_tokens(
     eos_ids: Iterable[int] = (),
     top_logprobs: int = 0,
     stats: Stats | None = None,
-    lookahead: int = 4,
+    lookahead: int = LOOKAHEAD,
 ) -> Iterator[Step]:
     """Like `generate_tokens`, with `draft` proposing `lookahead` tokens per round."""
     stats = stats if stats is not None else Stats()

@@ -53,7 +53,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--lookahead",
         type=int,
-        default=4,
+        default=4,  # speculative.LOOKAHEAD, not imported: the CLI starts without torch
         metavar="N",
         help="tokens the draft proposes a round (default: 4)",
     )
