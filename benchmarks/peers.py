@@ -120,7 +120,7 @@ def prompt_ids(n: int) -> list[int]:
 
 def work_pocketlm(args: argparse.Namespace) -> dict:
     import pocketlm
-    from pocketlm.benchmark import measure
+    from pocketlm.generate.benchmark import measure
 
     dtype = "bf16" if args.mode == "bf16" else "fp32"
     compile = args.mode.endswith("+compile")
@@ -206,7 +206,7 @@ def work_llama_cpp(args: argparse.Namespace) -> dict:
 
 
 def _peak_rss() -> float:
-    from pocketlm.benchmark import peak_rss_mb
+    from pocketlm.generate.benchmark import peak_rss_mb
 
     return peak_rss_mb()
 
@@ -398,7 +398,7 @@ def main() -> int:
         return run_worker(args)
     import torch
 
-    from pocketlm.benchmark import memory_bandwidth
+    from pocketlm.generate.benchmark import memory_bandwidth
 
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ import torch
 
 import pocketlm
 from checkpoints import hf_model
-from pocketlm.chat import Conversation, Harness, Turn
 from pocketlm.errors import PocketLMError
+from pocketlm.prompting.chat import Conversation, Harness, Turn
 from scripted_model import make_scripted_gpt2
 
 SHORT = Harness(intro="A chat.", examples=(("Hi", "Hello."),))

@@ -17,18 +17,14 @@ import pocketlm
 from checkpoints import make_gpt2, make_llama, write_gguf
 from pocketlm.errors import PocketLMError
 from pocketlm.features import perplexity
-from pocketlm.generate import Sequence, Stats, generate_tokens
-from pocketlm.int4 import Int4Linear, q4_to_int4
-from pocketlm.quant import (
-    Int8Linear,
-    check_quantization,
-    q8_0_to_int8,
-    quantize_int8,
-    quantize_per_channel,
-)
+from pocketlm.generate.sequence import Sequence
+from pocketlm.generate.speculative import _verify, speculative_tokens
+from pocketlm.generate.stream import Stats, generate_tokens
+from pocketlm.kernels.int4 import Int4Linear, q4_to_int4
+from pocketlm.kernels.int8 import Int8Linear, q8_0_to_int8, quantize_int8, quantize_per_channel
+from pocketlm.kernels.prepare import check_quantization
+from pocketlm.kernels.split import SplitLinear
 from pocketlm.sampling import SamplingParams
-from pocketlm.speculative import _verify, speculative_tokens
-from pocketlm.split import SplitLinear
 from pocketlm.weights import loader
 from pocketlm.weights.gguf import read_gguf
 
@@ -520,7 +516,7 @@ def test_quantized_greedy_agrees_with_fp32_except_at_near_ties(smollm2_pair):
 def test_bytes_per_token_counts_each_weight_read_once(tiny_gpt2):
     """By hand for GPT-2 (n_embd 64, 2 layers, vocab 50257, tied head): the head is the
     token embedding read as a matrix; the position table is a lookup (one row)."""
-    from pocketlm.benchmark import bytes_per_token
+    from pocketlm.generate.benchmark import bytes_per_token
 
     C, L, V = 64, 2, 50257
     per_block = (

@@ -9,7 +9,7 @@ import pocketlm
 from checkpoints import hf_model
 from pocketlm.cli.main import main
 from pocketlm.errors import PocketLMError
-from pocketlm.fewshot import Example, FewShot, load_examples
+from pocketlm.prompting.fewshot import Example, FewShot, load_examples
 from scripted_model import make_scripted_gpt2
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import pocketlm
 from checkpoints import hf_model, make_gpt2
 from pocketlm.errors import PocketLMError
-from pocketlm.generate import Step, stream_text
+from pocketlm.generate.stream import Step, stream_text
 from pocketlm.tokenizer import Tokenizer
 
 

@@ -13,7 +13,7 @@ import pytest
 from pocketlm.cli.interactive import paint, parse_setting
 from pocketlm.cli.main import main
 from pocketlm.errors import PocketLMError
-from pocketlm.generate import Chunk
+from pocketlm.generate.stream import Chunk
 from pocketlm.tokenizer import Tokenizer
 from pocketlm.weights.gguf import read_gguf
 from scripted_model import make_scripted_gpt2

@@ -1,4 +1,4 @@
-"""pocketlm's own CPU kernels (pocketlm.kernels) against PyTorch's: the int8 matmul of a
+"""pocketlm's own CPU kernels (pocketlm.kernels.cpp) against PyTorch's: the int8 matmul of a
 decode step against `torch._weight_int8pack_mm` on the same weights and a float64 oracle,
 its packed layout against the plain one, int8 models with it against the same models
 without it (eager and compiled), and the fallback where it cannot be built.
@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import pocketlm
-import pocketlm.quant
+import pocketlm.kernels.int8
 from checkpoints import make_gpt2, make_llama
-from pocketlm import kernels
-from pocketlm.generate import Sequence
-from pocketlm.kernels import int8_gemv, pack_int8, unpack_int8
-from pocketlm.quant import Int8Linear, quantize_per_channel
+from pocketlm.generate.sequence import Sequence
+from pocketlm.kernels import cpp as kernels
+from pocketlm.kernels.cpp import int8_gemv, pack_int8, unpack_int8
+from pocketlm.kernels.int8 import Int8Linear, quantize_per_channel
 
 ON_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 PROMPT = [464, 3290, 373, 1043]  # "The dog was found"
@@ -93,7 +93,7 @@ def test_packed_int8_linear_matches_a_float64_oracle(gemv, rows):
 
 def plain_int8(monkeypatch):
     """Load int8 models with PyTorch's kernel, as on a CPU without pocketlm's."""
-    monkeypatch.setattr(pocketlm.quant, "int8_gemv", lambda: None)
+    monkeypatch.setattr(pocketlm.kernels.int8, "int8_gemv", lambda: None)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

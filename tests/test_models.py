@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from checkpoints import hf_model, make_gpt2, make_llama
-from pocketlm.generate import Sequence, generate_tokens
+from pocketlm.generate.sequence import Sequence
+from pocketlm.generate.stream import generate_tokens
 from pocketlm.models import make_cache
 from pocketlm.sampling import SamplingParams
 from pocketlm.weights import loader

@@ -19,8 +19,8 @@ import uvicorn
 
 import pocketlm
 from checkpoints import hf_model, make_gpt2
-from pocketlm.chat import Harness
 from pocketlm.cli.serve import bind
+from pocketlm.prompting.chat import Harness
 from pocketlm.serve.app import Service, create_app
 
 MODEL = "tiny"

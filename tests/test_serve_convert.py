@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from pocketlm.chat import Harness, Turn
+from pocketlm.prompting.chat import Harness, Turn
 from pocketlm.serve import convert
 from pocketlm.serve.convert import Choice
 from pocketlm.serve.scheduler import Event

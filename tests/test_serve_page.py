@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import pocketlm
-from pocketlm.chat import Harness
+from pocketlm.prompting.chat import Harness
 from test_serve_api import MODEL, Server
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

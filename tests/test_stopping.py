@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from pocketlm.stopping import StopMatcher
+from pocketlm.generate.stops import StopMatcher
 
 
 def reference(text, stops):

@@ -15,9 +15,10 @@ import torch
 
 from pocketlm import features
 from pocketlm.errors import PocketLMError
-from pocketlm.generate import Chunk, Sequence, Stats, generate_tokens, stream_text
+from pocketlm.generate.sequence import Sequence
+from pocketlm.generate.speculative import LOOKAHEAD
+from pocketlm.generate.stream import Chunk, Stats, generate_tokens, stream_text
 from pocketlm.sampling import SamplingParams
-from pocketlm.speculative import LOOKAHEAD
 from pocketlm.weights import loader
 
 log = logging.getLogger("pocketlm")
@@ -78,7 +79,7 @@ class LM:
         self._sequence: Sequence | None = None
         self.draft: LM | None = None  # speculative decoding's draft model (`set_draft`)
         self.lookahead = LOOKAHEAD  # tokens the draft proposes a round
-        self.compile = compile  # decode steps through torch.compile (pocketlm.compiled)
+        self.compile = compile  # decode steps through torch.compile (pocketlm.generate.compiled)
         # The KV cache is preallocated for the whole window: a 128k-token window would
         # take GBs, so by default it is capped (as llama.cpp's and Ollama's num_ctx are).
         if context is not None and context < 2:
@@ -106,7 +107,7 @@ class LM:
         """Generate with speculative decoding, `draft` proposing `lookahead` tokens a round
         (None: stop). The draft must share this model's tokenizer; the output
         distribution is this model's."""
-        from pocketlm.speculative import check_draft, check_lookahead
+        from pocketlm.generate.speculative import check_draft, check_lookahead
 
         check_lookahead(lookahead)
         if draft is not None:
@@ -114,7 +115,7 @@ class LM:
         self.draft, self.lookahead = draft, lookahead
 
     def _speculative(self, seq: Sequence, ids: list[int], **options: object) -> Iterator:
-        from pocketlm.speculative import speculative_tokens
+        from pocketlm.generate.speculative import speculative_tokens
 
         return speculative_tokens(
             seq, self.draft.sequence(), ids, lookahead=self.lookahead, **options
@@ -218,8 +219,8 @@ class LM:
     ) -> str:
         """Answer `query` in the pattern of solved examples (a .jsonl/.yaml file or a list of
         (input, output) pairs), with a `Q: {input}\nA: {output}` template unless given one;
-        generation stops at the next example. See `pocketlm.fewshot`."""
-        from pocketlm.fewshot import FewShot
+        generation stops at the next example. See `pocketlm.prompting.fewshot`."""
+        from pocketlm.prompting.fewshot import FewShot
 
         return FewShot.build(examples, template=template).answer(self, query, **options)
 
@@ -307,12 +308,12 @@ def load(
     """Load a model by name (`gpt2`, `smollm2-135m`, `org/repo`), local path or GGUF file;
     None loads the embedded default. `adapter`: a LoRA adapter folder to merge in.
     `context`: the context window in tokens (default: the model's, at most 4096).
-    `quantize="int8"` or `"int4"`: weight-only quantized weights (pocketlm.quant);
+    `quantize="int8"` or `"int4"`: weight-only quantized weights (pocketlm.kernels);
     `draft`: a smaller model of the same tokenizer for speculative decoding, proposing
-    `lookahead` tokens a round (pocketlm.speculative), quantized as `draft_quantize`
+    `lookahead` tokens a round (pocketlm.generate.speculative), quantized as `draft_quantize`
     (default: as this model) -- a quantized copy of the model itself is a draft too;
-    `compile=True`: decode steps through torch.compile (pocketlm.compiled)."""
-    from pocketlm.speculative import check_lookahead
+    `compile=True`: decode steps through torch.compile (pocketlm.generate.compiled)."""
+    from pocketlm.generate.speculative import check_lookahead
     from pocketlm.weights.sources import resolve
 
     check_lookahead(lookahead)
@@ -327,7 +328,9 @@ def load(
         dtype = DTYPES[dtype]
     path = resolve(None if name is None else str(name), offline=offline)
     if quantize is not None and path.suffix == ".gguf" and adapter is None:
-        from pocketlm.quant import load_gguf_quantized  # Q8_0 / Q4 matrices never in float
+        from pocketlm.weights.gguf_quantized import (
+            load_gguf_quantized,  # Q8_0 / Q4 matrices never in float
+        )
 
         loaded = load_gguf_quantized(path, quantize=quantize, device=device)
     else:
@@ -340,7 +343,7 @@ def load(
     )
     if adapter is not None:
         lm.apply_adapter(adapter)
-    from pocketlm.quant import prepare
+    from pocketlm.kernels.prepare import prepare
 
     prepare(lm.model, quantize=quantize)
     if draft is not None:

@@ -1,7 +1,7 @@
 """`pocketlm bench [MODEL]`: how fast pocketlm runs MODEL here, and how close it is to the
 memory-bandwidth bound (bandwidth / weight bytes read per token).
 
-Printing only; the measuring is `pocketlm.benchmark`. The comparison with transformers and
+Printing only; the measuring is `pocketlm.generate.benchmark`. The comparison with transformers and
 llama.cpp on the same weights is benchmarks/peers.py in the source tree.
 """
 
@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from pocketlm.api import load
-    from pocketlm.benchmark import measure, memory_bandwidth
+    from pocketlm.generate.benchmark import measure, memory_bandwidth
 
     common.setup_logging()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

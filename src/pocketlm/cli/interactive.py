@@ -5,10 +5,10 @@ readline line editing with history in pocketlm's data folder, multi-line input (
 block or a trailing backslash), answers streamed as they are generated, Ctrl-C stops the
 answer and a second Ctrl-C (or Ctrl-D) leaves, and slash commands (`/help` lists them).
 
-Modes: `chat` keeps a `pocketlm.chat.Conversation` (chat template or transcript harness);
+Modes: `chat` keeps a `pocketlm.prompting.chat.Conversation` (chat template or transcript harness);
 `completion` continues each input as plain text, or answers it few-shot with `--examples`.
 Terminal input and output only; conversations, few-shot prompts and generation live in
-`pocketlm.chat`, `pocketlm.fewshot` and `pocketlm.api`.
+`pocketlm.prompting.chat`, `pocketlm.prompting.fewshot` and `pocketlm.api`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from pocketlm import paths
-from pocketlm.chat import Conversation, Harness
 from pocketlm.cli import common
 from pocketlm.errors import PocketLMError
-from pocketlm.fewshot import FewShot
-from pocketlm.generate import Chunk, Stats
+from pocketlm.generate.stream import Chunk, Stats
+from pocketlm.prompting.chat import Conversation, Harness
+from pocketlm.prompting.fewshot import FewShot
 
 PROMPT, MORE = ">>> ", "... "
 SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

@@ -16,8 +16,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pocketlm.chat import Harness, Turn
 from pocketlm.errors import PocketLMError
+from pocketlm.prompting.chat import Harness, Turn
 from pocketlm.sampling import SamplingParams
 from pocketlm.serve.scheduler import Event
 from pocketlm.serve.schemas import ApiError, ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -102,7 +102,7 @@ def chat_prompt(
     messages: Sequence[ChatMessage], tokenizer: Tokenizer
 ) -> tuple[list[int], tuple[str, ...]]:
     """(prompt ids, extra stop strings) for a conversation: the model's chat template when
-    it has one, else the base-model transcript harness of `pocketlm.chat`, which stops
+    it has one, else the base-model transcript harness of `pocketlm.prompting.chat`, which stops
     before the next "User:" line."""
     plain = [{"role": m.role, "content": _message_text(m)} for m in messages]
     if tokenizer.chat_template is not None:

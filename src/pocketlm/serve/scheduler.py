@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pocketlm.generate.stops import StopMatcher
 from pocketlm.models import make_cache
 from pocketlm.sampling import (
     SamplingParams,
@@ -36,7 +37,6 @@ from pocketlm.sampling import (
     prompt_mask,
     sample,
 )
-from pocketlm.stopping import StopMatcher
 from pocketlm.tokenizer import Tokenizer
 
 log = logging.getLogger("pocketlm.serve")

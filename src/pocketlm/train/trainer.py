@@ -290,7 +290,8 @@ class Trainer:
 
     def sample(self) -> str:
         """Greedy continuation of the sample prompt (deterministic, uses no RNG)."""
-        from pocketlm.generate import Sequence, generate_tokens
+        from pocketlm.generate.sequence import Sequence
+        from pocketlm.generate.stream import generate_tokens
         from pocketlm.sampling import SamplingParams
 
         prompt = (

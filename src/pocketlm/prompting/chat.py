@@ -40,7 +40,7 @@ from pocketlm.errors import PocketLMError
 
 if TYPE_CHECKING:
     from pocketlm.api import LM
-    from pocketlm.generate import Chunk
+    from pocketlm.generate.stream import Chunk
     from pocketlm.tokenizer import Tokenizer
 
 log = logging.getLogger("pocketlm")

@@ -21,7 +21,8 @@ from collections.abc import Sequence as Seq
 import torch
 
 from pocketlm.errors import PocketLMError
-from pocketlm.generate import Sequence, Stats, Step
+from pocketlm.generate.sequence import Sequence
+from pocketlm.generate.stream import Stats, Step
 from pocketlm.sampling import (
     SamplingParams,
     make_generator,

@@ -1,9 +1,9 @@
-"""Weight-only int8 quantization and the inference preparation of a loaded model.
+"""Weight-only int8: `Int8Linear`, and GGUF Q8_0 codes turned into its layout.
 
 `Int8Linear` keeps an nn.Linear's weight as int8 with one float scale per output channel
 (symmetric, absmax / 127) and computes in floating point: a decode step (a few rows)
 reads the int8 weight directly (a quarter of fp32's bytes, and decoding is bound by those
-bytes), through pocketlm's own kernel where it builds (pocketlm.kernels: the weight kept
+bytes), through pocketlm's own kernel where it builds (pocketlm.kernels.cpp: the weight kept
 in the order it reads it, ~1.7x the speed of PyTorch's on GPT-2 small's matrices) and
 through `torch.ops.aten._weight_int8pack_mm` elsewhere; a prefill (many rows)
 dequantizes to bf16 once and uses the bf16 matmul (AMX on recent x86), which is faster
@@ -14,12 +14,9 @@ blocks (int8 + an f16 scale) are rescaled to one scale per row a chunk of rows a
 so the whole tensor never exists in float. Other GGUF types and HF checkpoints are loaded
 in fp32 and quantized here.
 
-`prepare` is the one entry point `pocketlm.load` uses: fuse projections, then quantize. Knows nothing of tokenizers, sampling or the command line.
+Knows nothing of files, tokenizers, sampling or the command line.
 (gpt-fast `quantize.py` WeightOnlyInt8QuantHandler; ggml `block_q8_0`.)
 """
-
-import logging
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,14 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.errors import PocketLMError
-from pocketlm.int4 import Q4_BLOCK_BYTES, Int4Linear, q4_to_int4, quantize_int4
-from pocketlm.kernels import int8_gemv, int8_gemv_fits, pack_int8, unpack_int8
+from pocketlm.kernels.cpp import int8_gemv, int8_gemv_fits, pack_int8, unpack_int8
 from pocketlm.models.layers import replace_linears
-from pocketlm.split import split_linears
 
-log = logging.getLogger("pocketlm")
-
-QUANTIZATIONS = ("int8", "int4")
 # Up to this many rows (decode, a server batch, a speculative verify, a short prompt) the
 # int8 kernels beat dequantize-once + the bf16 matmul; beyond it they lose. GPT-2 small's
 # matrices at 32 rows: pocketlm's 15 ms, PyTorch's 19, bf16 18-33 (it varies run to run).
@@ -52,7 +44,7 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight.contiguous())  # (N, K) int8, until packed
         self.register_buffer("packed", None)  # (N/4, K/64, 4, 64) int8, pocketlm's kernel
-        self._gemv = None  # that kernel (pocketlm.kernels.int8_gemv), once packed
+        self._gemv = None  # that kernel (pocketlm.kernels.cpp.int8_gemv), once packed
         self.register_buffer("scales", scales.contiguous())  # (N,) float
         self.register_buffer("bias", bias)  # (N,) or None
 
@@ -82,7 +74,7 @@ class Int8Linear(nn.Module):
 
     def pack(self) -> None:
         """On a CPU where pocketlm's int8 kernel builds, keep the weight in the order that
-        kernel reads it (pocketlm.kernels); elsewhere leave it as it is."""
+        kernel reads it (pocketlm.kernels.cpp); elsewhere leave it as it is."""
         if self.packed is not None or self.weight.device.type != "cpu":
             return
         if not int8_gemv_fits(self.in_features) or (gemv := int8_gemv()) is None:
@@ -156,102 +148,3 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear in `model` by an Int8Linear, in place. A head tied to the
     embedding gets its own int8 copy; the embedding stays float (a lookup reads one row)."""
     return replace_linears(model, lambda name, linear: Int8Linear.from_float(linear))
-
-
-def fuse(model: nn.Module) -> nn.Module:
-    """Fuse projections that share an input (Llama q/k/v, gate/up) where the model can."""
-    if hasattr(model, "fuse"):
-        model.fuse()
-    return model
-
-
-def prepare(model: nn.Module, *, quantize: str | None = None) -> nn.Module:
-    """Make a loaded model ready for fast inference: fuse projections, then quantize, or
-    in fp32 on a CPU split each matmul between the threads (pocketlm.split)."""
-    check_quantization(quantize, device=next(model.parameters()).device)
-    fuse(model)
-    if quantize == "int8":
-        quantize_int8(model)
-    elif quantize == "int4":
-        quantize_int4(model)
-    split_linears(model)  # what is still an fp32 nn.Linear on a CPU
-    for module in model.modules():
-        if isinstance(module, (Int4Linear, Int8Linear)):
-            module.pack()
-    model.prepared = True
-    return model
-
-
-def check_quantization(quantize: str | None, *, device: torch.device | str) -> None:
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise PocketLMError(
-            f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}"
-        )
-    if quantize == "int4" and torch.device(device).type != "cpu":
-        raise PocketLMError("int4 runs on the CPU only; on a GPU use --quantize int8 or bf16")
-
-
-def load_gguf_quantized(path: Path, *, quantize: str, device: torch.device | str = "cpu"):
-    """Load a GGUF with its matrices going straight to quantized layers, never to float:
-    Q8_0 to Int8Linear and, for int4, Q4_0/Q4_1 to Int4Linear with the file's own codes.
-    Every other tensor is dequantized to fp32 and quantized as `prepare` would. Returns a
-    fused LoadedModel (`prepare` then has nothing left to do but pack)."""
-    from pocketlm.tokenizer import Tokenizer
-    from pocketlm.weights.dequant import dequantize
-    from pocketlm.weights.gguf import gguf_raw_tensors, read_gguf
-    from pocketlm.weights.loader import LoadedModel, build_model
-
-    check_quantization(quantize, device=device)
-    checkpoint = read_gguf(path)
-    raw = gguf_raw_tensors(checkpoint)
-    linears = _linear_weights(checkpoint.config)
-    direct = {name for name, (kind, _, shape) in raw.items()
-              if name in linears and _direct_kind(kind, shape, quantize)}  # fmt: skip
-
-    def tensors():
-        for name, (kind, data, shape) in raw.items():
-            if name in direct:
-                # Never read: an untouched torch.empty is not committed memory; replaced below.
-                yield name, torch.empty(shape, dtype=torch.float32)
-            else:
-                yield (
-                    name,
-                    dequantize(data, kind, shape=shape, dtype=torch.float32, tensor_name=name),
-                )
-
-    model = build_model(
-        checkpoint.config, tensors(), dtype=torch.float32, device=device, source=path
-    )
-    for name in direct:
-        module_name = name.removesuffix(".weight")
-        linear = model.get_submodule(module_name)
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        kind, data, shape = raw[name]
-        if kind == "Q8_0":
-            weight, scales = q8_0_to_int8(data, shape)
-            layer = Int8Linear(weight.to(device), scales.to(device), bias)
-        else:
-            layer = Int4Linear(*q4_to_int4(data, kind, shape), bias)
-        parent, _, attr = module_name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, layer)
-    # The rest (a tied head, matrices of other types), then fuse.
-    (quantize_int4 if quantize == "int4" else quantize_int8)(model)
-    fuse(model)
-    tokenizer = Tokenizer.from_gguf_metadata(checkpoint.metadata)
-    return LoadedModel(model, tokenizer, checkpoint.config, path, native=True)
-
-
-def _direct_kind(kind: str, shape: tuple[int, ...], quantize: str) -> bool:
-    """Whether a GGUF matrix of this type loads straight into this quantization's layers."""
-    if kind == "Q8_0":
-        return True
-    return quantize == "int4" and kind in Q4_BLOCK_BYTES and Int4Linear.fits(*shape)
-
-
-def _linear_weights(config: dict) -> set[str]:
-    """Parameter names of the nn.Linear weights of the model `config` describes."""
-    from pocketlm.models import ARCHITECTURES, build_config
-
-    with torch.device("meta"):
-        probe = ARCHITECTURES[config["model_type"]][1](build_config(config))
-    return {f"{name}.weight" for name, m in probe.named_modules() if type(m) is nn.Linear}

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pocketlm.errors import PocketLMError
+from pocketlm.kernels.int8 import Int8Linear
 from pocketlm.models.layers import replace_linears
 
 GROUP = 32  # weights per scale: a GGUF Q4 block
@@ -128,7 +129,6 @@ def q4_to_int4(
 def quantize_int4(model: nn.Module) -> nn.Module:
     """Replace the nn.Linear layers of `model` by Int4Linear, in place; the head (the
     largest single source of logit error) and any matrix the kernel cannot take get int8."""
-    from pocketlm.quant import Int8Linear  # quant imports this module
 
     def quantized(name: str, linear: nn.Linear) -> nn.Module:
         four_bit = name != "lm_head" and Int4Linear.fits(linear.out_features, linear.in_features)

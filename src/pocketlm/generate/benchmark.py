@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pocketlm.generate import Sequence, Stats, generate_tokens
+from pocketlm.generate.sequence import Sequence
+from pocketlm.generate.stream import Stats, generate_tokens
 from pocketlm.sampling import SamplingParams
 
 

@@ -9,7 +9,7 @@ models, weights, sampling or files beyond the tokenizer's own.
 Decoding goes through one table of raw bytes per token, so `decode` and `StreamDecoder` agree
 byte for byte and streaming costs O(1) per token.
 
-Chat templates are compiled and rendered by `pocketlm.chat_template`; `render_chat` is the
+Chat templates are compiled and rendered by `pocketlm.tokenizer.chat_template`; `render_chat` is the
 entry point.
 
 References: GPT-2 `encoder.py` (byte alphabet), HF `tokenizers` (ByteLevel, Digits, Split),
@@ -31,9 +31,9 @@ import jinja2
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
-from pocketlm.chat_template import compile_template as _compile_template
-from pocketlm.chat_template import render as render_template
 from pocketlm.errors import CorruptModelError, PocketLMError
+from pocketlm.tokenizer.chat_template import compile_template as _compile_template
+from pocketlm.tokenizer.chat_template import render as render_template
 
 # -- the byte alphabet ------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from pocketlm.errors import PocketLMError
 
 if TYPE_CHECKING:
     from pocketlm.api import LM
-    from pocketlm.generate import Chunk
+    from pocketlm.generate.stream import Chunk
 
 DEFAULT_TEMPLATE = "Q: {input}\nA: {output}"
 DEFAULT_SEPARATOR = "\n\n"
