@@ -15,8 +15,8 @@ import torch
 
 from pocketlm import features
 from pocketlm.errors import PocketLMError
+from pocketlm.generate import CONTEXT, LOOKAHEAD
 from pocketlm.generate.sequence import Sequence
-from pocketlm.generate.speculative import LOOKAHEAD
 from pocketlm.generate.stream import Chunk, Stats, generate_tokens, stream_text
 from pocketlm.sampling import SamplingParams
 from pocketlm.weights import loader
@@ -55,9 +55,6 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
-DEFAULT_CONTEXT = 4096  # tokens of KV cache unless `context=` asks for more
-
-
 class LM:
     """A loaded model with its tokenizer, ready to generate."""
 
@@ -84,7 +81,7 @@ class LM:
         # take GBs, so by default it is capped (as llama.cpp's and Ollama's num_ctx are).
         if context is not None and context < 2:
             raise PocketLMError(f"context must be at least 2 tokens (got {context})")
-        self.context_length = min(context or DEFAULT_CONTEXT, self.model.config.context_length)
+        self.context_length = min(context or CONTEXT, self.model.config.context_length)
 
     @property
     def device(self) -> torch.device:

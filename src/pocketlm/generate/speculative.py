@@ -21,6 +21,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from pocketlm.errors import PocketLMError
+from pocketlm.generate import LOOKAHEAD
 from pocketlm.generate.sequence import Sequence
 from pocketlm.generate.stream import Stats, Step
 from pocketlm.sampling import (
@@ -31,8 +32,6 @@ from pocketlm.sampling import (
     sample,
 )
 from pocketlm.tokenizer import Tokenizer
-
-LOOKAHEAD = 4  # tokens the draft proposes a round, unless told otherwise
 
 
 def check_lookahead(lookahead: int) -> None:
