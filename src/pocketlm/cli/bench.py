@@ -50,6 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # torch and the engine load here, not at the top: the CLI starts without them
     import torch
 
     from pocketlm.api import load

@@ -9,6 +9,7 @@ import re
 import sys
 
 from pocketlm.errors import PocketLMError
+from pocketlm.generate import CONTEXT, LOOKAHEAD, MAX_TOKENS
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +29,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="context window in tokens (default: the model's, at most 4096)",
+        help=f"context window in tokens (default: the model's, at most {CONTEXT})",
     )
     group.add_argument(
         "--quantize",
@@ -53,9 +54,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--lookahead",
         type=int,
-        default=4,  # speculative.LOOKAHEAD, not imported: the CLI starts without torch
+        default=LOOKAHEAD,
         metavar="N",
-        help="tokens the draft proposes a round (default: 4)",
+        help=f"tokens the draft proposes a round (default: {LOOKAHEAD})",
     )
 
 
@@ -72,7 +73,11 @@ def add_compile_option(parser: argparse.ArgumentParser) -> None:
 def add_sampling_options(parser: argparse.ArgumentParser, *, temperature: float = 0.7) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument(
-        "-n", "--max-tokens", type=int, default=128, help="new tokens at most (default 128)"
+        "-n",
+        "--max-tokens",
+        type=int,
+        default=MAX_TOKENS,
+        help=f"new tokens at most (default {MAX_TOKENS})",
     )
     group.add_argument(
         "-t",

@@ -6,19 +6,25 @@ skipped). The output file is written atomically. Printing and files only; the ve
 come from `pocketlm.features.embed`.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import sys
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from pocketlm.cli import common
 from pocketlm.cli.files import read_text, write_atomic
 from pocketlm.errors import PocketLMError
-from pocketlm.features import POOLS, Embeddings
+
+if TYPE_CHECKING:
+    from pocketlm.features import Embeddings
 
 FORMATS = (".npy", ".jsonl")
+# pocketlm.features.POOLS, which imports torch: `embed --help` should not wait for it.
+# tests/test_cli_startup.py keeps the two equal.
+POOLS = ("mean", "last", "none")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -59,6 +65,8 @@ def main(args: argparse.Namespace) -> int:
         raise PocketLMError(
             "per-token vectors of several texts differ in length: write them to a .jsonl file"
         )
+    import numpy as np  # here, not at the top: `pocketlm --help` starts without it
+
     lm = common.load_model(args.model, args)
     result = lm.embed(
         texts,

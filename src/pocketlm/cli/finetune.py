@@ -4,13 +4,20 @@ Parsing and printing only (a tqdm bar with step, loss, validation loss, tokens/s
 ETA; samples and checkpoints as lines above it); the work is `pocketlm.train.finetune`.
 """
 
+from __future__ import annotations
+
 import argparse
 import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from pocketlm.cli import common
 from pocketlm.errors import PocketLMError
+
+if TYPE_CHECKING:
+    from pocketlm.train.finetune import FinetuneJob
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -145,7 +152,8 @@ def parse_duration(text: str | None) -> float | None:
     return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
 
 
-def build_job(args: argparse.Namespace):  # -> FinetuneJob
+def build_job(args: argparse.Namespace) -> FinetuneJob:
+    # pocketlm.train loads torch: imported here, not at the top, so the CLI starts at once
     from pocketlm.train.finetune import FinetuneJob
     from pocketlm.train.lora import LoRAConfig
     from pocketlm.train.trainer import TrainConfig
@@ -238,8 +246,7 @@ class ProgressBar:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pocketlm.cli import common
-    from pocketlm.train.finetune import finetune
+    from pocketlm.train.finetune import finetune  # loads torch: here for start-up time
 
     common.setup_logging()
     job = build_job(args)

@@ -7,6 +7,8 @@ matplotlib (the `plot` extra) in a monospace grid. Both are written atomically. 
 only; the numbers come from `pocketlm.features.token_logprobs`.
 """
 
+from __future__ import annotations
+
 import argparse
 import colorsys
 import html
@@ -16,13 +18,15 @@ import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from pocketlm.cli import common
 from pocketlm.cli.files import write_atomic
 from pocketlm.errors import PocketLMError
-from pocketlm.features import TokenScore
-from pocketlm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # pocketlm.features imports torch: the CLI starts without it
+    from pocketlm.features import TokenScore
+    from pocketlm.tokenizer import Tokenizer
 
 NO_SCORE = "#dddddd"  # the first token: nothing came before it
 

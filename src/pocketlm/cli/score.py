@@ -3,15 +3,20 @@ alternatives the model preferred, as a table or JSON. Printing only; the numbers
 from `pocketlm.features.token_logprobs`.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import math
 import sys
+from typing import TYPE_CHECKING
 
 from pocketlm.cli import common
 from pocketlm.errors import PocketLMError
-from pocketlm.features import TokenScore
-from pocketlm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # pocketlm.features imports torch: the CLI starts without it
+    from pocketlm.features import TokenScore
+    from pocketlm.tokenizer import Tokenizer
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
