@@ -7,7 +7,9 @@ Compiled, the same kernels run from one generated function with the small ops fu
 (measured: ~111 -> ~155 tok/s; ~0.7 ms per token still goes to dynamo's entry, guards
 skipped or not). Three details make it pay:
 - the KV cache is one tensor per layer (models/cache.py): a write into a slice of a
-  shared tensor made the compiled step copy the whole cache, layer after layer;
+  shared tensor made the compiled step copy the whole cache, layer after layer; and it is
+  reserved at the whole window, as the graph is specialised to its shape and, once guards
+  are skipped, a cache that grew would be read as if it had not (so it must not grow);
 - the number of slots a step may see is the length of a tensor marked dynamic, so one
   graph serves every position (as an int read off `positions` it would stop the graph,
   and as a plain int it would recompile at every token);
@@ -35,6 +37,8 @@ class CompiledDecode:
     `model(tokens, positions, cache, logits_to_keep=1)` with `n_slots` = positions + 1."""
 
     def __init__(self, model: nn.Module, cache: KVCache) -> None:
+        if isinstance(cache, KVCache) and not cache.reserved:
+            raise ValueError("a compiled decode step needs a reserved KV cache (reserve=True)")
         self.model, self.cache = model, cache
         self._slots = torch.arange(cache.max_seq_len, device=cache.device)
         self._graph = torch.compile(self._step, dynamic=False, fullgraph=True)

@@ -32,7 +32,11 @@ class Sequence:
         )
         # After the window fills, this many recent tokens are kept and re-prefilled.
         self.keep = max(1, int(self.context_length * keep_fraction))
-        self.cache = make_cache(model, batch_size=1, max_seq_len=self.context_length)
+        # The cache grows with the tokens, except under a compiled step: that one is
+        # specialised to the cache's shape, so the whole window is reserved up front.
+        self.cache = make_cache(
+            model, batch_size=1, max_seq_len=self.context_length, reserve=compile
+        )
         self.device = self.cache.device
         # Preallocated inputs of a decode step: the token, and every position's index.
         self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)

@@ -32,8 +32,11 @@ def make_cache(
     max_seq_len: int | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    reserve: bool = False,
 ) -> KVCache:
-    """A KV cache shaped for `model` (defaults: its context length, dtype and device)."""
+    """A KV cache for `model` of up to `batch_size` rows and `max_seq_len` slots (default:
+    its context length), in its dtype and on its device. It starts empty and grows in blocks
+    as it is written (models/cache.py); `reserve=True` allocates all of it now, for good."""
     c = model.config
     if hasattr(model, "make_cache"):  # a model that keeps its own kind of cache
         return model.make_cache(batch_size=batch_size, max_seq_len=max_seq_len or c.context_length)
@@ -46,6 +49,7 @@ def make_cache(
         head_dim=c.head_dim,
         dtype=dtype or _activation_dtype(weight.dtype),
         device=device or weight.device,
+        reserve=reserve,
     )
 
 

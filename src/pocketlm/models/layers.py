@@ -45,9 +45,10 @@ def attend(
     if cache is None:
         k_positions = positions
     else:
-        k, v = cache.update(layer, positions, k, v)
-        # Only slots up to the furthest position hold anything this step can see.
+        # Only slots up to the furthest position hold anything this step can see (the
+        # cache uses the same number to know whether it must grow first).
         n_slots = cache.visible if cache.visible is not None else int(positions.max()) + 1
+        k, v = cache.update(layer, positions, k, v, end=n_slots)
         k, v = k[:, :, :n_slots], v[:, :, :n_slots]  # (B, Hkv, S, D)
         if q.shape[0] == 1 and q.shape[2] == 1 and (window is None or n_slots <= window):
             # One decode step: the only query is the newest position and sees every slot,
