@@ -6,6 +6,7 @@ SmolLM2 (perplexity, greedy tokens); speculative decoding against the target alo
 (greedy: the same ids) and its acceptance rule against the target distribution.
 No timings are asserted anywhere."""
 
+import copy
 from pathlib import Path
 
 import gguf
@@ -25,6 +26,7 @@ from pocketlm.kernels.int8 import Int8Linear, q8_0_to_int8, quantize_int8, quant
 from pocketlm.kernels.prepare import check_quantization
 from pocketlm.kernels.split import SplitLinear
 from pocketlm.sampling import SamplingParams
+from pocketlm.train.lora import LoRAConfig, apply_lora, lora_modules, merge_lora, save_adapter
 from pocketlm.weights import loader
 from pocketlm.weights.gguf import read_gguf
 
@@ -143,10 +145,51 @@ def test_prepared_fp32_model_gives_the_same_logits_and_ids(which, request):
     assert greedy_ids(lm.model, PROMPT, 40) == greedy_ids(plain, PROMPT, 40)
 
 
-def test_an_adapter_after_loading_is_refused_in_one_line(tiny_gpt2):
-    lm = pocketlm.load(tiny_gpt2, device="cpu")
-    with pytest.raises(PocketLMError, match="adapter=PATH"):
-        lm.apply_adapter(tiny_gpt2)
+# --- a LoRA adapter merged while loading ---------------------------------------------------
+
+
+def write_adapter(model_path: Path, folder: Path, *, targets: list[str]) -> torch.nn.Module:
+    """Save a rank-4 adapter with random A and B for the model at `model_path` into
+    `folder`; returns the model wrapped in it, unmerged (the oracle: W x + s B A x)."""
+    model = loader.load(model_path).model
+    config = LoRAConfig(rank=4, alpha=8, targets=targets)
+    torch.manual_seed(0)
+    apply_lora(model, config)
+    for module in lora_modules(model).values():
+        torch.nn.init.normal_(module.lora_B, std=0.05)  # B starts at zero: make it count
+    folder.mkdir()
+    save_adapter(model, folder, config=config, base=str(model_path))
+    return model.eval()
+
+
+@pytest.mark.parametrize(("which", "targets"), [("tiny_gpt2", ["c_attn", "c_fc"]),
+                                                ("tiny_llama", ["q_proj", "down_proj"])])  # fmt: skip
+def test_adapter_merged_at_load_is_the_merged_model(which, targets, request, tmp_path):
+    folder = request.getfixturevalue(which)
+    wrapped = write_adapter(folder, tmp_path / "adapter", targets=targets)
+    merged = loader.load(folder, adapter=tmp_path / "adapter").model
+    trained = merge_lora(copy.deepcopy(wrapped))
+    # The same weights, bit for bit, as merging the trained layers (train.lora).
+    assert set(merged.state_dict()) == set(trained.state_dict())
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(merged.state_dict()[name], tensor), name
+    lm = pocketlm.load(folder, device="cpu", adapter=tmp_path / "adapter")  # then prepared
+    tokens = torch.tensor([PROMPT * 5])
+    positions = torch.arange(tokens.shape[1])[None]
+    with torch.inference_mode():
+        want = wrapped(tokens, positions)
+        assert not torch.allclose(want, loader.load(folder).model(tokens, positions), atol=1e-3)
+        torch.testing.assert_close(merged(tokens, positions), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lm.model(tokens, positions), want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_for_another_model_is_refused_in_one_line(tiny_gpt2, tiny_llama, tmp_path):
+    write_adapter(tiny_gpt2, tmp_path / "gpt2-adapter", targets=["c_attn"])
+    with pytest.raises(PocketLMError, match="match no linear layer") as caught:
+        pocketlm.load(tiny_llama, device="cpu", adapter=tmp_path / "gpt2-adapter")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(PocketLMError, match="is not a LoRA adapter"):
+        pocketlm.load(tiny_llama, device="cpu", adapter=tmp_path)
 
 
 # --- int8 ------------------------------------------------------------------------------
@@ -337,6 +380,28 @@ def test_gguf_q4_loads_straight_to_int4_with_the_files_codes(
     with torch.inference_mode():
         a, b = float_model(tokens, positions), int4_lm.model(tokens, positions)
     assert float((a - b).norm() / a.norm()) < 0.05  # bf16 rounding only, not 4-bit error
+
+
+def test_gguf_matrices_an_adapter_changes_are_merged_then_quantized(
+    tmp_path, smollm2_tokenizer_meta
+):
+    """With an adapter, the matrices it changes are dequantized, merged and quantized like
+    a float checkpoint's; the others still load straight from the file's Q8_0 blocks."""
+    path = write_tiny_llama_gguf(tmp_path / "tiny-q8_0.gguf", smollm2_tokenizer_meta)
+    write_adapter(path, tmp_path / "adapter", targets=["q_proj"])
+    plain = pocketlm.load(path, device="cpu", quantize="int8").model
+    adapted = pocketlm.load(path, device="cpu", quantize="int8", adapter=tmp_path / "adapter")
+    merged = loader.load(path, adapter=tmp_path / "adapter").model  # fp32, merged
+    for layer, without, ref in zip(
+        adapted.model.model.layers, plain.model.layers, merged.model.layers, strict=True
+    ):
+        o_proj, o_plain = layer.self_attn.o_proj, without.self_attn.o_proj
+        assert torch.equal(o_proj.unpacked(), o_plain.unpacked())  # the file's, untouched
+        qkv, rows = layer.self_attn.qkv_proj, ref.self_attn.q_proj.out_features
+        q, scales = quantize_per_channel(ref.self_attn.q_proj.weight)
+        assert torch.equal(qkv.unpacked()[:rows], q) and torch.equal(qkv.scales[:rows], scales)
+        kv_plain = without.self_attn.qkv_proj.unpacked()[rows:]
+        assert torch.equal(qkv.unpacked()[rows:], kv_plain)  # k and v: the file's
 
 
 # --- int8 on the real SmolLM2 ------------------------------------------------------------

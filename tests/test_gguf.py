@@ -7,6 +7,7 @@
 - malformed files and unsupported architectures end in one-line PocketLMErrors.
 """
 
+import re
 import struct
 from pathlib import Path
 
@@ -559,6 +560,41 @@ def test_missing_and_misshapen_tensors(tmp_path, hf_gpt2):
         CorruptModelError, match=r"attn_qkv\.weight' has shape \(64, 192\), expected \(192, 64\)"
     ):
         gguf_state_dict(ckpt)
+
+
+# The metadata of a small Llama; each case below leaves out or spoils one key.
+LLAMA_META = {
+    "llama.block_count": 1,
+    "llama.context_length": 128,
+    "llama.embedding_length": 64,
+    "llama.feed_forward_length": 128,
+    "llama.attention.head_count": 4,
+    "llama.attention.layer_norm_rms_epsilon": 1e-5,
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"llama.block_count": None}, "config llama.block_count is missing (expected an integer"),
+        ({"llama.attention.layer_norm_rms_epsilon": None},
+         "config llama.attention.layer_norm_rms_epsilon is missing (expected a number"),
+        ({"llama.block_count": 5000}, "config llama.block_count = 5000 is not valid (expected an"),
+        ({"llama.attention.head_count_kv": 3},
+         "config llama.attention.head_count_kv = 3 is not valid (expected a divisor of"),
+        ({"llama.context_length": "long"}, "config llama.context_length = 'long' is not valid"),
+        ({"llama.rope.scale_linear": -2.0}, "config rope_scaling.factor = -2.0 is not valid"),
+    ],
+    ids=["no-block-count", "no-epsilon", "too-many-blocks", "kv-heads", "string", "rope"],
+)  # fmt: skip
+def test_metadata_goes_through_the_config_validator(tmp_path, change, error):
+    """GGUF metadata and config.json share one validator; its messages name the GGUF key."""
+    kv = {k: v for k, v in (LLAMA_META | change).items() if v is not None}
+    tensors = {"token_embd.weight": (np.zeros((8, 64), np.float32), "F32")}
+    path = write_gguf(tmp_path / "bad.gguf", "llama", kv=kv, tensors=tensors)
+    with pytest.raises(CorruptModelError, match=re.escape(error)) as e:
+        read_gguf(path)
+    assert one_line_error(e, path).endswith("re-download or re-convert the model")
 
 
 def test_unknown_tensor_and_layer_out_of_range(tmp_path):

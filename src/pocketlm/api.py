@@ -324,25 +324,15 @@ def load(
             raise PocketLMError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
         dtype = DTYPES[dtype]
     path = resolve(None if name is None else str(name), offline=offline)
-    if quantize is not None and path.suffix == ".gguf" and adapter is None:
-        from pocketlm.weights.gguf_quantized import (
-            load_gguf_quantized,  # Q8_0 / Q4 matrices never in float
-        )
-
-        loaded = load_gguf_quantized(path, quantize=quantize, device=device)
-    else:
-        loaded = loader.load(path, dtype=dtype, device=device)
+    loaded = loader.load(
+        path, dtype=dtype, device=device, quantize=quantize, adapter=adapter, prepare=True
+    )
     lm = LM(
         loaded,
         name=str(name) if name is not None else path.parent.name,
         context=context,
         compile=compile,
     )
-    if adapter is not None:
-        lm.apply_adapter(adapter)
-    from pocketlm.kernels.prepare import prepare
-
-    prepare(lm.model, quantize=quantize)
     if draft is not None:
         options = dict(
             dtype=dtype,

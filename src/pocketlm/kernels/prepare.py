@@ -35,7 +35,6 @@ def prepare(model: nn.Module, *, quantize: str | None = None) -> nn.Module:
     for module in model.modules():
         if isinstance(module, (Int4Linear, Int8Linear)):
             module.pack()
-    model.prepared = True
     return model
 
 

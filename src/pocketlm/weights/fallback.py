@@ -3,6 +3,7 @@
 
 Slower than a native module (and `pocketlm show` says so), but the API, CLI and server
 work unchanged. Without `transformers` installed, a clear error names the architecture.
+Knows nothing of tokenizers, adapters or how the loader chooses this path.
 """
 
 import inspect
@@ -75,7 +76,7 @@ class TransformersModel(nn.Module):
                 logits_to_keep=logits_to_keep,
             )
             return out.logits
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # optional and slow to import, as below
 
         cache.crop(int(positions[0, 0]))  # a rebuilt or rewound sequence drops later slots
         if cache.past is None:
@@ -97,13 +98,12 @@ class TransformersModel(nn.Module):
         yield from out.hidden_states
 
 
-def load_with_transformers(
+def transformers_model(
     path: Path, config: dict[str, Any], *, dtype: torch.dtype, device: torch.device | str
-):  # -> LoadedModel
-    from pocketlm.tokenizer import Tokenizer
-    from pocketlm.weights.loader import LoadedModel
-
-    try:
+) -> TransformersModel:
+    """The checkpoint at `path` through transformers' AutoModelForCausalLM, frozen and in
+    eval mode (the loader adds the tokenizer, an adapter and `prepare`, as for any model)."""
+    try:  # optional: only these architectures need it, and it is slow to import
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise PocketLMError(
@@ -117,5 +117,4 @@ def load_with_transformers(
             f"transformers cannot load architecture {config['model_type']!r} from {path} "
             f"({' '.join(str(error).split())})"  # one line: transformers' messages have several
         ) from None
-    model = TransformersModel(hf_model.to(device).eval()).requires_grad_(False)
-    return LoadedModel(model, Tokenizer.from_dir(path), config, path, native=False)
+    return TransformersModel(hf_model.to(device).eval()).requires_grad_(False)

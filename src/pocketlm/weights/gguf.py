@@ -1,8 +1,9 @@
 """GGUF files -> what a Hugging Face checkpoint gives: an HF-style config dict and a state dict.
 
 `read_gguf` parses the header (metadata and tensor table) and builds the config.json-style
-dict (the key mapping lives in `gguf_config.py`); `gguf_state_dict` dequantizes every tensor to torch, renamed to our parameter names;
-`gguf_raw_tensors` hands out the undecoded blocks for loaders that keep them quantized.
+dict (the key mapping lives in `gguf_config.py`); `gguf_tensors` dequantizes the tensors to
+torch one at a time, renamed to our parameter names (`gguf_state_dict`: all in one dict);
+`gguf_raw_tensors` hands out the undecoded blocks of those the loader keeps quantized.
 So one loader path serves safetensors folders and GGUF files alike.
 
 The header parser is our own rather than gguf-py's `GGUFReader`: model files are untrusted
@@ -19,6 +20,7 @@ transformers' `modeling_gguf_pytorch_utils.py`, which does the same.
 import math
 import re
 import struct
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -402,24 +404,32 @@ def _open_data(ckpt: GGUFCheckpoint) -> np.memmap:
         raise PocketLMError(f"cannot read {ckpt.path}: {e.strerror or e}") from e
 
 
-def gguf_state_dict(
-    ckpt: GGUFCheckpoint, *, dtype: torch.dtype = torch.float32
-) -> dict[str, torch.Tensor]:
-    """Every tensor dequantized to `dtype`, under our parameter names, in nn.Linear layout.
+def gguf_tensors(
+    ckpt: GGUFCheckpoint, *, dtype: torch.dtype = torch.float32, skip: Collection[str] = ()
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our name, tensor dequantized to `dtype`) one at a time, in nn.Linear layout, for
+    every tensor but those named in `skip` (which a loader takes undecoded instead).
 
     Llama q/k rows are put back in Hugging Face's rotate_half order. Tied models have no
     lm_head.weight (the model ties it to the embedding).
     """
     plan = _plan(ckpt)
     data = _open_data(ckpt)
-    state = {}
     for p in plan:
+        if p.ours in skip:
+            continue
         raw = data[p.info.offset : p.info.offset + p.info.n_bytes]
         t = dequantize(
             raw, p.info.ggml_type, shape=p.info.shape, dtype=dtype, tensor_name=p.info.name
         )
-        state[p.ours] = _unpermute(t, p.unpermute_heads).contiguous() if p.unpermute_heads else t
-    return state
+        yield p.ours, _unpermute(t, p.unpermute_heads).contiguous() if p.unpermute_heads else t
+
+
+def gguf_state_dict(
+    ckpt: GGUFCheckpoint, *, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Every tensor of `gguf_tensors`, in one dict."""
+    return dict(gguf_tensors(ckpt, dtype=dtype))
 
 
 def gguf_raw_tensors(ckpt: GGUFCheckpoint) -> dict[str, tuple[str, np.ndarray, tuple[int, ...]]]:

@@ -1,25 +1,27 @@
 """GGUF metadata -> the config.json-style dict an HF checkpoint would carry.
 
 llama.cpp stores a model's shape under "{arch}.*" keys; this maps them onto the HF names
-the architecture config dataclasses read, checks every value (the metadata is only as good
-as the file), and names the file's quantization. Knows nothing of tensor data. Reference:
-llama.cpp's `convert_hf_to_gguf.py`, which writes these keys.
+the architecture config dataclasses read, has every value checked by the validator that
+config.json goes through too (weights.config: the metadata is only as good as the file,
+and a GGUF has no defaults for its shape), and names the file's quantization. Knows
+nothing of tensor data. Reference: llama.cpp's `convert_hf_to_gguf.py`, which writes
+these keys.
 """
-
-from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any
 
 from gguf.constants import LlamaFileType
 
-from pocketlm.errors import CorruptModelError, PocketLMError
+from pocketlm.errors import PocketLMError
+from pocketlm.weights.config import check_config
 
-if TYPE_CHECKING:
-    from pocketlm.weights.gguf import GGUFTensorInfo
+# The tensor table as `gguf.read_gguf` parses it: name -> GGUFTensorInfo (.ggml_type,
+# .shape). Typed loosely here so that this module does not import the parser that uses it.
+TensorTable = dict[str, Any]
 
-# HF config key -> GGUF key under "{arch}."; all required.
+# HF config key -> GGUF key under "{arch}."; all required (a GGUF has no defaults for them).
 _LLAMA_CONFIG_KEYS = {
     "hidden_size": "embedding_length",
     "intermediate_size": "feed_forward_length",
@@ -35,6 +37,15 @@ _GPT2_CONFIG_KEYS = {
     "n_positions": "context_length",
     "layer_norm_epsilon": "attention.layer_norm_epsilon",
 }
+# The same for keys a file may leave out (each has a default or is derived).
+_OPTIONAL_KEYS = {
+    "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "rope_theta": "rope.freq_base",
+    "sliding_window": "attention.sliding_window",
+    "vocab_size": "vocab_size",
+    "n_inner": "feed_forward_length",
+}
 # "{arch}.rope.scaling.X" -> HF rope_scaling key
 _ROPE_SCALING_KEYS = {
     "factor": "factor",
@@ -46,7 +57,7 @@ _ROPE_SCALING_KEYS = {
 _TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16"}
 
 
-def _llama_config(arch: str, meta: dict[str, Any], *, tensors: dict, path: Path) -> dict[str, Any]:
+def _llama_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> dict[str, Any]:
     cfg: dict[str, Any] = {"model_type": arch}
     cfg.update({hf: meta.get(f"{arch}.{key}") for hf, key in _LLAMA_CONFIG_KEYS.items()})
     heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
@@ -61,16 +72,19 @@ def _llama_config(arch: str, meta: dict[str, Any], *, tensors: dict, path: Path)
     cfg["attention_bias"] = arch == "qwen2" or "blk.0.attn_q.bias" in tensors
     cfg["torch_dtype"] = _TORCH_DTYPES.get(_dominant_type(tensors), "float32")
     cfg.update(_token_ids(meta))
+    return cfg
+
+
+def _check_full_rope(arch: str, meta: dict[str, Any], cfg: dict[str, Any], path: Path) -> None:
     rope_dims = meta.get(f"{arch}.rope.dimension_count", cfg["head_dim"])
     if rope_dims != cfg["head_dim"]:
         raise PocketLMError(
             f"{path} rotates {rope_dims!r} of {cfg['head_dim']!r} head dimensions "
             "(partial RoPE), which pocketlm's Llama does not support"
         )
-    return cfg
 
 
-def _gpt2_config(meta: dict[str, Any], *, tensors: dict) -> dict[str, Any]:
+def _gpt2_config(meta: dict[str, Any], *, tensors: TensorTable) -> dict[str, Any]:
     cfg: dict[str, Any] = {"model_type": "gpt2"}
     cfg.update({hf: meta.get(f"gpt2.{key}") for hf, key in _GPT2_CONFIG_KEYS.items()})
     cfg["n_ctx"] = cfg["n_positions"]
@@ -82,7 +96,7 @@ def _gpt2_config(meta: dict[str, Any], *, tensors: dict) -> dict[str, Any]:
     return cfg
 
 
-def _vocab_size(arch: str, meta: dict[str, Any], *, tensors: dict) -> Any:
+def _vocab_size(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> Any:
     if f"{arch}.vocab_size" in meta:
         return meta[f"{arch}.vocab_size"]
     if "token_embd.weight" in tensors:
@@ -113,61 +127,7 @@ def _token_ids(meta: dict[str, Any]) -> dict[str, Any]:
     return {hf: meta[key] for hf, key in ids.items() if type(meta.get(key)) is int}
 
 
-# (positive ints, positive finite floats, of those the ones that may be None)
-_CONFIG_CHECKS = {
-    "gpt2": (
-        ("n_embd", "n_layer", "n_head", "n_positions", "n_inner", "vocab_size"),
-        ("layer_norm_epsilon",),
-        ("n_inner",),
-    ),
-    "llama": (
-        (*(k for k in _LLAMA_CONFIG_KEYS if k != "rms_norm_eps"), "num_key_value_heads",
-         "head_dim", "vocab_size", "sliding_window"),
-        ("rms_norm_eps", "rope_theta"),
-        ("sliding_window",),
-    ),
-}  # fmt: skip
-
-
-def _is_int(v: Any) -> bool:
-    return type(v) is int and 0 < v < 1 << 31
-
-
-def _is_positive(v: Any) -> bool:
-    return type(v) in (int, float) and 0 < v < math.inf
-
-
-def _check_config(cfg: dict[str, Any], path: Path) -> None:
-    """Every size a positive int, every float finite: the metadata is only as good as the file."""
-    gpt2 = cfg["model_type"] == "gpt2"
-    ints, floats, optional = _CONFIG_CHECKS["gpt2" if gpt2 else "llama"]
-    for key in ints:
-        if not _is_int(cfg[key]) and not (key in optional and cfg[key] is None):
-            _bad_config(path, key, cfg[key])
-    for key in floats:
-        if not _is_positive(cfg[key]):
-            _bad_config(path, key, cfg[key])
-    if scaling := cfg.get("rope_scaling"):
-        kind, *numbers = scaling.values()  # rope_type first
-        if not isinstance(kind, str) or not all(_is_positive(v) for v in numbers):
-            _bad_config(path, "rope_scaling", scaling)
-    if gpt2:
-        if cfg["n_embd"] % cfg["n_head"]:
-            _bad_config(path, "n_head", cfg["n_head"])
-    elif cfg["head_dim"] % 2 or cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
-        _bad_config(
-            path, "head_dim / num_key_value_heads", (cfg["head_dim"], cfg["num_key_value_heads"])
-        )
-
-
-def _bad_config(path: Path, key: str, value: Any) -> NoReturn:
-    raise CorruptModelError(
-        f"{path}: the GGUF metadata gives {key} = {value!r}, which is missing or invalid; "
-        "download it again or re-convert it with llama.cpp"
-    )
-
-
-def _dominant_type(tensors: dict[str, GGUFTensorInfo]) -> str:
+def _dominant_type(tensors: TensorTable) -> str:
     """The ggml type holding most of the weights of the matrices (1-D norms stay F32)."""
     counts: dict[str, int] = {}
     for t in tensors.values():
@@ -176,7 +136,7 @@ def _dominant_type(tensors: dict[str, GGUFTensorInfo]) -> str:
     return max(counts, key=counts.__getitem__) if counts else "F32"
 
 
-def _quantization(meta: dict[str, Any], tensors: dict[str, GGUFTensorInfo]) -> str:
+def _quantization(meta: dict[str, Any], tensors: TensorTable) -> str:
     try:
         name = LlamaFileType(meta["general.file_type"]).name
     except (KeyError, ValueError, TypeError):
@@ -184,16 +144,28 @@ def _quantization(meta: dict[str, Any], tensors: dict[str, GGUFTensorInfo]) -> s
     return "F32" if name == "ALL_F32" else name.removeprefix("MOSTLY_")
 
 
-def gguf_config(arch: str, meta: dict[str, Any], *, tensors: dict, path: Path) -> dict[str, Any]:
-    """The checked HF-style config for a GGUF of a supported architecture."""
-    if arch == "gpt2":
-        config = _gpt2_config(meta, tensors=tensors)
-    else:
-        config = _llama_config(arch, meta, tensors=tensors, path=path)
-    _check_config(config, path)
+def gguf_config(
+    arch: str, meta: dict[str, Any], *, tensors: TensorTable, path: Path
+) -> dict[str, Any]:
+    """The HF-style config for a GGUF of a supported architecture, checked by the one
+    config validator (weights.config), its messages naming the file's own keys."""
+    gpt2 = arch == "gpt2"
+    config = (
+        _gpt2_config(meta, tensors=tensors) if gpt2 else _llama_config(arch, meta, tensors=tensors)
+    )
+    required = _GPT2_CONFIG_KEYS if gpt2 else _LLAMA_CONFIG_KEYS
+    names = {hf: f"{arch}.{key}" for hf, key in (required | _OPTIONAL_KEYS).items()
+             if hf in required or f"{arch}.{key}" in meta}  # fmt: skip
+    check_config(config, source=path, names=names, required=required)
+    if not gpt2:
+        _check_full_rope(arch, meta, config, path)
     return config
 
 
-def quantization(meta: dict[str, Any], tensors: dict[str, GGUFTensorInfo]) -> str:
+def _is_int(v: Any) -> bool:
+    return type(v) is int and v > 0
+
+
+def quantization(meta: dict[str, Any], tensors: TensorTable) -> str:
     """The file type's name (Q4_K_M, Q8_0...), or the dominant matrix type without one."""
     return _quantization(meta, tensors)

@@ -1,28 +1,45 @@
-"""Checkpoint -> ready model: config, tensors, strict checks, tokenizer.
+"""Checkpoint -> model ready for inference: config, tensors, strict checks, an adapter
+merged in, tokenizer, then `kernels.prepare`.
 
 Two formats arrive at one path: a Hugging Face directory (config.json + safetensors,
 sharded or not; `pytorch_model.bin` only through `torch.load(weights_only=True)`) and a
-GGUF file (`weights.gguf` turns it into the same config dict and state dict). The model
+GGUF file (`weights.gguf` turns it into the same config dict and tensor stream). The model
 is built on the `meta` device and each tensor is converted and assigned one at a time, so
-loading never holds two copies of the weights. (nanoGPT `from_pretrained`, gpt-fast
-`_load_model`, llama.cpp `tensor_mapping.py`.)
+loading never holds two copies of the weights. With a quantization, a GGUF's matrices whose
+stored blocks a quantized layer can take as they are (Q8_0 -> int8, Q4_0/Q4_1 -> int4) go
+straight there and are never expanded to float. Architectures without a native module run
+through `weights.fallback`. (nanoGPT `from_pretrained`, gpt-fast `_load_model`, llama.cpp
+`tensor_mapping.py`.) Knows nothing of generation, sampling or where a path came from.
 """
 
 import json
 import reprlib
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from pocketlm.errors import CorruptModelError, PocketLMError
-from pocketlm.models import ARCHITECTURES, LlamaConfig, build_config
-from pocketlm.models.gpt2 import ACTIVATIONS
+from pocketlm.kernels.int4 import Q4_BLOCK_BYTES, Int4Linear, q4_to_int4, quantize_int4
+from pocketlm.kernels.int8 import Int8Linear, q8_0_to_int8, quantize_int8
+from pocketlm.kernels.prepare import check_quantization
+from pocketlm.kernels.prepare import prepare as prepare_model
+from pocketlm.models import ARCHITECTURES
 from pocketlm.tokenizer import Tokenizer
 from pocketlm.weights import tables
+from pocketlm.weights.adapter import Adapter, fit_adapter, merge_adapter, read_adapter
+from pocketlm.weights.config import check_config, read_config
+from pocketlm.weights.fallback import transformers_model
+from pocketlm.weights.gguf import GGUFCheckpoint, gguf_raw_tensors, gguf_tensors, read_gguf
+
+# Our name -> (ggml type, undecoded blocks, shape) of a GGUF matrix loaded as it is stored.
+Direct = dict[str, tuple[str, np.ndarray, tuple[int, ...]]]
 
 
 @dataclass
@@ -34,81 +51,160 @@ class LoadedModel:
     native: bool  # False when running through transformers (an architecture we lack)
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """config.json of an HF directory as a dict, with a clear error when it is not one."""
-    file = path / "config.json"
-    if not file.is_file():
-        raise CorruptModelError(f"{path} has no config.json: is it a Hugging Face model folder?")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as error:  # bad UTF-8 or JSON, huge ints, deep nesting
-        raise CorruptModelError(
-            f"{file} is not valid JSON ({error}); re-download the model"
-        ) from None
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise CorruptModelError(f"{file} has no model_type; re-download the model")
-    return config
-
-
 def load(
-    path: Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    quantize: str | None = None,
+    adapter: str | Path | None = None,
+    prepare: bool = False,
 ) -> LoadedModel:
-    """Load the checkpoint at `path` (an HF directory or a .gguf file)."""
+    """Load the checkpoint at `path` (an HF directory or a .gguf file).
+
+    `adapter`: a LoRA adapter folder (`pocketlm finetune --lora --adapter-only`), merged
+    into the float weights. `prepare=True`: ready for inference (`kernels.prepare`: fused,
+    quantized as `quantize` says, re-laid out for the device); without it the model keeps
+    the checkpoint's own layers and names (for training, export, or as a reference)."""
     path = Path(path)
+    if quantize is not None and not prepare:
+        raise ValueError("quantize needs prepare=True: quantized layers are made for inference")
+    check_quantization(quantize, device=device)
+    lora = None if adapter is None else read_adapter(adapter)
     if path.suffix == ".gguf":
-        return _load_gguf(path, dtype=dtype, device=device)
+        loaded = _load_gguf(path, dtype=dtype, device=device, quantize=quantize, adapter=lora)
+    else:
+        loaded = _load_hf(path, dtype=dtype, device=device, adapter=lora)
+    if prepare:
+        prepare_model(loaded.model, quantize=quantize)
+    return loaded
+
+
+def _load_hf(
+    path: Path, *, dtype: torch.dtype, device: torch.device | str, adapter: Adapter | None
+) -> LoadedModel:
     config = read_config(path)
-    if config["model_type"] not in ARCHITECTURES:
-        from pocketlm.weights.fallback import load_with_transformers
+    kind = config["model_type"]
+    if kind in ARCHITECTURES:
+        model = empty_model(config, source=path)
+        tensors = _hf_tensors(path, kind, dtype=dtype)
+        assign_tensors(model, tensors, model_type=kind, dtype=dtype, device=device, source=path)
+        tokenizer, native = _hf_tokenizer(path, config), True
+    else:
+        model = transformers_model(path, config, dtype=dtype, device=device)
+        tokenizer, native = Tokenizer.from_dir(path), False
+    if adapter is not None:
+        merge_adapter(model, fit_adapter(adapter, model), scale=adapter.config.scale)
+    return LoadedModel(model, tokenizer, config, path, native=native)
 
-        return load_with_transformers(path, config, dtype=dtype, device=device)
-    tensors = _hf_tensors(path, config["model_type"], dtype=dtype)
-    model = build_model(config, tensors, dtype=dtype, device=device, source=path)
-    return LoadedModel(model, _hf_tokenizer(path, config), config, path, native=True)
 
-
-def _load_gguf(path: Path, *, dtype: torch.dtype, device: torch.device | str) -> LoadedModel:
-    from pocketlm.weights.gguf import gguf_state_dict, read_gguf
-
+def _load_gguf(
+    path: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    quantize: str | None,
+    adapter: Adapter | None,
+) -> LoadedModel:
     checkpoint = read_gguf(path)
-    tensors = gguf_state_dict(checkpoint, dtype=dtype).items()
-    model = build_model(checkpoint.config, tensors, dtype=dtype, device=device, source=path)
+    model = empty_model(checkpoint.config, source=path)
+    # Known before any tensor is read: the matrices an adapter changes are merged in
+    # float, so they are dequantized like the others rather than loaded as stored.
+    factors = {} if adapter is None else fit_adapter(adapter, model)
+    direct: Direct = {}
+    if quantize is not None:
+        direct = _direct_matrices(checkpoint, model, quantize=quantize, merged=factors)
+        # As this path always has: beside quantized layers the rest stays fp32 (and so
+        # do the activations), whatever `dtype` says.
+        dtype = torch.float32
+    # Never read: an untouched torch.empty is not committed memory; replaced below.
+    placeholders = ((name, torch.empty(shape)) for name, (_, _, shape) in direct.items())
+    tensors = chain(gguf_tensors(checkpoint, dtype=dtype, skip=direct), placeholders)
+    kind = checkpoint.config["model_type"]
+    assign_tensors(model, tensors, model_type=kind, dtype=dtype, device=device, source=path)
+    if adapter is not None:
+        merge_adapter(model, factors, scale=adapter.config.scale)
+    if quantize is not None:
+        _quantize_gguf(model, direct, quantize=quantize, device=device)
     tokenizer = Tokenizer.from_gguf_metadata(checkpoint.metadata)
     return LoadedModel(model, tokenizer, checkpoint.config, path, native=True)
 
 
-def build_model(
-    config: dict[str, Any],
-    tensors: "Iterator[tuple[str, torch.Tensor]]",
+def _direct_matrices(
+    checkpoint: GGUFCheckpoint, model: nn.Module, *, quantize: str, merged: dict[str, Any]
+) -> Direct:
+    """The nn.Linear weights whose stored type this quantization's layers take as they
+    are: Q8_0 into Int8Linear and, for int4, Q4_0/Q4_1 into Int4Linear with the file's
+    own codes; not those an adapter changes (names of `merged`)."""
+    linears = {f"{name}.weight" for name, m in model.named_modules() if type(m) is nn.Linear}
+    changed = {f"{name}.weight" for name in merged}
+    return {
+        name: (kind, data, shape)
+        for name, (kind, data, shape) in gguf_raw_tensors(checkpoint).items()
+        if name in linears - changed and _direct_kind(kind, shape, quantize)
+    }
+
+
+def _direct_kind(kind: str, shape: tuple[int, ...], quantize: str) -> bool:
+    """Whether a GGUF matrix of this type loads straight into this quantization's layers."""
+    if kind == "Q8_0":
+        return True
+    return quantize == "int4" and kind in Q4_BLOCK_BYTES and Int4Linear.fits(*shape)
+
+
+def _quantize_gguf(
+    model: nn.Module, direct: Direct, *, quantize: str, device: torch.device | str
+) -> None:
+    """Put the `direct` matrices' quantized layers in place of their placeholders, then
+    quantize the rest (a tied head, matrices of other types)."""
+    for name, (kind, data, shape) in direct.items():
+        module_name = name.removesuffix(".weight")
+        linear = model.get_submodule(module_name)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        if kind == "Q8_0":
+            weight, scales = q8_0_to_int8(data, shape)
+            layer = Int8Linear(weight.to(device), scales.to(device), bias)
+        else:
+            layer = Int4Linear(*q4_to_int4(data, kind, shape), bias)
+        parent, _, attr = module_name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, layer)
+    # Here rather than in `prepare`, which fuses first: fusing concatenates layers of one
+    # kind, and q/k/v may be stored in different types (int8 from the file beside float).
+    (quantize_int4 if quantize == "int4" else quantize_int8)(model)
+
+
+def empty_model(config: dict[str, Any], *, source: Path) -> nn.Module:
+    """The native model `config` describes, checked (weights.config) and built on the
+    `meta` device: shapes and names, no memory."""
+    _, model_cls = ARCHITECTURES[config["model_type"]]
+    model_config = check_config(config, source=source)
+    with torch.device("meta"):
+        return model_cls(model_config)
+
+
+def assign_tensors(
+    model: nn.Module,
+    tensors: Iterator[tuple[str, torch.Tensor]],
     *,
+    model_type: str,
     dtype: torch.dtype,
     device: torch.device | str,
     source: Path,
 ) -> nn.Module:
-    """Build the native model on `meta`, then assign each (name, tensor) after checking it.
+    """Assign each (name, tensor) to the `meta` model after checking it; returns it.
 
     `tensors` yields our parameter names in nn.Linear orientation; each is converted to
     `dtype` on `device` as it arrives, so peak memory is the model plus one tensor."""
-    _, model_cls = ARCHITECTURES[config["model_type"]]
-    check_config(config, source=source)
-    try:
-        model_config = build_config(config)
-    except (TypeError, ValueError) as error:
-        raise CorruptModelError(
-            f"{source}: config is not valid for {config['model_type']} ({error})"
-        ) from None
-    _check_heads(model_config, source=source)
-    with torch.device("meta"):
-        model = model_cls(model_config)
     expected = {name: p.shape for name, p in model.named_parameters()}  # tied weights appear once
-    head, embedding = tables.TIED_KEYS[tables.family(config["model_type"])]
+    head, embedding = tables.TIED_KEYS[tables.family(model_type)]
+    tied = model.config.tie_word_embeddings
     seen = set()
     for name, tensor in tensors:
-        if model_config.tie_word_embeddings and name == head:
+        if tied and name == head:
             continue  # some tied checkpoints store the shared matrix twice
         if name not in expected:
             raise CorruptModelError(
-                f"{source}: unexpected tensor {name!r}; is this a {config['model_type']} checkpoint?"
+                f"{source}: unexpected tensor {name!r}; is this a {model_type} checkpoint?"
             )
         if tuple(tensor.shape) != tuple(expected[name]):
             raise CorruptModelError(
@@ -121,115 +217,10 @@ def build_model(
         raise CorruptModelError(
             f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all)"
         )
-    if model_config.tie_word_embeddings:
+    if tied:
         _assign(model, head, model.get_parameter(embedding))
     model.init_buffers(device)
     return model.eval().requires_grad_(False)
-
-
-# (smallest, largest) for each size a config may give. The upper bounds are far above any
-# released model; they stop a corrupt value (2**40 layers, 2**64 columns) from building a
-# model that hangs, overflows or allocates GBs before the shape checks can name the problem.
-SIZE_LIMITS: dict[str, tuple[int, int]] = {
-    "vocab_size": (1, 2**24),
-    **dict.fromkeys(("n_embd", "hidden_size", "n_inner", "intermediate_size"), (1, 2**20)),
-    "head_dim": (2, 2**16),
-    **dict.fromkeys(("n_layer", "num_hidden_layers"), (1, 1024)),
-    **dict.fromkeys(("n_head", "num_attention_heads", "num_key_value_heads"), (1, 2**14)),
-    # A context of one token leaves no room to generate anything after the prompt.
-    **dict.fromkeys(("n_positions", "max_position_embeddings"), (2, 2**26)),
-    "sliding_window": (1, 2**26),
-}
-FLOAT_LIMITS: dict[str, tuple[float, float]] = {  # (exclusive low, inclusive high)
-    **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps"), (0.0, 1.0)),
-    **dict.fromkeys(("rope_theta", "factor", "low_freq_factor", "high_freq_factor"), (0.0, 1e12)),
-    "original_max_position_embeddings": (0.0, 2.0**26),
-}
-FLAGS = ("tie_word_embeddings", "attention_bias", "use_sliding_window")
-# The numbers each rope_scaling type needs (pocketlm.models.llama.rope_inv_freq).
-ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings",
-                                               "low_freq_factor", "high_freq_factor")}  # fmt: skip
-
-
-def check_config(config: dict[str, Any], *, source: Path) -> None:
-    """Every value the architecture's config reads has the right type and a sane range,
-    so a corrupt config.json ends in one clear error naming the key, never in a crash,
-    a hang or a huge allocation while the model is built."""
-    config_cls, _ = ARCHITECTURES[config["model_type"]]
-    for key in (f.name for f in fields(config_cls) if f.init):
-        value = config.get(key)
-        if value is None:
-            continue  # the dataclass default
-        if key in SIZE_LIMITS:
-            low, high = SIZE_LIMITS[key]
-            if not _is_int(value) or not low <= value <= high:
-                _bad_config(source, key, value, f"an integer from {low} to {high}")
-        elif key in FLOAT_LIMITS:
-            _check_number(source, key, value)
-        elif key in FLAGS and not isinstance(value, bool):
-            _bad_config(source, key, value, "true or false")
-        elif key == "activation_function" and (
-            not isinstance(value, str) or value not in ACTIVATIONS
-        ):
-            _bad_config(source, key, value, f"one of {', '.join(ACTIVATIONS)}")
-        elif key in ("rope_scaling", "rope_parameters"):
-            _check_rope(source, key, value)
-
-
-def _check_heads(model_config: Any, *, source: Path) -> None:
-    """Relations between sizes that a forward pass relies on (GPT2Config checks its own)."""
-    if not isinstance(model_config, LlamaConfig):
-        return
-    heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
-    if heads % kv_heads:
-        expected = f"a divisor of num_attention_heads {heads}"
-        _bad_config(source, "num_key_value_heads", kv_heads, expected)
-    if model_config.head_dim < 2 or model_config.head_dim % 2:
-        expected = "an even head size of at least 2 (rotary embeddings rotate pairs)"
-        _bad_config(
-            source,
-            "head_dim (or hidden_size / num_attention_heads)",
-            model_config.head_dim,
-            expected,
-        )
-
-
-def _check_rope(source: Path, key: str, value: Any) -> None:
-    if not isinstance(value, dict):
-        _bad_config(source, key, value, "an object")
-    kind = value.get("rope_type", value.get("type", "default"))
-    if not isinstance(kind, str):
-        _bad_config(source, f"{key}.rope_type", kind, "a string")
-    for name in ROPE_KEYS.get(kind, ()):
-        _check_number(source, f"{key}.{name}", value.get(name))
-    if "rope_theta" in value:
-        _check_number(source, f"{key}.rope_theta", value["rope_theta"])
-    if kind == "llama3" and value["high_freq_factor"] <= value["low_freq_factor"]:
-        _bad_config(
-            source,
-            f"{key}.high_freq_factor",
-            value["high_freq_factor"],
-            "more than low_freq_factor",
-        )
-
-
-def _check_number(source: Path, key: str, value: Any) -> None:
-    low, high = FLOAT_LIMITS[key.rpartition(".")[2]]
-    # Comparisons, not float(): exact for a 400-digit int, and false for NaN and infinity.
-    if not isinstance(value, int | float) or isinstance(value, bool) or not low < value <= high:
-        _bad_config(source, key, value, f"a number above {low:g} and at most {high:g}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _bad_config(source: Path, key: str, value: Any, expected: str) -> NoReturn:
-    big = isinstance(value, int) and value.bit_length() > 64
-    shown = f"a {value.bit_length()}-bit integer" if big else reprlib.repr(value)  # short
-    raise CorruptModelError(
-        f"{source}: config {key} = {shown} is not valid (expected {expected}); re-download the model"
-    )
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -275,8 +266,6 @@ def _raw_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _open_safetensors(file: Path):  # -> safetensors.safe_open
-    from safetensors import SafetensorError, safe_open
-
     try:
         return safe_open(file, framework="pt")
     except (SafetensorError, OSError, ValueError) as error:
@@ -291,8 +280,6 @@ def _open_safetensors(file: Path):  # -> safetensors.safe_open
 
 
 def _get_tensor(f, key: str, file: Path) -> torch.Tensor:  # noqa: ANN001 - safe_open handle
-    from safetensors import SafetensorError
-
     try:
         return f.get_tensor(key)
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:

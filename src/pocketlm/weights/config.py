@@ -1,0 +1,202 @@
+"""A checkpoint's config -> one validated config: config.json read, every value checked.
+
+Hugging Face folders give config.json; GGUF files give metadata that `gguf_config.py`
+maps onto the same keys. Both end here, in `check_config`: one set of bounds and one set
+of messages, so a corrupt value from either format ends in one clear error naming the key
+(never in a crash, a hang or a huge allocation while the model is built). Knows nothing
+of tensors, file formats beyond config.json, or the network.
+"""
+
+import json
+import reprlib
+from collections.abc import Collection, Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pocketlm.errors import CorruptModelError
+from pocketlm.models import ARCHITECTURES, LlamaConfig, build_config
+from pocketlm.models.gpt2 import ACTIVATIONS
+
+# The end of every config error: what the user can do about a bad file.
+FIX = "re-download or re-convert the model"
+
+# (smallest, largest) for each size a config may give. The upper bounds are far above any
+# released model; they stop a corrupt value (2**40 layers, 2**64 columns) from building a
+# model that hangs, overflows or allocates GBs before the shape checks can name the problem.
+SIZE_LIMITS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 2**24),
+    **dict.fromkeys(("n_embd", "hidden_size", "n_inner", "intermediate_size"), (1, 2**20)),
+    "head_dim": (2, 2**16),
+    **dict.fromkeys(("n_layer", "num_hidden_layers"), (1, 1024)),
+    **dict.fromkeys(("n_head", "num_attention_heads", "num_key_value_heads"), (1, 2**14)),
+    # A context of one token leaves no room to generate anything after the prompt.
+    **dict.fromkeys(("n_positions", "max_position_embeddings"), (2, 2**26)),
+    "sliding_window": (1, 2**26),
+}
+FLOAT_LIMITS: dict[str, tuple[float, float]] = {  # (exclusive low, inclusive high)
+    **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps"), (0.0, 1.0)),
+    **dict.fromkeys(("rope_theta", "factor", "low_freq_factor", "high_freq_factor"), (0.0, 1e12)),
+    "original_max_position_embeddings": (0.0, 2.0**26),
+}
+FLAGS = ("tie_word_embeddings", "attention_bias", "use_sliding_window")
+# The numbers each rope_scaling type needs (pocketlm.models.llama.rope_inv_freq).
+ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings",
+                                               "low_freq_factor", "high_freq_factor")}  # fmt: skip
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json of an HF directory as a dict, with a clear error when it is not one."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise CorruptModelError(f"{path} has no config.json: is it a Hugging Face model folder?")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # bad UTF-8 or JSON, huge ints, deep nesting
+        raise CorruptModelError(
+            f"{file} is not valid JSON ({error}); re-download the model"
+        ) from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise CorruptModelError(f"{file} has no model_type; re-download the model")
+    return config
+
+
+class _Checker:
+    """Where a config came from and how it names its keys, for the messages."""
+
+    def __init__(self, source: Path, names: Mapping[str, str]) -> None:
+        self.source, self.names = source, names
+
+    def bad(self, key: str, value: Any, expected: str) -> NoReturn:
+        big = isinstance(value, int) and value.bit_length() > 64
+        shown = f"a {value.bit_length()}-bit integer" if big else reprlib.repr(value)  # short
+        raise CorruptModelError(
+            f"{self.source}: config {self._name(key)} = {shown} is not valid "
+            f"(expected {expected}); {FIX}"
+        )
+
+    def missing(self, key: str) -> NoReturn:
+        raise CorruptModelError(
+            f"{self.source}: config {self._name(key)} is missing (expected {_expected(key)}); {FIX}"
+        )
+
+    def _name(self, key: str) -> str:
+        head, dot, rest = key.partition(".")  # "rope_scaling.factor": name the outer key
+        return self.names.get(head, head) + dot + rest
+
+
+def check_config(
+    config: dict[str, Any],
+    *,
+    source: Path,
+    names: Mapping[str, str] | None = None,
+    required: Collection[str] = (),
+) -> Any:
+    """Check every value the architecture's config reads (type, range, the relations a
+    forward pass relies on) and return that config dataclass built from `config`.
+
+    An absent (None) value takes the dataclass default, except the keys in `required`
+    (a GGUF has no defaults for its shape). `names`: how the file itself calls a key (a
+    GGUF metadata key), used in the messages in place of the config.json name."""
+    check = _Checker(source, names or {})
+    config_cls, _ = ARCHITECTURES[config["model_type"]]
+    for key in (f.name for f in fields(config_cls) if f.init):
+        value = config.get(key)
+        if value is None:
+            if key in required:
+                check.missing(key)
+            continue  # the dataclass default
+        _check_value(check, key, value)
+    if config["model_type"] == "gpt2":
+        _check_gpt2_heads(check, config, config_cls)
+    try:
+        model_config = build_config(config)
+    except (TypeError, ValueError) as error:
+        raise CorruptModelError(
+            f"{source}: config is not valid for {config['model_type']} ({error}); {FIX}"
+        ) from None
+    if isinstance(model_config, LlamaConfig):
+        _check_llama_heads(check, model_config)
+    return model_config
+
+
+def _check_value(check: _Checker, key: str, value: Any) -> None:
+    if key in FLOAT_LIMITS:
+        _check_number(check, key, value)
+    elif key in ("rope_scaling", "rope_parameters"):
+        _check_rope(check, key, value)
+    elif not _is_valid(key, value):
+        check.bad(key, value, _expected(key))
+
+
+def _is_valid(key: str, value: Any) -> bool:
+    if key in SIZE_LIMITS:
+        low, high = SIZE_LIMITS[key]
+        return _is_int(value) and low <= value <= high
+    if key in FLAGS:
+        return isinstance(value, bool)
+    if key == "activation_function":
+        return isinstance(value, str) and value in ACTIVATIONS
+    return True  # a value no check covers (model_type, hidden_act: the dataclass checks)
+
+
+def _expected(key: str) -> str:
+    """What a valid value of `key` looks like, in words."""
+    name = key.rpartition(".")[2]
+    if name in SIZE_LIMITS:
+        low, high = SIZE_LIMITS[name]
+        return f"an integer from {low} to {high}"
+    if name in FLOAT_LIMITS:
+        low, high = FLOAT_LIMITS[name]
+        return f"a number above {low:g} and at most {high:g}"
+    if name in FLAGS:
+        return "true or false"
+    if name == "activation_function":
+        return f"one of {', '.join(ACTIVATIONS)}"
+    return "an object" if name in ("rope_scaling", "rope_parameters") else "a value"
+
+
+def _check_gpt2_heads(check: _Checker, config: dict[str, Any], config_cls: type) -> None:
+    """GPT-2 splits n_embd evenly between its heads (GPT2Config would raise otherwise)."""
+    defaults = {f.name: f.default for f in fields(config_cls) if f.init}
+    n_embd, n_head = (config.get(k) or defaults[k] for k in ("n_embd", "n_head"))
+    if n_embd % n_head:
+        check.bad("n_head", n_head, f"a divisor of n_embd {n_embd}")
+
+
+def _check_llama_heads(check: _Checker, model_config: LlamaConfig) -> None:
+    """Relations between sizes that a forward pass relies on, after defaults are derived."""
+    heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
+    if heads % kv_heads:
+        check.bad("num_key_value_heads", kv_heads, f"a divisor of num_attention_heads {heads}")
+    if model_config.head_dim < 2 or model_config.head_dim % 2:
+        check.bad(
+            "head_dim (or hidden_size / num_attention_heads)",
+            model_config.head_dim,
+            "an even head size of at least 2 (rotary embeddings rotate pairs)",
+        )
+
+
+def _check_rope(check: _Checker, key: str, value: Any) -> None:
+    if not isinstance(value, dict):
+        check.bad(key, value, "an object")
+    kind = value.get("rope_type", value.get("type", "default"))
+    if not isinstance(kind, str):
+        check.bad(f"{key}.rope_type", kind, "a string")
+    for name in ROPE_KEYS.get(kind, ()):
+        _check_number(check, f"{key}.{name}", value.get(name))
+    if "rope_theta" in value:
+        _check_number(check, f"{key}.rope_theta", value["rope_theta"])
+    if kind == "llama3" and value["high_freq_factor"] <= value["low_freq_factor"]:
+        check.bad(f"{key}.high_freq_factor", value["high_freq_factor"], "more than low_freq_factor")
+
+
+def _check_number(check: _Checker, key: str, value: Any) -> None:
+    low, high = FLOAT_LIMITS[key.rpartition(".")[2]]
+    # Comparisons, not float(): exact for a 400-digit int, and false for NaN and infinity.
+    if not isinstance(value, int | float) or isinstance(value, bool) or not low < value <= high:
+        check.bad(key, value, _expected(key))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
