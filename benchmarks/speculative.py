@@ -56,11 +56,10 @@ def main() -> int:
     rows = [{"draft": "none", "lookahead": 0, **base, "x": 1.0, "identical": True}]
     print(f"{args.model} ({args.quantize or 'fp32'}) alone: {base['tok_s']:.1f} tok/s")
     for kind in args.drafts:
-        lm = pocketlm.load(
-            args.model, quantize=args.quantize, draft=args.model, draft_quantize=kind
-        )
+        lm = pocketlm.load(args.model, quantize=args.quantize)
+        draft = pocketlm.load(args.model, quantize=kind)  # the model's own quantized copy
         for lookahead in args.lookahead:
-            lm.set_draft(lm.draft, lookahead=lookahead)
+            lm.use_draft(draft, lookahead=lookahead)
             row = {"draft": kind, "lookahead": lookahead, **measure(lm, args)}
             row["x"] = row["tok_s"] / base["tok_s"]
             row["identical"] = row["texts"] == base["texts"]

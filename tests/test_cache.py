@@ -178,13 +178,18 @@ def test_a_reserved_cache_never_changes_shape(model):
         cache.ensure(1, WINDOW + 1)
 
 
-def test_a_compiled_sequence_reserves_its_window(model, monkeypatch):
+def test_a_compiled_sequence_reserves_its_window(model):
     """The compiled step is specialised to the cache's shape and skips its guards once
-    warm, so the cache it closes over is reserved up front; a growing one is refused."""
-    monkeypatch.setattr(Sequence, "_compile_now", lambda self: None)  # no compiling here
-    seq = Sequence(model, max_seq_len=WINDOW, compile=True)
+    warm, so a sequence decoding through it reserves its window up front; a growing cache,
+    or one of another window, is refused."""
+    step = CompiledDecode(model)  # compiles lazily, at the first call: not here
+    seq = Sequence(model, max_seq_len=WINDOW, decode=step)
     assert seq.cache.reserved and seq.cache.slots == WINDOW
-    assert seq._compiled.cache is seq.cache
     assert not Sequence(model, max_seq_len=WINDOW).cache.reserved
+    tokens, positions = torch.zeros((1, 1), dtype=torch.long), torch.zeros((1, 1), dtype=torch.long)
     with pytest.raises(ValueError, match="reserved"):
-        CompiledDecode(model, make_cache(model, batch_size=1, max_seq_len=WINDOW))
+        step(tokens, positions, make_cache(model, batch_size=1, max_seq_len=WINDOW), 1)
+    step(tokens, positions, seq.cache, 1)  # one slot: eager, but it fixes the shape
+    other = Sequence(model, max_seq_len=WINDOW // 2, decode=step)
+    with pytest.raises(ValueError, match="caches of"):
+        step(tokens, positions, other.cache, 1)

@@ -15,6 +15,11 @@ from scripted_model import make_scripted_gpt2
 SHORT = Harness(intro="A chat.", examples=(("Hi", "Hello."),))
 
 
+def stats_of(chunks):
+    """The statistics a stream brings back on its last chunk."""
+    return list(chunks)[-1].stats
+
+
 @pytest.fixture(scope="module")
 def scripted(tmp_path_factory):
     """A GPT-2 that answers every "Assistant:" with " Hel" "lo" "!" (a split of " Hello!"
@@ -52,10 +57,10 @@ def test_a_base_model_gets_the_harness_and_stops_at_the_next_user_turn(scripted)
     ids = torch.tensor([conv.lm.tokenizer.encode(prompt)])
     out = hf_model(scripted).generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert conv.lm.tokenizer.decode(out[0, ids.shape[1] :].tolist()) == " Hello!\nUser: Hello"
-    shown = [c.text for c in conv.send("Say hello.", max_tokens=16, temperature=0)]
-    assert "".join(shown) == "Hello!"  # the space after "Assistant:" is not shown
+    chunks = list(conv.send("Say hello.", max_tokens=16, temperature=0))
+    assert "".join(c.text for c in chunks) == "Hello!"  # the space after "Assistant:" is not shown
     assert conv.turns == [Turn("Say hello.", " Hello!")]
-    assert conv.lm.last_stats.new_tokens == 6  # " Hel" "lo" "!" "\n" "User" ":"
+    assert chunks[-1].stats.new_tokens == 6  # " Hel" "lo" "!" "\n" "User" ":"
 
 
 def test_each_turn_prefills_only_its_new_tokens(scripted):
@@ -63,11 +68,10 @@ def test_each_turn_prefills_only_its_new_tokens(scripted):
     counts = {}
     for reuse_ids in (True, False):
         conv = fresh(scripted, reuse_ids=reuse_ids)
-        "".join(c.text for c in conv.send("Say hello.", max_tokens=16, temperature=0))
-        first = conv.lm.last_stats
+        first = stats_of(conv.send("Say hello.", max_tokens=16, temperature=0))
         assert first.prefilled_tokens == first.prompt_tokens  # an empty cache: all of it
-        "".join(c.text for c in conv.send("Again?", max_tokens=16, temperature=0))
-        counts[reuse_ids] = conv.lm.last_stats.prefilled_tokens
+        again = stats_of(conv.send("Again?", max_tokens=16, temperature=0))
+        counts[reuse_ids] = again.prefilled_tokens
     tail = tokenizer.encode("\nUser: Again?\nAssistant:")
     # The cache already holds the reply's " Hel" "lo" "!" and the "\n" "User" the model
     # generated before the stop string completed: only the rest of the tail is new.
@@ -83,8 +87,8 @@ def test_oldest_turns_are_dropped_and_the_user_told_once(scripted, caplog):
     max_tokens = 200  # leaves 56 tokens of the 256 for the prompt
     with caplog.at_level(logging.WARNING, logger="pocketlm"):
         for n in range(7):
-            "".join(c.text for c in conv.send(f"message {n}", max_tokens=max_tokens, temperature=0))
-            prompt_tokens = conv.lm.last_stats.prompt_tokens
+            stats = stats_of(conv.send(f"message {n}", max_tokens=max_tokens, temperature=0))
+            prompt_tokens = stats.prompt_tokens
             assert prompt_tokens + max_tokens <= conv.lm.context_length == 256
     assert 0 < conv.dropped_turns < 6 and len(conv.turns) == 7
     prompt = conv.render("next")
@@ -110,10 +114,10 @@ def test_a_reply_cut_short_is_kept_and_the_next_turn_extends_it(scripted):
     assert [next(stream).text, next(stream).text] == ["Hel", "lo"]
     stream.close()
     assert conv.turns == [Turn("hi", " Hello")]
-    "".join(c.text for c in conv.send("again", max_tokens=16, temperature=0))
+    stats = stats_of(conv.send("again", max_tokens=16, temperature=0))
     tail = conv.lm.tokenizer.encode("\nUser: again\nClock:")
     # The cache holds " Hel" (" lo" was sampled but never fed back): "lo" + tail is new.
-    assert conv.lm.last_stats.prefilled_tokens == 1 + len(tail)
+    assert stats.prefilled_tokens == 1 + len(tail)
 
 
 def test_harness_files_and_their_errors(tmp_path):

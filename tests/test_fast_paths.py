@@ -16,11 +16,15 @@ import torch
 
 import pocketlm
 from checkpoints import make_gpt2, make_llama, write_gguf
+from pocketlm.cli.main import main
 from pocketlm.errors import PocketLMError
 from pocketlm.features import perplexity
+from pocketlm.generate.compiled import CompiledDecode
+from pocketlm.generate.params import GenerationParams
+from pocketlm.generate.request import Sampler, Stats
 from pocketlm.generate.sequence import Sequence
 from pocketlm.generate.speculative import _verify, speculative_tokens
-from pocketlm.generate.stream import Stats, generate_tokens
+from pocketlm.generate.stream import generate_tokens
 from pocketlm.kernels.int4 import Int4Linear, q4_to_int4
 from pocketlm.kernels.int8 import Int8Linear, q8_0_to_int8, quantize_int8, quantize_per_channel
 from pocketlm.kernels.prepare import check_quantization
@@ -31,12 +35,18 @@ from pocketlm.weights import loader
 from pocketlm.weights.gguf import read_gguf
 
 GREEDY = SamplingParams(temperature=0)
+
+
+def greedy(n):
+    return GenerationParams(GREEDY, max_tokens=n)
+
+
 PROMPT = [464, 3290, 373, 1043]  # "The dog was found"
 
 
 def greedy_ids(model, prompt, n, *, max_seq_len=None):
     seq = Sequence(model, max_seq_len=max_seq_len)
-    return [s.token for s in generate_tokens(seq, prompt, params=GREEDY, max_tokens=n)]
+    return [s.token for s in generate_tokens(seq, prompt, greedy(n))]
 
 
 def recomputed_greedy_ids(model, prompt, n):
@@ -106,10 +116,13 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_llama):
     tokens as eager decoding. (Compiling takes a while on 2 cores: one model, fp32.)"""
     lm = pocketlm.load(tiny_llama, device="cpu")
     eager = greedy_ids(lm.model, PROMPT, 24)
-    seq = Sequence(lm.model, compile=True)
-    compiled = [s.token for s in generate_tokens(seq, PROMPT, params=GREEDY, max_tokens=24)]
-    assert compiled == eager
-    assert seq._compiled._calls > 2  # every step after the prompt went through the graph
+    step = CompiledDecode(lm.model)
+    for _ in range(2):  # a second sequence reuses the compiled step
+        before = step.calls
+        seq = Sequence(lm.model, decode=step)
+        compiled = [s.token for s in generate_tokens(seq, PROMPT, greedy(24))]
+        assert compiled == eager
+        assert step.calls > before + 2  # the decode steps went through the graph
 
 
 # --- fp32 split between threads -------------------------------------------------------
@@ -462,7 +475,7 @@ def test_speculative_greedy_is_the_target_alone(gpt2_pair, lookahead):
     target, draft = (loader.load(p).model for p in gpt2_pair)
     want = greedy_ids(target, PROMPT, 50)  # past both windows (40 and 32 tokens)
     stats = Stats()
-    steps = speculative_tokens(Sequence(target), Sequence(draft), PROMPT, params=GREEDY, max_tokens=50,
+    steps = speculative_tokens(Sequence(target), Sequence(draft), PROMPT, greedy(50),
                                stats=stats, lookahead=lookahead)  # fmt: skip
     assert [s.token for s in steps] == want
     assert (
@@ -475,12 +488,13 @@ def test_speculative_greedy_is_the_target_alone(gpt2_pair, lookahead):
 def test_speculative_with_itself_as_draft_accepts_everything(gpt2_pair):
     target = loader.load(gpt2_pair[0]).model
     stats = Stats()
-    steps = list(speculative_tokens(Sequence(target), Sequence(target), PROMPT, params=GREEDY,
-                                    max_tokens=30, stats=stats))  # fmt: skip
+    asked = GenerationParams(GREEDY, max_tokens=30, logprobs=0)
+    steps = list(speculative_tokens(Sequence(target), Sequence(target), PROMPT, asked,
+                                    stats=stats))  # fmt: skip
     assert [s.token for s in steps] == greedy_ids(target, PROMPT, 30)
     assert stats.draft_accepted == stats.draft_proposed > 0
     # Log-probabilities are the target's own, as without a draft.
-    plain = list(generate_tokens(Sequence(target), PROMPT, params=GREEDY, max_tokens=30))
+    plain = list(generate_tokens(Sequence(target), PROMPT, asked))
     np.testing.assert_allclose(
         [s.logprob for s in steps], [s.logprob for s in plain], rtol=1e-4, atol=1e-4
     )
@@ -489,11 +503,13 @@ def test_speculative_with_itself_as_draft_accepts_everything(gpt2_pair):
 def test_api_draft_gives_the_same_completion_and_refuses_another_tokenizer(gpt2_pair, smollm2_gguf):
     target, draft = gpt2_pair
     want = pocketlm.load(target).generate("The dog", max_tokens=20, temperature=0)
-    got = pocketlm.load(target, draft=draft).generate("The dog", max_tokens=20, temperature=0)
+    lm = pocketlm.load(target)
+    lm.use_draft(pocketlm.load(draft))
+    got = lm.generate("The dog", max_tokens=20, temperature=0)
     assert got.tokens == want.tokens and got.text == want.text
     assert got.stats.draft_proposed > 0
     with pytest.raises(PocketLMError, match="does not share"):
-        pocketlm.load(target, draft=smollm2_gguf)
+        lm.use_draft(pocketlm.load(smollm2_gguf))
 
 
 def test_a_quantized_copy_of_the_model_drafts_for_it(gpt2_pair):
@@ -501,7 +517,8 @@ def test_a_quantized_copy_of_the_model_drafts_for_it(gpt2_pair):
     int8 copy proposes, the fp32 model decides; greedy output is the fp32 model's own."""
     target = gpt2_pair[0]
     want = pocketlm.load(target).generate("The dog", max_tokens=30, temperature=0)
-    lm = pocketlm.load(target, draft=target, draft_quantize="int8", lookahead=6)
+    lm = pocketlm.load(target)
+    lm.use_draft(pocketlm.load(target, quantize="int8"), lookahead=6)
     got = lm.generate("The dog", max_tokens=30, temperature=0)
     assert got.tokens == want.tokens and got.text == want.text
     assert any(isinstance(m, Int8Linear) for m in lm.draft.model.modules())
@@ -511,16 +528,17 @@ def test_a_quantized_copy_of_the_model_drafts_for_it(gpt2_pair):
     assert got.stats.draft_accepted > got.stats.draft_proposed / 2
 
 
-@pytest.mark.parametrize(
-    "options, message",
-    [
-        (dict(draft_quantize="int8"), "needs a draft model"),
-        (dict(lookahead=0), "lookahead must be at least 1"),
-    ],
-)
-def test_bad_draft_options_are_refused_in_one_line(gpt2_pair, options, message):
-    with pytest.raises(PocketLMError, match=message):
-        pocketlm.load(gpt2_pair[0], **options)
+def test_bad_draft_options_are_refused_in_one_line(gpt2_pair, capsys):
+    lm = pocketlm.load(gpt2_pair[0])
+    with pytest.raises(PocketLMError, match="lookahead must be at least 1"):
+        lm.use_draft(lm, lookahead=0)
+    # The command line refuses them before loading anything.
+    for flags, message in [
+        (["--draft-quantize", "int8"], "--draft-quantize needs a draft model"),
+        (["--draft", "nowhere", "--lookahead", "0"], "lookahead must be at least 1"),
+    ]:
+        assert main(["run", str(gpt2_pair[0]), "hi", *flags]) == 1
+        assert message in capsys.readouterr().err
 
 
 def test_acceptance_rule_draws_from_the_target_distribution():
@@ -528,24 +546,21 @@ def test_acceptance_rule_draws_from_the_target_distribution():
     tokens it outputs follow p (not q), within Monte Carlo error."""
     p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
     q = torch.tensor([0.1, 0.1, 0.2, 0.3, 0.3])  # a poor draft
-    params = SamplingParams(temperature=1.0)
-    rng = torch.Generator().manual_seed(0)
+    sampler = Sampler(GenerationParams(SamplingParams(seed=0)), [], vocab_size=5, device="cpu")
     n, counts = 40_000, torch.zeros(5)
-    proposals = torch.multinomial(q, n, replacement=True, generator=rng).tolist()
+    proposals = torch.multinomial(q, n, replacement=True, generator=sampler.generator).tolist()
     for x in proposals:
-        token, _ = _verify(p.log(), [q.log()], [x], 0, params=params, rng=rng)
+        token, _ = _verify(p.log(), [q.log()], [x], 0, sampler=sampler)
         counts[token] += 1
     assert (counts / n - p).abs().max() < 0.01  # 4 standard errors at p = 0.5
 
 
 def test_speculative_sampling_with_a_seed_is_reproducible(gpt2_pair):
     target, draft = (loader.load(p).model for p in gpt2_pair)
-    params = SamplingParams(temperature=0.8, top_k=50, seed=7)
+    params = GenerationParams(SamplingParams(temperature=0.8, top_k=50, seed=7), max_tokens=20)
 
     def run():
-        steps = speculative_tokens(
-            Sequence(target), Sequence(draft), PROMPT, params=params, max_tokens=20
-        )
+        steps = speculative_tokens(Sequence(target), Sequence(draft), PROMPT, params)
         return [s.token for s in steps]
 
     assert run() == run()

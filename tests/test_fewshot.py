@@ -136,8 +136,9 @@ def test_generation_stops_at_the_blank_line_before_the_next_example(oracle_lm):
     shots = FewShot.build([("What is the capital of Italy?", "Rome")])
     prompt = shots.prompt("What is the capital of Peru?")
     assert hf_greedy(folder, lm, prompt, 6) == " Lima\n\nQ: Lima\n\n"
-    assert shots.answer(lm, "What is the capital of Peru?", temperature=0) == "Lima"
-    assert lm.last_stats.new_tokens == 2  # " Lima" and the "\n\n" that ended it
+    chunks = list(shots.stream(lm, "What is the capital of Peru?", temperature=0))
+    assert "".join(c.text for c in chunks).strip() == "Lima"
+    assert chunks[-1].stats.new_tokens == 2  # " Lima" and the "\n\n" that ended it
     assert (
         lm.few_shot(
             "What is the capital of Peru?",
@@ -153,8 +154,9 @@ def test_generation_stops_at_a_new_line_that_opens_the_next_example(oracle_lm):
     shots = FewShot.build([("Italy", "Rome")], template="Q: {input} is {output}")
     assert shots.prompt("France") == "Q: Italy is Rome\n\nQ: France is"
     assert hf_greedy(folder, lm, shots.prompt("France"), 6) == " Paris\nQ: Lima\n\n"
-    assert shots.answer(lm, "France", temperature=0) == "Paris"
-    assert lm.last_stats.new_tokens == 4  # " Paris", "\n", "Q", ":"
+    chunks = list(shots.stream(lm, "France", temperature=0))
+    assert "".join(c.text for c in chunks).strip() == "Paris"
+    assert chunks[-1].stats.new_tokens == 4  # " Paris", "\n", "Q", ":"
     # Without the template's lead only the blank line ends it.
     assert (
         FewShot.build([("Italy", "Rome")], template="{input} is {output}").answer(
@@ -164,19 +166,20 @@ def test_generation_stops_at_a_new_line_that_opens_the_next_example(oracle_lm):
     )
 
 
-def test_the_examples_are_computed_once_across_questions(oracle_lm, tmp_path):
-    lm = pocketlm.load(oracle_lm[0], device="cpu")  # a fresh, empty cache
+def test_the_examples_are_computed_once_across_questions_in_a_session(oracle_lm, tmp_path):
+    session = oracle_lm[1].session()  # a cache of our own, empty
     file = tmp_path / "qa.jsonl"
     file.write_text('{"input": "What is the capital of Italy?", "output": "Rome"}\n' * 4)
-    assert lm.few_shot("What is the capital of Peru?", file, temperature=0) == "Lima"
-    first = lm.last_stats.prefilled_tokens
-    assert lm.few_shot("What is the capital of Chile?", file, temperature=0) == "Lima"
     shots = FewShot.from_file(file)
+    peru = list(shots.stream(session, "What is the capital of Peru?", temperature=0))
+    chile = list(shots.stream(session, "What is the capital of Chile?", temperature=0))
+    assert [peru[0].text, chile[0].text] == ["Lima", "Lima"]
+    first, lm = peru[-1].stats.prefilled_tokens, oracle_lm[1]
     # Only the new question is computed: the tokens after the shared prefix of the prompts.
     a = lm.tokenizer.encode(shots.prompt("What is the capital of Peru?"))
     b = lm.tokenizer.encode(shots.prompt("What is the capital of Chile?"))
     shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
-    assert first == len(a) and lm.last_stats.prefilled_tokens == len(b) - shared
+    assert first == len(a) and chile[-1].stats.prefilled_tokens == len(b) - shared
 
 
 def test_run_examples_answers_from_the_command_line(oracle_lm, tmp_path, capsys):

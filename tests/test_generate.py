@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 import pocketlm
 from checkpoints import hf_model, make_gpt2
 from pocketlm.errors import PocketLMError
-from pocketlm.generate.stream import Step, stream_text
+from pocketlm.generate.request import Step, TextStream
+from pocketlm.generate.stream import stream_text
 from pocketlm.tokenizer import Tokenizer
 
 
@@ -65,7 +66,7 @@ def test_streaming_never_splits_a_multibyte_character():
     text = "Café 🎉🇫🇷 世界 naïve — ok"
     ids = tok.encode(text)
     assert len(ids) > len(text.split())  # characters really span several byte-level tokens
-    chunks = list(stream_text((Step(i, 0.0) for i in ids), tok))
+    chunks = list(stream_text((Step(i) for i in ids), TextStream(tok), max_tokens=len(ids)))
     assert "".join(c.text for c in chunks) == text
     assert all("\ufffd" not in c.text for c in chunks)
 
@@ -90,8 +91,9 @@ def test_generation_slides_past_the_context_window(tmp_path):
     folder = make_gpt2(tmp_path / "short", n_positions=32)
     lm = pocketlm.load(str(folder))
     prompt = lm.tokenizer.encode("The quick brown fox jumps over the lazy dog")
-    out = lm.generate(prompt, max_tokens=60, temperature=0)
-    assert len(out.tokens) == 60 and lm.sequence().rebuilds >= 2
+    session = lm.session()
+    out = session.generate(prompt, max_tokens=60, temperature=0)
+    assert len(out.tokens) == 60 and session.sequence.rebuilds >= 2
     # Oracle: transformers, no cache, on the window our policy keeps at each step.
     theirs, keep = hf_model(folder), int(32 * 0.75)
     ids, start = list(prompt), 0
@@ -125,6 +127,9 @@ def test_long_prompt_is_truncated_from_the_left_with_a_warning(tmp_path, caplog)
         (dict(top_k=-2), "top_k"),
         (dict(logit_bias={60000: 1.0}), "out of range"),
         (dict(nucleus=0.9), "unknown option 'nucleus'"),
+        (dict(tempurature=0.9), "unknown option 'tempurature'; did you mean 'temperature'"),
+        (dict(stop=["ok", ""]), "stop sequences must be non-empty"),
+        (dict(logprobs=-1), "logprobs must be between 0"),
     ],
 )
 def test_bad_options_are_one_line_errors(lm, options, message):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from checkpoints import hf_model, make_gpt2, make_llama
+from pocketlm.generate.params import GenerationParams
 from pocketlm.generate.sequence import Sequence
 from pocketlm.generate.stream import generate_tokens
 from pocketlm.models import make_cache
@@ -106,9 +107,8 @@ def test_64_greedy_tokens_identical_to_transformers_generate(pair):
             eos_token_id=None,
             pad_token_id=0,
         )[0, len(prompt) :].tolist()
-    steps = generate_tokens(
-        Sequence(ours), prompt, params=SamplingParams(temperature=0.0), max_tokens=64
-    )
+    greedy = GenerationParams(SamplingParams(temperature=0.0), max_tokens=64)
+    steps = generate_tokens(Sequence(ours), prompt, greedy)
     assert [s.token for s in steps] == expected
 
 
@@ -119,9 +119,8 @@ def test_cache_and_no_cache_give_identical_greedy_ids(pair):
         for _ in range(24):
             logits = ours(torch.tensor([ids]), _positions(len(ids)))
             ids.append(int(logits[0, -1].argmax()))
-    steps = generate_tokens(
-        Sequence(ours), ids[:2], params=SamplingParams(temperature=0.0), max_tokens=24
-    )
+    greedy = GenerationParams(SamplingParams(temperature=0.0), max_tokens=24)
+    steps = generate_tokens(Sequence(ours), ids[:2], greedy)
     assert [s.token for s in steps] == ids[2:]
 
 

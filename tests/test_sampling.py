@@ -10,12 +10,11 @@ from pocketlm.sampling import (
     SamplingParams,
     apply_logit_bias,
     apply_presence_frequency,
-    apply_repetition_penalty,
     apply_temperature,
-    logprobs,
     make_generator,
     min_p_filter,
     process_logits,
+    prompt_mask,
     sample,
     top_k_filter,
     top_p_filter,
@@ -142,18 +141,28 @@ def test_logit_bias_adds_per_token_without_mutating():
     assert apply_logit_bias(logits, {}) is logits
 
 
+def penalised(logits, penalty, *, counts=None, prompt=None):
+    """Only the penalty: greedy params stop before temperature and the filters."""
+    params = SamplingParams(temperature=0, repetition_penalty=penalty)
+    return process_logits(logits, params, counts=counts, prompt_mask=prompt)
+
+
 def test_repetition_penalty_divides_positive_and_multiplies_negative():
     logits = torch.tensor([2.0, -2.0, 1.0, 0.5, 0.0])
-    seen = torch.tensor([0, 1, 1, 4])  # repeats count once
-    out = apply_repetition_penalty(logits, seen, 2.0)
+    counts = torch.tensor([1, 2, 0, 0, 1])  # generated; a repeat counts once
+    out = penalised(logits, 2.0, counts=counts)
     assert torch.equal(out, torch.tensor([1.0, -4.0, 1.0, 0.5, 0.0]))
     assert torch.equal(logits, torch.tensor([2.0, -2.0, 1.0, 0.5, 0.0]))
-    assert apply_repetition_penalty(logits, seen, 1.0) is logits
+    assert penalised(logits, 1.0, counts=counts) is logits
+    # Prompt tokens count as seen too (HF, vLLM), through the prompt mask.
+    mask = prompt_mask(SamplingParams(repetition_penalty=2.0), [2, 2], vocab_size=5, device="cpu")
+    out = penalised(logits, 2.0, counts=torch.zeros(5), prompt=mask)
+    assert torch.equal(out, torch.tensor([2.0, -2.0, 0.5, 0.5, 0.0]))
 
 
 def test_repetition_penalty_per_row():
     logits = torch.tensor([[3.0, 3.0], [-3.0, -3.0]])
-    out = apply_repetition_penalty(logits, torch.tensor([[0], [1]]), 1.5)
+    out = penalised(logits, 1.5, counts=torch.tensor([[1, 0], [0, 1]]))
     assert torch.equal(out, torch.tensor([[2.0, 3.0], [-3.0, -4.5]]))
 
 
@@ -286,7 +295,6 @@ def draw_100(seed):
 def test_same_seed_same_sequence_different_seed_differs():
     assert draw_100(1234) == draw_100(1234)
     assert draw_100(1234) != draw_100(1235)
-    assert make_generator(None) is None
     assert draw_100(-5) == draw_100(-5)  # any int is a seed
 
 
@@ -305,13 +313,6 @@ def test_sample_never_draws_a_filtered_token():
     logits = process_logits(logits_of([[0.2, 0.25, 0.25, 0.3]] * 5000), params, counts=None)
     ids = sample(logits, params, generator=make_generator(0))
     assert set(ids.tolist()) == {1, 2, 3}
-
-
-def test_logprobs_is_log_softmax():
-    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, -INF]])
-    out = logprobs(logits)
-    torch.testing.assert_close(out, torch.log_softmax(logits, -1))
-    torch.testing.assert_close(out.exp().sum(-1), torch.ones(2))
 
 
 # --- validation ----------------------------------------------------------------------------

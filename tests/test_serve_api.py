@@ -170,7 +170,7 @@ def test_n2_seeds_and_reproducibility(lm, client):
 
 
 def test_logprobs_echo_and_top_logprobs(lm, client):
-    expected = lm.generate("The dog", max_tokens=5, temperature=0.0)
+    expected = lm.generate("The dog", max_tokens=5, temperature=0.0, logprobs=0)
     r = client.completions.create(
         model=MODEL, prompt="The dog", max_tokens=5, temperature=0, logprobs=3, echo=True
     )

@@ -11,6 +11,7 @@ import torch
 
 import pocketlm
 from checkpoints import hf_model, make_gpt2
+from pocketlm.generate.params import GenerationParams
 from pocketlm.sampling import SamplingParams
 from pocketlm.serve.scheduler import Event, QueueFull, Request, Scheduler
 
@@ -44,12 +45,11 @@ def scheduler(lm):
 class Run:
     """A request whose events are collected; `wait()` until its last one."""
 
-    def __init__(self, ids, *, max_tokens, **options):
+    def __init__(self, ids, *, max_tokens, params, stop=(), logprobs=None, **options):
         self.events: list[Event] = []
         self.finished = threading.Event()
-        self.request = Request(
-            prompt_ids=list(ids), max_tokens=max_tokens, emit=self._emit, **options
-        )
+        params = GenerationParams(params, max_tokens=max_tokens, stop=stop, logprobs=logprobs)
+        self.request = Request(prompt_ids=list(ids), params=params, emit=self._emit, **options)
 
     def _emit(self, event):
         self.events.append(event)
@@ -82,14 +82,14 @@ def test_batched_greedy_equals_transformers_generate(lm, folder, scheduler):
         with torch.no_grad():
             out = theirs.generate(
                 torch.tensor([ids]),
-                max_new_tokens=run.request.max_tokens,
+                max_new_tokens=run.request.params.max_tokens,
                 do_sample=False,
                 eos_token_id=None,
                 pad_token_id=0,
             )
         assert run.tokens == out[0, len(ids) :].tolist()
         assert run.finish == "length"
-        assert run.events[-1].completion_tokens == run.request.max_tokens
+        assert run.events[-1].completion_tokens == run.request.params.max_tokens
     assert scheduler.snapshot()["active"] == 0
 
 
@@ -127,12 +127,10 @@ def test_seeded_sampling_does_not_depend_on_batch_mates(lm, scheduler):
 
 
 def test_stop_strings_eos_and_logprobs(lm, scheduler):
-    alone = lm.generate(PROMPTS[0], max_tokens=20, temperature=0.0)
+    alone = lm.generate(PROMPTS[0], max_tokens=20, temperature=0.0, logprobs=0)
     text = alone.text
     stop = text[5:9]
-    run = Run(
-        PROMPTS[0], max_tokens=20, params=greedy(), stop=(stop,), logprobs=True, top_logprobs=3
-    )
+    run = Run(PROMPTS[0], max_tokens=20, params=greedy(), stop=(stop,), logprobs=3)
     scheduler.submit([run.request])
     run.wait()
     assert "".join(e.text for e in run.events) == text[: text.index(stop)]

@@ -121,16 +121,6 @@ def apply_logit_bias(logits: torch.Tensor, bias: Mapping[int, float]) -> torch.T
     return out
 
 
-def apply_repetition_penalty(
-    logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float
-) -> torch.Tensor:
-    """CTRL repetition penalty on the ids in `seen_ids`, shaped (T,) or (B, T); repeats allowed."""
-    if penalty == 1.0 or seen_ids.numel() == 0:
-        return logits
-    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, seen_ids.long(), True)
-    return _penalise(logits, seen, penalty)
-
-
 def _penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     # Only the few seen entries are touched: a where() over all V logits on their sign runs
     # ~3x slower on CPU, as the random sign pattern defeats branch prediction.
@@ -271,11 +261,6 @@ def sample(
     return torch.searchsorted(cdf, u).squeeze(-1)
 
 
-def logprobs(logits: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities over the vocabulary (float32 log-softmax along the last dim)."""
-    return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-
-
 def prompt_mask(
     params: SamplingParams,
     prompt_ids: Sequence[int],
@@ -292,10 +277,8 @@ def prompt_mask(
     return mask
 
 
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """A generator seeded with `seed` on `device`, or None (use the global RNG) for no seed."""
-    if seed is None:
-        return None
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded with `seed` (any Python int, e.g. negative) on `device`."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)  # any Python int, e.g. negative
+    generator.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
     return generator

@@ -147,21 +147,28 @@ def unescape(text: str) -> str:
 
 
 def load_model(name: str | None, args: argparse.Namespace):  # -> pocketlm.LM
+    """Load the model the options describe, then take the steps they ask for: a draft
+    for speculative decoding (--draft, --draft-quantize, --lookahead), compilation."""
+    # torch: imported only once a command really loads a model
     from pocketlm.api import load
+    from pocketlm.generate.speculative import check_lookahead
 
-    return load(
-        name,
-        dtype=args.dtype,
-        device=args.device,
-        offline=args.offline,
-        context=args.ctx_size,
-        quantize=getattr(args, "quantize", None),
-        draft=getattr(args, "draft", None),
-        draft_quantize=getattr(args, "draft_quantize", None),
-        lookahead=getattr(args, "lookahead", 4),
-        adapter=getattr(args, "adapter", None),
-        compile=getattr(args, "compile", False),
-    )
+    draft, draft_quantize = getattr(args, "draft", None), getattr(args, "draft_quantize", None)
+    if draft_quantize is not None and draft is None:
+        raise PocketLMError("--draft-quantize needs a draft model: name one with --draft MODEL")
+    lookahead = getattr(args, "lookahead", LOOKAHEAD)
+    check_lookahead(lookahead)  # before loading two models, not after
+    options = dict(dtype=args.dtype, device=args.device, offline=args.offline,
+                   context=args.ctx_size)  # fmt: skip
+    quantize = getattr(args, "quantize", None)
+    lm = load(name, quantize=quantize, adapter=getattr(args, "adapter", None), **options)
+    if draft is not None:
+        lm.use_draft(
+            load(draft, quantize=draft_quantize or quantize, **options), lookahead=lookahead
+        )
+    if getattr(args, "compile", False):
+        lm.compile()  # now, while loading: no answer pays for it
+    return lm
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -99,9 +99,17 @@ class Session:
     few_shot: FewShot | None = None
     show_probs: bool = False
     last_stats: Stats | None = None
+    # The KV cache of completion and few-shot mode, kept so that a prompt extending the
+    # last one computes only its new tokens (chat mode's is the conversation's own).
+    cache: Any = None  # pocketlm.generate.engine.Session
+
+    def __post_init__(self) -> None:
+        if self.cache is None:
+            self.cache = self.lm.session()
 
     def generation_options(self) -> dict[str, Any]:
-        return dict(self.settings)
+        # Colouring by probability needs each token's log-probability.
+        return {**self.settings, "logprobs": 0} if self.show_probs else dict(self.settings)
 
 
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -228,9 +236,9 @@ class Prompt:
         if s.mode == "chat":
             chunks = s.conversation.send(text, **options)
         elif s.few_shot is not None:
-            chunks = s.few_shot.stream(s.lm, text, **options)
+            chunks = s.few_shot.stream(s.cache, text, **options)
         else:
-            chunks = s.lm.stream(text, **options)
+            chunks = s.cache.stream(text, **options)
         try:
             with contextlib.closing(chunks):
                 self.show(chunks)
@@ -239,8 +247,6 @@ class Prompt:
             sys.stdout.write(RESET if s.show_probs else "")
             self.say("\n[stopped]")
             return
-        finally:
-            s.last_stats = s.lm.last_stats
         self.say("")
 
     def show(self, chunks: Iterator[Chunk]) -> None:
@@ -248,6 +254,8 @@ class Prompt:
         for chunk in chunks:
             sys.stdout.write(paint(chunk) if paint_it else chunk.text)
             sys.stdout.flush()
+            if chunk.stats is not None:  # the last chunk: what the answer cost
+                self.session.last_stats = chunk.stats
 
     # -- commands --
 
@@ -292,7 +300,7 @@ class Prompt:
             self.say(f"system prompt: {s.conversation.system or '(the default)'}")
             return
         candidate = {**s.settings, name: parse_setting(name, value)}
-        check_settings(candidate, vocab_size=s.lm.model.config.vocab_size)
+        check_settings(candidate, lm=s.lm)
         s.settings = candidate
         self.say(f"{name} = {format_value(candidate[name])}")
 
@@ -329,13 +337,16 @@ class Prompt:
         path = session_path(name)
         data = read_session(path)
         s = self.session
+        session = s.conversation.session  # the same model's cache may hold the text
         if data["model"] != s.model:
             self.say(f"loading {data['model']} ...")
             s.lm = common.load_model(data["model"], self.args)
-            s.model = data["model"]
+            s.model, s.cache, session = data["model"], s.lm.session(), None
         settings = {**s.settings, **data["settings"]}
-        check_settings(settings, vocab_size=s.lm.model.config.vocab_size)
-        s.conversation = Conversation.from_dict(s.lm, data["conversation"], source=str(path))
+        check_settings(settings, lm=s.lm)
+        s.conversation = Conversation.from_dict(
+            s.lm, data["conversation"], source=str(path), session=session
+        )
         s.settings, s.mode, s.show_probs = settings, data["mode"], bool(data.get("show_probs"))
         self.say(f"loaded session {name}: {len(s.conversation.turns)} turns, {s.mode} mode")
         for turn in s.conversation.turns[-2:]:
@@ -365,13 +376,9 @@ def parse_setting(name: str, value: str) -> Any:
         raise PocketLMError(f"{name} needs {what} (got {value!r})") from None
 
 
-def check_settings(settings: dict[str, Any], *, vocab_size: int) -> None:
-    from pocketlm.api import make_sampling_params
-
-    if not isinstance(settings.get("max_tokens"), int) or settings["max_tokens"] < 1:
-        raise PocketLMError(f"max_tokens must be at least 1 (got {settings.get('max_tokens')!r})")
-    sampling = {k: v for k, v in settings.items() if k not in ("max_tokens", "stop")}
-    make_sampling_params(sampling, vocab_size=vocab_size)
+def check_settings(settings: dict[str, Any], *, lm: Any) -> None:
+    """Refuse settings the engine would refuse (pocketlm.generate.params), now."""
+    lm.params(**settings)
 
 
 def format_value(value: Any) -> str:

@@ -87,15 +87,18 @@ def main(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         stop=[common.unescape(s) for s in args.stop],
         truncate=not args.no_truncate,
+        logprobs=0 if args.show_probs else None,  # colouring needs each token's
         **common.sampling_kwargs(args),
     )
     stream = shots.stream(lm, prompt, **options) if shots else lm.stream(prompt, **options)
+    stats = None
     for chunk in stream:
         sys.stdout.write(paint(chunk) if args.show_probs else chunk.text)
         sys.stdout.flush()
+        stats = chunk.stats
     sys.stdout.write("\n")
-    if args.stats:
-        print_stats(lm.last_stats)
+    if args.stats and stats is not None:
+        print_stats(stats)
     return 0
 
 

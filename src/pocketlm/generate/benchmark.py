@@ -12,14 +12,17 @@ Knows nothing of the peers, the terminal or plotting.
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pocketlm.generate.compiled import CompiledDecode
+from pocketlm.generate.params import GenerationParams
+from pocketlm.generate.request import Stats
 from pocketlm.generate.sequence import Sequence
-from pocketlm.generate.stream import Stats, generate_tokens
+from pocketlm.generate.stream import generate_tokens
 from pocketlm.sampling import SamplingParams
 
 
@@ -52,22 +55,19 @@ def measure(
     new_tokens = min(new_tokens, context - prompt_tokens)
     # Plain token ids well inside every vocabulary: what matters here is shapes, not text.
     ids = [vocab_floor + (7 * i) % 5000 for i in range(max(prompt_tokens, prefill_tokens))]
-    greedy = SamplingParams(temperature=0)
+    greedy = GenerationParams(SamplingParams(temperature=0), max_tokens=new_tokens)
     seq = Sequence(
         model,
         max_seq_len=min(context, max(prefill_tokens, prompt_tokens + new_tokens) + 1),
-        compile=compile,
+        decode=CompiledDecode(model) if compile else None,
     )
-    list(generate_tokens(seq, ids[:prompt_tokens], params=greedy, max_tokens=4))  # warm-up
+    warm = replace(greedy, max_tokens=4)
+    list(generate_tokens(seq, ids[:prompt_tokens], warm))  # warm-up
     decode, ttft = 0.0, float("inf")
     for _ in range(repeats):
         seq.truncate(0)
         stats = Stats()
-        list(
-            generate_tokens(
-                seq, ids[:prompt_tokens], params=greedy, max_tokens=new_tokens, stats=stats
-            )
-        )
+        list(generate_tokens(seq, ids[:prompt_tokens], greedy, stats=stats))
         decode = max(decode, stats.tokens_per_second)
         ttft = min(ttft, stats.time_to_first_token)
     prefill = float("inf")

@@ -21,6 +21,7 @@ Knows nothing of tokens, sampling or files. (gpt-fast `decode_one_token`.)
 """
 
 import logging
+import threading
 
 import torch
 from torch import nn
@@ -33,39 +34,60 @@ WARM_CALLS = 2  # calls with guards checked before they are skipped
 
 
 class CompiledDecode:
-    """`decode(tokens (B, 1), positions (B, 1), n_slots)` -> logits (B, 1, V), like
-    `model(tokens, positions, cache, logits_to_keep=1)` with `n_slots` = positions + 1."""
+    """`decode(tokens (B, 1), positions (B, 1), cache, n_slots)` -> logits (B, 1, V), like
+    `model(tokens, positions, cache, logits_to_keep=1)` with `n_slots` = positions + 1.
 
-    def __init__(self, model: nn.Module, cache: KVCache) -> None:
-        if isinstance(cache, KVCache) and not cache.reserved:
-            raise ValueError("a compiled decode step needs a reserved KV cache (reserve=True)")
-        self.model, self.cache = model, cache
-        self._slots = torch.arange(cache.max_seq_len, device=cache.device)
+    One per model, shared by every sequence that decodes with it: the cache is an input of
+    the graph, not part of it, so a new sequence reuses the compiled code. Every cache it
+    is given must be reserved at the same window (checked), so they all have the shapes
+    the graph was made for. Calls are serialised: one graph, one caller at a time."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
         self._graph = torch.compile(self._step, dynamic=False, fullgraph=True)
-        self._calls = 0
+        self._shape: tuple | None = None  # (rows, slots, dtype) of the caches it takes
+        self._slots: torch.Tensor | None = None
+        self.calls = 0
+        self._lock = threading.Lock()
         log.info(
             "compiling the decode step (about a minute the first time for a model, seconds "
             "once cached)"
         )
 
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor):  # noqa: ANN202
+    @staticmethod
+    def _step(model: nn.Module, tokens, positions, cache: KVCache, slots):  # noqa: ANN001, ANN205
         """What is compiled: `slots` (n,) says by its length how many slots are visible."""
-        self.cache.visible = slots.shape[0]
-        logits = self.model(tokens, positions, self.cache, logits_to_keep=1)
-        self.cache.visible = None
+        cache.visible = slots.shape[0]
+        logits = model(tokens, positions, cache, logits_to_keep=1)
+        cache.visible = None
         return logits
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, n_slots: int) -> torch.Tensor:
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, n_slots: int
+    ) -> torch.Tensor:
+        self._check(cache)
         if n_slots < 2:  # a size-1 dimension would be specialised: not worth a graph
-            return self.model(tokens, positions, self.cache, logits_to_keep=1)
-        slots = self._slots[:n_slots]
-        torch._dynamo.mark_dynamic(slots, 0)
-        self._calls += 1
-        try:
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=self._calls > WARM_CALLS):
-                return self._graph(tokens, positions, slots)
-        except RuntimeError as error:
-            if "skip_guard_eval_unsafe" not in str(error):
-                raise
-            self._calls = 0  # an input of a new kind: compile for it with the guards on
-            return self(tokens, positions, n_slots)
+            return self.model(tokens, positions, cache, logits_to_keep=1)
+        with self._lock:
+            slots = self._slots[:n_slots]
+            torch._dynamo.mark_dynamic(slots, 0)
+            self.calls += 1
+            try:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=self.calls > WARM_CALLS):
+                    return self._graph(self.model, tokens, positions, cache, slots)
+            except RuntimeError as error:
+                if "skip_guard_eval_unsafe" not in str(error):
+                    raise
+                self.calls = 0  # an input of a new kind: compile for it with the guards on
+        return self(tokens, positions, cache, n_slots)
+
+    def _check(self, cache: KVCache) -> None:
+        """Guards are skipped once warm: a cache of another shape would be read wrongly."""
+        if not cache.reserved:
+            raise ValueError("a compiled decode step needs a reserved KV cache (reserve=True)")
+        shape = (cache.rows, cache.slots, cache.k[0].dtype, cache.device)
+        if self._shape is None:
+            self._shape = shape
+            self._slots = torch.arange(cache.slots, device=cache.device)
+        elif shape != self._shape:
+            raise ValueError(f"this compiled step decodes caches of {self._shape}, not {shape}")

@@ -24,7 +24,7 @@ class Sequence:
         *,
         max_seq_len: int | None = None,
         keep_fraction: float = 0.75,
-        compile: bool = False,
+        decode: CompiledDecode | None = None,
     ) -> None:
         self.model = model
         self.context_length = min(
@@ -35,21 +35,19 @@ class Sequence:
         # The cache grows with the tokens, except under a compiled step: that one is
         # specialised to the cache's shape, so the whole window is reserved up front.
         self.cache = make_cache(
-            model, batch_size=1, max_seq_len=self.context_length, reserve=compile
+            model, batch_size=1, max_seq_len=self.context_length, reserve=decode is not None
         )
         self.device = self.cache.device
         # Preallocated inputs of a decode step: the token, and every position's index.
         self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self._positions = torch.arange(self.context_length, device=self.device)[None]  # (1, S)
         # Decode steps through torch.compile (pocketlm.generate.compiled); prefills stay eager.
-        self._compiled = CompiledDecode(model, self.cache) if compile else None
+        self._decode = decode
         self.tokens: list[int] = []
         self.rebuilds = 0  # how many times the window slid (for tests and stats)
-        if compile:
-            self._compile_now()
 
-    def _compile_now(self) -> None:
-        """Take a few compiled steps on scratch tokens, so that compiling (tens of seconds
+    def warm_up(self) -> None:
+        """Take a few decode steps on scratch tokens, so that compiling (tens of seconds
         the first time) happens now, not in the middle of the first answer or its timing.
         Their cache slots are overwritten by the next prefill."""
         if self.context_length > 5:
@@ -57,6 +55,10 @@ class Sequence:
             for _ in range(WARM_CALLS + 1):  # the last one with guards skipped
                 self.step(0)
             self.truncate(0)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
 
     def prefill(self, ids: Seq[int]) -> torch.Tensor:
         """Make the cache hold exactly `ids` (at most the context length); return the last
@@ -109,8 +111,8 @@ class Sequence:
         start = len(self.tokens)
         positions = self._positions[:, start : start + len(new)]  # (1, T), a view
         with torch.inference_mode():
-            if self._compiled is not None and len(new) == 1:  # a decode step
-                logits = self._compiled(tokens, positions, start + 1)
+            if self._decode is not None and len(new) == 1:  # a decode step
+                logits = self._decode(tokens, positions, self.cache, start + 1)
             else:
                 keep = 1 if last_only else 0
                 logits = self.model(tokens, positions, self.cache, logits_to_keep=keep)

@@ -22,15 +22,9 @@ import torch
 
 from pocketlm.errors import PocketLMError
 from pocketlm.generate import LOOKAHEAD
+from pocketlm.generate.params import GenerationParams
+from pocketlm.generate.request import Sampler, Stats, Step
 from pocketlm.generate.sequence import Sequence
-from pocketlm.generate.stream import Stats, Step
-from pocketlm.sampling import (
-    SamplingParams,
-    make_generator,
-    process_logits,
-    prompt_mask,
-    sample,
-)
 from pocketlm.tokenizer import Tokenizer
 
 
@@ -43,21 +37,17 @@ def speculative_tokens(
     target: Sequence,
     draft: Sequence,
     prompt_ids: Seq[int],
+    params: GenerationParams,
     *,
-    params: SamplingParams,
-    max_tokens: int,
     eos_ids: Iterable[int] = (),
-    top_logprobs: int = 0,
     stats: Stats | None = None,
     lookahead: int = LOOKAHEAD,
 ) -> Iterator[Step]:
     """Like `generate_tokens`, with `draft` proposing `lookahead` tokens per round."""
     stats = stats if stats is not None else Stats()
     stats.prompt_tokens = len(prompt_ids)
-    eos = frozenset(eos_ids)
-    rng = make_generator(params.seed, target.device)
-    counts = torch.zeros(target.model.config.vocab_size, device=target.device)
-    seen_in_prompt = prompt_mask(params, prompt_ids, vocab_size=len(counts), device=target.device)
+    eos, max_tokens = frozenset(eos_ids), params.max_tokens
+    sampler = Sampler(params, prompt_ids, vocab_size=target.vocab_size, device=target.device)
     started = time.perf_counter()
     first = target.prefill(prompt_ids)[None]  # (1, V): the first token's distribution
     stats.prefilled_tokens = target.last_prefill_size
@@ -67,9 +57,7 @@ def speculative_tokens(
     while True:
         room = context - len(text) - 1  # leave a slot for the target's own token
         k = max(0, min(lookahead, max_tokens - stats.new_tokens - 1, room))
-        proposals, q_rows = _propose(
-            draft, text, k, params=params, counts=counts, prompt_mask=seen_in_prompt, rng=rng
-        )
+        proposals, q_rows = _propose(draft, text, k, sampler=sampler)
         if pending is None:
             rows = torch.cat([first, target.extend(proposals)]) if proposals else first
         elif len(text) > target.context_length:  # window full: `step` slides it
@@ -78,15 +66,13 @@ def speculative_tokens(
             rows = target.extend([pending, *proposals])  # (1 + k, V)
         stats.draft_proposed += len(proposals)
         for i, row in enumerate(rows):
-            filtered = process_logits(row, params, counts=counts, prompt_mask=seen_in_prompt)
-            token, agreed = _verify(filtered, q_rows, proposals, i, params=params, rng=rng)
+            token, agreed = _verify(sampler.filter(row), q_rows, proposals, i, sampler=sampler)
             stats.draft_accepted += agreed
-            step = Step.from_logits(row, token, top_logprobs=top_logprobs)
+            sampler.accept(token)
             stats.record_token(started)
-            yield step
+            yield sampler.describe(row, token)
             if token in eos or stats.new_tokens >= max_tokens:
                 return
-            counts[token] += 1
             text.append(token)
             if not agreed:
                 break
@@ -96,24 +82,18 @@ def speculative_tokens(
 
 
 def _propose(
-    draft: Sequence,
-    text: list[int],
-    k: int,
-    *,
-    params: SamplingParams,
-    counts: torch.Tensor,
-    prompt_mask: torch.Tensor | None,
-    rng: torch.Generator | None,
+    draft: Sequence, text: list[int], k: int, *, sampler: Sampler
 ) -> tuple[list[int], list[torch.Tensor]]:
-    """k tokens from the draft after `text`, with the processed logits each came from."""
+    """k tokens from the draft after `text`, with the processed logits each came from
+    (penalised with the counts as they would stand at each position)."""
     if k == 0:
         return [], []
     logits = draft.prefill(text)  # computes only what the draft's cache lacks
-    counts = counts.clone()
+    counts = sampler.counts.clone()
     proposals, rows = [], []
     for i in range(k):
-        filtered = process_logits(logits, params, counts=counts, prompt_mask=prompt_mask)
-        token = int(sample(filtered, params, generator=rng))
+        filtered = sampler.filter(logits, counts=counts)
+        token = sampler.draw(filtered)
         proposals.append(token)
         rows.append(filtered)
         counts[token] += 1
@@ -128,14 +108,13 @@ def _verify(
     proposals: list[int],
     i: int,
     *,
-    params: SamplingParams,
-    rng: torch.Generator | None,
+    sampler: Sampler,
 ) -> tuple[int, bool]:
     """(token at position i, whether it is the draft's proposal)."""
     if i >= len(proposals):  # every proposal kept: one more token from the target
-        return int(sample(p_logits, params, generator=rng)), False
-    x = proposals[i]
-    if params.greedy:
+        return sampler.draw(p_logits), False
+    x, rng = proposals[i], sampler.generator
+    if sampler.params.greedy:
         best = int(p_logits.argmax())
         return best, best == x
     p = torch.softmax(p_logits, dim=-1, dtype=torch.float32)

@@ -8,9 +8,9 @@ Two ways to write a conversation as a prompt:
     `Assistant:` lines; generation stops when the model starts the next "\\nUser:" line.
     (The trick of the original GPT-2/GPT-3 chat demos; llama.cpp's `chat.sh` does the same.)
 
-Cache reuse. `LM.stream` runs on the LM's own `Sequence`, which computes only what follows
-the longest common prefix of the cached ids and the new prompt's ids. That only pays off
-if turn N+1's ids really start with the ids of turn N's prompt + reply, which
+Cache reuse. A conversation holds its own session (pocketlm.generate.engine), which computes
+only what follows the longest common prefix of the cached ids and the new prompt's ids.
+That only pays off if turn N+1's ids really start with the ids of turn N's prompt + reply, which
 re-tokenizing the text does not guarantee: the model may have generated a non-canonical
 split, and a stop string may end inside a token. So the conversation keeps a log: the
 text of the last prompt + reply and the exact ids the model saw and produced for it. When
@@ -30,17 +30,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from pocketlm.errors import PocketLMError
+from pocketlm.generate.stream import lstrip_text
 
 if TYPE_CHECKING:
-    from pocketlm.api import LM
-    from pocketlm.generate.stream import Chunk
+    from pocketlm.generate.engine import Engine, Session
+    from pocketlm.generate.params import GenerationParams
+    from pocketlm.generate.request import Chunk
     from pocketlm.tokenizer import Tokenizer
 
 log = logging.getLogger("pocketlm")
@@ -160,12 +162,13 @@ class _Log:
 
 @dataclass
 class Conversation:
-    """A chat with one LM: system prompt, turns, and the rendering that makes them a prompt.
+    """A chat with one model (an `LM`, or any `generate.Engine`): system prompt, turns, the
+    rendering that makes them a prompt, and the session whose KV cache they reuse.
 
     `harness=None` uses the model's chat template when it has one, else the default
     transcript harness."""
 
-    lm: LM
+    lm: Engine
     system: str | None = None
     harness: Harness | None = None
     turns: list[Turn] = field(default_factory=list)
@@ -173,11 +176,16 @@ class Conversation:
     reuse_ids: bool = True  # False: re-encode the whole text every turn (to compare)
     retokenized: int = 0  # prompts encoded whole because they did not extend the log
     _log: _Log | None = field(default=None, repr=False)
+    # The KV cache the turns reuse (default: a new session of `lm`); pass one on to keep
+    # a cache that already holds this conversation's text.
+    session: Session | None = field(default=None, repr=False)
     _warned: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.harness is None and self.lm.tokenizer.chat_template is None:
             self.harness = Harness()
+        if self.session is None:
+            self.session = self.lm.session()
 
     @property
     def uses_template(self) -> bool:
@@ -232,30 +240,39 @@ class Conversation:
         return text, ids
 
     def send(
-        self, message: str, *, max_tokens: int = 256, stop: Seq[str] = (), **sampling: Any
+        self, message: str, *, max_tokens: int = 256, stop: Seq[str] = (), **options: Any
     ) -> Iterator[Chunk]:
-        """Stream the reply to `message`; the turn is recorded when the stream ends, also
-        when it is cut short (Ctrl-C, or the caller closing the iterator)."""
+        """Stream the reply to `message` (options checked now, as `Engine.stream`'s); the
+        turn is recorded when the stream ends, also when it is cut short (Ctrl-C, or the
+        caller closing the iterator). The last chunk carries the statistics."""
         if not message.strip():
             raise PocketLMError("the message is empty: type something to say")
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        params = self.lm.params(
+            max_tokens=max_tokens, stop=[*self.stops, *stop], truncate=False, **options
+        )
         text, ids = self.prompt_ids(message, max_tokens=max_tokens)
+        return self._reply(message, text=text, ids=ids, params=params)
+
+    def _reply(
+        self, message: str, *, text: str, ids: list[int], params: GenerationParams
+    ) -> Iterator[Chunk]:
         pieces: list[str] = []
         reply_ids: list[int] = []
-        started = False
-        try:
-            chunks = self.lm.stream(
-                ids, max_tokens=max_tokens, stop=[*self.stops, *stop], truncate=False, **sampling
-            )
-            for chunk in chunks:
+
+        def recorded() -> Iterator[Chunk]:
+            for chunk in self.session.run(ids, params):
                 pieces.append(chunk.text)
                 if chunk.token is not None:
                     reply_ids.append(chunk.token)
-                if not started:  # show the reply without the space after "Assistant:"
-                    chunk = replace(chunk, text=chunk.text.lstrip())
-                    started = bool(chunk.text)
                 yield chunk
+
+        try:
+            yield from lstrip_text(recorded())  # shown without the space after "Assistant:"
         finally:
-            self._record(message, text=text, ids=ids, reply="".join(pieces), reply_ids=reply_ids)
+            # The text as generated, leading space included: the next prompt extends it.
+            reply = "".join(pieces)
+            self._record(message, text=text, ids=ids, reply=reply, reply_ids=reply_ids)
 
     def _record(
         self, message: str, *, text: str, ids: list[int], reply: str, reply_ids: list[int]
@@ -301,8 +318,16 @@ class Conversation:
         }
 
     @classmethod
-    def from_dict(cls, lm: LM, data: Mapping[str, Any], *, source: str = "session") -> Conversation:
-        """Inverse of `to_dict`; bad data is a one-line PocketLMError naming `source`."""
+    def from_dict(
+        cls,
+        lm: Engine,
+        data: Mapping[str, Any],
+        *,
+        source: str = "session",
+        session: Session | None = None,
+    ) -> Conversation:
+        """Inverse of `to_dict` (`session`: a KV cache to keep using); bad data is a
+        one-line PocketLMError naming `source`."""
         try:
             harness = data.get("harness")
             conv = cls(
@@ -310,6 +335,7 @@ class Conversation:
                 system=data.get("system"),
                 harness=None if harness is None else Harness._from_mapping(harness, Path(source)),
                 turns=[Turn(str(t["user"]), str(t["assistant"])) for t in data.get("turns", [])],
+                session=session,
             )
             conv.first_kept = min(int(data.get("first_kept", 0)), len(conv.turns))
         except (TypeError, KeyError, ValueError, AttributeError) as error:

@@ -15,24 +15,25 @@ a mapping with `examples:` and optionally `template:` and `separator:`). A templ
 `{input}` and `{output}`; the prompt ends right where `{output}` begins, and generation stops
 at the start of the next example, so the answer comes back alone.
 
-Knows nothing of models beyond `LM.stream`; nothing here touches the terminal.
+Knows nothing of models beyond the engine's `stream` (pocketlm.generate.engine); nothing here touches the terminal.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from pocketlm.errors import PocketLMError
+from pocketlm.generate.stream import lstrip_text
 
 if TYPE_CHECKING:
-    from pocketlm.api import LM
-    from pocketlm.generate.stream import Chunk
+    from pocketlm.generate.engine import Engine, Session
+    from pocketlm.generate.request import Chunk
 
 DEFAULT_TEMPLATE = "Q: {input}\nA: {output}"
 DEFAULT_SEPARATOR = "\n\n"
@@ -111,9 +112,10 @@ class FewShot:
         return stops
 
     def stream(
-        self, lm: LM, query: str, *, max_tokens: int = 64, **options: Any
+        self, lm: Engine | Session, query: str, *, max_tokens: int = 64, **options: Any
     ) -> Iterator[Chunk]:
-        """Stream the answer to `query`, without the leading space and the next example."""
+        """Stream the answer to `query` (from an engine, or a session that keeps its cache),
+        without the leading space and the next example. Options are checked now."""
         if not query.strip():
             raise PocketLMError("the question is empty: give some text to answer")
         stop = options.pop("stop", ())
@@ -121,14 +123,9 @@ class FewShot:
         chunks = lm.stream(
             self.prompt(query), max_tokens=max_tokens, stop=[*self.stops, *stop], **options
         )
-        started = False
-        for chunk in chunks:
-            if not started:
-                chunk = replace(chunk, text=chunk.text.lstrip())
-                started = bool(chunk.text)
-            yield chunk
+        return lstrip_text(chunks)
 
-    def answer(self, lm: LM, query: str, **options: Any) -> str:
+    def answer(self, lm: Engine | Session, query: str, **options: Any) -> str:
         """The answer to `query`, stripped."""
         return "".join(chunk.text for chunk in self.stream(lm, query, **options)).strip()
 

@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException
 
 from pocketlm import features
+from pocketlm.generate.params import GenerationParams
 from pocketlm.sampling import SamplingParams
 from pocketlm.serve import convert
 from pocketlm.serve.convert import Choice
@@ -167,11 +168,8 @@ def _completion_jobs(service: Service, body: CompletionRequest) -> tuple[Jobs, l
             jobs.add(
                 p * body.n + i,
                 prompt_ids=ids,
-                max_tokens=budget,
-                stop=stops,
-                params=_with_seed(params, convert.choice_seed(body.seed, i)),
-                logprobs=body.logprobs is not None,
-                top_logprobs=body.logprobs or 0,
+                params=_params(params, seed=convert.choice_seed(body.seed, i), max_tokens=budget,
+                               stop=stops, logprobs=body.logprobs),  # fmt: skip
                 prompt_logprobs=body.echo and body.logprobs is not None,
             )
     return jobs, prompts
@@ -198,21 +196,28 @@ def _chat_jobs(service: Service, body: ChatCompletionRequest) -> tuple[Jobs, int
         prompt_tokens=len(ids), max_tokens=wanted, context_length=service.context_length, param=name
     )
     jobs = Jobs(service)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
     for i in range(body.n):
         jobs.add(
             i,
             prompt_ids=ids,
-            max_tokens=budget,
-            stop=stops,
-            params=_with_seed(params, convert.choice_seed(body.seed, i)),
-            logprobs=body.logprobs,
-            top_logprobs=body.top_logprobs or 0,
+            params=_params(params, seed=convert.choice_seed(body.seed, i), max_tokens=budget,
+                           stop=stops, logprobs=logprobs),  # fmt: skip
         )
     return jobs, len(ids)
 
 
-def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
-    return dataclasses.replace(params, seed=seed)
+def _params(
+    sampling: SamplingParams,
+    *,
+    seed: int | None,
+    max_tokens: int,
+    stop: list[str],
+    logprobs: int | None,
+) -> GenerationParams:
+    """One choice's engine params: each part was checked against the wire request."""
+    sampling = dataclasses.replace(sampling, seed=seed)
+    return GenerationParams(sampling, max_tokens=max_tokens, stop=tuple(stop), logprobs=logprobs)
 
 
 async def _collect(jobs: Jobs, request: Request, count: int) -> list[Choice]:

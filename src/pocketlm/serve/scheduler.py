@@ -6,9 +6,10 @@ first k rows, each at its own position). Between steps the loop admits waiting r
 (each prefilled alone, B=1, into the next free row through a one-row view of the cache;
 a long prompt in chunks, one per step, so the others keep streaming),
 and drops finished, cancelled and timed-out ones at once: the last row moves into the
-hole. Each request keeps its own sampling parameters, torch.Generator, penalty counts,
-detokenizer and stop matcher, and samples exactly as `generate.generate_tokens` does, so a
-seeded or greedy request gives the same tokens whether it runs alone or in a crowd.
+hole. The scheduler owns batching only: each request turns its logits into tokens and text
+with the engine's own `Sampler` and `TextStream` (pocketlm.generate.request), exactly as
+`lm.generate` does, so a seeded or greedy request gives the same tokens whether it runs
+through the Python API, alone on the server or in a crowd.
 
 Results leave through a per-request `emit(Event)` callback, called on the scheduler thread.
 Knows nothing of HTTP or the wire format. (vLLM's scheduler and Orca, Yu et al. 2022,
@@ -18,7 +19,6 @@ Knows nothing of HTTP or the wire format. (vLLM's scheduler and Orca, Yu et al. 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -28,15 +28,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pocketlm.generate.stops import StopMatcher
+from pocketlm.generate.params import GenerationParams
+from pocketlm.generate.request import Sampler, TextStream
 from pocketlm.models import make_cache
-from pocketlm.sampling import (
-    SamplingParams,
-    make_generator,
-    process_logits,
-    prompt_mask,
-    sample,
-)
 from pocketlm.tokenizer import Tokenizer
 
 log = logging.getLogger("pocketlm.serve")
@@ -76,12 +70,8 @@ class Request:
     """What to generate; filled in by the caller, read by the scheduler thread."""
 
     prompt_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
+    params: GenerationParams  # checked by the caller
     emit: Callable[[Event], None]
-    stop: tuple[str, ...] = ()
-    logprobs: bool = False
-    top_logprobs: int = 0
     prompt_logprobs: bool = False
     timeout: float | None = None  # seconds from submission
     submitted: float = field(default_factory=time.monotonic)
@@ -89,24 +79,17 @@ class Request:
 
 
 class _Active:
-    """A request that holds a cache row: everything it needs to take its next step."""
+    """A request that holds a cache row: its sampler and text stream (the engine's own,
+    pocketlm.generate.request) and where it stands."""
 
     def __init__(
         self, request: Request, *, vocab_size: int, tokenizer: Tokenizer, device: torch.device
     ) -> None:
         self.request = request
-        params = request.params
-        # Unseeded requests get a generator of their own too, so no request draws from
-        # a stream its batch mates also draw from.
-        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
-        self.generator = make_generator(seed, device)
-        self.counts = torch.zeros(vocab_size, device=device)
-        self.prompt_mask = prompt_mask(
-            params, request.prompt_ids, vocab_size=vocab_size, device=device
+        self.sampler = Sampler(
+            request.params, request.prompt_ids, vocab_size=vocab_size, device=device
         )
-        self.decoder = tokenizer.stream_decoder()
-        self.matcher = StopMatcher(request.stop)
-        self.eos_ids = tokenizer.eos_ids
+        self.text = TextStream(tokenizer, request.params.stop)
         self.position = 0  # tokens in the cache row
         # log p of each prompt token given the ones before (echo + logprobs); None for the first
         self.prompt_logprobs: list[float | None] | None = (
@@ -209,27 +192,34 @@ class Scheduler:
     # -- the scheduler thread --
 
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
-        while True:
-            with self._wake:
-                while self._running and not self._waiting and not self._busy():
-                    self._wake.wait()
-                if not self._running:
-                    break
-            self._retire()
-            self._admit()
-            if self.rows:
-                try:
-                    self._decode()
-                except Exception:  # a failed step fails its rows, never the server
-                    log.exception("decode step failed")
-                    for active in self.rows:
-                        self._finish(active, "error", "")
-                self._retire()
+        # Everything on this thread is inference: the cache (grown, moved, copied between
+        # rows) and the requests' counts are inference tensors, touched only here.
+        with torch.inference_mode():
+            while self._turn():
+                pass
         for active in [*self.rows, *([self._filling] if self._filling else [])]:
-            self._finish(active, "cancelled", "")
+            self._finish(active, "cancelled")
         for request in self._waiting:
             request.emit(Event("", finish_reason="cancelled"))
+
+    def _turn(self) -> bool:
+        """One turn of the loop: wait for work, admit, take a decode step; False to stop."""
+        with self._wake:
+            while self._running and not self._waiting and not self._busy():
+                self._wake.wait()
+            if not self._running:
+                return False
+        self._retire()
+        self._admit()
+        if self.rows:
+            try:
+                self._decode()
+            except Exception:  # a failed step fails its rows, never the server
+                log.exception("decode step failed")
+                for active in self.rows:
+                    self._finish(active, "error")
+            self._retire()
+        return True
 
     def _busy(self) -> bool:
         return bool(self.rows) or self._filling is not None
@@ -294,10 +284,7 @@ class Scheduler:
             positions = torch.arange(start, end, device=self.device)[None]  # (1, T)
             # Prompt logprobs need every position's logits; otherwise the last will do.
             keep = 0 if active.request.prompt_logprobs else 1
-            with torch.inference_mode():
-                logits = self.model(tokens, positions, self.cache.row(row), logits_to_keep=keep)[
-                    0
-                ]  # (T or 1, V)
+            logits = self.model(tokens, positions, self.cache.row(row), logits_to_keep=keep)[0]
             logits = logits.float()
             self.counters["prompt_tokens"] += end - start
             active.position = end
@@ -315,8 +302,7 @@ class Scheduler:
     def _decode(self) -> None:
         tokens = torch.tensor([[a.last_token] for a in self.rows], device=self.device)  # (B, 1)
         positions = torch.tensor([[a.position] for a in self.rows], device=self.device)  # (B, 1)
-        with torch.inference_mode():
-            logits = self.model(tokens, positions, self.cache)[:, -1].float()  # (B, V)
+        logits = self.model(tokens, positions, self.cache)[:, -1].float()  # (B, V)
         self.counters["steps"] += 1
         for i, active in enumerate(self.rows):
             active.position += 1
@@ -326,49 +312,26 @@ class Scheduler:
     def _take(
         self, active: _Active, logits: torch.Tensor, *, prompt_logprobs: list | None = None
     ) -> None:
-        """Sample the next token from `logits` (V,) exactly as generate_tokens does, and emit it."""
-        request = active.request
-        filtered = process_logits(
-            logits, request.params, counts=active.counts, prompt_mask=active.prompt_mask
-        )
-        token = int(sample(filtered, request.params, generator=active.generator))
-        event = Event("", token=token, prompt_logprobs=prompt_logprobs)
-        if request.logprobs or request.top_logprobs:
-            token_logprobs = torch.log_softmax(logits, dim=-1)
-            event.logprob = float(token_logprobs[token])
-            if request.top_logprobs:
-                values, ids = token_logprobs.topk(request.top_logprobs)
-                event.top_logprobs = list(zip(ids.tolist(), values.tolist(), strict=True))
-        active.counts[token] += 1
+        """Sample the next token from `logits` (V,) with the request's sampler, and emit it."""
+        step = active.sampler.step(logits)
         active.generated += 1
-        active.last_token = token
+        active.last_token = step.token
         with self._wake:
             self.counters["generation_tokens"] += 1
             self._recent.append((time.monotonic(), 1))
-        if token in active.eos_ids:
-            self._finish(active, "stop", "", last=event)
-            return
-        text, stopped = active.matcher.feed(active.decoder.feed(token))
-        event.text = text
-        if stopped:
-            self._finish(active, "stop", "", last=event)
-        elif active.generated >= request.max_tokens:
-            self._finish(active, "length", "", last=event)
+        last = active.generated >= active.request.params.max_tokens
+        chunk = active.text.feed(step, last=last)
+        event = Event(chunk.text, chunk.token, chunk.logprob, chunk.top_logprobs,
+                      prompt_logprobs=prompt_logprobs)  # fmt: skip
+        if chunk.finish_reason is not None:
+            self._finish(active, chunk.finish_reason, last=event)
         else:
-            request.emit(event)
+            active.request.emit(event)
 
-    def _finish(
-        self, active: _Active, reason: str, text: str, *, last: Event | None = None
-    ) -> None:
-        """Emit the final event (carrying `last`'s token, if any) and mark the row free."""
-        if reason in ("length", "stop") and not active.matcher.stopped:
-            tail, stopped = active.matcher.feed(active.decoder.flush())
-            text += tail if stopped else tail + active.matcher.flush()
+    def _finish(self, active: _Active, reason: str, *, last: Event | None = None) -> None:
+        """Emit the final event (`last`, the one that ended the request, or an empty one)
+        and mark the row free."""
         event = last if last is not None else Event("")
-        if last is not None and last.token in active.eos_ids:
-            event.token = event.logprob = None  # EOS is not part of the text
-            event.top_logprobs = []
-        event.text += text
         event.finish_reason = reason
         event.prompt_tokens = len(active.request.prompt_ids)
         event.completion_tokens = active.generated
@@ -383,17 +346,17 @@ class Scheduler:
         for i in range(len(self.rows) - 1, -1, -1):
             active = self.rows[i]
             if not active.done and active.request.cancelled:
-                self._finish(active, "cancelled", "")
+                self._finish(active, "cancelled")
             elif not active.done and self._expired(active.request):
-                self._finish(active, "timeout", "")
+                self._finish(active, "timeout")
             if active.done:
                 self._free(i)
         filling = self._filling
         if filling is not None and filling.request.cancelled:
-            self._finish(filling, "cancelled", "")
+            self._finish(filling, "cancelled")
             self._filling = None
         elif filling is not None and self._expired(filling.request):
-            self._finish(filling, "timeout", "")
+            self._finish(filling, "timeout")
             self._filling = None
         elif filling is not None and filling_row != len(self.rows):
             self._move(filling_row, len(self.rows), filling.position)

@@ -31,6 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.errors import PocketLMError
+from pocketlm.generate.params import GenerationParams
+from pocketlm.generate.sequence import Sequence
+from pocketlm.generate.stream import generate_tokens
+from pocketlm.sampling import SamplingParams
 from pocketlm.tokenizer import Tokenizer
 from pocketlm.train import checkpoint, distributed
 from pocketlm.train.data import IGNORE, Dataset
@@ -290,10 +294,6 @@ class Trainer:
 
     def sample(self) -> str:
         """Greedy continuation of the sample prompt (deterministic, uses no RNG)."""
-        from pocketlm.generate.sequence import Sequence
-        from pocketlm.generate.stream import generate_tokens
-        from pocketlm.sampling import SamplingParams
-
         prompt = (
             self.tokenizer.encode(self.config.sample_prompt) if self.config.sample_prompt else []
         )
@@ -306,8 +306,7 @@ class Trainer:
         steps = generate_tokens(
             Sequence(self.model),
             prompt,
-            params=SamplingParams(temperature=0.0),
-            max_tokens=self.config.sample_tokens,
+            GenerationParams(SamplingParams(temperature=0.0), max_tokens=self.config.sample_tokens),
             eos_ids=self.tokenizer.eos_ids,
         )
         ids = [s.token for s in steps if s.token not in self.tokenizer.eos_ids]
