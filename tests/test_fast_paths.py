@@ -18,7 +18,7 @@ import pocketlm
 from checkpoints import make_gpt2, make_llama, write_gguf
 from pocketlm.cli.main import main
 from pocketlm.errors import PocketLMError
-from pocketlm.features import perplexity
+from pocketlm.features.scores import perplexity
 from pocketlm.generate.compiled import CompiledDecode
 from pocketlm.generate.params import GenerationParams
 from pocketlm.generate.request import Sampler, Stats

@@ -15,9 +15,9 @@ import torch
 
 import pocketlm
 from checkpoints import hf_model, make_gpt2, make_llama
-from pocketlm import features
 from pocketlm.cli.main import main
 from pocketlm.errors import PocketLMError
+from pocketlm.features.hidden import embed
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! "
@@ -177,7 +177,7 @@ def test_hidden_states_of_every_layer_equal_output_hidden_states(which, request)
     n = len(expected)
     assert n == lm.model.config.num_layers + 1
     for layer in [*range(n), -1, -n]:
-        got = features.embed(lm.model, [ids], layer=layer, pool="none")
+        got = embed(lm.model, [ids], layer=layer, pool="none")
         assert got.layer == layer % n
         torch.testing.assert_close(got.vectors[0], expected[layer][0], atol=1e-5, rtol=1e-5)
 
@@ -217,7 +217,7 @@ def test_embedding_errors(gpt2):
     with pytest.raises(PocketLMError, match="unknown pool 'max'"):
         lm.embed("hello", pool="max")
     with pytest.raises(PocketLMError, match="input 0 is 100 tokens; the context window is 64"):
-        features.embed(lm.model, [[11] * 100])
+        embed(lm.model, [[11] * 100])
 
 
 # -- the subcommands, on real files -------------------------------------------------------

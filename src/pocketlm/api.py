@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pocketlm import features
 from pocketlm.errors import PocketLMError
+from pocketlm.features import hidden, scores
 from pocketlm.generate.engine import Completion, Engine, Usage
 from pocketlm.prompting.fewshot import FewShot
 from pocketlm.weights import loader
@@ -61,12 +61,12 @@ class LM(Engine):
             return self.tokenizer.encode(text)
         return list(text)
 
-    def score(self, text: str | Seq[int], *, top_k: int = 0) -> list[features.TokenScore]:
+    def score(self, text: str | Seq[int], *, top_k: int = 0) -> list[scores.TokenScore]:
         """Each token's log-probability given the text before it (the first has none),
         with the `top_k` most likely alternatives at each position. A text longer than
         the LM's context window is scored in windows of it, half a window apart."""
         ids = self._encode_text(text)
-        return features.token_logprobs(self.model, ids, top_k=top_k, context=self.context_length)
+        return scores.token_logprobs(self.model, ids, top_k=top_k, context=self.context_length)
 
     def perplexity(
         self,
@@ -74,13 +74,13 @@ class LM(Engine):
         *,
         context: int | None = None,
         stride: int | None = None,
-        progress: features.Progress | None = None,
-    ) -> features.PerplexityResult:
+        progress: scores.Progress | None = None,
+    ) -> scores.PerplexityResult:
         """Perplexity by the transformers guide's sliding window (context: the LM's
         context window, stride: half of it, by default)."""
         ids = self._encode_text(text)
         context = self.context_length if context is None else context
-        return features.perplexity(
+        return scores.perplexity(
             self.model, ids, context=context, stride=stride, progress=progress
         )
 
@@ -92,7 +92,7 @@ class LM(Engine):
         pool: str = "mean",
         normalize: bool = False,
         batch_size: int = 8,
-    ) -> features.Embeddings:
+    ) -> hidden.Embeddings:
         """Hidden states of `layer` (0 = embeddings, -1 = final) for each text: pooled
         ("mean", "last") or per token ("none")."""
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -102,7 +102,7 @@ class LM(Engine):
             if not isinstance(text, str) or not text:
                 raise PocketLMError(f"text {i} is empty (or not a string): give some text to embed")
         ids = self.tokenizer.encode_batch(texts)
-        return features.embed(
+        return hidden.embed(
             self.model, ids, layer=layer, pool=pool, normalize=normalize, batch_size=batch_size
         )
 

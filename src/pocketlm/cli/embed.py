@@ -3,7 +3,7 @@ token, saved as .npy (a float32 array) or .jsonl (one JSON object per input).
 
 An INPUT is a text, or @FILE: a UTF-8 file with one text per line (blank lines are
 skipped). The output file is written atomically. Printing and files only; the vectors
-come from `pocketlm.features.embed`.
+come from `pocketlm.features.hidden.embed`.
 """
 
 from __future__ import annotations
@@ -17,14 +17,12 @@ from typing import TYPE_CHECKING
 from pocketlm.cli import common
 from pocketlm.cli.files import read_text, write_atomic
 from pocketlm.errors import PocketLMError
+from pocketlm.features import POOLS
 
 if TYPE_CHECKING:
-    from pocketlm.features import Embeddings
+    from pocketlm.features.hidden import Embeddings
 
 FORMATS = (".npy", ".jsonl")
-# pocketlm.features.POOLS, which imports torch: `embed --help` should not wait for it.
-# tests/test_cli_startup.py keeps the two equal.
-POOLS = ("mean", "last", "none")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

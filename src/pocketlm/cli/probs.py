@@ -4,7 +4,7 @@ coloured by the probability the model gave it (red: surprising, green: expected)
 The HTML page is self-contained (inline style, no scripts or fonts fetched); hovering a
 token shows its probability and the model's top alternatives. The PNG is drawn with
 matplotlib (the `plot` extra) in a monospace grid. Both are written atomically. Files
-only; the numbers come from `pocketlm.features.token_logprobs`.
+only; the numbers come from `pocketlm.features.scores.token_logprobs`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pocketlm.cli import common
 from pocketlm.cli.files import write_atomic
 from pocketlm.errors import PocketLMError
 
-if TYPE_CHECKING:  # pocketlm.features imports torch: the CLI starts without it
-    from pocketlm.features import TokenScore
+if TYPE_CHECKING:  # pocketlm.features.scores imports torch: the CLI starts without it
+    from pocketlm.features.scores import TokenScore
     from pocketlm.tokenizer import Tokenizer
 
 NO_SCORE = "#dddddd"  # the first token: nothing came before it

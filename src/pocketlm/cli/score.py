@@ -1,6 +1,6 @@
 """`pocketlm score MODEL "text"`: every token's log-probability and the top-k
 alternatives the model preferred, as a table or JSON. Printing only; the numbers come
-from `pocketlm.features.token_logprobs`.
+from `pocketlm.features.scores.token_logprobs`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 from pocketlm.cli import common
 from pocketlm.errors import PocketLMError
 
-if TYPE_CHECKING:  # pocketlm.features imports torch: the CLI starts without it
-    from pocketlm.features import TokenScore
+if TYPE_CHECKING:  # pocketlm.features.scores imports torch: the CLI starts without it
+    from pocketlm.features.scores import TokenScore
     from pocketlm.tokenizer import Tokenizer
 
 

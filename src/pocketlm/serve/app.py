@@ -27,7 +27,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from pocketlm import features
+from pocketlm.features.hidden import embed
 from pocketlm.generate.params import GenerationParams
 from pocketlm.sampling import SamplingParams
 from pocketlm.serve import convert
@@ -86,7 +86,7 @@ class Service:
 
     def embed(self, batches: list[list[int]]) -> list[list[float]]:
         """Mean of the last layer's hidden states over each input's tokens."""
-        vectors = features.embed(self.lm.model, batches, layer=-1, pool="mean").vectors
+        vectors = embed(self.lm.model, batches, layer=-1, pool="mean").vectors
         return [v.tolist() for v in vectors]
 
 

@@ -1,34 +1,24 @@
-"""What the model computes, exposed exactly: token log-probabilities, perplexity, hidden
-states and embeddings.
-
-Pure functions of (model, token ids): they know nothing of text, files, the terminal or
-HTTP, so the CLI, the Python API and the server all call the same code. Every forward
-pass here runs without a KV cache, on windows of at most the model's context length.
+"""Token log-probabilities and perplexity: pure functions of (model, token ids).
 
 - `token_logprobs`: log p(token | the tokens before it) for every token, with the top-k
   alternatives at each position.
 - `perplexity`: the strided sliding-window method of the transformers guide "Perplexity
   of fixed-length models" (https://huggingface.co/docs/transformers/perplexity),
   reproduced to the letter, including its weighting of each window's mean loss.
-- `embed`: the residual stream after any layer (numbered like HF `hidden_states`:
-  0 = embeddings, i = after block i, the last = final-normed), pooled or per token,
-  batched with right padding (padding sits at later positions, which the causal mask
-  already hides from every real token).
 
-B = batch, T = time, C = channels, V = vocabulary.
+Knows nothing of text, files, the terminal or HTTP. B = batch, T = time, V = vocabulary.
 """
+
 
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.errors import PocketLMError
 
-POOLS = ("mean", "last", "none")
 Progress = Callable[[int, int], None]  # (windows done, windows in all)
 _CHUNK = 512  # positions per log-softmax slice: keeps a (T, V) float copy out of memory
 
@@ -51,17 +41,6 @@ class PerplexityResult:
     windows: int
     context: int
     stride: int
-
-
-@dataclass
-class Embeddings:
-    """One vector per input: (C,) when pooled, (T, C) per token with pool="none";
-    float32 on the CPU."""
-
-    vectors: list[torch.Tensor]
-    layer: int  # the layer used, counted from 0 (a negative request resolved)
-    pool: str
-    tokens: list[int]  # token count of each input
 
 
 # -- windows ------------------------------------------------------------------------------
@@ -100,7 +79,7 @@ def _check_window(model: nn.Module, *, context: int | None, stride: int | None) 
     return context, stride
 
 
-def _check_ids(ids: Sequence[int], *, vocab_size: int, minimum: int = 1) -> None:
+def check_ids(ids: Sequence[int], *, vocab_size: int, minimum: int = 1) -> None:
     if len(ids) < minimum:
         what = "is empty" if not ids else f"has {len(ids)} token; it needs at least {minimum}"
         raise PocketLMError(f"the text {what}: give some text to score")
@@ -142,7 +121,7 @@ def token_logprobs(
     model's) is scored in sliding windows half a context apart, so every token still
     sees at least half a context of text before it."""
     vocab = model.config.vocab_size
-    _check_ids(ids, vocab_size=vocab)
+    check_ids(ids, vocab_size=vocab)
     if not 0 <= top_k <= vocab:
         raise PocketLMError(
             f"top_k must be between 0 and the vocabulary size {vocab} (got {top_k})"
@@ -182,7 +161,7 @@ def perplexity(
     after the previous window's end), its mean loss is weighted by `trg_len - 1` as the
     guide does, and exp(sum / count) is the perplexity. `stride` defaults to half the
     context. `progress(done, total)` is called before the first window and after each."""
-    _check_ids(ids, vocab_size=model.config.vocab_size, minimum=2)
+    check_ids(ids, vocab_size=model.config.vocab_size, minimum=2)
     context, stride = _check_window(model, context=context, stride=stride)
     windows = _windows(len(ids), context=context, stride=stride)
     device = next(model.parameters()).device
@@ -217,89 +196,3 @@ def perplexity(
         context=context,
         stride=stride,
     )
-
-
-# -- hidden states and embeddings --------------------------------------------------------
-
-
-def resolve_layer(model: nn.Module, layer: int) -> int:
-    """A layer number in 0..num_layers (negative counts from the end, -1 = last)."""
-    n = model.config.num_layers + 1  # the embeddings, then one output per block
-    if not -n <= layer < n:
-        raise PocketLMError(
-            f"layer {layer} is out of range: this model has layers 0..{n - 1} "
-            f"(0 = embeddings, {n - 1} = final) or -{n}..-1 from the end"
-        )
-    return layer % n
-
-
-def hidden_states(
-    model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, *, layer: int
-) -> torch.Tensor:
-    """The residual stream (B, T, C) after `layer` (already resolved), computing no block
-    beyond it."""
-    with torch.inference_mode():
-        for i, x in enumerate(model.layer_outputs(tokens, positions)):
-            if i == layer:
-                return x
-    raise ValueError(f"the model yielded no layer {layer}")
-
-
-def embed(
-    model: nn.Module,
-    batch_of_ids: Sequence[Sequence[int]],
-    *,
-    layer: int = -1,
-    pool: str = "mean",
-    normalize: bool = False,
-    batch_size: int = 8,
-) -> Embeddings:
-    """Hidden states of `layer` for each id list: the mean over its tokens, its last
-    token, or every token (pool="none"); L2-normalized when asked. Inputs run
-    `batch_size` at a time, sorted by length so rows of a batch pad little."""
-    if pool not in POOLS:
-        raise PocketLMError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
-    if batch_size < 1:
-        raise PocketLMError(f"batch size must be at least 1 (got {batch_size})")
-    layer = resolve_layer(model, layer)
-    limit, vocab = model.config.context_length, model.config.vocab_size
-    for i, ids in enumerate(batch_of_ids):
-        if not ids:
-            raise PocketLMError(f"input {i} is empty: give some text to embed")
-        if len(ids) > limit:
-            raise PocketLMError(f"input {i} is {len(ids)} tokens; the context window is {limit}")
-        _check_ids(ids, vocab_size=vocab)
-    order = sorted(range(len(batch_of_ids)), key=lambda i: len(batch_of_ids[i]))
-    vectors: list[torch.Tensor | None] = [None] * len(order)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        for i, vector in zip(
-            rows,
-            _embed_batch(model, [batch_of_ids[i] for i in rows], layer=layer, pool=pool),
-            strict=True,
-        ):
-            vectors[i] = F.normalize(vector, dim=-1) if normalize else vector
-    return Embeddings(vectors, layer, pool, [len(ids) for ids in batch_of_ids])
-
-
-def _embed_batch(
-    model: nn.Module, batch: list[Sequence[int]], *, layer: int, pool: str
-) -> list[torch.Tensor]:
-    """One right-padded batch. Every row gets positions 0..T-1; a pad sits after the
-    row's real tokens, so by the causal mask no real token attends to it."""
-    device = next(model.parameters()).device
-    lengths = torch.tensor([len(ids) for ids in batch], device=device)  # (B,)
-    T = int(lengths.max())
-    tokens = torch.zeros(len(batch), T, dtype=torch.long, device=device)  # pad id 0: any valid id
-    for row, ids in enumerate(batch):
-        tokens[row, : len(ids)] = torch.tensor(list(ids), device=device)
-    positions = torch.arange(T, device=device).expand(len(batch), T)  # (B, T)
-    x = hidden_states(model, tokens, positions, layer=layer).float()  # (B, T, C)
-    real = (positions < lengths[:, None]).unsqueeze(-1)  # (B, T, 1)
-    if pool == "mean":
-        pooled = (x * real).sum(1) / lengths[:, None]  # (B, C)
-    elif pool == "last":
-        pooled = x[torch.arange(len(batch), device=device), lengths - 1]  # (B, C)
-    else:
-        return [x[row, : len(ids)].cpu() for row, ids in enumerate(batch)]
-    return list(pooled.cpu())
