@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -345,6 +346,7 @@ def compare_main(args: argparse.Namespace) -> None:
                 check=False,
                 capture_output=True,
             )
+            shutil.rmtree(folder.parent, ignore_errors=True)
 
 
 def _summary(runs: list[dict], max_batch: int) -> dict:
