@@ -406,3 +406,8 @@ def test_client_leaving_a_plain_request_frees_its_row(server):
         assert time.monotonic() < deadline, "the row was not freed"
         time.sleep(0.05)
     assert server.metrics()["pocketlm_active_requests"] == 0
+    # ... and with no request left, the KV memory is given back (it grows again on demand)
+    deadline = time.monotonic() + 10
+    while server.metrics()["pocketlm_kv_cache_bytes"] > 0:
+        assert time.monotonic() < deadline, "the KV cache was not given back"
+        time.sleep(0.05)

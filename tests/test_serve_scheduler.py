@@ -257,3 +257,31 @@ def test_cancel_during_a_chunked_prefill(lm):
         assert after.wait().tokens == lm.generate(PROMPTS[1], max_tokens=8, temperature=0.0).tokens
     finally:
         s.stop()
+
+
+def test_kv_memory_follows_the_requests_not_max_batch_times_the_window(lm):
+    """The cache starts empty whatever --max-batch and the window are, grows with the rows
+    and tokens in use, and is given back when the requests are done."""
+    scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=16, max_queue=32)
+    assert scheduler.snapshot()["kv_cache_bytes"] == 0
+    scheduler.start()
+    try:
+        seen = []
+        runs = [Run(ids, max_tokens=40, params=greedy()) for ids in PROMPTS[:2]]
+        runs[0].request.emit = lambda event, run=runs[0]: (
+            seen.append(scheduler.cache.nbytes),
+            Run._emit(run, event),
+        )
+        scheduler.submit([r.request for r in runs])
+        assert [r.wait().tokens for r in runs] == [
+            lm.generate(ids, max_tokens=40, temperature=0).tokens for ids in PROMPTS[:2]
+        ]
+        c = lm.model.config  # K and V, fp32: one 256-slot block of 2 rows at most
+        block = 2 * c.num_layers * 2 * c.num_kv_heads * 256 * c.head_dim * 4
+        assert 0 < max(seen) <= block
+        deadline = time.monotonic() + 10
+        while scheduler.snapshot()["kv_cache_bytes"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scheduler.snapshot()["kv_cache_bytes"] == 0
+    finally:
+        scheduler.stop()

@@ -446,6 +446,7 @@ METRICS = {  # name in the snapshot -> (Prometheus name, type, help)
     "queue_depth": ("pocketlm_queue_depth", "gauge", "Requests waiting for a batch slot."),
     "active": ("pocketlm_active_requests", "gauge", "Requests in the batch now."),
     "max_batch": ("pocketlm_max_batch", "gauge", "Batch slots."),
+    "kv_cache_bytes": ("pocketlm_kv_cache_bytes", "gauge", "Bytes of KV cache held now."),
     "tokens_per_second": (
         "pocketlm_tokens_per_second",
         "gauge",

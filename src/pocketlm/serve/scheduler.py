@@ -186,6 +186,7 @@ class Scheduler:
                 "queue_depth": len(self._waiting),
                 "active": len(self.rows),
                 "max_batch": self.max_batch,
+                "kv_cache_bytes": self.cache.nbytes,
                 "tokens_per_second": window / span if span else 0.0,
             }
 
@@ -219,7 +220,19 @@ class Scheduler:
                 for active in self.rows:
                     self._finish(active, "error")
             self._retire()
+        self._fit_cache()
         return True
+
+    def _fit_cache(self) -> None:
+        """Give back the KV memory the requests no longer need -- all of it when none is
+        left -- once the cache holds more than twice the rows or slots they use (it grows
+        again on demand; the slack keeps a batch that shrinks and grows by a request or a
+        few tokens from copying the cache back and forth)."""
+        held = [*self.rows, *([self._filling] if self._filling is not None else [])]
+        rows = len(held)
+        slots = max((a.position for a in held), default=-1) + 1
+        if self.cache.rows > 2 * rows or self.cache.slots > 2 * slots:
+            self.cache.trim(rows, slots)
 
     def _busy(self) -> bool:
         return bool(self.rows) or self._filling is not None
