@@ -126,8 +126,11 @@ def test_the_same_request_through_the_api_the_scheduler_alone_and_under_load(lm)
     try:
         alone = _served(scheduler, ids, params)
         crowd = [
-            Request(lm.tokenizer.encode(p), GenerationParams(SamplingParams(temperature=1.5),
-                    max_tokens=3 + i), emit=lambda event: None)  # fmt: skip
+            Request(
+                lm.tokenizer.encode(p),
+                GenerationParams(SamplingParams(temperature=1.5), max_tokens=3 + i),
+                emit=lambda event: None,
+            )
             for i, p in enumerate(PROMPTS * 2)
         ]
         scheduler.submit(crowd[:3])

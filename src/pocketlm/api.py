@@ -80,9 +80,7 @@ class LM(Engine):
         context window, stride: half of it, by default)."""
         ids = self._encode_text(text)
         context = self.context_length if context is None else context
-        return scores.perplexity(
-            self.model, ids, context=context, stride=stride, progress=progress
-        )
+        return scores.perplexity(self.model, ids, context=context, stride=stride, progress=progress)
 
     def embed(
         self,

@@ -158,8 +158,9 @@ def load_model(name: str | None, args: argparse.Namespace):  # -> pocketlm.LM
         raise PocketLMError("--draft-quantize needs a draft model: name one with --draft MODEL")
     lookahead = getattr(args, "lookahead", LOOKAHEAD)
     check_lookahead(lookahead)  # before loading two models, not after
-    options = dict(dtype=args.dtype, device=args.device, offline=args.offline,
-                   context=args.ctx_size)  # fmt: skip
+    options = dict(
+        dtype=args.dtype, device=args.device, offline=args.offline, context=args.ctx_size
+    )
     quantize = getattr(args, "quantize", None)
     lm = load(name, quantize=quantize, adapter=getattr(args, "adapter", None), **options)
     if draft is not None:

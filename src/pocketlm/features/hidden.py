@@ -29,7 +29,6 @@ class Embeddings:
     tokens: list[int]  # token count of each input
 
 
-
 def resolve_layer(model: nn.Module, layer: int) -> int:
     """A layer number in 0..num_layers (negative counts from the end, -1 = last)."""
     n = model.config.num_layers + 1  # the embeddings, then one output per block

@@ -9,7 +9,6 @@
 Knows nothing of text, files, the terminal or HTTP. B = batch, T = time, V = vocabulary.
 """
 
-
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field

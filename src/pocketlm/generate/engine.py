@@ -75,8 +75,15 @@ class Completion:
                     top.append(last.top_logprobs)
         stats = last.stats or Stats()
         usage = Usage(stats.prompt_tokens, stats.new_tokens)
-        return cls("".join(pieces), last.finish_reason or "length", usage, stats, tokens,
-                   logprobs, top if any(top) else [])  # fmt: skip
+        return cls(
+            "".join(pieces),
+            last.finish_reason or "length",
+            usage,
+            stats,
+            tokens,
+            logprobs,
+            top if any(top) else [],
+        )
 
 
 class Engine:
@@ -134,8 +141,10 @@ class Engine:
                 )
             log.warning(
                 "prompt is %d tokens; keeping the last %d (the context window is %d)",
-                len(ids), room, self.context_length,
-            )  # fmt: skip
+                len(ids),
+                room,
+                self.context_length,
+            )
             ids = ids[-room:]
         return ids
 
@@ -165,7 +174,9 @@ class Session:
             engine.model, max_seq_len=engine.context_length, decode=engine.decode_step
         )
         draft = engine.draft
-        self.draft = None if draft is None else Sequence(draft.model, max_seq_len=draft.context_length)
+        self.draft = (
+            None if draft is None else Sequence(draft.model, max_seq_len=draft.context_length)
+        )
         self._busy = threading.Lock()
 
     def stream(self, prompt: str | Seq[int], **options: object) -> Iterator[Chunk]:
@@ -187,7 +198,9 @@ class Session:
         try:
             stats = Stats()
             text = TextStream(self.engine.tokenizer, params.stop)
-            for chunk in stream_text(self._steps(ids, params, stats), text, max_tokens=params.max_tokens):
+            for chunk in stream_text(
+                self._steps(ids, params, stats), text, max_tokens=params.max_tokens
+            ):
                 chunk.stats = stats if chunk.finish_reason is not None else None
                 yield chunk
         finally:
@@ -197,5 +210,12 @@ class Session:
         eos = self.engine.tokenizer.eos_ids
         if self.draft is None:
             return generate_tokens(self.sequence, ids, params, eos_ids=eos, stats=stats)
-        return speculative_tokens(self.sequence, self.draft, ids, params, eos_ids=eos,
-                                  stats=stats, lookahead=self.engine.lookahead)  # fmt: skip
+        return speculative_tokens(
+            self.sequence,
+            self.draft,
+            ids,
+            params,
+            eos_ids=eos,
+            stats=stats,
+            lookahead=self.engine.lookahead,
+        )

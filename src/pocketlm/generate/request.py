@@ -101,7 +101,9 @@ class Sampler:
         seed = self.params.seed if self.params.seed is not None else fresh_seed()
         self.generator = make_generator(seed, device)
         self.counts = torch.zeros(vocab_size, device=device)  # times each token was generated
-        self.prompt_mask = prompt_mask(self.params, prompt_ids, vocab_size=vocab_size, device=device)
+        self.prompt_mask = prompt_mask(
+            self.params, prompt_ids, vocab_size=vocab_size, device=device
+        )
 
     def filter(self, logits: torch.Tensor, *, counts: torch.Tensor | None = None) -> torch.Tensor:
         """The logits after bias, penalties, temperature and the filters (`counts`: other

@@ -168,8 +168,13 @@ def _completion_jobs(service: Service, body: CompletionRequest) -> tuple[Jobs, l
             jobs.add(
                 p * body.n + i,
                 prompt_ids=ids,
-                params=_params(params, seed=convert.choice_seed(body.seed, i), max_tokens=budget,
-                               stop=stops, logprobs=body.logprobs),  # fmt: skip
+                params=_params(
+                    params,
+                    seed=convert.choice_seed(body.seed, i),
+                    max_tokens=budget,
+                    stop=stops,
+                    logprobs=body.logprobs,
+                ),
                 prompt_logprobs=body.echo and body.logprobs is not None,
             )
     return jobs, prompts
@@ -201,8 +206,13 @@ def _chat_jobs(service: Service, body: ChatCompletionRequest) -> tuple[Jobs, int
         jobs.add(
             i,
             prompt_ids=ids,
-            params=_params(params, seed=convert.choice_seed(body.seed, i), max_tokens=budget,
-                           stop=stops, logprobs=logprobs),  # fmt: skip
+            params=_params(
+                params,
+                seed=convert.choice_seed(body.seed, i),
+                max_tokens=budget,
+                stop=stops,
+                logprobs=logprobs,
+            ),
         )
     return jobs, len(ids)
 

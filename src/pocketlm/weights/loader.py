@@ -87,7 +87,7 @@ def _load_hf(
     kind = config["model_type"]
     if kind in ARCHITECTURES:
         model = empty_model(config, source=path)
-        tensors = _hf_tensors(path, kind, dtype=dtype)
+        tensors = _hf_tensors(path, kind)
         assign_tensors(model, tensors, model_type=kind, dtype=dtype, device=device, source=path)
         tokenizer, native = _hf_tokenizer(path, config), True
     else:
@@ -231,9 +231,7 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(module, attr, tensor)
 
 
-def _hf_tensors(
-    path: Path, model_type: str, *, dtype: torch.dtype
-) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_tensors(path: Path, model_type: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, tensor) pairs from safetensors shards (or a weights_only .bin)."""
     for key, tensor in _raw_hf_tensors(path):
         if tables.is_ignored(key, model_type):
