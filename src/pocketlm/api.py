@@ -6,7 +6,6 @@ inference (weights.loader), and gives the result the engine's generation (an `LM
 (score, perplexity, embed) and few-shot prompting. Knows nothing of the terminal or HTTP.
 """
 
-import logging
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
@@ -18,8 +17,6 @@ from pocketlm.generate.engine import Completion, Engine, Usage
 from pocketlm.prompting.fewshot import FewShot
 from pocketlm.weights import loader
 from pocketlm.weights.sources import resolve
-
-log = logging.getLogger("pocketlm")
 
 __all__ = ["LM", "Completion", "Usage", "load"]
 
@@ -38,11 +35,10 @@ class LM(Engine):
     prompting and the features."""
 
     def __init__(self, loaded: loader.LoadedModel, *, name: str, context: int | None = None):
-        super().__init__(loaded.model, loaded.tokenizer, context=context)
+        super().__init__(loaded.model, loaded.tokenizer, context=context, name=name)
         self.config = loaded.config
         self.path = loaded.path
         self.native = loaded.native
-        self.name = name
 
     def few_shot(
         self, query: str, examples: object, *, template: str | None = None, **options: object

@@ -41,9 +41,9 @@ class Measurement:
 def measure(
     model: nn.Module,
     *,
-    prompt_tokens: int = 32,
-    new_tokens: int = 128,
-    prefill_tokens: int = 512,
+    prompt_tokens: int,  # the protocol's sizes are the callers' (`pocketlm bench`'s options)
+    new_tokens: int,
+    prefill_tokens: int,
     repeats: int = 3,
     vocab_floor: int = 1000,
     compile: bool = False,

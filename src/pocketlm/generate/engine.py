@@ -89,10 +89,17 @@ class Completion:
 class Engine:
     """A model with its tokenizer and context window, ready to generate text."""
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, *, context: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        *,
+        context: int | None = None,
+        name: str = "the model",
+    ) -> None:
         if context is not None and context < 2:
             raise PocketLMError(f"context must be at least 2 tokens (got {context})")
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.name = model, tokenizer, name
         # The KV cache grows with use, but a 128k-token window is still GBs once filled:
         # by default it is capped, as llama.cpp's and Ollama's num_ctx are.
         self.context_length = min(context or CONTEXT, model.config.context_length)
@@ -110,8 +117,7 @@ class Engine:
         distribution is this model's."""
         check_lookahead(lookahead)
         if draft is not None:
-            names = (getattr(self, "name", "the model"), getattr(draft, "name", "the draft"))
-            check_draft(self.tokenizer, draft.tokenizer, names=names)
+            check_draft(self.tokenizer, draft.tokenizer, names=(self.name, draft.name))
         self.draft, self.lookahead = draft, lookahead
 
     def compile(self) -> None:
