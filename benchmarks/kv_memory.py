@@ -32,7 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -258,28 +257,15 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
 
 
 def stream_clients(url: str, *, clients: int, tokens: int, bias: dict) -> float:
-    """Aggregate generated tokens per second of `clients` concurrent streaming requests."""
+    """Aggregate generated tokens per second of `clients` concurrent streaming requests
+    (the clients of benchmarks/serve_concurrency.py)."""
     import openai
+    from serve_concurrency import run_level  # beside this script
 
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=900)
     name = client.models.list().data[0].id
-
-    def one(i: int) -> int:
-        stream = client.completions.create(
-            model=name,
-            prompt=f"Request {i}: the history of the city",
-            max_tokens=tokens,
-            temperature=0,
-            logit_bias=bias,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        return [c for c in stream][-1].usage.completion_tokens
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        total = sum(pool.map(one, range(clients)))
-    return total / (time.perf_counter() - started)
+    total, seconds = run_level(client, name, clients=clients, tokens=tokens, bias=bias)
+    return total / seconds
 
 
 def measure_serve(tree: Path, threads: int, eos_ids: list[int], max_batch: int) -> dict:
