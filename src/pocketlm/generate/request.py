@@ -146,7 +146,6 @@ class TextStream:
         self.decoder = tokenizer.stream_decoder()
         self.matcher = StopMatcher(stop)
         self.eos_ids = tokenizer.eos_ids
-        self.finished = False
 
     def feed(self, step: Step, *, last: bool = False) -> Chunk:
         """The chunk `step`'s token adds; its finish reason is set when the request ends
@@ -157,7 +156,7 @@ class TextStream:
         text, stopped = self.matcher.feed(self.decoder.feed(step.token))
         chunk = Chunk(text, step.token, step.logprob, top_logprobs=step.top_logprobs)
         if stopped:
-            chunk.finish_reason, self.finished = "stop", True
+            chunk.finish_reason = "stop"
         elif last:
             end = self.finish("length")
             chunk.text, chunk.finish_reason = chunk.text + end.text, end.finish_reason
@@ -165,7 +164,6 @@ class TextStream:
 
     def finish(self, reason: str) -> Chunk:
         """The last chunk: the text still held back (unless a stop string matched)."""
-        self.finished = True
         tail, stopped = self.matcher.feed(self.decoder.flush())
         text = tail if stopped else tail + self.matcher.flush()
         return Chunk(text, finish_reason="stop" if stopped else reason)
