@@ -19,7 +19,8 @@ from tokenizers import Tokenizer as Backend
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
 from pocketlm.errors import PocketLMError
-from pocketlm.tokenizer import Tokenizer, _bytes_to_unicode
+from pocketlm.tokenizer import Tokenizer
+from pocketlm.tokenizer.decoding import bytes_to_unicode
 
 GPT2_DATA = Path(__file__).parents[1] / "src" / "pocketlm" / "data" / "gpt2"
 
@@ -87,7 +88,7 @@ SMOLLM_DIGIT_CASES = [
 
 
 def _byte_ranks(tokens: dict[str, int]) -> dict[bytes, int]:
-    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
     return {bytes(byte_of[c] for c in t): i for t, i in tokens.items()}
 
 
@@ -332,10 +333,14 @@ def test_from_dir_not_a_folder(tmp_path):
 
 
 def test_gguf_unsupported_tokenizer_model_is_a_clear_error(smollm_meta):
-    with pytest.raises(PocketLMError, match="'llama' is not supported"):
-        Tokenizer.from_gguf_metadata({**smollm_meta, "tokenizer.ggml.model": "llama"})
-    with pytest.raises(PocketLMError, match="pre-tokenizer 'mystery'"):
+    with pytest.raises(PocketLMError, match="'rwkv' is not supported") as caught:
+        Tokenizer.from_gguf_metadata({**smollm_meta, "tokenizer.ggml.model": "rwkv"})
+    assert "\n" not in str(caught.value)
+    with pytest.raises(PocketLMError, match="'t5' is T5's Unigram.*causal language models"):
+        Tokenizer.from_gguf_metadata({**smollm_meta, "tokenizer.ggml.model": "t5"})
+    with pytest.raises(PocketLMError, match="pre-tokenizer 'mystery' is unknown") as caught:
         Tokenizer.from_gguf_metadata({**smollm_meta, "tokenizer.ggml.pre": "mystery"})
+    assert "\n" not in str(caught.value)
 
 
 def test_from_dir_tokenizer_json_with_config(smollm_hf, smollm, tmp_path):
@@ -410,7 +415,7 @@ PUBLISHED_SPLITS = {
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
     "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    "gpt2": R50K_PATTERN,
+    "gpt-2": R50K_PATTERN,
 }
 
 
