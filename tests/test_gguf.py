@@ -4,7 +4,10 @@
 - the whole real SmolLM2 Q4_1 file against transformers' GGUF loader (config and tensors);
 - GPT-2, Llama and Qwen2 files written here with `gguf.GGUFWriter` the way llama.cpp's
   converter writes them (GPT-2 Conv1D transposed, Llama q/k rows permuted), read back;
+- Llama 3.1+ rope scaling as a `rope_freqs.weight` tensor, read into the config;
 - malformed files and unsupported architectures end in one-line PocketLMErrors.
+
+GGUF files made by llama.cpp's own converter are tested in test_gguf_convert.py.
 """
 
 import re
@@ -19,6 +22,9 @@ from gguf import GGMLQuantizationType as QT
 
 from checkpoints import write_gguf
 from pocketlm.errors import CorruptModelError, ModelNotFoundError, PocketLMError
+from pocketlm.models.llama import rope_inv_freq
+from pocketlm.weights import loader
+from pocketlm.weights.config import check_config
 from pocketlm.weights.dequant import SUPPORTED_TYPES, dequantize, ggml_type_sizes
 from pocketlm.weights.gguf import (
     GGUFCheckpoint,
@@ -481,6 +487,9 @@ def test_qwen2_biases_not_permuted_and_rope_scaling(tmp_path):
     }
     assert cfg["sliding_window"] == 2048 and cfg["eos_token_id"] == 5
     assert_state_dicts_equal(gguf_state_dict(ckpt), want)
+    with pytest.raises(PocketLMError, match="unsupported rope_scaling type 'yarn'") as e:
+        loader.load(path)  # read, but refused before any tensor is
+    assert "\n" not in str(e.value)
 
 
 # --- bad input --------------------------------------------------------------------------
@@ -604,6 +613,66 @@ def test_unknown_tensor_and_layer_out_of_range(tmp_path):
         CorruptModelError, match=r"'blk\.1\..*' is not part of a 1-layer llama model"
     ):
         gguf_state_dict(read_gguf(path))
+
+
+# --- Llama 3.1+ rope scaling: rope_freqs.weight ---------------------------------------------
+
+
+def rope_freqs_gguf(path: Path, factors, *, arch: str = "llama", kv: dict | None = None) -> Path:
+    """A small Llama's metadata with a rope_freqs.weight tensor (head_dim 16: 8 pairs)."""
+    meta = {k.replace("llama.", f"{arch}.", 1): v for k, v in (LLAMA_META | (kv or {})).items()}
+    tensors = {"token_embd.weight": (np.zeros((8, 64), np.float32), "F32"),
+               "rope_freqs.weight": (np.asarray(factors, np.float32), "F32")}  # fmt: skip
+    return write_gguf(path, arch, kv=meta, tensors=tensors)
+
+
+def test_rope_freqs_divide_the_rotary_frequencies(tmp_path):
+    factors = [1.0, 1.0, 1.5, 2.5, 4.0, 8.0, 8.0, 8.0]
+    path = rope_freqs_gguf(tmp_path / "llama31.gguf", factors)
+    ckpt = read_gguf(path)
+    assert ckpt.config["rope_scaling"] == {"rope_type": "freq_factors", "factors": factors}
+    default = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    want = (default / torch.tensor(factors, dtype=torch.float64)).float()
+    assert torch.equal(rope_inv_freq(check_config(ckpt.config, source=path)), want)
+
+
+@pytest.mark.parametrize(
+    ("factors", "error"),
+    [
+        ([1.0] * 4, "config rope_freqs.weight.factors = [1.0, 1.0, 1.0, 1.0] is not valid "
+                    "(expected 8 numbers, one per rotated pair of the 16 head dimensions)"),
+        ([1.0] * 7 + [0.0], "config rope_freqs.weight.factors = 0.0 is not valid (expected a "
+                            "number above 0"),
+        ([1.0] * 7 + [float("nan")], "config rope_freqs.weight.factors = nan is not valid"),
+        ([[1.0] * 4] * 2, "tensor 'rope_freqs.weight' has shape (2, 4), not one per pair"),
+        ([1.0] * 40000, "tensor 'rope_freqs.weight' has shape (40000,), not one per pair"),
+    ],
+    ids=["count", "zero", "nan", "matrix", "huge"],
+)  # fmt: skip
+def test_bad_rope_freqs_are_refused(tmp_path, factors, error):
+    path = rope_freqs_gguf(tmp_path / "bad.gguf", factors)
+    with pytest.raises(CorruptModelError, match=re.escape(error)) as e:
+        read_gguf(path)
+    one_line_error(e, path)
+
+
+@pytest.mark.parametrize(
+    ("arch", "kv", "error"),
+    [
+        ("llama", {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0},
+         "scales RoPE twice (rope_freqs.weight, and 'linear' scaling in its metadata)"),
+        ("llama", {"llama.attention.value_length": 32},
+         "has value heads of 32 dimensions and key heads of 16"),
+        # llama.cpp reads rope_freqs for Llama only; a Qwen2 file with one is not standard.
+        ("qwen2", {}, "'rope_freqs.weight' is not part of a 1-layer qwen2 model"),
+    ],
+    ids=["twice", "value-length", "qwen2"],
+)  # fmt: skip
+def test_what_pocketlm_cannot_run_is_refused(tmp_path, arch, kv, error):
+    path = rope_freqs_gguf(tmp_path / "bad.gguf", [1.0] * 8, arch=arch, kv=kv)
+    with pytest.raises(PocketLMError, match=re.escape(error)) as e:
+        gguf_state_dict(read_gguf(path))
+    one_line_error(e, path)
 
 
 def test_file_changed_after_reading_header(tmp_path, small_gguf):

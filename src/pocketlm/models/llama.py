@@ -1,10 +1,11 @@
 """The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) in plain PyTorch.
 
-RMSNorm, rotary embeddings (default, linear and llama3 scaling), grouped-query
-attention, SwiGLU MLP, optional q/k/v bias (Qwen2), optional sliding window (Mistral),
-tied or untied embeddings. Parameter names line up with HF `LlamaForCausalLM` keys.
-Mirrors HF `modeling_llama.py` (rotate_half layout, computed as a roll) and gpt-fast `model.py`. Knows
-nothing of files, tokenizers or sampling: `forward(tokens, positions, cache) -> logits`.
+RMSNorm, rotary embeddings (default, linear and llama3 scaling, or llama.cpp's per-pair
+frequency factors), grouped-query attention, SwiGLU MLP, optional q/k/v bias (Qwen2),
+optional sliding window (Mistral), tied or untied embeddings. Parameter names line up with
+HF `LlamaForCausalLM` keys. Mirrors HF `modeling_llama.py` (rotate_half layout, computed as
+a roll) and gpt-fast `model.py`. Knows nothing of files, tokenizers or sampling:
+`forward(tokens, positions, cache) -> logits`.
 
 B = batch, T = time, C = hidden_size, H = heads, K = key/value heads, D = head_dim.
 """
@@ -75,9 +76,15 @@ class LlamaConfig:
         return cls(**{k: v for k, v in d.items() if k in known and v is not None})
 
 
+# The rope_scaling types rope_inv_freq computes. "freq_factors" is not an HF type: it is
+# what a GGUF carries instead of llama3's numbers (the `rope_freqs.weight` tensor that
+# llama.cpp's converter writes for Llama 3.1+), one divisor per rotated pair.
+ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
+
+
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     """Inverse frequencies (D/2,) with the checkpoint's rope_scaling applied (HF
-    `modeling_rope_utils`: default, linear, llama3)."""
+    `modeling_rope_utils`: default, linear, llama3; llama.cpp's `freq_factors`)."""
     d = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     scaling = config.rope_scaling or {}
@@ -87,17 +94,32 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     if kind == "linear":
         return (inv_freq / scaling["factor"]).float()
     if kind == "llama3":
-        factor, old_ctx = scaling["factor"], scaling["original_max_position_embeddings"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-        return torch.where(medium, smoothed, scaled).float()
+        return _llama3_inv_freq(inv_freq, scaling).float()
+    if kind == "freq_factors":
+        # llama.cpp's ggml_rope_ext: theta_i = position * base^(-2i/D) / freq_factors[i]
+        factors = torch.tensor(scaling["factors"], dtype=torch.float64)
+        if factors.shape != inv_freq.shape:
+            raise PocketLMError(
+                f"rope_scaling has {factors.numel()} frequency factors for a head_dim of {d} "
+                f"(expected {d // 2}, one per rotated pair)"
+            )
+        return (inv_freq / factors).float()
     raise PocketLMError(
-        f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)"
+        f"unsupported rope_scaling type {kind!r} (supported: {', '.join(ROPE_TYPES)})"
     )
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's scaling: long wavelengths divided by `factor`, short ones kept, the band
+    between blended (HF `_compute_llama3_parameters`)."""
+    factor, old_ctx = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 class RMSNorm(nn.Module):

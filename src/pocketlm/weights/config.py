@@ -37,6 +37,7 @@ SIZE_LIMITS: dict[str, tuple[int, int]] = {
 FLOAT_LIMITS: dict[str, tuple[float, float]] = {  # (exclusive low, inclusive high)
     **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps"), (0.0, 1.0)),
     **dict.fromkeys(("rope_theta", "factor", "low_freq_factor", "high_freq_factor"), (0.0, 1e12)),
+    "factors": (0.0, 1e12),  # each of freq_factors' per-pair divisors
     "original_max_position_embeddings": (0.0, 2.0**26),
 }
 FLAGS = ("tie_word_embeddings", "attention_bias", "use_sliding_window")
@@ -117,6 +118,7 @@ def check_config(
         ) from None
     if isinstance(model_config, LlamaConfig):
         _check_llama_heads(check, model_config)
+        _check_rope_factors(check, model_config)
     return model_config
 
 
@@ -177,12 +179,27 @@ def _check_llama_heads(check: _Checker, model_config: LlamaConfig) -> None:
         )
 
 
+def _check_rope_factors(check: _Checker, model_config: LlamaConfig) -> None:
+    """freq_factors divide the rotary frequencies pair by pair: one factor per pair."""
+    scaling, pairs = model_config.rope_scaling or {}, model_config.head_dim // 2
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "freq_factors" and len(factors := scaling["factors"]) != pairs:
+        expected = f"{pairs} numbers, one per rotated pair of the {pairs * 2} head dimensions"
+        check.bad("rope_scaling.factors", factors, expected)
+
+
 def _check_rope(check: _Checker, key: str, value: Any) -> None:
     if not isinstance(value, dict):
         check.bad(key, value, "an object")
     kind = value.get("rope_type", value.get("type", "default"))
     if not isinstance(kind, str):
         check.bad(f"{key}.rope_type", kind, "a string")
+    if kind == "freq_factors":
+        factors = value.get("factors")
+        if not isinstance(factors, list | tuple) or not factors:
+            check.bad(f"{key}.factors", factors, "a list of numbers")
+        for factor in factors:
+            _check_number(check, f"{key}.factors", factor)
     for name in ROPE_KEYS.get(kind, ()):
         _check_number(check, f"{key}.{name}", value.get(name))
     if "rope_theta" in value:

@@ -34,6 +34,13 @@ from pocketlm.weights.gguf_config import gguf_config, quantization
 
 SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2")
 
+# Llama 3.1+ rope scaling as llama.cpp's converter writes it: per-pair divisors of the
+# rotary frequencies, read into the config (rope_scaling "freq_factors"), not a parameter.
+# llama.cpp reads it for these architectures only.
+ROPE_FREQS = "rope_freqs.weight"
+_ROPE_FREQS_ARCHS = ("llama",)
+_MAX_ROPE_FREQS = 1 << 15  # one per pair of the largest head_dim the validator allows
+
 # GGUF ships Llama q/k rows interleaved for llama.cpp's rotary layout; these archs need
 # them permuted back (llama.cpp converts Mistral as "llama"; Qwen2 is never permuted).
 _PERMUTED_QK = ("llama",)
@@ -270,7 +277,8 @@ def _tensor_infos(
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
     """Parse a GGUF file's header into metadata, an HF-style config and its tensor table.
 
-    Cheap: tensor data is not touched. Raises `CorruptModelError` for a malformed file and
+    Cheap: tensor data is not touched, but for the few bytes of `rope_freqs.weight`
+    (which the config carries). Raises `CorruptModelError` for a malformed file and
     `PocketLMError` for an architecture pocketlm does not run.
     """
     path = Path(path)
@@ -296,7 +304,8 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
             f"{path} holds a {arch!r} model, which pocketlm does not run; "
             f"supported GGUF architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    config = gguf_config(arch, metadata, tensors=tensors, path=path)
+    rope_freqs = _rope_freqs(path, data, tensors) if arch in _ROPE_FREQS_ARCHS else None
+    config = gguf_config(arch, metadata, tensors=tensors, path=path, rope_freqs=rope_freqs)
     return GGUFCheckpoint(
         path=path,
         metadata=metadata,
@@ -306,6 +315,18 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
         tensors=tensors,
         file_size=size,
     )
+
+
+def _rope_freqs(path: Path, data: np.memmap, tensors: dict[str, GGUFTensorInfo]) -> list | None:
+    """The values of `rope_freqs.weight` (one per rotated pair; the config validator checks
+    their count and range), or None without one."""
+    info = tensors.get(ROPE_FREQS)
+    if info is None:
+        return None
+    if len(info.shape) != 1 or info.shape[0] > _MAX_ROPE_FREQS:  # read before any check
+        _corrupt_file(path, f"tensor {ROPE_FREQS!r} has shape {info.shape}, not one per pair")
+    raw = data[info.offset : info.offset + info.n_bytes]
+    return dequantize(raw, info.ggml_type, shape=info.shape, tensor_name=info.name).tolist()
 
 
 # --- tensors --------------------------------------------------------------------------
@@ -341,11 +362,8 @@ def _plan(ckpt: GGUFCheckpoint) -> list[_Planned]:
     dims = _dims(cfg)
     plan = []
     for name, info in ckpt.tensors.items():
-        if name == "rope_freqs.weight":
-            raise PocketLMError(
-                f"{ckpt.path} scales RoPE with per-dimension factors (Llama 3 style), which "
-                "pocketlm does not read from GGUF; load the model's Hugging Face folder instead"
-            )
+        if name == ROPE_FREQS and ckpt.architecture in _ROPE_FREQS_ARCHS:
+            continue  # read into the config by `read_gguf`
         m = re.fullmatch(r"blk\.(0|[1-9]\d{0,8})\.(.+)", name)
         template = f"blk.{{i}}.{m[2]}" if m else name
         if template not in table or (m and int(m[1]) >= n_layers):

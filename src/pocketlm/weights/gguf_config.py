@@ -4,11 +4,15 @@ llama.cpp stores a model's shape under "{arch}.*" keys; this maps them onto the 
 the architecture config dataclasses read, has every value checked by the validator that
 config.json goes through too (weights.config: the metadata is only as good as the file,
 and a GGUF has no defaults for its shape), and names the file's quantization. Knows
-nothing of tensor data. Reference: llama.cpp's `convert_hf_to_gguf.py`, which writes
-these keys.
+nothing of tensor data, except the values of `rope_freqs.weight` that its caller hands in:
+for Llama 3.1+ rope scaling the converter writes no rope.scaling.* keys but that tensor
+of per-pair divisors of the frequencies, which becomes rope_scaling "freq_factors".
+Reference: llama.cpp's `convert_hf_to_gguf.py` (conversion/base.py and llama.py), which
+writes these keys.
 """
 
 import math
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +79,32 @@ def _llama_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> d
     return cfg
 
 
-def _check_full_rope(arch: str, meta: dict[str, Any], cfg: dict[str, Any], path: Path) -> None:
+def _check_heads(arch: str, meta: dict[str, Any], cfg: dict[str, Any], path: Path) -> None:
+    """What pocketlm's Llama assumes of a head: all of it rotated, values as wide as keys."""
     rope_dims = meta.get(f"{arch}.rope.dimension_count", cfg["head_dim"])
     if rope_dims != cfg["head_dim"]:
         raise PocketLMError(
             f"{path} rotates {rope_dims!r} of {cfg['head_dim']!r} head dimensions "
             "(partial RoPE), which pocketlm's Llama does not support"
         )
+    value_dims = meta.get(f"{arch}.attention.value_length", cfg["head_dim"])
+    if value_dims != cfg["head_dim"]:
+        raise PocketLMError(
+            f"{path} has value heads of {value_dims!r} dimensions and key heads of "
+            f"{cfg['head_dim']!r}, which pocketlm's Llama does not support"
+        )
+
+
+def _add_rope_freqs(cfg: dict[str, Any], factors: list[float], *, path: Path) -> None:
+    """llama.cpp divides each pair's frequency by its factor (after any scaling the
+    metadata names); pocketlm takes the factors alone, as Llama 3.1+ conversions give them."""
+    if cfg["rope_scaling"] is not None:
+        raise PocketLMError(
+            f"{path} scales RoPE twice (rope_freqs.weight, and "
+            f"{reprlib.repr(cfg['rope_scaling']['rope_type'])} scaling in its metadata), "
+            "which pocketlm does not support"
+        )
+    cfg["rope_scaling"] = {"rope_type": "freq_factors", "factors": factors}
 
 
 def _gpt2_config(meta: dict[str, Any], *, tensors: TensorTable) -> dict[str, Any]:
@@ -145,10 +168,17 @@ def _quantization(meta: dict[str, Any], tensors: TensorTable) -> str:
 
 
 def gguf_config(
-    arch: str, meta: dict[str, Any], *, tensors: TensorTable, path: Path
+    arch: str,
+    meta: dict[str, Any],
+    *,
+    tensors: TensorTable,
+    path: Path,
+    rope_freqs: list[float] | None = None,
 ) -> dict[str, Any]:
     """The HF-style config for a GGUF of a supported architecture, checked by the one
-    config validator (weights.config), its messages naming the file's own keys."""
+    config validator (weights.config), its messages naming the file's own keys.
+
+    `rope_freqs`: the values of the file's `rope_freqs.weight` (Llama only), if it has one."""
     gpt2 = arch == "gpt2"
     config = (
         _gpt2_config(meta, tensors=tensors) if gpt2 else _llama_config(arch, meta, tensors=tensors)
@@ -156,9 +186,12 @@ def gguf_config(
     required = _GPT2_CONFIG_KEYS if gpt2 else _LLAMA_CONFIG_KEYS
     names = {hf: f"{arch}.{key}" for hf, key in (required | _OPTIONAL_KEYS).items()
              if hf in required or f"{arch}.{key}" in meta}  # fmt: skip
+    if rope_freqs is not None:
+        _add_rope_freqs(config, rope_freqs, path=path)
+        names["rope_scaling"] = "rope_freqs.weight"
     check_config(config, source=path, names=names, required=required)
     if not gpt2:
-        _check_full_rope(arch, meta, config, path)
+        _check_heads(arch, meta, config, path)
     return config
 
 

@@ -1,0 +1,95 @@
+"""GGUF files made the way users make them: llama.cpp's own `convert_hf_to_gguf.py` (from
+the llama.cpp source that tests/vendor.py fetches) run on the random HF checkpoints of
+tests/checkpoints.py.
+
+The converter identifies a BPE tokenizer by hashing how it splits a fixed text, and refuses
+one it does not know, so each checkpoint gets a real vocabulary it knows: GPT-2's (shipped
+with pocketlm; "gpt-2") for GPT-2, Llama and Mistral, Qwen2's (llama.cpp's vocab-only
+ggml-vocab-qwen2.gguf; "qwen2") for Qwen2, whose tokenizer class transformers 5 always
+builds with Qwen2's own split pattern. The converter runs in a subprocess with its own
+gguf-py (it puts that first on sys.path). Without the llama.cpp download the tests skip.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import vendor
+from checkpoints import make_gpt2, make_llama
+
+QWEN2_VOCAB = 151936  # Qwen2's embedding rows: 151,643 BPE tokens, 3 specials, padding
+QWEN2_EOS = 151643  # <|endoftext|>
+
+
+class Conversion:
+    """`folder` (an HF checkpoint) -> `outfile` by llama.cpp's convert_hf_to_gguf.py, run in
+    the background: several conversions overlap (each is mostly imports). `wait()` for it."""
+
+    def __init__(self, folder: Path, outfile: Path, *, outtype: str = "f32") -> None:
+        script = vendor.llama_cpp() / "convert_hf_to_gguf.py"
+        env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # its own gguf-py
+        command = [sys.executable, str(script), str(folder), "--outfile", str(outfile),
+                   "--outtype", outtype]  # fmt: skip
+        self.folder, self.outfile, self.log = folder, outfile, outfile.with_suffix(".log")
+        with open(self.log, "w") as log:  # a file, not a pipe that could fill and block
+            self.process = subprocess.Popen(command, stdout=log, stderr=log, env=env)
+
+    def wait(self) -> Path:
+        """The GGUF file, once written (an AssertionError with the converter's log if not)."""
+        if self.process.wait(timeout=600) != 0 or not self.outfile.is_file():
+            log = self.log.read_text(errors="replace")[-3000:]
+            raise AssertionError(f"convert_hf_to_gguf.py failed on {self.folder}:\n{log}")
+        return self.outfile
+
+
+def convert(folder: Path, outfile: Path, *, outtype: str = "f32") -> Path:
+    """`folder` (an HF checkpoint) -> `outfile`, by llama.cpp's convert_hf_to_gguf.py."""
+    return Conversion(folder, outfile, outtype=outtype).wait()
+
+
+def make_convertible(folder: Path, *, model_type: str, **config) -> Path:
+    """A random checkpoint as tests/checkpoints.py makes it, with a tokenizer the
+    converter knows (see the module docstring); `config` overrides the config's fields."""
+    if model_type == "gpt2":
+        make_gpt2(folder, **config)
+    elif model_type == "qwen2":
+        ids = dict(vocab_size=QWEN2_VOCAB, bos_token_id=QWEN2_EOS, eos_token_id=QWEN2_EOS)
+        make_llama(folder, model_type=model_type, **{**ids, **config})
+        qwen2_vocab_files(folder)
+        return folder
+    else:
+        make_llama(folder, model_type=model_type, **config)
+    gpt2_tokenizer_json(folder)
+    return folder
+
+
+def gpt2_tokenizer_json(folder: Path) -> None:
+    """tokenizer.json + tokenizer_config.json from the folder's GPT-2 vocab.json and
+    merges.txt: the converter loads a fast tokenizer, and transformers 5 builds none for
+    a Llama from those two files alone."""
+    from transformers import GPT2TokenizerFast
+
+    tokenizer = GPT2TokenizerFast.from_pretrained(folder)
+    assert tokenizer.encode("Hello world") == [15496, 995]  # an empty oracle proves nothing
+    tokenizer.save_pretrained(folder)
+
+
+def qwen2_vocab_files(folder: Path) -> None:
+    """Qwen2's real vocab.json and merges.txt (in place of GPT-2's), from llama.cpp's
+    vocab-only GGUF; its 3 special tokens are added by transformers' Qwen2Tokenizer."""
+    from transformers import AutoTokenizer
+
+    from pocketlm.weights.gguf import read_gguf
+
+    meta = read_gguf(vendor.llama_cpp() / "models" / "ggml-vocab-qwen2.gguf").metadata
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    vocab = {
+        token: i for i, (token, kind) in enumerate(zip(tokens, types, strict=True)) if kind == 1
+    }
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges = "\n".join(["#version: 0.2", *meta["tokenizer.ggml.merges"]]) + "\n"
+    (folder / "merges.txt").write_text(merges, encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.encode("Hello world") == [9707, 1879]  # Qwen2's own ids
