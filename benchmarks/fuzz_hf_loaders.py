@@ -92,9 +92,9 @@ class Seed:
 
 def _write_tiny_tokenizer(folder: Path) -> None:
     """A byte-level BPE with 259 tokens (the real GPT-2 alphabet, two merges)."""
-    from pocketlm.tokenizer import _bytes_to_unicode
+    from pocketlm.tokenizer.decoding import bytes_to_unicode
 
-    vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
     vocab |= {"Ġt": 256, "he": 257, "<|endoftext|>": 258}
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\nĠ t\nh e\n")
