@@ -195,7 +195,10 @@ SPLITS: dict[str, Split] = {
     ),
     "ufakzeka": _split(QWEN2.removeprefix(_CONTRACTIONS + "|")),
     "afmoe": _split(
-        r"\p{N}{1,3}(?=(?:\p{N}{3})*(?!\p{N}))",  # llama.cpp's AFMoE digit groups
+        # llama.cpp's AFMoE digits (C++ code there): a cut after each group of three counted
+        # from a number's end; what comes before the first group stays in its word (the next
+        # regexes cut it off, but for a space whose lookahead then sees the digit).
+        r"\G[^\p{N}]*+\p{N}{1,3}(?=(?:\p{N}{3})*+(?!\p{N}))",
         # CJK and other Asian scripts, as llama.cpp lists them (its U+8C48 is U+F900 after
         # Unicode normalization, and is kept: the range is llama.cpp's).
         "[\u4e00-\u9fff\u3400-\u4dbf\u8c48-\ufaff\u3040-\u309f\u30a0-\u30ff\uff65-\uff9f"
