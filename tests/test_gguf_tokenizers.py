@@ -14,8 +14,10 @@ reason when there is no network). A GGUF's metadata is read here by a small read
 own: gguf-py takes seconds on a 256k-token vocabulary.
 """
 
+import ast
 import functools
 import random
+import re
 import struct
 from pathlib import Path
 
@@ -315,6 +317,85 @@ def test_exported_tokenizer_json_reads_back_in_transformers(name, tmp_path, line
     assert [oracle.encode(t, add_special_tokens=False) for t in sample] == ids
     assert again.encode_batch(sample, add_bos=False) == ids
     assert again.add_bos == tokenizer.add_bos and again.bos_id == tokenizer.bos_id
+
+
+# -- the pre-tokenizer table, against llama.cpp's source --------------------------------------
+
+_CONTRACTIONS_CPP = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+
+
+def _normal(regex: str) -> str:
+    """A regex as pocketlm writes it: control characters as escapes, contractions written
+    case-insensitively (llama.cpp spells them out for std::regex; they match the same)."""
+    regex = regex.replace("\r", r"\r").replace("\n", r"\n").replace("\t", r"\t")
+    return regex.replace(_CONTRACTIONS_CPP, r"(?i:'s|'t|'re|'ve|'m|'ll|'d)")
+
+
+def _cpp_strings(text: str) -> list[str]:
+    return [ast.literal_eval(m) for m in re.findall(r'"(?:[^"\\\n]|\\.)*"', text)]
+
+
+def llama_cpp_regexes(source: str) -> dict[str, tuple[list[str], bool]]:
+    """LLAMA_VOCAB_PRE_TYPE_* -> (the regexes its BPE applies, each replaced by the original
+    tokenizer.json regex where llama.cpp quotes one; whether words are byte-encoded)."""
+    start = source.index("struct llm_tokenizer_bpe : llm_tokenizer {")
+    body = source[start : source.index("std::vector<std::string> regex_exprs;", start)]
+    found = {}
+    for block in body.split("break;"):
+        labels = re.findall(r"case LLAMA_VOCAB_PRE_TYPE_(\w+):", block)
+        labels += ["DEFAULT"] if "default:" in block else []
+        if "regex_exprs = {" not in block:
+            continue
+        regexes, original = [], None
+        for line in block.splitlines():  # an original may be quoted above `regex_exprs`
+            line = line.strip()
+            if line.startswith("//") and _cpp_strings(line):
+                original = _cpp_strings(line)[0]  # "original regex from tokenizer.json"
+            elif line.startswith('"'):
+                regexes.append(_normal(original or _cpp_strings(line)[0]))
+                original = None
+        found |= dict.fromkeys(labels, (regexes, "byte_encode = false" not in block))
+    return found
+
+
+def llama_cpp_names(source: str) -> dict[str, tuple[str, bool, bool]]:
+    """tokenizer.ggml.pre name -> (its LLAMA_VOCAB_PRE_TYPE_*, ignore_merges, add_bos)."""
+    start = source.index("if (tokenizer_pre.empty())")
+    section = source[start : source.index("} else if (type == LLAMA_VOCAB_TYPE_SPM)", start)]
+    names = {}
+    for branch in section.split("} else if (")[1:]:
+        kind = re.search(r"pre_type = LLAMA_VOCAB_PRE_TYPE_(\w+);", branch).group(1)
+        flags = ("ignore_merges = true" in branch, "add_bos = true" in branch)
+        names |= dict.fromkeys(re.findall(r'tokenizer_pre == "([^"]+)"', branch), (kind, *flags))
+    return names
+
+
+def test_every_pre_tokenizer_is_llama_cpps():
+    """Each name splits with llama.cpp's regexes (or the tokenizer.json originals its source
+    quotes) and carries its settings; the three places where llama.cpp splits in C++ code
+    are written as regexes that cut the same way (checked against llama.cpp's own binary
+    on the corpus when they were written)."""
+    from pocketlm.tokenizer.pretokenize import GPT2, SPLITS
+
+    source = (vendor.llama_cpp() / "src" / "llama-vocab.cpp").read_text(encoding="utf-8")
+    unicode = (vendor.llama_cpp() / "src" / "unicode.cpp").read_text(encoding="utf-8")
+    kimi = unicode.split("(from tokenization_kimi.py):\n// ", 1)[1].split("\n", 1)[0]
+    in_code = {
+        r"\p{Han}+": kimi,
+        r"\p{AFMoE_digits}": r"\G[^\p{N}]*+\p{N}{1,3}(?=(?:\p{N}{3})*+(?!\p{N}))",
+        r"(?=(\d{3})+(?!\d))": r"[0-9]{1,3}(?=(?:[0-9]{3})*(?![0-9]))",
+    }
+    regexes, names = llama_cpp_regexes(source), llama_cpp_names(source)
+    # "whitespace" comes only with tokenizer model "whitespace", an embedding model's.
+    assert set(SPLITS) == set(names) - {"whitespace"}
+    for name, split in SPLITS.items():
+        kind, ignore_merges, add_bos = names[name]
+        expected, byte_level = regexes[kind]
+        assert [_normal(r) for r in split.regexes] == [in_code.get(r, r) for r in expected], name
+        assert (split.ignore_merges, split.byte_level) == (ignore_merges, byte_level), name
+        # llama.cpp adds BOS for Gemma 4 even where the file says not.
+        assert (split.add_bos, split.bos_always) == (add_bos or kind == "GEMMA4", kind == "GEMMA4")
+    assert GPT2 in regexes["GPT2"][0]
 
 
 # -- sentencepiece and tiktoken on the corpus -------------------------------------------------

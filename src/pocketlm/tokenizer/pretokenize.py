@@ -23,8 +23,9 @@ from tokenizers import Regex, pre_tokenizers
 from pocketlm.errors import PocketLMError
 
 _CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
-# GPT-2's split (its encoder.py; ByteLevel's own regex).
-GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# GPT-2's split (its encoder.py), as llama.cpp writes it: without the last "|\s+", whose
+# single whitespace characters stay words of their own anyway.
+GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 # Llama 3's split (its tokenizer.json); Qwen2's has every digit alone.
 LLAMA3 = (
     _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -54,6 +55,13 @@ TEKKEN = (
     rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
     r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Granite embedding (97m): llama.cpp's own form of GPT-4o's, case told by ASCII alone.
+_NOT_LOWER, _NOT_UPPER = r"((?=[\p{L}\p{M}])([^a-z]))", r"((?=[\p{L}\p{M}])([^A-Z]))"
+GRANITE_EMB = (
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_NOT_LOWER}*{_NOT_UPPER}+{_CONTRACTIONS}?"
+    rf"|[^\r\n\p{{L}}\p{{N}}]?{_NOT_LOWER}+{_NOT_UPPER}*{_CONTRACTIONS}?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # Kimi K2: Han runs alone, and no Han character inside the GPT-4o letter classes.
 _NO_HAN = r"&&[^\p{Han}]"
 KIMI_K2 = (
@@ -63,7 +71,7 @@ KIMI_K2 = (
 )
 # DeepSeek V3 (and Hunyuan dense, JoyAI, HY v4): digits by three, CJK runs, then words.
 _DEEPSEEK3_WORDS = (
-    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
     r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _CJK = "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"
@@ -88,6 +96,8 @@ _DEEPSEEK_LETTERS = (
 _DEEPSEEK_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
 # Cohere's (Tiny Aya) numbers in groups of three from the right.
 _THOUSANDS = r"\d{1,3}(?=(?:\d{3})*\b)"
+# Runs of newlines and runs of anything else.
+_NEWLINES = r"[^\n]+|[\n]+"
 # BLOOM: a word is anything up to a space or sentence punctuation.
 BLOOM = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
 
@@ -119,7 +129,7 @@ _BAILING = _split(
     r"|\s*[\r\n]|\s+(?!\S)|\s+"
 )
 # Gemma 4 and Sarvam: words of "▁"-spelled pieces, cut only where newlines begin and end.
-_GEMMA4 = _split(r"\n+", byte_level=False, add_bos=True, bos_always=True)
+_GEMMA4 = _split(_NEWLINES, byte_level=False, add_bos=True, bos_always=True)
 
 SPLITS: dict[str, Split] = {
     # llama.cpp's own fallback for a BPE file without a pre-tokenizer name.
@@ -166,7 +176,7 @@ SPLITS: dict[str, Split] = {
     **dict.fromkeys(("jina-v2-code", "roberta-bpe", "exaone4", "mpt", "olmo", "jais"), _GPT2),
     **dict.fromkeys(("trillion", "granite-docling"), _GPT2),
     **dict.fromkeys(("gemma4", "granite-embed-multi-311m"), _GEMMA4),
-    "sarvam-moe": _split(r"\n+", byte_level=False),
+    "sarvam-moe": _split(_NEWLINES, byte_level=False),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2),
     **dict.fromkeys(("stablelm2", "hunyuan", "solar-open", "grok-2"), _QWEN2),
     "qwen35": _split(QWEN35),
@@ -183,7 +193,7 @@ SPLITS: dict[str, Split] = {
         add_bos=True,
     ),
     **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O),
-    "granite-embed-multi-97m": _split(GPT4O, ignore_merges=True),
+    "granite-embed-multi-97m": _split(GRANITE_EMB, ignore_merges=True),
     **dict.fromkeys(("tiny_aya", "cohere2moe"), _TINY_AYA),
     "kimi-k2": _split(KIMI_K2),
     # SuperBPE words span spaces; only numbers are cut, in threes from the right.
@@ -206,7 +216,7 @@ SPLITS: dict[str, Split] = {
         "\ua9e0-\ua9ff\uac00-\ud7af\u1100-\u11ff]+",
         _DEEPSEEK3_WORDS,
     ),
-    "laguna": _split(r"[^\n]+|[\n]+", QWEN2),
+    "laguna": _split(_NEWLINES, QWEN2),
     "exaone-moe": _split(
         _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}"
         r"| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+"
