@@ -17,7 +17,7 @@ References: GPT-2 `encoder.py`, HF `tokenizers`, llama.cpp `llama-vocab.cpp`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ class Tokenizer:
         add_bos: bool = False,
         eos_suffix: int | None = None,
         chat_template: str | None = None,
-        special_tokens: dict[str, str] | None = None,
+        special_tokens: Mapping[str, str] | None = None,
     ) -> None:
         self._backend = backend
         self.bos_id = bos_id
@@ -100,7 +100,7 @@ class Tokenizer:
         return cls._from_parts(read_folder(path))
 
     @classmethod
-    def from_gguf_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
+    def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
         """The tokenizer a GGUF file describes in its metadata (`tokenizer.ggml.*` and
         `tokenizer.chat_template`), as a plain dict: byte-level BPE ("gpt2", under any
         pre-tokenizer llama.cpp knows), SentencePiece ("llama") or Gemma 4's BPE. Encoder

@@ -101,7 +101,7 @@ def _read_vocab(meta: Mapping[str, Any], *, byte_level: bool) -> _Vocab:
     """Tokens, types and scores, checked; a byte-level vocabulary's normal tokens spelled in
     GPT-2's byte alphabet (transformers respells one written in plain text)."""
     tokens = meta.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+    if not isinstance(tokens, list) or not tokens or set(map(type, tokens)) - {str}:
         raise CorruptModelError("the GGUF's tokenizer.ggml.tokens is missing or not strings")
     n = len(tokens)
     types = (_numbers(meta, "token_type", n, integral=True) or [NORMAL] * n)[:n]
@@ -135,26 +135,25 @@ def _numbers(meta: Mapping[str, Any], key: str, n: int, *, integral: bool) -> li
     values = meta.get(f"tokenizer.ggml.{key}")
     if values is None:
         return None
-    kind = numbers.Integral if integral else numbers.Real
     if not isinstance(values, list) or len(values) < n:
         raise CorruptModelError(f"the GGUF's tokenizer.ggml.{key} has fewer entries than tokens")
-    if not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
+    kind = numbers.Integral if integral else numbers.Real
+    # One check per Python type present, not per value: vocabularies run to 262k entries.
+    if not all(issubclass(t, kind) and t is not bool for t in set(map(type, values))):
         raise CorruptModelError(f"the GGUF's tokenizer.ggml.{key} holds non-numbers")
     return values
 
 
 def _merges(meta: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """tokenizer.ggml.merges as pairs, cut at the first space after the first character."""
+    """tokenizer.ggml.merges as pairs, cut at the first space after the first character
+    (as llama.cpp cuts them: a token may begin with a space)."""
     merges = meta.get("tokenizer.ggml.merges")
-    if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+    if not isinstance(merges, list) or set(map(type, merges)) - {str}:
         raise CorruptModelError("the GGUF's tokenizer.ggml.merges is missing or not strings")
-    pairs = []
-    for merge in merges:
-        cut = merge.find(" ", 1)
-        if cut < 0:
-            raise CorruptModelError(f"the GGUF's merge {merge!r} is not two tokens")
-        pairs.append((merge[:cut], merge[cut + 1 :]))
-    return pairs
+    cuts = [merge.find(" ", 1) for merge in merges]
+    if -1 in cuts:
+        raise CorruptModelError(f"the GGUF's merge {merges[cuts.index(-1)]!r} is not two tokens")
+    return [(merge[:cut], merge[cut + 1 :]) for merge, cut in zip(merges, cuts, strict=True)]
 
 
 # -- backends ---------------------------------------------------------------------------------
