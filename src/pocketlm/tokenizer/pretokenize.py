@@ -5,10 +5,12 @@ llama.cpp attaches to the name (merges skipped for whole-word tokens, BOS by def
 UTF-8 words with "▁" for spaces instead of GPT-2's byte alphabet).
 
 Where llama.cpp rewrote a model's regex for C++'s std::regex (`(?i:'s)` as `'[sS]`, GPT-4o's
-letter classes as lookaheads over ASCII), this table keeps the regex of the model's own
-tokenizer.json, as llama.cpp's source quotes it: the `tokenizers` library runs that regex
-itself, so the words are the model's own. Where llama.cpp splits in C++ code (AFMoE's digit
-groups), the same cut is written as a regex. Knows nothing of vocabularies or files.
+letter classes as lookaheads over ASCII) and quotes the original, this table keeps the
+original from the model's tokenizer.json: the `tokenizers` library runs that regex itself, so
+the words are the model's own (llama.cpp's rewrites lose case changes and combining marks
+outside ASCII). Elsewhere it is llama.cpp's regex. Where llama.cpp cuts in C++ code (Kimi K2,
+AFMoE's digit groups) or with an empty match (SuperBPE), the same cut is written as a regex.
+Knows nothing of vocabularies or files.
 
 Reference: llama.cpp `src/llama-vocab.cpp` (`llm_tokenizer_bpe`, the names in `load`),
 `src/unicode.cpp` (`unicode_regex_split`), `convert_hf_to_gguf.py` (`get_vocab_base_pre`).

@@ -5,9 +5,8 @@ A GGUF "llama" vocabulary (Llama 1/2, Mistral, Phi-3, Gemma 1-3...) carries piec
 scores, no merges: llama.cpp tokenizes it by merging, again and again, the adjacent pair
 whose joined piece scores highest (ties to the leftmost). A BPE whose merges are ranked by
 that score does the same, which is how transformers' `LlamaConverter` turns a
-`tokenizer.model` into a tokenizer.json; `score_merges` builds that list. Gemma 4 ships real
-merges over the same kind of pieces (`byte_fallback_bpe`). Knows nothing of files or
-of GGUF keys beyond the arrays it is given.
+`tokenizer.model` into a tokenizer.json; `score_merges` builds that list. Gemma 4's GGUF
+ships real merges over the same kind of pieces. Knows nothing of files or of GGUF keys.
 
 References: llama.cpp `llama-vocab.cpp` (`llm_tokenizer_spm_session`, `tokenize` with
 `add_space_prefix`, `token_to_piece`), transformers `convert_slow_tokenizer.py`
