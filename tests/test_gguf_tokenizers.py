@@ -16,10 +16,10 @@ Once, by hand (not here: it needs llama.cpp built), llama.cpp's own `llama_token
 the "▁" ones): 72 of the 90 names gave the same ids on every line. The other 18 differ only
 where llama.cpp departs from the model's own tokenizer, each difference traced: its rewrites
 of GPT-4o-style regexes lose case changes and combining marks outside ASCII (gpt-4o, llama4,
-kanana2, talkie, minimax-m2, tekken, youtu, tiny_aya, cohere2moe, kimi-k2: fed llama.cpp's
-rewrites, pocketlm gives llama.cpp's ids exactly); it shows non-ASCII whitespace as "\v" to
-regexes that name character ranges (deepseek-llm, deepseek-coder); its Unicode tables predate
-U+1FAE9 (deepseek-v3, hunyuan-dense, joyai-llm, hy_v4, spark2_5, afmoe: one line each). On
+kanana2, talkie, minimax-m2, tekken, youtu, tiny_aya, cohere2moe: fed llama.cpp's rewrites,
+pocketlm gives llama.cpp's ids exactly; kimi-k2, whose C++ split reads letters the same
+way); it shows non-ASCII whitespace as "\v" to regexes that name character ranges
+(deepseek-llm, deepseek-coder); its Unicode tables predate U+1FAE9 (deepseek-v3, hunyuan-dense, joyai-llm, hy_v4, spark2_5, afmoe: one line each). On
 the 14 golden vocabularies themselves, 12 agreed on every line; deepseek-llm differs on 19
 lines (the whitespace above) and falcon on 45, all holding a byte its vocabulary lacks
 (transformers drops such a byte before merging, llama.cpp after).
