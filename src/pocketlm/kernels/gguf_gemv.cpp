@@ -1,0 +1,521 @@
+// The matmuls of a decode step on GGUF-quantized weights kept in pocketlm's layouts
+// (gguf_layouts.py), read as they are stored: y = x @ W.T for a few rows x.
+//
+// A weight is w = S * (c - offset) [+ min], c an unsigned code of 2..8 bits in planes, S a
+// per-16/32 scale (see gguf_layouts.py). Each row of x is quantized to int8 per 32 values
+// (x ~ dx * xq, dx = max|x| / 127, rounded to nearest even: llama.cpp's Q8_0), so a
+// 64-weight chunk is one VNNI instruction per row of x: vpdpbusd sums c * xq four at a
+// time into 16 int32 lanes, started at -offset * (sum of those 4 xq), then each lane is
+// scaled by S * dx in fp32. Mins add sum_b min_b * dx_b * sum(xq of block b), once per row.
+// The result is dequantize(W) @ dequantize(xq) up to fp32 rounding of the sums.
+//
+// Weights: codes (N/4, K/64, 4, code bytes) and records (N/4, K/group, 4, record bytes),
+// four rows interleaved chunk by chunk, so each thread streams one contiguous stretch.
+// Up to MB_MAX rows of x share each decoded chunk.
+//
+// Also here: quant_dequant (rows of such a matrix -> fp32/bf16, bit for bit gguf's: the
+// prefill's tiles) and half_gemv (bf16/f16 weights, fp32 activations).
+// Needs AVX-512 F/BW + VNNI (pocketlm asks `quant_kernels_supported` first); compiled for
+// them with the target pragma below, so the rest of the extension keeps its own flags.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")
+
+namespace {
+
+constexpr int64_t R = 4;           // weight rows interleaved
+constexpr int64_t CHUNK = 64;      // weights of a row per code chunk
+constexpr int64_t PREFETCH = 2048; // bytes ahead in the code stream, fetched into L1
+constexpr int64_t MB_MAX = 4;      // rows of x that share each decoded chunk
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// --- codes -------------------------------------------------------------------------------
+
+// 64 codes of one plane of BITS bits, one per byte.
+template <int BITS>
+inline __m512i plane(const uint8_t* p) {
+  if constexpr (BITS == 8) {
+    return _mm512_loadu_si512(p);
+  } else if constexpr (BITS == 4) {  // byte j: codes j (low nibble) and j + 32
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
+    return _mm512_and_si512(w, _mm512_set1_epi8(0x0F));
+  } else {  // 2 bits, byte j: codes j, j+16, j+32, j+48 at bits 0, 2, 4, 6
+    const __m512i w = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m512i shift = _mm512_set_epi64(0x0006000600060006, 0x0006000600060006, 0x0004000400040004,
+                                           0x0004000400040004, 0x0002000200020002, 0x0002000200020002, 0, 0);
+    return _mm512_and_si512(_mm512_srlv_epi16(w, shift), _mm512_set1_epi8(3));
+  }
+}
+
+// 64 codes: the low plane, then the high plane's bits above it.
+template <int LOW, int HIGH>
+inline __m512i codes64(const uint8_t* p) {
+  __m512i c = plane<LOW>(p);
+  if constexpr (HIGH == 1) {  // bit j of a little-endian uint64: code j's
+    uint64_t bits;
+    std::memcpy(&bits, p + 8 * LOW, 8);
+    c = _mm512_mask_add_epi8(c, static_cast<__mmask64>(bits), c, _mm512_set1_epi8(1 << LOW));
+  } else if constexpr (HIGH == 2) {
+    c = _mm512_or_si512(c, _mm512_slli_epi16(plane<2>(p + 8 * LOW), LOW));
+  }
+  return c;
+}
+
+// --- scales ------------------------------------------------------------------------------
+
+template <int SCHEME, int SUB, int MINS>
+constexpr int64_t record_bytes() {
+  if constexpr (SCHEME == 0) return MINS ? 8 : 4;
+  return 2 + (MINS ? 2 : 0) + 256 / SUB + (MINS == 1 ? 256 / SUB : 0);
+}
+
+// A "k" record's scales d * sub_j, j = 0..256/SUB - 1, in lanes 0.. (Q2_K: low nibbles).
+template <int SUB, int MINS>
+inline __m512 sub_scales(const uint8_t* rec) {
+  const uint8_t* s = rec + (MINS ? 4 : 2);
+  __m512i v = SUB == 16 ? _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)))
+                        : _mm512_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)));
+  if constexpr (MINS == 2) v = _mm512_and_si512(v, _mm512_set1_epi32(15));
+  return _mm512_mul_ps(_mm512_set1_ps(half_at(rec)), _mm512_cvtepi32_ps(v));
+}
+
+// A b32 chunk's scales [and mins] for its 4 rows at once: f16 (d0 d1 [m0 m1]) per row,
+// row r's at lanes (2 or 4) r + j.
+template <int MINS>
+inline __m512 b32_records(const uint8_t* rec4) {
+  if constexpr (MINS == 0) return _mm512_cvtph_ps(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec4))));
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec4)));
+}
+
+// Lanes of `v` from `first`: lane l takes v[first + l / 8] (32-weight scales) or
+// v[first + l / 4] (16-weight ones).
+template <int SUB>
+inline __m512 spread(__m512 v, int64_t first) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(first), _mm512_srli_epi32(lane, SUB == 16 ? 2 : 3));
+  return _mm512_permutexvar_ps(index, v);
+}
+
+// The sums of 4 vectors' lanes -> out[0..3] (one reduction instead of four).
+inline void reduce4(__m512 a, __m512 b, __m512 c, __m512 d, float* out) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a b a b
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+                                    _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1)));
+}
+
+// --- x, quantized ----------------------------------------------------------------------
+
+struct Xq {
+  const int8_t* q;      // (M, Kp): x / dx, rounded
+  const float* dx;      // (M, Kp/4): each VNNI lane's dx
+  const int32_t* init;  // (M, Kp/4): -offset * the lane's sum of q, where its sum starts
+  const float* sdx;     // (M, Kp/4): dx * the lane's sum of q (for the mins)
+  int64_t kp;
+};
+
+// One row of x (K values) -> its Xq row (kp values, zero-padded), as the file's top says.
+void quantize_row(const float* x, int64_t K, int64_t kp, int64_t offset, int8_t* q, float* dx, int32_t* init,
+                  float* sdx) {
+  alignas(64) float tail[32];
+  for (int64_t k0 = 0; k0 < kp; k0 += 32) {
+    const float* src = x + k0;
+    if (k0 + 32 > K) {  // the zero padding
+      for (int64_t i = 0; i < 32; ++i) tail[i] = k0 + i < K ? x[k0 + i] : 0.0f;
+      src = tail;
+    }
+    const __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    const __m512 vid = _mm512_set1_ps(id);  // cvtps rounds to nearest even (MXCSR default)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k0), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, vid))));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k0 + 16), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, vid))));
+    _mm256_storeu_ps(dx + k0 / 4, _mm256_set1_ps(d));
+  }
+  for (int64_t k0 = 0; k0 < kp; k0 += CHUNK) {  // sums of four, by VNNI against ones
+    const __m512i s4 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), _mm512_loadu_si512(q + k0));
+    if (init) _mm512_storeu_si512(init + k0 / 4, _mm512_mullo_epi32(s4, _mm512_set1_epi32(-offset)));
+    if (sdx) _mm512_storeu_ps(sdx + k0 / 4, _mm512_mul_ps(_mm512_cvtepi32_ps(s4), _mm512_loadu_ps(dx + k0 / 4)));
+  }
+}
+
+// Rows of x (M, K) float -> Xq, its arrays in `buffer`.
+Xq quantize_x(const at::Tensor& x, int64_t kp, int64_t offset, bool mins, at::Tensor& buffer) {
+  const int64_t M = x.size(0), K = x.size(1), lanes = M * kp / 4;
+  buffer = at::empty({M * kp + 4 * lanes * (1 + (offset != 0) + mins)}, x.options().dtype(at::kByte));
+  uint8_t* p = buffer.data_ptr<uint8_t>();
+  float* dx = reinterpret_cast<float*>(p);
+  int32_t* init = offset ? reinterpret_cast<int32_t*>(p + 4 * lanes) : nullptr;
+  float* sdx = mins ? reinterpret_cast<float*>(p + 4 * lanes * (1 + (offset != 0))) : nullptr;
+  int8_t* q = reinterpret_cast<int8_t*>(p + 4 * lanes * (1 + (offset != 0) + mins));
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      quantize_row(xp + m * K, K, kp, offset, q + m * kp, dx + m * kp / 4, init ? init + m * kp / 4 : nullptr,
+                   sdx ? sdx + m * kp / 4 : nullptr);
+  });
+  return {q, dx, init, sdx, kp};
+}
+
+// --- the decode matmul -------------------------------------------------------------------
+
+struct Weights {
+  const uint8_t* codes;    // (N/4, Kp/64, 4, CB)
+  const uint8_t* records;  // (N/4, Kp/group, 4, RB)
+  int64_t chunks;          // Kp / 64
+  __m512i table;           // IQ4: the 16 values + 128, in every 128-bit lane
+};
+
+// A record's mins, negated for "k" (w = S q - dmin m), in lanes as sub_scales has them.
+template <int SCHEME, int SUB, int MINS>
+inline __m512 record_mins(const uint8_t* rec) {
+  if constexpr (SCHEME == 0) {  // two f16 mins after the two scales
+    int32_t two;
+    std::memcpy(&two, rec + 4, 4);
+    return _mm512_cvtph_ps(_mm256_castsi128_si256(_mm_cvtsi32_si128(two)));
+  } else if constexpr (MINS == 2) {  // Q2_K: high nibbles of the 16 sub bytes
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 4)));
+    return _mm512_mul_ps(_mm512_set1_ps(-half_at(rec + 2)), _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)));
+  } else {  // 8 uint8 mins after the 8 subs
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rec + 4 + 256 / SUB)));
+    return _mm512_mul_ps(_mm512_set1_ps(-half_at(rec + 2)), _mm512_cvtepi32_ps(v));
+  }
+}
+
+// Dot products of MB quantized rows of x (from m0) with the 4 weight rows of block b:
+// out[m * R + r].
+template <int LOW, int HIGH, int SCHEME, int SUB, int MINS, bool TABLE, int MB>
+inline void dot_block(const Xq& x, int64_t m0, const Weights& w, int64_t b, float* out) {
+  constexpr int64_t CB = 8 * (LOW + HIGH), RB = record_bytes<SCHEME, SUB, MINS>();
+  constexpr int64_t PER_RECORD = SCHEME == 0 ? 1 : 4;  // chunks per record
+  constexpr bool OFFSET = MINS == 0;  // every layout has an offset or mins, never both
+  const uint8_t* codes = w.codes + b * w.chunks * R * CB;
+  const uint8_t* recs = w.records + b * (w.chunks / PER_RECORD) * R * RB;
+  __m512 acc[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int64_t r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < w.chunks / PER_RECORD; ++g) {
+    __m512 sv[R], mv[R];
+    if constexpr (SCHEME == 1) {
+      for (int64_t r = 0; r < R; ++r) {
+        sv[r] = sub_scales<SUB, MINS>(recs + (g * R + r) * RB);
+        if constexpr (MINS != 0) mv[r] = record_mins<SCHEME, SUB, MINS>(recs + (g * R + r) * RB);
+      }
+    }
+    for (int64_t c = 0; c < PER_RECORD; ++c) {
+      const int64_t ch = g * PER_RECORD + c;
+      const uint8_t* p = codes + ch * R * CB;
+      for (int64_t line = 0; line < R * CB; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH + line), _MM_HINT_T0);
+      __m512i q[R];
+      __m512 s[R], mn[R];
+      const __m512 b32 = SCHEME == 0 ? b32_records<MINS>(recs + ch * R * RB) : _mm512_setzero_ps();
+      for (int64_t r = 0; r < R; ++r) {
+        q[r] = codes64<LOW, HIGH>(p + r * CB);
+        if constexpr (TABLE) q[r] = _mm512_shuffle_epi8(w.table, q[r]);
+        if constexpr (SCHEME == 0) {
+          s[r] = spread<32>(b32, (MINS ? 4 : 2) * r);
+          if constexpr (MINS != 0) mn[r] = spread<32>(b32, 4 * r + 2);
+        } else {
+          s[r] = spread<SUB>(sv[r], SUB == 16 ? 4 * c : 2 * c);
+          if constexpr (MINS != 0) mn[r] = spread<MINS == 2 ? 16 : 32>(mv[r], MINS == 2 ? 4 * c : 2 * c);
+        }
+      }
+      for (int m = 0; m < MB; ++m) {
+        const int64_t at = (m0 + m) * x.kp + ch * CHUNK;
+        const __m512i xq = _mm512_loadu_si512(x.q + at);
+        const __m512 dx = _mm512_loadu_ps(x.dx + at / 4);
+        const __m512i start = OFFSET ? _mm512_loadu_si512(x.init + at / 4) : _mm512_setzero_si512();
+        for (int64_t r = 0; r < R; ++r) {
+          const __m512i sum = _mm512_dpbusd_epi32(start, q[r], xq);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s[r], dx), acc[m][r]);
+          if constexpr (MINS != 0) acc[m][r] = _mm512_fmadd_ps(mn[r], _mm512_loadu_ps(x.sdx + at / 4), acc[m][r]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m) reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], out + m * R);
+}
+
+template <int LOW, int HIGH, int SCHEME, int SUB, int MINS, bool TABLE>
+void run_gemv(const Xq& x, int64_t M, const Weights& w, int64_t blocks, int64_t n, float* y) {
+  at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
+    float out[MB_MAX * R];
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t m = 0; m < M;) {  // MB_MAX rows at a time, then the rest together
+        const int64_t rows = std::min(M - m, MB_MAX);
+        if (rows == 4) dot_block<LOW, HIGH, SCHEME, SUB, MINS, TABLE, 4>(x, m, w, b, out);
+        if (rows == 3) dot_block<LOW, HIGH, SCHEME, SUB, MINS, TABLE, 3>(x, m, w, b, out);
+        if (rows == 2) dot_block<LOW, HIGH, SCHEME, SUB, MINS, TABLE, 2>(x, m, w, b, out);
+        if (rows == 1) dot_block<LOW, HIGH, SCHEME, SUB, MINS, TABLE, 1>(x, m, w, b, out);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t r = 0; r < R && b * R + r < n; ++r) y[(m + i) * n + b * R + r] = out[i * R + r];
+        m += rows;
+      }
+    }
+  });
+}
+
+// --- dequantization of rows (the prefill's tiles) ----------------------------------------
+
+inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+inline void store16(at::BFloat16* out, __m512 v) {  // round to nearest even, as torch does
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(r));
+}
+
+// Weight row `row` -> out[0..k): gguf's float32 operations in gguf's order.
+template <int LOW, int HIGH, int SCHEME, int SUB, int MINS, bool TABLE, typename T>
+void dequant_row(const Weights& w, int64_t offset, int64_t row, int64_t k, T* out) {
+  constexpr int64_t CB = 8 * (LOW + HIGH), RB = record_bytes<SCHEME, SUB, MINS>();
+  constexpr int64_t PER_RECORD = SCHEME == 0 ? 1 : 4, SUBS = SCHEME == 0 ? 2 : 256 / SUB;
+  const int64_t b = row / R, r = row % R, groups = w.chunks / PER_RECORD;
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* rec = w.records + ((b * groups + g) * R + r) * RB;
+    float scale[SUBS], low[SUBS];
+    for (int64_t j = 0; j < SUBS; ++j) {
+      if constexpr (SCHEME == 0) {
+        scale[j] = half_at(rec + 2 * j);
+        low[j] = MINS ? half_at(rec + 4 + 2 * j) : 0.0f;
+      } else {
+        const uint8_t* s = rec + (MINS ? 4 : 2);
+        const int sub = MINS == 2 ? s[j] & 15 : static_cast<int8_t>(s[j]);
+        const int mn = MINS == 2 ? s[j] >> 4 : MINS == 1 ? s[SUBS + j] : 0;
+        scale[j] = half_at(rec) * static_cast<float>(sub);
+        low[j] = MINS ? half_at(rec + 2) * static_cast<float>(mn) : 0.0f;
+      }
+    }
+    for (int64_t c = 0; c < PER_RECORD; ++c) {
+      const int64_t ch = g * PER_RECORD + c;
+      __m512i q = codes64<LOW, HIGH>(w.codes + ((b * w.chunks + ch) * R + r) * CB);
+      if constexpr (TABLE) q = _mm512_shuffle_epi8(w.table, q);
+      for (int64_t t = 0; t < 4 && ch * CHUNK + 16 * t < k; ++t) {
+        const int64_t j = SCHEME == 0 ? t / 2 : SUB == 16 ? 4 * c + t : 2 * c + t / 2;
+        __m512i ci = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 0));
+        if (t == 1) ci = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 1));
+        if (t == 2) ci = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 2));
+        if (t == 3) ci = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 3));
+        __m512 v;
+        if constexpr (MINS == 0) {
+          v = _mm512_mul_ps(_mm512_set1_ps(scale[j]), _mm512_cvtepi32_ps(_mm512_sub_epi32(ci, _mm512_set1_epi32(offset))));
+        } else if constexpr (SCHEME == 0) {  // d * q + m
+          v = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(scale[j]), _mm512_cvtepi32_ps(ci)), _mm512_set1_ps(low[j]));
+        } else {  // (d * sub) * q - dmin * min
+          v = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(scale[j]), _mm512_cvtepi32_ps(ci)), _mm512_set1_ps(low[j]));
+        }
+        store16(out + ch * CHUNK + 16 * t, v);
+      }
+    }
+  }
+}
+
+template <int LOW, int HIGH, int SCHEME, int SUB, int MINS, bool TABLE>
+void run_dequant(const Weights& w, int64_t offset, int64_t row0, int64_t rows, int64_t k, at::Tensor& out) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (out.scalar_type() == at::kFloat)
+        dequant_row<LOW, HIGH, SCHEME, SUB, MINS, TABLE>(w, offset, row0 + i, k, out.data_ptr<float>() + i * k);
+      else
+        dequant_row<LOW, HIGH, SCHEME, SUB, MINS, TABLE>(w, offset, row0 + i, k, out.data_ptr<at::BFloat16>() + i * k);
+    }
+  });
+}
+
+// --- the layouts pocketlm uses, and the ops --------------------------------------------
+
+struct Layout {
+  int64_t low, high, scheme, sub, mins, offset, table;
+};
+
+Layout read_layout(at::IntArrayRef p) {
+  TORCH_CHECK(p.size() == 7 && (p[5] != 0) == (p[4] == 0),
+              "quant kernels: layout [low, high, scheme, sub, mins, offset, table], an offset or mins");
+  return {p[0], p[1], p[2], p[3], p[4], p[5], p[6]};
+}
+
+using GemvFn = void (*)(const Xq&, int64_t, const Weights&, int64_t, int64_t, float*);
+using DequantFn = void (*)(const Weights&, int64_t, int64_t, int64_t, int64_t, at::Tensor&);
+
+template <typename F>
+F pick(const Layout& l, F (*choose)(int)) {
+  // The twelve GGUF types' layouts (gguf_layouts.LAYOUTS), in that order.
+  static const int64_t known[12][6] = {{4, 0, 0, 32, 0, 0}, {4, 0, 0, 32, 1, 0}, {4, 0, 0, 32, 0, 1},
+                                       {4, 1, 0, 32, 0, 0}, {4, 1, 0, 32, 1, 0}, {8, 0, 0, 32, 0, 0},
+                                       {2, 0, 1, 16, 2, 0}, {2, 1, 1, 16, 0, 0}, {4, 0, 1, 32, 1, 0},
+                                       {4, 1, 1, 32, 1, 0}, {4, 2, 1, 16, 0, 0}, {4, 0, 1, 32, 0, 1}};
+  for (int i = 0; i < 12; ++i) {
+    const int64_t* k = known[i];
+    if (l.low == k[0] && l.high == k[1] && l.scheme == k[2] && l.sub == k[3] && l.mins == k[4] && l.table == k[5])
+      return choose(i);
+  }
+  TORCH_CHECK(false, "quant kernels: a layout pocketlm does not have");
+}
+
+#define LAYOUT_CASES(FN)                   \
+  switch (i) {                             \
+    case 0: return &FN<4, 0, 0, 32, 0, false>; \
+    case 1: return &FN<4, 0, 0, 32, 1, false>; \
+    case 2: return &FN<4, 0, 0, 32, 0, true>;  \
+    case 3: return &FN<4, 1, 0, 32, 0, false>; \
+    case 4: return &FN<4, 1, 0, 32, 1, false>; \
+    case 5: return &FN<8, 0, 0, 32, 0, false>; \
+    case 6: return &FN<2, 0, 1, 16, 2, false>; \
+    case 7: return &FN<2, 1, 1, 16, 0, false>; \
+    case 8: return &FN<4, 0, 1, 32, 1, false>; \
+    case 9: return &FN<4, 1, 1, 32, 1, false>; \
+    case 10: return &FN<4, 2, 1, 16, 0, false>; \
+    default: return &FN<4, 0, 1, 32, 0, true>; \
+  }
+
+GemvFn gemv_for(int i) { LAYOUT_CASES(run_gemv) }
+DequantFn dequant_for(int i) { LAYOUT_CASES(run_dequant) }
+
+Weights read_weights(const at::Tensor& codes, const at::Tensor& records, const c10::optional<at::Tensor>& table,
+                     const Layout& l) {
+  TORCH_CHECK(codes.dim() == 4 && records.dim() == 4 && codes.size(2) == R && records.size(2) == R &&
+                  codes.scalar_type() == at::kByte && records.scalar_type() == at::kByte &&
+                  codes.is_contiguous() && records.is_contiguous() && codes.size(0) == records.size(0) &&
+                  codes.size(3) == 8 * (l.low + l.high),
+              "quant kernels: codes (N/4, K/64, 4, bytes) and records (N/4, K/group, 4, bytes) uint8 expected");
+  TORCH_CHECK(codes.size(1) == records.size(1) * (l.scheme == 0 ? 1 : 4), "quant kernels: codes and records disagree on K");
+  Weights w{codes.data_ptr<uint8_t>(), records.data_ptr<uint8_t>(), codes.size(1), _mm512_setzero_si512()};
+  if (l.table) {
+    TORCH_CHECK(table.has_value() && table->numel() == 16 && table->scalar_type() == at::kByte, "quant kernels: a 16-byte table");
+    w.table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table->contiguous().data_ptr<uint8_t>())));
+  }
+  return w;
+}
+
+// x (M, K<=Kp) float -> (M, n) fp32 = x_q8 @ W.T, W the n <= N rows of the packed matrix.
+at::Tensor quant_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& records,
+                      const c10::optional<at::Tensor>& table, at::IntArrayRef layout, int64_t n) {
+  const Layout l = read_layout(layout);
+  const Weights w = read_weights(codes, records, table, l);
+  const int64_t kp = w.chunks * CHUNK, blocks = codes.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) <= kp && x.size(1) > kp - (l.scheme == 0 ? 64 : 256),
+              "quant_gemv: x (M, K) with K the matrix's width");
+  TORCH_CHECK(n <= blocks * R && n > blocks * R - R, "quant_gemv: n does not match the packed rows");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0);
+  at::Tensor buffer;
+  const Xq xq = quantize_x(xf, kp, l.offset, l.mins != 0, buffer);
+  at::Tensor y = at::empty({M, n}, xf.options());
+  pick<GemvFn>(l, gemv_for)(xq, M, w, blocks, n, y.data_ptr<float>());
+  return y;
+}
+
+// Rows [row0, row0 + rows) of the packed matrix, K = k -> (rows, k) float32 or bfloat16.
+at::Tensor quant_dequant(const at::Tensor& codes, const at::Tensor& records, const c10::optional<at::Tensor>& table,
+                         at::IntArrayRef layout, int64_t row0, int64_t rows, int64_t k, bool bf16) {
+  const Layout l = read_layout(layout);
+  const Weights w = read_weights(codes, records, table, l);
+  TORCH_CHECK(row0 >= 0 && rows >= 0 && row0 + rows <= codes.size(0) * R && k % 16 == 0 && k <= w.chunks * CHUNK,
+              "quant_dequant: rows or width outside the matrix");
+  at::Tensor out = at::empty({rows, k}, codes.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  pick<DequantFn>(l, dequant_for)(w, l.offset, row0, rows, k, out);
+  return out;
+}
+
+// --- bf16 / f16 weights ------------------------------------------------------------------
+
+template <bool BF16>
+inline __m512 widen_half(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return _mm512_cvtph_ps(h);
+}
+
+// MB rows of x (fp32) times 4 weight rows (their pointers) -> out[m * R + r].
+template <bool BF16, int MB>
+inline void half_block(const float* x, int64_t K, const uint16_t* const* w, float* out) {
+  __m512 acc[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int64_t r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    for (int64_t r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + PREFETCH / 2), _MM_HINT_T0);
+      const __m512 a = widen_half<BF16>(w[r] + k), b = widen_half<BF16>(w[r] + k + 16);
+      for (int m = 0; m < MB; ++m) {
+        acc[m][r] = _mm512_fmadd_ps(a, _mm512_loadu_ps(x + m * K + k), acc[m][r]);
+        acc[m][r] = _mm512_fmadd_ps(b, _mm512_loadu_ps(x + m * K + k + 16), acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m) reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], out + m * R);
+}
+
+template <bool BF16>
+void run_half(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t n, float* y) {
+  at::parallel_for(0, (n + R - 1) / R, 8, [&](int64_t begin, int64_t end) {
+    float out[MB_MAX * R];
+    for (int64_t b = begin; b < end; ++b) {
+      const uint16_t* rows[R];
+      for (int64_t r = 0; r < R; ++r) rows[r] = w + std::min(b * R + r, n - 1) * K;  // the last block repeats a row
+      for (int64_t m = 0; m < M;) {
+        const int64_t count = M - m >= MB_MAX ? MB_MAX : 1;
+        if (count == MB_MAX)
+          half_block<BF16, MB_MAX>(x + m * K, K, rows, out);
+        else
+          half_block<BF16, 1>(x + m * K, K, rows, out);
+        for (int64_t i = 0; i < count; ++i)
+          for (int64_t r = 0; r < R && b * R + r < n; ++r) y[(m + i) * n + b * R + r] = out[i * R + r];
+        m += count;
+      }
+    }
+  });
+}
+
+// x (M, K) float, w (N, K) bfloat16 or float16, K a multiple of 32 -> (M, N) fp32.
+at::Tensor half_gemv(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && w.size(1) % 32 == 0 && w.is_contiguous() &&
+                  (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf),
+              "half_gemv: x (M, K) and a contiguous bf16/f16 w (N, K), K a multiple of 32");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1), n = w.size(0);
+  at::Tensor y = at::empty({M, n}, xf.options());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  if (w.scalar_type() == at::kBFloat16)
+    run_half<true>(xf.data_ptr<float>(), M, K, wp, n, y.data_ptr<float>());
+  else
+    run_half<false>(xf.data_ptr<float>(), M, K, wp, n, y.data_ptr<float>());
+  return y;
+}
+
+bool quant_kernels_supported() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("f16c");
+}
+
+}  // namespace
+
+#pragma GCC pop_options
+
+TORCH_LIBRARY_FRAGMENT(pocketlm_kernels, m) {
+  m.def("quant_kernels_supported() -> bool", &quant_kernels_supported);
+  m.def("quant_gemv(Tensor x, Tensor codes, Tensor records, Tensor? table, int[] layout, int n) -> Tensor");
+  m.def("quant_dequant(Tensor codes, Tensor records, Tensor? table, int[] layout, int row0, int rows, int k, bool bf16) -> Tensor");
+  m.def("half_gemv(Tensor x, Tensor w) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(pocketlm_kernels, CPU, m) {
+  m.impl("quant_gemv", &quant_gemv);
+  m.impl("quant_dequant", &quant_dequant);
+  m.impl("half_gemv", &half_gemv);
+}
