@@ -27,6 +27,25 @@ Q5_1 192 -> 192, Q8_0 272 -> 272, IQ4_NL 144 -> 144, Q2_K 84 -> 84, Q3_K 110 -> 
 6-bit scales unpacked), Q4_K 144 -> 148 and Q5_K 176 -> 180 (idem), Q6_K 210 -> 210,
 IQ4_XS 136 -> 138: a Q4_K matrix stays 4.6 bits a weight.
 
+Why this family and not another:
+- One kernel: the decode kernel is one template over (low bits, high bits, scale
+  scheme), twelve instances, so every type gets the same streaming, prefetching and VNNI
+  inner loop, and a new type is a row of LAYOUTS. Unpacking 64 codes is 2-4 instructions
+  whatever the type: a 32-byte load and two masks (4 bits), a 16-byte broadcast and one
+  variable shift (2 bits), a mask register (a fifth bit); gguf's own interleavings differ
+  per type (Q6_K alone has three).
+- Exact and compact: a per-32 float scale and min for Q4_K is exact only in fp32
+  (d * sub has up to 17 significant bits, more than an f16 holds), 6 bits a weight. gguf's
+  own factoring, d (f16) per 256 times the integer per 32, is exact at 4.625 bits; the
+  kernel forms d * sub once per 256 weights and row. Q2_K keeps its scale|min nibble
+  bytes (unpacked it would take 3.1 bits a weight, not 2.6).
+- Unsigned codes and an integer offset: VNNI (vpdpbusd) multiplies unsigned bytes by
+  signed ones, x's. The offset is where its sums start (-offset * the sum of x's four),
+  so the signed types (Q4_0's q - 8, Q6_K's q - 32, Q8_0, IQ4's table + 128) cost nothing
+  more than the others; every layout has an offset or float mins, never both.
+- Rows interleaved by four: each thread's share of a matrix is one stream read front to
+  back (the int8 kernel's lesson: ~50 GB/s where PyTorch's kernel, row by row, read ~30).
+
 `dequantize` is bit-identical to `gguf.quants.dequantize` (tests/test_gguf_kernels.py):
 it performs gguf's float32 operations in gguf's order -- S = d * float(sub) first, then
 S * q, then + m or - dmin * sub_min -- and never adds a zero min (which would turn a -0.0
