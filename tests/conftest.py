@@ -48,7 +48,17 @@ def smollm2_metadata(smollm2_gguf) -> dict:
 
 @pytest.fixture(scope="session")
 def smollm2_lm(smollm2_gguf):
-    """pocketlm's SmolLM2, loaded once for the whole run (tests must not change it)."""
+    """pocketlm's SmolLM2 dequantized to fp32 (`dtype="fp32"`: the path that must equal
+    transformers), loaded once for the whole run (tests must not change it)."""
+    import pocketlm
+
+    return pocketlm.load(str(smollm2_gguf), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_stored(smollm2_gguf):
+    """pocketlm's SmolLM2 as a user gets it with no flags: the file's own quantization,
+    kept as stored (kernels.gguf), loaded once for the whole run."""
     import pocketlm
 
     return pocketlm.load(str(smollm2_gguf), device="cpu")

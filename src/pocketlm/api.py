@@ -104,7 +104,7 @@ class LM(Engine):
 def load(
     name: str | Path | None = None,
     *,
-    dtype: str | torch.dtype = "fp32",
+    dtype: str | torch.dtype | None = None,
     device: str | None = None,
     offline: bool = False,
     adapter: str | Path | None = None,
@@ -112,7 +112,9 @@ def load(
     quantize: str | None = None,
 ) -> LM:
     """Load one model, ready for inference, by name (`gpt2`, `smollm2-135m`, `org/repo`),
-    local path or GGUF file; None loads the embedded default. `adapter`: a LoRA adapter
+    local path or GGUF file; None loads the embedded default. `dtype` (fp32, bf16, fp16):
+    the weights converted to it; None: a GGUF file's own quantization kept as stored (on a
+    CPU), anything else in fp32. `adapter`: a LoRA adapter
     folder to merge in. `context`: the context window in tokens (default: the model's, at
     most 4096). `quantize="int8"` or `"int4"`: weight-only quantized weights
     (pocketlm.kernels). Speculative decoding and compilation are steps of their own

@@ -14,6 +14,7 @@ from pocketlm.cli import common
 from pocketlm.errors import PocketLMError
 
 MODES = {
+    "default": {},  # what a load with no flags gives (a GGUF: its own quantization)
     "fp32": dict(dtype="fp32"),
     "bf16": dict(dtype="bf16"),
     "int8": dict(dtype="fp32", quantize="int8"),
@@ -32,9 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", nargs="?", default=None, help="model name, folder or .gguf file")
     parser.add_argument(
         "--modes",
-        default="fp32,int8",
-        help="comma-separated: fp32, bf16, int8, int4, each optionally +compile "
-        "(e.g. int4+compile; default fp32,int8)",
+        default="default,int8",
+        help="comma-separated: default (no flags: a GGUF as stored), fp32, bf16, int8, int4, "
+        "each optionally +compile (e.g. int4+compile; default: default,int8)",
     )
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)

@@ -16,9 +16,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--dtype",
-        default="fp32",
+        default=None,
         choices=["fp32", "bf16", "fp16"],
-        help="weight dtype (default fp32)",
+        help="weight dtype (default: a GGUF file's own quantization, kept as stored; else fp32)",
     )
     group.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     group.add_argument(

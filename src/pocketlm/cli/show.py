@@ -53,7 +53,9 @@ def _card_fields(card: ModelCard) -> list[tuple[str, str]]:
         ("context length", str(card.context)),
         ("vocab size", str(card.vocab)),
         ("quantization", card.quantization),
+        *([("tensor types", _mix(card))] if card.type_mix else []),
         ("file size", human_bytes(card.file_size)),
+        ("ram default", f"{human_bytes(card.ram_default)} ({_default_mode(card)})"),
         ("ram fp32", human_bytes(card.ram_fp32)),
         ("ram bf16", human_bytes(card.ram_bf16)),
         ("ram int8", human_bytes(card.ram_int8)),
@@ -61,6 +63,18 @@ def _card_fields(card: ModelCard) -> list[tuple[str, str]]:
         ("ram note", card.ram_note),
         ("kv cache", f"{human_bytes(card.kv_cache_per_token_bf16 * 1024)} per 1k tokens (bf16)"),
     ]
+
+
+def _mix(card: ModelCard) -> str:
+    """'Q4_K 71%, Q6_K 27%, F32 2%': each tensor type's share of the file's bytes."""
+    total = sum(size for _, size in card.type_mix) or 1
+    return ", ".join(f"{kind} {100 * size / total:.0f}%" for kind, size in card.type_mix)
+
+
+def _default_mode(card: ModelCard) -> str:
+    if card.type_mix:
+        return "as stored: quantized matrices kept as the file has them, the rest fp32"
+    return "fp32"
 
 
 def _entry_fields(entry: catalog.CatalogEntry) -> list[tuple[str, str]]:

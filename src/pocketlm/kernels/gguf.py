@@ -30,13 +30,42 @@ from torch import nn
 
 from pocketlm.errors import PocketLMError
 from pocketlm.kernels.cpp import gguf_ops
-from pocketlm.kernels.gguf_layouts import ROWS, TABLE, Layout, dequantize, layout_of, repack
+from pocketlm.kernels.gguf_layouts import (
+    CHUNK,
+    LAYOUTS,
+    ROWS,
+    TABLE,
+    Layout,
+    dequantize,
+    layout_of,
+    repack,
+)
 
 # Up to this many rows the decode kernels read the packed weights directly; beyond it a
 # prefill dequantizes tiles and uses the bf16 matmul. (See benchmarks/gguf_kernels.py.)
 DECODE_MAX_ROWS = 32
 _TILE_WEIGHTS = 1 << 22  # weights dequantized at a time in a prefill: 8 MB of bf16
 DENSE_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# The GGUF types a matrix can be kept in as stored (F32 matrices stay plain nn.Linear).
+STORED_TYPES = frozenset(LAYOUTS) | {"F16", "BF16"}
+
+
+def gguf_matrix(raw: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> nn.Module:
+    """A QuantMatrix or DenseMatrix from a matrix's GGUF bytes, rows in nn.Linear
+    orientation (N, K)."""
+    kind = DenseMatrix if ggml_type in DENSE_TYPES else QuantMatrix
+    return kind.from_gguf(raw, ggml_type, shape)
+
+
+def packed_bytes(ggml_type: str, shape: tuple[int, int]) -> int:
+    """Bytes a matrix of this type and shape takes in memory as a QuantMatrix or
+    DenseMatrix (a few bytes a block more than the file for Q3_K, Q4_K, Q5_K, IQ4_XS)."""
+    n, k = shape
+    if ggml_type in DENSE_TYPES:
+        return n * k * DENSE_TYPES[ggml_type].itemsize
+    layout = layout_of(ggml_type)
+    kp, rows = layout.padded_k(k), -(-n // ROWS) * ROWS
+    return rows * (kp // CHUNK * layout.code_bytes + kp // layout.group * layout.record_bytes)
 
 
 class QuantMatrix(nn.Module):
@@ -179,8 +208,7 @@ class GGUFLinear(nn.Module):
         bias: torch.Tensor | None = None,
     ) -> "GGUFLinear":
         """A matrix from its GGUF bytes (rows in nn.Linear orientation, (N, K))."""
-        kind = DenseMatrix if ggml_type in DENSE_TYPES else QuantMatrix
-        return cls([kind.from_gguf(raw, ggml_type, shape)], bias)
+        return cls([gguf_matrix(raw, ggml_type, shape)], bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (M, K)
@@ -203,9 +231,9 @@ class GGUFLinear(nn.Module):
     @classmethod
     def concat(cls, linears: list[nn.Module]) -> "GGUFLinear":
         """One GGUFLinear computing the given ones side by side (see models' concat_linears):
-        parts of one layout merged into one matrix where they can be."""
-        if any(not isinstance(lin, GGUFLinear) for lin in linears):
-            raise PocketLMError("GGUFLinear concatenates only GGUFLinear layers")
+        parts of one layout merged into one matrix where they can be. A plain nn.Linear
+        among them (a matrix an adapter changed, kept in float) joins as a DenseMatrix."""
+        linears = [_as_gguf(lin) for lin in linears]
         parts: list[nn.Module] = []
         for part in (p for lin in linears for p in lin.parts):
             merged = parts[-1].merge(part) if parts else None
@@ -224,3 +252,34 @@ class GGUFLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _as_gguf(linear: nn.Module) -> GGUFLinear:
+    if isinstance(linear, GGUFLinear):
+        return linear
+    if type(linear) is not nn.Linear:
+        raise PocketLMError(f"GGUFLinear cannot concatenate a {type(linear).__name__}")
+    bias = None if linear.bias is None else linear.bias.detach()
+    return GGUFLinear([DenseMatrix(linear.weight.detach())], bias)
+
+
+class GGUFEmbedding(nn.Module):
+    """Token embeddings looked up in a GGUF matrix (vocab, width) kept as stored: only the
+    rows of the tokens asked for are dequantized (float32), each once per call."""
+
+    def __init__(self, matrix: nn.Module) -> None:
+        super().__init__()
+        self.matrix = matrix  # QuantMatrix or DenseMatrix
+        self.num_embeddings, self.embedding_dim = matrix.out_features, matrix.in_features
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(...) token ids -> (..., width) float32."""
+        ids, where = tokens.reshape(-1).unique(return_inverse=True)
+        if len(ids) and not 0 <= int(ids[0]) <= int(ids[-1]) < self.num_embeddings:
+            raise IndexError(f"token ids must lie in [0, {self.num_embeddings})")
+        rows = [self.matrix.dequantize(i, i + 1) for i in ids.tolist()]
+        rows = torch.cat(rows) if rows else torch.empty(0, self.embedding_dim)
+        return rows[where].view(*tokens.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.matrix.extra_repr()}"

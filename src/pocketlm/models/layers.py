@@ -64,9 +64,10 @@ def attend(
 def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
     """One nn.Linear that computes the given ones side by side (outputs concatenated), for
     fusing projections that read the same input into one matmul at inference time.
-    Other layer types (a quantized linear) provide their own `concat`."""
-    if type(linears[0]) is not nn.Linear:
-        return type(linears[0]).concat(linears)
+    Other layer types (a quantized linear) provide their own `concat`, which takes any
+    plain nn.Linear among them too."""
+    if other := next((lin for lin in linears if type(lin) is not nn.Linear), None):
+        return type(other).concat(linears)
     weight = torch.cat([lin.weight for lin in linears])
     has_bias = linears[0].bias is not None
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")

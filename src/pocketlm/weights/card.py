@@ -4,7 +4,8 @@
 safetensors files) or a GGUF file's metadata (through `weights.gguf.read_gguf`), and
 counts parameters from the config's shapes with the same arithmetic as the models
 (GPT-2: nanoGPT's `get_num_params`; Llama family: HF `LlamaForCausalLM`). Knows nothing
-of torch; nothing here reads tensor data.
+of torch (a GGUF's sizes come from weights.gguf, imported when one is described);
+nothing here reads tensor data.
 """
 
 import json
@@ -66,18 +67,23 @@ class ModelCard:
     ram_int8: int
     ram_int4: int  # 4-bit codes + a bf16 scale and offset per 32 weights
     kv_cache_per_token_bf16: int  # bytes the cache grows by per token of context
+    ram_default: int = 0  # the weights as a plain load holds them (GGUF: as stored)
+    type_mix: tuple[tuple[str, int], ...] = ()  # GGUF: (tensor type, bytes), largest first
     ram_note: str = RAM_NOTE
 
 
 def describe(path: Path, *, name: str | None = None) -> ModelCard:
     """The card of an HF-layout folder or a `.gguf` file."""
     path = Path(path)
+    mix: tuple[tuple[str, int], ...] = ()
     if path.suffix == ".gguf":
-        config, quantization, size = _gguf_facts(path)
+        config, quantization, size, mix, stored = _gguf_facts(path)
     else:
         config, quantization, size = _folder_facts(path)
     shape = shape_of(config)
     params = count_parameters(config)
+    if not mix:
+        stored = params * 4  # a folder loads in fp32 unless told otherwise
     return ModelCard(
         name=name or model_name(path),
         path=path,
@@ -97,6 +103,8 @@ def describe(path: Path, *, name: str | None = None) -> ModelCard:
         ram_int8=params,
         ram_int4=params * 5 // 8,  # 0.5 byte + 4 bytes per 32
         kv_cache_per_token_bf16=2 * shape.layers * shape.kv_heads * shape.head_dim * 2,
+        ram_default=stored,
+        type_mix=mix,
     )
 
 
@@ -210,11 +218,19 @@ def _folder_facts(folder: Path) -> tuple[dict[str, Any], str, int]:
     return config, safetensors_dtype(weights), size
 
 
-def _gguf_facts(file: Path) -> tuple[dict[str, Any], str, int]:
-    from pocketlm.weights.gguf import read_gguf  # heavy (gguf, numpy): only for GGUF files
+def _gguf_facts(file: Path) -> tuple[dict[str, Any], str, int, tuple, int]:
+    """Config, file type, size, tensor type mix and the bytes a default load holds."""
+    # heavy (numpy, torch): only for GGUF files
+    from pocketlm.weights.gguf import read_gguf, stored_bytes, type_mix
 
     checkpoint = read_gguf(file)
-    return dict(checkpoint.config), str(checkpoint.quantization), file.stat().st_size
+    return (
+        dict(checkpoint.config),
+        str(checkpoint.quantization),
+        file.stat().st_size,
+        tuple(type_mix(checkpoint)),
+        stored_bytes(checkpoint),
+    )
 
 
 def human_count(n: int) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pocketlm.errors import CorruptModelError, ModelNotFoundError, PocketLMError
+from pocketlm.kernels.gguf import STORED_TYPES, packed_bytes
 from pocketlm.weights.dequant import dequantize, ggml_type_name, ggml_type_sizes
 from pocketlm.weights.gguf_config import gguf_config, quantization
 
@@ -411,15 +412,24 @@ def _unpermute(x: Any, n_heads: int) -> Any:
     return x.reshape(n_heads, rows // n_heads // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
-def _open_data(ckpt: GGUFCheckpoint) -> np.memmap:
-    """Map the file again for its tensors, refusing one that changed since `read_gguf`."""
+def _check_unchanged(ckpt: GGUFCheckpoint) -> None:
+    """Refuse a file that changed since `read_gguf` read its header."""
     try:
         size = ckpt.path.stat().st_size
-        if size != ckpt.file_size:
-            raise CorruptModelError(f"{ckpt.path} changed size while being loaded; load it again")
-        return np.memmap(ckpt.path, mode="r")
     except OSError as e:
         raise PocketLMError(f"cannot read {ckpt.path}: {e.strerror or e}") from e
+    if size != ckpt.file_size:
+        raise CorruptModelError(f"{ckpt.path} changed size while being loaded; load it again")
+
+
+def _tensor_bytes(ckpt: GGUFCheckpoint, info: GGUFTensorInfo) -> np.memmap:
+    """One tensor's bytes, mapped on their own: once the array (and what views it) is
+    dropped, its pages leave the process, so a load holds the file a tensor at a time
+    beside what it builds, never the whole file beside all of it."""
+    try:
+        return np.memmap(ckpt.path, mode="r", offset=info.offset, shape=(info.n_bytes,))
+    except (OSError, ValueError) as e:
+        raise PocketLMError(f"cannot read {ckpt.path}: {getattr(e, 'strerror', None) or e}") from e
 
 
 def gguf_tensors(
@@ -432,11 +442,11 @@ def gguf_tensors(
     lm_head.weight (the model ties it to the embedding).
     """
     plan = _plan(ckpt)
-    data = _open_data(ckpt)
+    _check_unchanged(ckpt)
     for p in plan:
         if p.ours in skip:
             continue
-        raw = data[p.info.offset : p.info.offset + p.info.n_bytes]
+        raw = _tensor_bytes(ckpt, p.info)
         t = dequantize(
             raw, p.info.ggml_type, shape=p.info.shape, dtype=dtype, tensor_name=p.info.name
         )
@@ -453,18 +463,19 @@ def gguf_state_dict(
 def gguf_raw_tensors(ckpt: GGUFCheckpoint) -> dict[str, tuple[str, np.ndarray, tuple[int, ...]]]:
     """Our name -> (ggml type, undecoded bytes, logical shape), for quantized-weight loaders.
 
-    The bytes come as a read-only uint8 memory map shaped (*shape[:-1], bytes per row), so a
+    The bytes come as a read-only uint8 memory map of each tensor alone (see
+    `_tensor_bytes`: drop an entry once used), shaped (*shape[:-1], bytes per row), so a
     row's blocks are contiguous (Q8_0: view as (..., row / 32, 34)). Llama q/k rows are
     already un-permuted; those few arrays are copies instead of maps.
     """
     plan = _plan(ckpt)
-    data = _open_data(ckpt)
+    _check_unchanged(ckpt)
     out = {}
     for p in plan:
         info = p.info
         block_size, type_size = ggml_type_sizes(info.ggml_type)
         row_bytes = info.shape[-1] // block_size * type_size
-        raw = data[info.offset : info.offset + info.n_bytes].reshape(*info.shape[:-1], row_bytes)
+        raw = _tensor_bytes(ckpt, info).reshape(*info.shape[:-1], row_bytes)
         if p.unpermute_heads and len(info.shape) == 1:  # a bias: permute its elements
             if block_size != 1:
                 _corrupt_tensor(ckpt, info.name, f"is a 1-D {info.ggml_type} tensor")
@@ -474,3 +485,24 @@ def gguf_raw_tensors(ckpt: GGUFCheckpoint) -> dict[str, tuple[str, np.ndarray, t
             raw = np.ascontiguousarray(_unpermute(raw, p.unpermute_heads))
         out[p.ours] = (info.ggml_type, raw, info.shape)
     return out
+
+
+def type_mix(ckpt: GGUFCheckpoint) -> list[tuple[str, int]]:
+    """(ggml type, bytes of the file's tensors of that type), largest first: a Q4_K_M
+    file is mostly Q4_K with some Q6_K, and its norms in F32."""
+    mix: dict[str, int] = {}
+    for info in ckpt.tensors.values():
+        mix[info.ggml_type] = mix.get(info.ggml_type, 0) + info.n_bytes
+    return sorted(mix.items(), key=lambda item: -item[1])
+
+
+def stored_bytes(ckpt: GGUFCheckpoint) -> int:
+    """Bytes of weights the default load holds: each matrix of a type pocketlm's kernels
+    take as it is stored (kernels.gguf.packed_bytes), every other tensor in float32."""
+    total = 0
+    for info in ckpt.tensors.values():
+        if len(info.shape) == 2 and info.ggml_type in STORED_TYPES:
+            total += packed_bytes(info.ggml_type, (info.shape[0], info.shape[1]))
+        else:
+            total += 4 * math.prod(info.shape)
+    return total

@@ -5,9 +5,12 @@ Two formats arrive at one path: a Hugging Face directory (config.json + safetens
 sharded or not; `pytorch_model.bin` only through `torch.load(weights_only=True)`) and a
 GGUF file (`weights.gguf` turns it into the same config dict and tensor stream). The model
 is built on the `meta` device and each tensor is converted and assigned one at a time, so
-loading never holds two copies of the weights. With a quantization, a GGUF's matrices whose
-stored blocks a quantized layer can take as they are (Q8_0 -> int8, Q4_0/Q4_1 -> int4) go
-straight there and are never expanded to float. Architectures without a native module run
+loading never holds two copies of the weights. A GGUF loaded for inference with no dtype
+asked keeps its matrices (and its embedding) as stored: each becomes a `GGUFLinear` on the
+file's own blocks (kernels.gguf), never expanded to float. With a quantization, a GGUF's
+matrices whose stored blocks a quantized layer can take as they are (Q8_0 -> int8,
+Q4_0/Q4_1 -> int4) go straight there. Before any tensor is read, the memory the load will
+hold is checked against what is free (weights.memory). Architectures without a native module run
 through `weights.fallback`. (nanoGPT `from_pretrained`, gpt-fast `_load_model`, llama.cpp
 `tensor_mapping.py`.) Knows nothing of generation, sampling or where a path came from.
 """
@@ -26,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from pocketlm.errors import CorruptModelError, PocketLMError
+from pocketlm.kernels.gguf import STORED_TYPES, GGUFEmbedding, GGUFLinear, gguf_matrix
 from pocketlm.kernels.int4 import Q4_BLOCK_BYTES, Int4Linear, q4_to_int4, quantize_int4
 from pocketlm.kernels.int8 import Int8Linear, q8_0_to_int8, quantize_int8
 from pocketlm.kernels.prepare import check_quantization
@@ -36,7 +40,16 @@ from pocketlm.weights import tables
 from pocketlm.weights.adapter import Adapter, fit_adapter, merge_adapter, read_adapter
 from pocketlm.weights.config import check_config, read_config
 from pocketlm.weights.fallback import transformers_model
-from pocketlm.weights.gguf import GGUFCheckpoint, gguf_raw_tensors, gguf_tensors, read_gguf
+from pocketlm.weights.gguf import (
+    GGUFCheckpoint,
+    gguf_raw_tensors,
+    gguf_tensors,
+    read_gguf,
+    stored_bytes,
+)
+from pocketlm.weights.memory import check_fits, release_freed_memory
+
+STORED = "stored"  # the `quantize` of a GGUF kept in its own quantization (the default)
 
 # Our name -> (ggml type, undecoded blocks, shape) of a GGUF matrix loaded as it is stored.
 Direct = dict[str, tuple[str, np.ndarray, tuple[int, ...]]]
@@ -54,7 +67,7 @@ class LoadedModel:
 def load(
     path: str | Path,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     quantize: str | None = None,
     adapter: str | Path | None = None,
@@ -62,6 +75,8 @@ def load(
 ) -> LoadedModel:
     """Load the checkpoint at `path` (an HF directory or a .gguf file).
 
+    `dtype` None: the checkpoint's own where pocketlm can run it so: a GGUF prepared for
+    a CPU keeps its quantized and half-precision matrices as stored; otherwise float32.
     `adapter`: a LoRA adapter folder (`pocketlm finetune --lora --adapter-only`), merged
     into the float weights. `prepare=True`: ready for inference (`kernels.prepare`: fused,
     quantized as `quantize` says, re-laid out for the device); without it the model keeps
@@ -72,21 +87,29 @@ def load(
     check_quantization(quantize, device=device)
     lora = None if adapter is None else read_adapter(adapter)
     if path.suffix == ".gguf":
-        loaded = _load_gguf(path, dtype=dtype, device=device, quantize=quantize, adapter=lora)
+        if dtype is None and quantize is None and prepare and torch.device(device).type == "cpu":
+            quantize = STORED
+        loaded = _load_gguf(
+            read_gguf(path), dtype=dtype, device=device, quantize=quantize, adapter=lora
+        )
+        quantize = None if quantize == STORED else quantize
     else:
         loaded = _load_hf(path, dtype=dtype, device=device, adapter=lora)
     if prepare:
         prepare_model(loaded.model, quantize=quantize)
+    release_freed_memory()
     return loaded
 
 
 def _load_hf(
-    path: Path, *, dtype: torch.dtype, device: torch.device | str, adapter: Adapter | None
+    path: Path, *, dtype: torch.dtype | None, device: torch.device | str, adapter: Adapter | None
 ) -> LoadedModel:
     config = read_config(path)
     kind = config["model_type"]
+    dtype = dtype or torch.float32
     if kind in ARCHITECTURES:
         model = empty_model(config, source=path)
+        _check_memory(model, path, device=device, dtype=dtype, quantize=None, stored=None)
         tensors = _hf_tensors(path, kind)
         assign_tensors(model, tensors, model_type=kind, dtype=dtype, device=device, source=path)
         tokenizer, native = _hf_tokenizer(path, config), True
@@ -98,16 +121,50 @@ def _load_hf(
     return LoadedModel(model, tokenizer, config, path, native=native)
 
 
-def _load_gguf(
+def _check_memory(
+    model: nn.Module,
     path: Path,
     *,
+    device: torch.device | str,
     dtype: torch.dtype,
+    quantize: str | None,
+    stored: int | None,
+) -> None:
+    """Refuse before reading any tensor a load onto the CPU that cannot fit in the memory
+    available, naming the lighter ways to load this model that would (weights.memory).
+    `model`: the model on the `meta` device, whose parameters are counted."""
+    if torch.device(device).type != "cpu":
+        return
+    params = sum(p.numel() for p in model.parameters())  # a tied matrix counts once
+    ways = {"as stored (no --dtype)": stored} if stored is not None else {}
+    ways |= {
+        "in bf16 (--dtype bf16)": 2 * params,
+        "quantized to int8 (--quantize int8)": params * 17 // 16,  # + a scale per 32
+        "quantized to int4 (--quantize int4)": params * 5 // 8,  # + scale, offset per 32
+    }
+    if quantize == STORED:
+        mode, need = "as stored", stored
+    elif quantize is not None:
+        mode = quantize
+        need = ways[f"quantized to {quantize} (--quantize {quantize})"]
+    else:
+        mode, need = str(dtype).removeprefix("torch."), params * dtype.itemsize
+    lighter = {how: size for how, size in ways.items() if size is not None and size < need}
+    check_fits(f"{path.name} in {mode}", need, lighter=lighter)
+
+
+def _load_gguf(
+    checkpoint: GGUFCheckpoint,
+    *,
+    dtype: torch.dtype | None,
     device: torch.device | str,
     quantize: str | None,
     adapter: Adapter | None,
 ) -> LoadedModel:
-    checkpoint = read_gguf(path)
+    path, dtype = checkpoint.path, dtype or torch.float32
     model = empty_model(checkpoint.config, source=path)
+    stored = stored_bytes(checkpoint)
+    _check_memory(model, path, device=device, dtype=dtype, quantize=quantize, stored=stored)
     # Known before any tensor is read: the matrices an adapter changes are merged in
     # float, so they are dequantized like the others rather than loaded as stored.
     factors = {} if adapter is None else fit_adapter(adapter, model)
@@ -124,7 +181,9 @@ def _load_gguf(
     assign_tensors(model, tensors, model_type=kind, dtype=dtype, device=device, source=path)
     if adapter is not None:
         merge_adapter(model, factors, scale=adapter.config.scale)
-    if quantize is not None:
+    if quantize == STORED:
+        _keep_stored(model, direct, model_type=kind)
+    elif quantize is not None:
         _quantize_gguf(model, direct, quantize=quantize, device=device)
     tokenizer = Tokenizer.from_gguf_metadata(checkpoint.metadata)
     return LoadedModel(model, tokenizer, checkpoint.config, path, native=True)
@@ -135,8 +194,10 @@ def _direct_matrices(
 ) -> Direct:
     """The nn.Linear weights whose stored type this quantization's layers take as they
     are: Q8_0 into Int8Linear and, for int4, Q4_0/Q4_1 into Int4Linear with the file's
-    own codes; not those an adapter changes (names of `merged`)."""
-    linears = {f"{name}.weight" for name, m in model.named_modules() if type(m) is nn.Linear}
+    own codes; as stored, every quantized or half matrix and the embedding; not those an
+    adapter changes (names of `merged`)."""
+    kinds = (nn.Linear, nn.Embedding) if quantize == STORED else (nn.Linear,)
+    linears = {f"{name}.weight" for name, m in model.named_modules() if type(m) in kinds}
     changed = {f"{name}.weight" for name in merged}
     return {
         name: (kind, data, shape)
@@ -147,6 +208,8 @@ def _direct_matrices(
 
 def _direct_kind(kind: str, shape: tuple[int, ...], quantize: str) -> bool:
     """Whether a GGUF matrix of this type loads straight into this quantization's layers."""
+    if quantize == STORED:
+        return kind in STORED_TYPES and len(shape) == 2
     if kind == "Q8_0":
         return True
     return quantize == "int4" and kind in Q4_BLOCK_BYTES and Int4Linear.fits(*shape)
@@ -171,6 +234,29 @@ def _quantize_gguf(
     # Here rather than in `prepare`, which fuses first: fusing concatenates layers of one
     # kind, and q/k/v may be stored in different types (int8 from the file beside float).
     (quantize_int4 if quantize == "int4" else quantize_int8)(model)
+
+
+def _keep_stored(model: nn.Module, direct: Direct, *, model_type: str) -> None:
+    """Put a GGUFLinear (GGUFEmbedding) on the file's bytes in place of each `direct`
+    matrix's placeholder, a matrix at a time (each entry's memory map dropped once used);
+    a tied head shares the embedding's."""
+    while direct:
+        name, (kind, data, shape) = direct.popitem()
+        matrix = gguf_matrix(data, kind, shape)
+        del data
+        module_name = name.removesuffix(".weight")
+        old = model.get_submodule(module_name)
+        if isinstance(old, nn.Embedding):
+            new = GGUFEmbedding(matrix)
+        else:
+            new = GGUFLinear([matrix], None if old.bias is None else old.bias.detach().float())
+        parent, _, attr = module_name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+    head, embedding = tables.TIED_KEYS[tables.family(model_type)]
+    embedder = model.get_submodule(embedding.removesuffix(".weight"))
+    if model.config.tie_word_embeddings and isinstance(embedder, GGUFEmbedding):
+        parent, _, attr = head.removesuffix(".weight").rpartition(".")
+        setattr(model.get_submodule(parent), attr, GGUFLinear([embedder.matrix]))
 
 
 def empty_model(config: dict[str, Any], *, source: Path) -> nn.Module:
