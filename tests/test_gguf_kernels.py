@@ -1,7 +1,8 @@
 """GGUF matrices kept as stored (pocketlm.kernels.gguf): every quantized type, repacked into
-pocketlm's layouts, against gguf-py's own dequantizer (the oracle), bit for bit; the packed
-matmuls (C++ kernels and the PyTorch fallback) against dequantize-then-matmul, within the
-tolerance each path's activation precision implies; padding and refusals; fusing.
+pocketlm's layouts, against gguf-py's own dequantizer (the oracle), bit for bit; the C++
+repack against the PyTorch one, byte for byte; the packed matmuls (C++ kernels and the
+PyTorch fallback) against dequantize-then-matmul, within the tolerance each path's
+activation precision implies; padding and refusals; fusing.
 
 Blocks have realistic statistics: gguf-py's quantizer on Gaussian weights where it has
 one (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), otherwise random codes with f16 scales of magnitude
@@ -10,6 +11,7 @@ No timings are asserted anywhere.
 """
 
 import logging
+import warnings
 
 import gguf.quants
 import numpy as np
@@ -18,10 +20,11 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 import pocketlm.kernels.gguf
+import pocketlm.kernels.gguf_layouts
 from pocketlm.errors import PocketLMError
 from pocketlm.kernels import cpp
 from pocketlm.kernels.gguf import DECODE_MAX_ROWS, GGUFLinear, QuantMatrix
-from pocketlm.kernels.gguf_layouts import LAYOUTS, dequantize
+from pocketlm.kernels.gguf_layouts import LAYOUTS, dequantize, repack
 
 TYPES = list(LAYOUTS)  # Q4_0 Q4_1 IQ4_NL Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_XS
 QUANTIZABLE = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}  # gguf-py can quantize these
@@ -83,6 +86,26 @@ def test_repacked_weights_are_gguf_dequantizers_bit_for_bit(kind):
         assert torch.equal(matrix.dequantize(5, 30), want[5:30])
         assert torch.equal(bits(matrix.dequantize()), bits(want))
         assert torch.equal(matrix.dequantize(dtype=torch.bfloat16), want.bfloat16())
+
+
+@pytest.mark.skipif(not ON_VNNI, reason="pocketlm's GGUF kernels need AVX-512 VNNI")
+@pytest.mark.parametrize("kind", TYPES)
+def test_the_cpp_repack_is_the_pytorch_one_byte_for_byte(kind, monkeypatch):
+    """gguf_repack (C++, what loading uses) builds the very codes and records PyTorch's
+    repack does, padded rows and a padded odd 32-block included, from a read-only array
+    (as a file's map is) without a warning."""
+    odd = [(6, 224), (3, 32)] if LAYOUTS[kind].scheme == "b32" else [(3, 768)]
+    for n, k in shapes(kind) + odd:
+        raw = gguf_blocks(kind, n, k, seed=k)
+        raw.flags.writeable = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = repack(raw, kind, (n, k))
+        with monkeypatch.context() as patch:
+            patch.setattr(pocketlm.kernels.gguf_layouts, "gguf_ops", lambda: None)
+            want = repack(raw, kind, (n, k))
+        assert [t.shape for t in got] == [t.shape for t in want]
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), (kind, n, k)
 
 
 def test_the_layouts_stay_compact():

@@ -5,7 +5,8 @@ One extension, `pocketlm_kernels`, of two sources:
   streamed GPT-2 small's weights at ~50 GB/s where PyTorch's kernel reached ~30;
 - gguf_gemv.cpp: `quant_gemv` (a decode step on GGUF-quantized weights in the layouts of
   gguf_layouts.py, activations in int8 per 32 for AVX-512 VNNI), `quant_dequant` (rows of
-  such a matrix to fp32/bf16, a prefill's tiles) and `half_gemv` (bf16/f16 weights).
+  such a matrix to fp32/bf16, a prefill's tiles), `gguf_repack` (a GGUF matrix's blocks
+  into those layouts, at load) and `half_gemv` (bf16/f16 weights).
 It is built with torch.utils.cpp_extension (a C++ compiler and ninja) the first time a
 model that uses it is prepared on an AVX-512 CPU, about twenty seconds, then loaded from
 the build folder (under PyTorch's extension cache, or TORCH_EXTENSIONS_DIR). Wherever it
@@ -51,8 +52,9 @@ def int8_gemv():  # noqa: ANN201 (an OpOverloadPacket)
 
 @functools.cache
 def gguf_ops():  # noqa: ANN201 (the torch.ops namespace)
-    """`torch.ops.pocketlm_kernels`, whose quant_gemv, quant_dequant and half_gemv serve
-    GGUF weights, or None where they cannot be had here. Which path runs is said once."""
+    """`torch.ops.pocketlm_kernels`, whose quant_gemv, quant_dequant, gguf_repack and
+    half_gemv serve GGUF weights, or None where they cannot be had here. Which path runs
+    is said once."""
     plain = "GGUF matrices use PyTorch (dequantize, then matmul)"
     if os.environ.get("POCKETLM_KERNELS", "1") == "0":
         log.info("%s: POCKETLM_KERNELS=0", plain)

@@ -14,7 +14,9 @@
 // Up to MB_MAX rows of x share each decoded chunk.
 //
 // Also here: quant_dequant (rows of such a matrix -> fp32/bf16, bit for bit gguf's: the
-// prefill's tiles) and half_gemv (bf16/f16 weights, fp32 activations).
+// prefill's tiles), gguf_repack (a matrix's GGUF blocks -> these layouts, as
+// gguf_layouts.repack does, a block of four rows per task) and half_gemv (bf16/f16
+// weights, fp32 activations).
 // Needs AVX-512 F/BW + VNNI (pocketlm asks `quant_kernels_supported` first); compiled for
 // them with the target pragma below, so the rest of the extension keeps its own flags.
 #include <ATen/ATen.h>
@@ -24,6 +26,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")
@@ -433,6 +436,197 @@ at::Tensor quant_dequant(const at::Tensor& codes, const at::Tensor& records, con
   return out;
 }
 
+// --- GGUF blocks -> these layouts (gguf_layouts.repack, byte for byte) -------------------
+
+// The twelve GGUF types, in pick's order: bytes of a block in the file.
+constexpr int64_t BLOCK_BYTES[12] = {18, 20, 18, 22, 24, 34, 84, 110, 144, 176, 210, 136};
+enum Kind { Q4_0, Q4_1, IQ4_NL, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS };
+
+// One 32-weight block -> its 32 codes, in weight order; its f16 d (and m) bytes.
+template <int KIND>
+inline __m256i b32_block(const uint8_t* p, uint8_t* d, uint8_t* m) {
+  std::memcpy(d, p, 2);
+  if constexpr (KIND == Q8_0) {  // c = q + 128
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
+    return _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));
+  }
+  constexpr int QS = KIND == Q4_1 ? 4 : KIND == Q5_0 ? 6 : KIND == Q5_1 ? 8 : 2;
+  if constexpr (KIND == Q4_1 || KIND == Q5_1) std::memcpy(m, p + 2, 2);
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + QS)), mask = _mm_set1_epi8(15);
+  __m256i c = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), mask), _mm_and_si128(q, mask));
+  if constexpr (KIND == Q5_0 || KIND == Q5_1) {  // a little-endian uint32 of fifth bits
+    uint32_t qh;
+    std::memcpy(&qh, p + QS - 4, 4);
+    c = _mm256_mask_add_epi8(c, qh, c, _mm256_set1_epi8(16));
+  }
+  return c;
+}
+
+// Q4_K/Q5_K's 12 bytes of 6-bit scales and mins -> 8 scales then 8 mins.
+inline void k_scale_min(const uint8_t* s, uint8_t* out) {
+  for (int j = 0; j < 4; ++j) {
+    out[j] = s[j] & 63;
+    out[4 + j] = (s[8 + j] & 15) | ((s[j] >> 2) & 0x30);
+    out[8 + j] = s[4 + j] & 63;
+    out[12 + j] = (s[8 + j] >> 4) | ((s[4 + j] >> 2) & 0x30);
+  }
+}
+
+// 32 x 4 codes of 2 bits: code 32 s + l is bits 2s of byte l.
+inline void crumbs128(const uint8_t* q, uint8_t* c) {
+  for (int s = 0; s < 4; ++s)
+    for (int l = 0; l < 32; ++l) c[32 * s + l] = (q[l] >> (2 * s)) & 3;
+}
+
+// One 256-weight super-block -> its 256 codes, in weight order, and its record.
+template <int KIND>
+inline void k_block(const uint8_t* p, uint8_t* c, uint8_t* rec) {
+  if constexpr (KIND == Q2_K) {  // record: d, dmin, the 16 scale|min<<4 bytes
+    for (int h = 0; h < 2; ++h) crumbs128(p + 16 + 32 * h, c + 128 * h);
+    std::memcpy(rec, p + 80, 4);
+    std::memcpy(rec + 4, p, 16);
+  } else if constexpr (KIND == Q3_K) {  // record: d, 16 int8 scales (6 bits - 32)
+    for (int h = 0; h < 2; ++h) crumbs128(p + 32 + 32 * h, c + 128 * h);
+    for (int s = 0; s < 8; ++s)
+      for (int l = 0; l < 32; ++l) c[32 * s + l] |= ((p[l] >> s) & 1) << 2;
+    std::memcpy(rec, p + 108, 2);
+    for (int i = 0; i < 16; ++i) {
+      const int lo = (p[96 + i % 8] >> (4 * (i / 8))) & 15, hi = (p[104 + i % 4] >> (2 * (i / 4))) & 3;
+      rec[2 + i] = static_cast<uint8_t>((lo | hi << 4) - 32);
+    }
+  } else if constexpr (KIND == Q6_K) {  // record: d, 16 int8 scales
+    for (int h = 0; h < 2; ++h) {
+      for (int l = 0; l < 64; ++l) {
+        c[128 * h + l] = p[64 * h + l] & 15;
+        c[128 * h + 64 + l] = p[64 * h + l] >> 4;
+      }
+      for (int s = 0; s < 4; ++s)
+        for (int l = 0; l < 32; ++l) c[128 * h + 32 * s + l] |= ((p[128 + 32 * h + l] >> (2 * s)) & 3) << 4;
+    }
+    std::memcpy(rec, p + 208, 2);
+    std::memcpy(rec + 2, p + 192, 16);
+  } else if constexpr (KIND == IQ4_XS) {  // record: d, 8 int8 scales (6 bits - 32)
+    for (int i = 0; i < 8; ++i)
+      for (int l = 0; l < 16; ++l) {
+        c[32 * i + l] = p[8 + 16 * i + l] & 15;
+        c[32 * i + 16 + l] = p[8 + 16 * i + l] >> 4;
+      }
+    const int h = p[2] | p[3] << 8;
+    std::memcpy(rec, p, 2);
+    for (int j = 0; j < 8; ++j)
+      rec[2 + j] = static_cast<uint8_t>((((p[4 + j / 2] >> (4 * (j % 2))) & 15) | ((h >> (2 * j)) & 3) << 4) - 32);
+  } else {  // Q4_K, Q5_K -- record: d, dmin, 8 scales, 8 mins
+    constexpr int QS = KIND == Q5_K ? 48 : 16;
+    for (int i = 0; i < 4; ++i)
+      for (int l = 0; l < 32; ++l) {
+        c[64 * i + l] = p[QS + 32 * i + l] & 15;
+        c[64 * i + 32 + l] = p[QS + 32 * i + l] >> 4;
+      }
+    if constexpr (KIND == Q5_K)
+      for (int s = 0; s < 8; ++s)
+        for (int l = 0; l < 32; ++l) c[32 * s + l] |= ((p[16 + l] >> s) & 1) << 4;
+    std::memcpy(rec, p, 4);
+    k_scale_min(p + 4, rec + 4);
+  }
+}
+
+// The low 2 bits of 64 codes -> 16 bytes, byte j holding codes j, j+16, j+32, j+48 at
+// bits 0, 2, 4, 6 (each 128-bit lane shifted by its own amount, then the lanes or-ed).
+inline __m128i crumbs(__m512i c) {
+  const __m512i shift = _mm512_set_epi64(0x0006000600060006, 0x0006000600060006, 0x0004000400040004,
+                                         0x0004000400040004, 0x0002000200020002, 0x0002000200020002, 0, 0);
+  const __m512i m = _mm512_sllv_epi16(_mm512_and_si512(c, _mm512_set1_epi8(3)), shift);
+  const __m256i h = _mm256_or_si256(_mm512_castsi512_si256(m), _mm512_extracti64x4_epi64(m, 1));
+  return _mm_or_si128(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+// 64 codes -> the chunk's planes (see gguf_layouts.py): low bits, then high bits.
+template <int LOW, int HIGH>
+inline void pack_chunk(__m512i c, uint8_t* out) {
+  if constexpr (LOW == 8) {
+    _mm512_storeu_si512(out, c);
+  } else if constexpr (LOW == 4) {  // byte j: codes j and j + 32
+    const __m512i m = _mm512_and_si512(c, _mm512_set1_epi8(15));
+    const __m256i v = _mm256_or_si256(_mm512_castsi512_si256(m), _mm256_slli_epi16(_mm512_extracti64x4_epi64(m, 1), 4));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), v);
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), crumbs(c));
+  }
+  if constexpr (HIGH == 1) {  // bit j of a little-endian uint64: code j's
+    const uint64_t bits = _mm512_test_epi8_mask(c, _mm512_set1_epi8(1 << LOW));
+    std::memcpy(out + 8 * LOW, &bits, 8);
+  } else if constexpr (HIGH == 2) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 8 * LOW), crumbs(_mm512_srli_epi16(c, LOW)));
+  }
+}
+
+// Row blocks [begin, end) of the (n, k) matrix in `raw` -> their codes and records; rows
+// past n, and a 32-weight type's missing last block, are zeros.
+template <int KIND>
+void repack_blocks(const uint8_t* raw, int64_t n, int64_t k, int64_t begin, int64_t end, uint8_t* codes,
+                   uint8_t* records) {
+  constexpr int64_t SCHEME = KIND >= Q2_K, BB = BLOCK_BYTES[KIND], GROUP = SCHEME ? 256 : 64;
+  constexpr int64_t LOW = KIND == Q8_0 ? 8 : KIND == Q2_K || KIND == Q3_K ? 2 : 4;
+  constexpr int64_t HIGH = KIND == Q5_0 || KIND == Q5_1 || KIND == Q3_K || KIND == Q5_K ? 1 : KIND == Q6_K ? 2 : 0;
+  constexpr int64_t CB = 8 * (LOW + HIGH);
+  constexpr int64_t RB = SCHEME ? (KIND == Q3_K || KIND == Q6_K ? 18 : KIND == IQ4_XS ? 10 : 20)
+                                : (KIND == Q4_1 || KIND == Q5_1 ? 8 : 4);
+  const int64_t blocks = k / (SCHEME ? 256 : 32), groups = (k + GROUP - 1) / GROUP, chunks = groups * GROUP / CHUNK;
+  alignas(64) uint8_t c[256];
+  uint8_t rec[RB];
+  for (int64_t b = begin; b < end; ++b) {
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t row = b * R + r;
+      const uint8_t* p = raw + std::min(row, n - 1) * blocks * BB;  // read only if row < n
+      uint8_t* out = codes + (b * chunks * R + r) * CB;  // chunk ch at out + ch * R * CB
+      for (int64_t g = 0; g < groups; ++g) {
+        std::memset(rec, 0, RB);
+        if constexpr (SCHEME) {
+          if (row < n) k_block<KIND>(p + g * BB, c, rec);
+          else std::memset(c, 0, 256);
+          for (int64_t t = 0; t < 4; ++t) pack_chunk<LOW, HIGH>(_mm512_load_si512(c + CHUNK * t), out + (4 * g + t) * R * CB);
+        } else {  // two 32-blocks: record d0 d1 [m0 m1]
+          __m256i lo = _mm256_setzero_si256(), hi = lo;
+          if (row < n) lo = b32_block<KIND>(p + 2 * g * BB, rec, rec + 4);
+          if (row < n && 2 * g + 1 < blocks) hi = b32_block<KIND>(p + (2 * g + 1) * BB, rec + 2, rec + 6);
+          pack_chunk<LOW, HIGH>(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), out + g * R * CB);
+        }
+        std::memcpy(records + ((b * groups + g) * R + r) * RB, rec, RB);
+      }
+    }
+  }
+}
+
+using RepackFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, uint8_t*, uint8_t*);
+
+RepackFn repack_for(int i) {
+  static const RepackFn fns[12] = {&repack_blocks<Q4_0>, &repack_blocks<Q4_1>, &repack_blocks<IQ4_NL>,
+                                   &repack_blocks<Q5_0>, &repack_blocks<Q5_1>, &repack_blocks<Q8_0>,
+                                   &repack_blocks<Q2_K>, &repack_blocks<Q3_K>, &repack_blocks<Q4_K>,
+                                   &repack_blocks<Q5_K>, &repack_blocks<Q6_K>, &repack_blocks<IQ4_XS>};
+  return fns[i];
+}
+
+// GGUF bytes of an (n, k) matrix in the layout's type -> (codes, records), as
+// gguf_layouts.repack builds them. Only reads `raw` (it may be a file's read-only map).
+std::tuple<at::Tensor, at::Tensor> gguf_repack(const at::Tensor& raw, at::IntArrayRef layout, int64_t n, int64_t k) {
+  const Layout l = read_layout(layout);
+  const int kind = pick<int>(l, [](int i) { return i; });
+  const int64_t per = l.scheme == 0 ? 32 : 256, group = l.scheme == 0 ? 64 : 256;
+  TORCH_CHECK(n > 0 && k > 0 && k % per == 0 && raw.scalar_type() == at::kByte && raw.is_contiguous() &&
+                  raw.numel() == n * (k / per) * BLOCK_BYTES[kind],
+              "gguf_repack: raw must be the contiguous uint8 bytes of an (n, k) matrix of the layout's type");
+  const int64_t blocks = (n + R - 1) / R, groups = (k + group - 1) / group;
+  const int64_t rb = l.scheme == 0 ? 4 * (1 + l.mins) : 2 + 2 * (l.mins > 0) + 256 / l.sub * (1 + (l.mins == 1));
+  at::Tensor codes = at::empty({blocks, groups * group / CHUNK, R, 8 * (l.low + l.high)}, raw.options());
+  at::Tensor records = at::empty({blocks, groups, R, rb}, raw.options());
+  const RepackFn fn = repack_for(kind);
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  uint8_t *cp = codes.data_ptr<uint8_t>(), *rp = records.data_ptr<uint8_t>();
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) { fn(src, n, k, begin, end, cp, rp); });
+  return {codes, records};
+}
+
 // --- bf16 / f16 weights ------------------------------------------------------------------
 
 template <bool BF16>
@@ -513,9 +707,11 @@ TORCH_LIBRARY_FRAGMENT(pocketlm_kernels, m) {
   m.def("quant_gemv(Tensor x, Tensor codes, Tensor records, Tensor? table, int[] layout, int n) -> Tensor");
   m.def("quant_dequant(Tensor codes, Tensor records, Tensor? table, int[] layout, int row0, int rows, int k, bool bf16) -> Tensor");
   m.def("half_gemv(Tensor x, Tensor w) -> Tensor");
+  m.def("gguf_repack(Tensor raw, int[] layout, int n, int k) -> (Tensor, Tensor)");
 }
 TORCH_LIBRARY_IMPL(pocketlm_kernels, CPU, m) {
   m.impl("quant_gemv", &quant_gemv);
   m.impl("quant_dequant", &quant_dequant);
   m.impl("half_gemv", &half_gemv);
+  m.impl("gguf_repack", &gguf_repack);
 }
