@@ -35,11 +35,13 @@ from pocketlm.weights.gguf import (
 
 # Byte offsets of the float16 scale fields in each K-quant block: random bytes there
 # could be inf/NaN, which would make "equal" meaningless.
-K_SCALE_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+K_SCALE_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+                   "IQ4_NL": (0,), "IQ4_XS": (0,)}  # fmt: skip
 
 
 def quantized(x: np.ndarray, type_name: str, rng: np.random.Generator) -> np.ndarray:
-    """GGUF bytes for `x` in `type_name`: gguf's own quantizer, or random K-quant blocks."""
+    """GGUF bytes for `x` in `type_name`: gguf's own quantizer, or random K-quant (and
+    IQ4) blocks."""
     if type_name not in K_SCALE_OFFSETS:  # gguf-py can quantize these
         return gguf.quants.quantize(x, QT[type_name])
     block_size, type_size = ggml_type_sizes(type_name)

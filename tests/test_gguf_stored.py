@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+import pocketlm
 from pocketlm.kernels.gguf import GGUFEmbedding, GGUFLinear
 from pocketlm.models import make_cache
 from pocketlm.weights.card import human_bytes
@@ -215,9 +216,9 @@ def test_a_model_too_big_for_memory_is_refused_naming_what_would_fit(tmp_path):
     layers = max(2, math.ceil(2 * free / (4 * 218_112_000)))
     params = huge_llama(tmp_path / "big.gguf", layers=layers)
     error = refusal(tmp_path / "big.gguf")  # F32 matrices: as stored is fp32
-    assert re.match(r"error: big.gguf in as stored needs about [\d.]+ GB of memory and "
-                    r"[\d.]+ GB is available; load it .*quantized to int4 \(--quantize int4\) "
-                    r"\([\d.]+ GB\)", error), error  # fmt: skip
+    assert re.match(r"error: big.gguf as stored needs about [\d.]+ GB of memory and "
+                    r"[\d.]+ GB is available; load it with .*--quantize int4 \([\d.]+ GB\)$",
+                    error), error  # fmt: skip
     assert human_bytes(4 * params + FIXED_OVERHEAD).split()[0] in error
     error = refusal(tmp_path / "big.gguf", "--dtype", "bf16")
     assert "big.gguf in bfloat16 needs about" in error and "--quantize int4" in error
@@ -230,3 +231,48 @@ def test_a_model_too_big_for_any_way_says_so(tmp_path):
     assert "huge.gguf in int4 needs about" in error
     assert error.endswith("free some memory, or choose a smaller model or a smaller "
                           "quantization of it\n")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def every_format(tmp_path_factory):
+    """test_gguf's Llama with a different block format in each matrix (layer 0's q is F32,
+    k Q8_0, v Q4_K; layer 1's o BF16, gate F16...), and a tiny BPE vocabulary."""
+    from test_gguf import VOCAB, write_llama_family
+
+    tokens = [chr(0x41 + i) for i in range(VOCAB - 1)] + ["AB"]
+    kv = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
+          "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": ["A B"],
+          "tokenizer.ggml.token_type": [1] * VOCAB}  # fmt: skip
+    path = tmp_path_factory.mktemp("every") / "every-format.gguf"
+    write_llama_family(path, "llama", extra_kv=kv)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("options", "qkv"),
+    [({}, ["DenseMatrix", "QuantMatrix", "QuantMatrix"]),  # as stored; F32 q joins as dense
+     ({"quantize": "int8"}, None),  # fused into one Int8Linear
+     ({"quantize": "int4"}, ["Int4Linear", "Int8Linear", "Int4Linear"]),  # kept apart
+     ({"dtype": "bf16"}, None)],
+    ids=["default", "int8", "int4", "bf16"],
+)  # fmt: skip
+def test_every_format_in_every_mode(every_format, options, qkv):
+    """q, k and v of different formats fuse where their layers can, else stay apart; each
+    mode's logits follow the exact fp32 model's."""
+    ids, positions = torch.tensor([[1, 5, 9, 3, 7, 62, 0]]), torch.arange(7)[None]
+    with torch.no_grad():
+        want = pocketlm.load(every_format, dtype="fp32").model(ids, positions)
+        lm = pocketlm.load(every_format, **options)
+        got = lm.model(ids, positions).float()
+    attention = lm.model.model.layers[0].self_attn
+    if qkv and isinstance(attention.qkv_proj, GGUFLinear):
+        assert [type(part).__name__ for part in attention.qkv_proj.parts] == qkv
+    elif qkv:
+        assert attention.qkv_proj is None
+        assert [
+            type(p).__name__ for p in (attention.q_proj, attention.k_proj, attention.v_proj)
+        ] == qkv
+    error = (got - want).norm() / want.norm()
+    # int4 rounds every matrix again, to 16 levels per 32 weights; the others keep (int8:
+    # nearly) the file's values and round activations only.
+    assert error < (0.06 if options.get("quantize") == "int4" else 0.02), error

@@ -61,13 +61,17 @@ def attend(
     )
 
 
-def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
+def concat_linears(linears: list[nn.Module]) -> nn.Module | None:
     """One nn.Linear that computes the given ones side by side (outputs concatenated), for
     fusing projections that read the same input into one matmul at inference time.
     Other layer types (a quantized linear) provide their own `concat`, which takes any
-    plain nn.Linear among them too."""
-    if other := next((lin for lin in linears if type(lin) is not nn.Linear), None):
-        return type(other).concat(linears)
+    plain nn.Linear among them too. None where the layers are of two such types (a
+    GGUF's Q4_0 q and k as int4 beside its Q8_0 v as int8): they stay apart."""
+    kinds = {type(lin) for lin in linears} - {nn.Linear}
+    if len(kinds) > 1:
+        return None
+    if kinds:
+        return kinds.pop().concat(linears)
     weight = torch.cat([lin.weight for lin in linears])
     has_bias = linears[0].bias is not None
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")

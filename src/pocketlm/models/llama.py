@@ -157,7 +157,8 @@ class Attention(nn.Module):
         if self.qkv_proj is not None:
             return
         self.qkv_proj = concat_linears([self.q_proj, self.k_proj, self.v_proj])
-        del self.q_proj, self.k_proj, self.v_proj
+        if self.qkv_proj is not None:
+            del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self,
@@ -198,7 +199,8 @@ class MLP(nn.Module):
         if self.gate_up_proj is not None:
             return
         self.gate_up_proj = concat_linears([self.gate_proj, self.up_proj])
-        del self.gate_proj, self.up_proj
+        if self.gate_up_proj is not None:
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:

@@ -136,21 +136,21 @@ def _check_memory(
     if torch.device(device).type != "cpu":
         return
     params = sum(p.numel() for p in model.parameters())  # a tied matrix counts once
-    ways = {"as stored (no --dtype)": stored} if stored is not None else {}
+    ways = {"without --dtype": stored} if stored is not None else {}
     ways |= {
-        "in bf16 (--dtype bf16)": 2 * params,
-        "quantized to int8 (--quantize int8)": params * 17 // 16,  # + a scale per 32
-        "quantized to int4 (--quantize int4)": params * 5 // 8,  # + scale, offset per 32
+        "--dtype bf16": 2 * params,
+        "--quantize int8": params * 17 // 16,  # + a scale per 32
+        "--quantize int4": params * 5 // 8,  # + a scale and an offset per 32
     }
     if quantize == STORED:
-        mode, need = "as stored", stored
+        what, need = f"{path.name} as stored", stored
     elif quantize is not None:
-        mode = quantize
-        need = ways[f"quantized to {quantize} (--quantize {quantize})"]
+        what, need = f"{path.name} in {quantize}", ways[f"--quantize {quantize}"]
     else:
-        mode, need = str(dtype).removeprefix("torch."), params * dtype.itemsize
+        what = f"{path.name} in {str(dtype).removeprefix('torch.')}"
+        need = params * dtype.itemsize
     lighter = {how: size for how, size in ways.items() if size is not None and size < need}
-    check_fits(f"{path.name} in {mode}", need, lighter=lighter)
+    check_fits(what, need, lighter=lighter)
 
 
 def _load_gguf(
@@ -165,6 +165,8 @@ def _load_gguf(
     model = empty_model(checkpoint.config, source=path)
     stored = stored_bytes(checkpoint)
     _check_memory(model, path, device=device, dtype=dtype, quantize=quantize, stored=stored)
+    # Before the weights: a vocabulary pocketlm cannot read is said before a long load.
+    tokenizer = Tokenizer.from_gguf_metadata(checkpoint.metadata)
     # Known before any tensor is read: the matrices an adapter changes are merged in
     # float, so they are dequantized like the others rather than loaded as stored.
     factors = {} if adapter is None else fit_adapter(adapter, model)
@@ -185,7 +187,6 @@ def _load_gguf(
         _keep_stored(model, direct, model_type=kind)
     elif quantize is not None:
         _quantize_gguf(model, direct, quantize=quantize, device=device)
-    tokenizer = Tokenizer.from_gguf_metadata(checkpoint.metadata)
     return LoadedModel(model, tokenizer, checkpoint.config, path, native=True)
 
 

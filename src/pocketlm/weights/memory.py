@@ -52,11 +52,10 @@ def check_fits(what: str, need: int, *, lighter: dict[str, int]) -> None:
         return
     options = [f"{how} ({human_bytes(size)})" for how, size in lighter.items()
                if size + FIXED_OVERHEAD <= free]  # fmt: skip
-    advice = (
-        f"load it {' or '.join(options)}"
-        if options
-        else "free some memory, or choose a smaller model or a smaller quantization of it"
-    )
+    advice = "free some memory, or choose a smaller model or a smaller quantization of it"
+    if options:
+        *rest, last = options
+        advice = f"load it with {', '.join(rest)} or {last}" if rest else f"load it with {last}"
     raise PocketLMError(
         f"{what} needs about {human_bytes(need + FIXED_OVERHEAD)} of memory and "
         f"{human_bytes(free)} is available; {advice}"
