@@ -436,7 +436,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "The three primary c
 
 @pytest.fixture(scope="module")
 def smollm2_fp32(smollm2_gguf):
-    return pocketlm.load(smollm2_gguf, device="cpu")
+    return pocketlm.load(smollm2_gguf, device="cpu", dtype="fp32")
 
 
 @pytest.fixture(scope="module", params=["int8", "int4"])

@@ -142,10 +142,13 @@ def test_chat_reads_messages_from_a_pipe(scripted, tmp_path, monkeypatch, capsys
     assert not (tmp_path / "history").exists()
 
 
+# Not "What is the capital of France?": there the 135M model's first token is a near tie
+# (fp32: "The" 0.08 logits above "L"), which the default path's rounding of activations
+# (int8 per 32, as llama.cpp) turns into "L'Étoile, la Marseillaise...".
 def test_smollm2_chat_answers_paris_and_computes_only_the_new_turn(smollm2_gguf, tmp_path):
     child = spawn(["chat", str(smollm2_gguf), "-t", "0", "-n", "24"], tmp_path)
     assert "chat mode (chat template)" in child.before
-    assert "Paris" in type_line(child, "What is the capital of France?")
+    assert "Paris" in type_line(child, "Which city is the capital of France?")
     type_line(child, "/set max_tokens 1")
     type_line(child, "And of Germany?")
     # The reply ended with <|im_end|>, sampled but never fed back: it and the new turn are
