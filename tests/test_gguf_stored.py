@@ -276,3 +276,24 @@ def test_every_format_in_every_mode(every_format, options, qkv):
     # int4 rounds every matrix again, to 16 levels per 32 weights; the others keep (int8:
     # nearly) the file's values and round activations only.
     assert error < (0.06 if options.get("quantize") == "int4" else 0.02), error
+
+
+def test_compiled_decode_of_a_gguf_as_stored_gives_the_eager_tokens(every_format):
+    """`--compile` on the default path: the packed matmuls go into the graph (their fake
+    shapes are registered), the embedding's data-dependent lookup stays outside it."""
+    from pocketlm.generate.compiled import CompiledDecode
+    from pocketlm.generate.sequence import Sequence
+
+    lm = pocketlm.load(every_format)
+    prompt = [1, 5, 9, 3]
+
+    def greedy_ids(decode=None) -> list[int]:
+        seq = Sequence(lm.model, decode=decode)
+        logits, out = seq.prefill(prompt), []
+        for _ in range(12):
+            out.append(int(logits.argmax()))
+            logits = seq.step(out[-1])
+        return out
+
+    step = CompiledDecode(lm.model)
+    assert greedy_ids(step) == greedy_ids() and step.calls >= 11

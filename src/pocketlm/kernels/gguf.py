@@ -81,6 +81,7 @@ class QuantMatrix(nn.Module):
         self.register_buffer("records", records)  # (N/4, Kp/group, 4, record bytes) uint8
         self.register_buffer("table", TABLE.clone() if layout.table else None)
         self.params = layout.params()  # as the C++ kernels take the layout
+        self._ops = gguf_ops()  # looked up once: a compiled graph cannot call the lookup
 
     @classmethod
     def from_gguf(cls, raw: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> "QuantMatrix":
@@ -91,7 +92,7 @@ class QuantMatrix(nn.Module):
     def dequantize(self, start: int = 0, stop: int | None = None, *, dtype=torch.float32):  # noqa: ANN001, ANN201
         """Rows [start, stop) as `dtype`: gguf's weights bit for bit (bf16: those rounded)."""
         stop = self.out_features if stop is None else stop
-        ops = gguf_ops() if self.codes.device.type == "cpu" else None
+        ops = self._ops if self.codes.device.type == "cpu" else None
         if ops is not None and dtype in (torch.float32, torch.bfloat16):
             return ops.quant_dequant(
                 self.codes, self.records, self.table, self.params, start, stop - start,
@@ -104,7 +105,7 @@ class QuantMatrix(nn.Module):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """(M, K) -> (M, N) float32."""
-        ops = gguf_ops() if rows.device.type == "cpu" else None
+        ops = self._ops if rows.device.type == "cpu" else None
         if ops is not None and len(rows) <= DECODE_MAX_ROWS:
             return ops.quant_gemv(
                 rows, self.codes, self.records, self.table, self.params, self.out_features
@@ -139,6 +140,7 @@ class DenseMatrix(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight.contiguous())
+        self._ops = gguf_ops()  # looked up once, as QuantMatrix's
 
     @classmethod
     def from_gguf(cls, raw: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> "DenseMatrix":
@@ -153,7 +155,7 @@ class DenseMatrix(nn.Module):
         w = self.weight
         if w.dtype == torch.float32:
             return F.linear(rows.float(), w)
-        ops = gguf_ops() if rows.device.type == "cpu" else None
+        ops = self._ops if rows.device.type == "cpu" else None
         if ops is not None and len(rows) <= DECODE_MAX_ROWS and self.in_features % 32 == 0:
             return ops.half_gemv(rows, w)
         if ops is not None and w.dtype == torch.bfloat16:  # the weight as it is
@@ -254,6 +256,36 @@ class GGUFLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+_LAYOUT_OF_PARAMS = {tuple(layout.params()): layout for layout in LAYOUTS.values()}
+
+
+# An op of its own: which rows it dequantizes depends on the data, which a compiled graph
+# (`--compile`) cannot trace; as an op it is one opaque call there, its shape declared.
+@torch.library.custom_op("pocketlm::gguf_rows", mutates_args=())
+def quant_rows(
+    ids: torch.Tensor,
+    codes: torch.Tensor,
+    records: torch.Tensor,
+    table: torch.Tensor | None,
+    params: list[int],
+    n: int,
+    k: int,
+) -> torch.Tensor:
+    """Rows `ids` (M,) of a packed (n, k) matrix -> (M, k) float32, each distinct row
+    dequantized once."""
+    unique, where = ids.unique(return_inverse=True)
+    if len(unique) and not 0 <= int(unique[0]) <= int(unique[-1]) < n:
+        raise IndexError(f"token ids must lie in [0, {n})")
+    matrix = QuantMatrix(_LAYOUT_OF_PARAMS[tuple(params)], codes, records, shape=(n, k))
+    rows = [matrix.dequantize(i, i + 1) for i in unique.tolist()]
+    return (torch.cat(rows) if rows else torch.empty(0, k))[where]
+
+
+@quant_rows.register_fake
+def _(ids, codes, records, table, params, n, k):  # noqa: ANN001, ANN202 - the op's own
+    return ids.new_empty((ids.shape[0], k), dtype=torch.float32)
+
+
 def _as_gguf(linear: nn.Module) -> GGUFLinear:
     if isinstance(linear, GGUFLinear):
         return linear
@@ -274,12 +306,13 @@ class GGUFEmbedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(...) token ids -> (..., width) float32."""
-        ids, where = tokens.reshape(-1).unique(return_inverse=True)
-        if len(ids) and not 0 <= int(ids[0]) <= int(ids[-1]) < self.num_embeddings:
-            raise IndexError(f"token ids must lie in [0, {self.num_embeddings})")
-        rows = [self.matrix.dequantize(i, i + 1) for i in ids.tolist()]
-        rows = torch.cat(rows) if rows else torch.empty(0, self.embedding_dim)
-        return rows[where].view(*tokens.shape, self.embedding_dim)
+        m = self.matrix
+        if isinstance(m, DenseMatrix):
+            return m.weight[tokens].float()
+        rows = quant_rows(
+            tokens.reshape(-1), m.codes, m.records, m.table, m.params, m.out_features, m.in_features
+        )
+        return rows.view(*tokens.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.matrix.extra_repr()}"
