@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 import pocketlm.kernels.gguf as gguf_kernels  # noqa: E402
+from pocketlm.generate.benchmark import memory_bandwidth  # noqa: E402
 from pocketlm.kernels.gguf import GGUFLinear  # noqa: E402
 from pocketlm.kernels.gguf_layouts import LAYOUTS  # noqa: E402
 from pocketlm.kernels.int4 import Int4Linear  # noqa: E402
@@ -129,13 +130,7 @@ def best_seconds(calls: list, rounds: int) -> float:
 
 
 def read_bandwidth() -> float:
-    a = torch.ones(128 * 1024 * 1024)
-    best = float("inf")
-    for _ in range(8):
-        started = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - started)
-    return a.numel() * 4 / best / 1e9
+    return memory_bandwidth(megabytes=512, repeats=8)
 
 
 def measure(args: argparse.Namespace) -> list[dict]:

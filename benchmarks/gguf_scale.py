@@ -409,14 +409,10 @@ def worker_bandwidth() -> None:
     """Read bandwidth as benchmarks/gguf_kernels.py measures it: best of 8 sums of 512 MB."""
     import torch
 
+    from pocketlm.generate.benchmark import memory_bandwidth
+
     torch.set_num_threads(THREADS)
-    a = torch.ones(128 * 1024 * 1024)
-    best = float("inf")
-    for _ in range(8):
-        started = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - started)
-    print(json.dumps({"read_gb_s": a.numel() * 4 / best / 1e9}))
+    print(json.dumps({"read_gb_s": memory_bandwidth(megabytes=512, repeats=8)}))
 
 
 def bandwidth(args: argparse.Namespace) -> float | None:
