@@ -34,7 +34,7 @@ def make_gpt2(folder: Path, *, seed: int = 0, with_tokenizer: bool = True, **con
 
 
 def make_llama(folder: Path, *, model_type: str = "llama", seed: int = 0, **config) -> Path:
-    """A random Llama / Mistral / Qwen2 in HF layout, with the GPT-2 vocabulary as its
+    """A random Llama / Mistral / Qwen2 / Qwen3 in HF layout, with the GPT-2 vocabulary as its
     tokenizer (the architecture tests only need some valid tokenizer)."""
     import transformers
 
@@ -42,6 +42,7 @@ def make_llama(folder: Path, *, model_type: str = "llama", seed: int = 0, **conf
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }
     config_cls, model_cls = classes[model_type]
     defaults = dict(

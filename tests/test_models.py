@@ -37,6 +37,7 @@ LLAMA_CONFIGS = {
     ),
     "mistral-window": dict(model_type="mistral", sliding_window=8),
     "qwen2-bias": dict(model_type="qwen2", num_key_value_heads=1),
+    "qwen3-qk-norm": dict(model_type="qwen3", head_dim=24),  # more in test_qwen3.py
 }
 
 

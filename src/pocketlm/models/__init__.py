@@ -9,13 +9,14 @@ from pocketlm.models.cache import KVCache
 from pocketlm.models.gpt2 import GPT2, GPT2Config
 from pocketlm.models.llama import Llama, LlamaConfig
 
-# model_type -> (config class, model class). Mistral, Qwen2 and SmolLM are Llamas with
-# options their config.json switches on; nothing here keys on file names.
+# model_type -> (config class, model class). Mistral, Qwen2, Qwen3 and SmolLM are Llamas
+# with options their config.json switches on; nothing here keys on file names.
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "gpt2": (GPT2Config, GPT2),
     "llama": (LlamaConfig, Llama),
     "mistral": (LlamaConfig, Llama),
     "qwen2": (LlamaConfig, Llama),
+    "qwen3": (LlamaConfig, Llama),
 }
 
 

@@ -1,7 +1,8 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) in plain PyTorch.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM) in plain PyTorch.
 
 RMSNorm, rotary embeddings (default, linear and llama3 scaling, or llama.cpp's per-pair
 frequency factors), grouped-query attention, SwiGLU MLP, optional q/k/v bias (Qwen2),
+optional per-head RMSNorm of q and k before rotary (Qwen3, HF `modeling_qwen3.py`),
 optional sliding window (Mistral), tied or untied embeddings. Parameter names line up with
 HF `LlamaForCausalLM` keys. Mirrors HF `modeling_llama.py` (rotate_half layout, computed as
 a roll) and gpt-fast `model.py`. Knows nothing of files, tokenizers or sampling:
@@ -26,7 +27,7 @@ from pocketlm.models.layers import CausalLM, attend, concat_linears
 
 @dataclass
 class LlamaConfig:
-    """Keyed like a Llama/Mistral/Qwen2 config.json; unknown keys are ignored."""
+    """Keyed like a Llama/Mistral/Qwen2/Qwen3 config.json; unknown keys are ignored."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -50,6 +51,7 @@ class LlamaConfig:
     num_layers: int = field(init=False)
     num_kv_heads: int = field(init=False)
     context_length: int = field(init=False)
+    qk_norm: bool = field(init=False)  # Qwen3's per-head RMSNorm of q and k (no config key)
 
     def __post_init__(self) -> None:
         if self.rope_parameters:
@@ -60,11 +62,15 @@ class LlamaConfig:
         self.num_layers = self.num_hidden_layers
         self.num_kv_heads = self.num_key_value_heads
         self.context_length = self.max_position_embeddings
+        self.qk_norm = self.model_type == "qwen3"
         if self.model_type == "qwen2":
-            # Qwen2 always has q/k/v bias, and its config says sliding window only by flag.
+            # Qwen2 always has q/k/v bias (Qwen3 says so in attention_bias, default false).
             self.attention_bias = True
-            if not self.use_sliding_window:
-                self.sliding_window = None
+        if self.model_type in ("qwen2", "qwen3") and not self.use_sliding_window:
+            self.sliding_window = None  # their configs say sliding window only by this flag
+        if self.model_type == "qwen3" and self.sliding_window is not None:
+            # Qwen3 windows only the layers from max_window_layers on; no released one does.
+            raise PocketLMError("Qwen3 with use_sliding_window is not supported by pocketlm")
         if self.hidden_act != "silu":
             raise PocketLMError(
                 f"unsupported hidden_act {self.hidden_act!r} (pocketlm supports silu)"
@@ -150,6 +156,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
         self.qkv_proj: nn.Module | None = None  # set by `fuse()`
+        if config.qk_norm:  # Qwen3: one weight per head dimension, shared by every head
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def fuse(self) -> None:
         """Replace q/k/v_proj by one matmul (for inference: one weight read, one kernel
@@ -177,6 +187,8 @@ class Attention(nn.Module):
         # Rotate q and k in one go: they sit side by side along the head axis.
         cos, sin = rope  # (B, T, 1, D)
         qk = qkv[:, :, : H + K]
+        if self.qk_norm:  # Qwen3: each head of q and of k RMS-normed, before the rotation
+            qk = torch.cat((self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])), dim=2)
         # HF's x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1): `sin` carries
         # the minus sign on its first half (see `rope`), so a roll does the rest.
         qk = qk * cos + qk.roll(D // 2, dims=-1) * sin  # (B, T, H + K, D)

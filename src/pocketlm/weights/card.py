@@ -19,7 +19,7 @@ from pocketlm import paths
 from pocketlm.errors import CorruptModelError
 
 # Architectures with a module under pocketlm/models; others run through transformers.
-NATIVE_ARCHITECTURES = frozenset({"gpt2", "llama", "mistral", "qwen2"})
+NATIVE_ARCHITECTURES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3"})
 
 RAM_NOTE = (
     "weights only, at the dtype you load with; add the KV cache "
@@ -157,6 +157,7 @@ def count_parameters(config: dict[str, Any]) -> int:
     attention += (q + 2 * kv) * (qwen2_bias or llama_bias) + d * llama_bias
     mlp = 3 * d * ff + (2 * ff + d) * bool(config.get("mlp_bias", False))
     block = attention + mlp + 2 * d  # two RMSNorm weights
+    block += 2 * s.head_dim * (s.architecture == "qwen3")  # Qwen3's q_norm and k_norm
     head = 0 if s.tied else s.vocab * d
     return s.vocab * d + s.layers * block + d + head
 

@@ -33,7 +33,7 @@ from pocketlm.kernels.gguf import STORED_TYPES, packed_bytes
 from pocketlm.weights.dequant import dequantize, ggml_type_name, ggml_type_sizes
 from pocketlm.weights.gguf_config import gguf_config, quantization
 
-SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3")
 
 # Llama 3.1+ rope scaling as llama.cpp's converter writes it: per-pair divisors of the
 # rotary frequencies, read into the config (rope_scaling "freq_factors"), not a parameter.
@@ -43,7 +43,7 @@ _ROPE_FREQS_ARCHS = ("llama",)
 _MAX_ROPE_FREQS = 1 << 15  # one per pair of the largest head_dim the validator allows
 
 # GGUF ships Llama q/k rows interleaved for llama.cpp's rotary layout; these archs need
-# them permuted back (llama.cpp converts Mistral as "llama"; Qwen2 is never permuted).
+# them permuted back (llama.cpp converts Mistral as "llama"; Qwen2 and Qwen3 never are).
 _PERMUTED_QK = ("llama",)
 
 # --- tensor names: GGUF (llama.cpp) -> (ours, shape), with {i} the block index ---------
@@ -65,6 +65,12 @@ LLAMA_TENSORS = {
     "blk.{i}.ffn_gate.weight": ("model.layers.{i}.mlp.gate_proj.weight", ("ffn", "hidden")),
     "blk.{i}.ffn_up.weight": ("model.layers.{i}.mlp.up_proj.weight", ("ffn", "hidden")),
     "blk.{i}.ffn_down.weight": ("model.layers.{i}.mlp.down_proj.weight", ("hidden", "ffn")),
+}
+# Qwen3: Llama's tensors and the per-head RMSNorm weights of q and k.
+QWEN3_TENSORS = {
+    **LLAMA_TENSORS,
+    "blk.{i}.attn_q_norm.weight": ("model.layers.{i}.self_attn.q_norm.weight", ("head",)),
+    "blk.{i}.attn_k_norm.weight": ("model.layers.{i}.self_attn.k_norm.weight", ("head",)),
 }
 
 # llama.cpp's converter already transposes GPT-2's Conv1D weights to (out, in), which is
@@ -88,6 +94,8 @@ GPT2_TENSORS = {
     "blk.{i}.ffn_down.weight": ("transformer.h.{i}.mlp.c_proj.weight", ("hidden", "ffn")),
     "blk.{i}.ffn_down.bias": ("transformer.h.{i}.mlp.c_proj.bias", ("hidden",)),
 }
+# Each architecture's table (llama and qwen2 share Llama's: Qwen2's biases are optional).
+_TABLES = {"gpt2": GPT2_TENSORS, "qwen3": QWEN3_TENSORS}
 # Tensors a file may leave out: lm_head when tied, biases a Llama may not have.
 _OPTIONAL = re.compile(r"lm_head\.weight|model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias")
 
@@ -351,6 +359,7 @@ def _dims(cfg: dict[str, Any]) -> dict[str, int]:
         "ffn": cfg["intermediate_size"],
         "q": cfg["num_attention_heads"] * cfg["head_dim"],
         "kv": cfg["num_key_value_heads"] * cfg["head_dim"],
+        "head": cfg["head_dim"],
         "vocab": cfg["vocab_size"],
     }
 
@@ -358,7 +367,7 @@ def _dims(cfg: dict[str, Any]) -> dict[str, int]:
 def _plan(ckpt: GGUFCheckpoint) -> list[_Planned]:
     """Map every GGUF tensor to our name; check names, layer indices, shapes and the key set."""
     cfg, gpt2 = ckpt.config, ckpt.architecture == "gpt2"
-    table = GPT2_TENSORS if gpt2 else LLAMA_TENSORS
+    table = _TABLES.get(ckpt.architecture, LLAMA_TENSORS)
     n_layers = cfg["n_layer"] if gpt2 else cfg["num_hidden_layers"]
     dims = _dims(cfg)
     plan = []

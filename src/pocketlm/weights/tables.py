@@ -38,7 +38,8 @@ TIED_KEYS: dict[str, tuple[str, str]] = {
 
 
 def family(model_type: str) -> str:
-    """Tables are per family: Mistral and Qwen2 checkpoints name tensors as Llama does."""
+    """Tables are per family: Mistral, Qwen2 and Qwen3 checkpoints name tensors as Llama
+    does (Qwen3's q_norm and k_norm are named as our parameters are)."""
     return "gpt2" if model_type == "gpt2" else "llama"
 
 
