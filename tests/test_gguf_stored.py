@@ -297,3 +297,13 @@ def test_compiled_decode_of_a_gguf_as_stored_gives_the_eager_tokens(every_format
 
     step = CompiledDecode(lm.model)
     assert greedy_ids(step) == greedy_ids() and step.calls >= 11
+
+
+def test_a_model_as_stored_copies_and_the_copy_computes_the_same(every_format):
+    import copy
+
+    model = pocketlm.load(every_format).model
+    twin = copy.deepcopy(model)
+    ids, positions = torch.tensor([[3, 1, 4, 1, 5]]), torch.arange(5)[None]
+    with torch.no_grad():
+        assert torch.equal(twin(ids, positions), model(ids, positions))

@@ -68,6 +68,24 @@ def packed_bytes(ggml_type: str, shape: tuple[int, int]) -> int:
     return rows * (kp // CHUNK * layout.code_bytes + kp // layout.group * layout.record_bytes)
 
 
+class _Kernels:
+    """pocketlm.kernels.cpp.gguf_ops(), kept where a compiled graph reads it as a constant
+    (it cannot trace the lookup itself); each matrix notes at birth whether to use it."""
+
+    ops = None
+
+
+_kernels = _Kernels()
+
+
+def _kernels_here() -> bool:
+    """Whether pocketlm's GGUF kernels run here (they are then in `_kernels.ops`)."""
+    ops = gguf_ops()
+    if ops is not None:
+        _kernels.ops = ops
+    return ops is not None
+
+
 class QuantMatrix(nn.Module):
     """An (N, K) matrix of one GGUF quantized type, in pocketlm's layout of it."""
 
@@ -81,7 +99,7 @@ class QuantMatrix(nn.Module):
         self.register_buffer("records", records)  # (N/4, Kp/group, 4, record bytes) uint8
         self.register_buffer("table", TABLE.clone() if layout.table else None)
         self.params = layout.params()  # as the C++ kernels take the layout
-        self._ops = gguf_ops()  # looked up once: a compiled graph cannot call the lookup
+        self._fast = _kernels_here()  # a bool: the module stays copyable and picklable
 
     @classmethod
     def from_gguf(cls, raw: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> "QuantMatrix":
@@ -92,7 +110,7 @@ class QuantMatrix(nn.Module):
     def dequantize(self, start: int = 0, stop: int | None = None, *, dtype=torch.float32):  # noqa: ANN001, ANN201
         """Rows [start, stop) as `dtype`: gguf's weights bit for bit (bf16: those rounded)."""
         stop = self.out_features if stop is None else stop
-        ops = self._ops if self.codes.device.type == "cpu" else None
+        ops = _kernels.ops if self._fast and self.codes.device.type == "cpu" else None
         if ops is not None and dtype in (torch.float32, torch.bfloat16):
             return ops.quant_dequant(
                 self.codes, self.records, self.table, self.params, start, stop - start,
@@ -105,7 +123,7 @@ class QuantMatrix(nn.Module):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """(M, K) -> (M, N) float32."""
-        ops = self._ops if rows.device.type == "cpu" else None
+        ops = _kernels.ops if self._fast and rows.device.type == "cpu" else None
         if ops is not None and len(rows) <= DECODE_MAX_ROWS:
             return ops.quant_gemv(
                 rows, self.codes, self.records, self.table, self.params, self.out_features
@@ -140,7 +158,7 @@ class DenseMatrix(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight.contiguous())
-        self._ops = gguf_ops()  # looked up once, as QuantMatrix's
+        self._fast = _kernels_here()  # a bool: the module stays copyable and picklable
 
     @classmethod
     def from_gguf(cls, raw: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> "DenseMatrix":
@@ -155,7 +173,7 @@ class DenseMatrix(nn.Module):
         w = self.weight
         if w.dtype == torch.float32:
             return F.linear(rows.float(), w)
-        ops = self._ops if rows.device.type == "cpu" else None
+        ops = _kernels.ops if self._fast and rows.device.type == "cpu" else None
         if ops is not None and len(rows) <= DECODE_MAX_ROWS and self.in_features % 32 == 0:
             return ops.half_gemv(rows, w)
         if ops is not None and w.dtype == torch.bfloat16:  # the weight as it is
