@@ -110,16 +110,10 @@ class QuantMatrix(nn.Module):
     def dequantize(self, start: int = 0, stop: int | None = None, *, dtype=torch.float32):  # noqa: ANN001, ANN201
         """Rows [start, stop) as `dtype`: gguf's weights bit for bit (bf16: those rounded)."""
         stop = self.out_features if stop is None else stop
-        ops = _kernels.ops if self._fast and self.codes.device.type == "cpu" else None
-        if ops is not None and dtype in (torch.float32, torch.bfloat16):
-            return ops.quant_dequant(
-                self.codes, self.records, self.table, self.params, start, stop - start,
-                self.in_features, dtype == torch.bfloat16,
-            )  # fmt: skip
-        w = dequantize(
-            self.layout, self.codes, self.records, k=self.in_features, rows=(start, stop)
-        )
-        return w.to(dtype)
+        return _dequantize_rows(
+            self.layout, self.codes, self.records, self.table, k=self.in_features,
+            rows=(start, stop), dtype=dtype, fast=self._fast,
+        )  # fmt: skip
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """(M, K) -> (M, N) float32."""
@@ -149,6 +143,29 @@ class QuantMatrix(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.layout.ggml_type}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _dequantize_rows(
+    layout: Layout,
+    codes: torch.Tensor,
+    records: torch.Tensor,
+    table: torch.Tensor | None,
+    *,
+    k: int,
+    rows: tuple[int, int],
+    dtype: torch.dtype,
+    fast: bool,
+) -> torch.Tensor:
+    """Rows [start, stop) of a packed matrix as `dtype`: by the C++ kernel where it runs
+    (`fast`, on a CPU), else by gguf_layouts.dequantize."""
+    start, stop = rows
+    ops = _kernels.ops if fast and codes.device.type == "cpu" else None
+    if ops is not None and dtype in (torch.float32, torch.bfloat16):
+        return ops.quant_dequant(
+            codes, records, table, layout.params(), start, stop - start, k,
+            dtype == torch.bfloat16,
+        )  # fmt: skip
+    return dequantize(layout, codes, records, k=k, rows=rows).to(dtype)
 
 
 class DenseMatrix(nn.Module):
@@ -294,8 +311,12 @@ def quant_rows(
     unique, where = ids.unique(return_inverse=True)
     if len(unique) and not 0 <= int(unique[0]) <= int(unique[-1]) < n:
         raise IndexError(f"token ids must lie in [0, {n})")
-    matrix = QuantMatrix(_LAYOUT_OF_PARAMS[tuple(params)], codes, records, shape=(n, k))
-    rows = [matrix.dequantize(i, i + 1) for i in unique.tolist()]
+    layout, fast = _LAYOUT_OF_PARAMS[tuple(params)], _kernels.ops is not None
+    rows = [
+        _dequantize_rows(layout, codes, records, table, k=k, rows=(i, i + 1),
+                         dtype=torch.float32, fast=fast)
+        for i in unique.tolist()
+    ]  # fmt: skip
     return (torch.cat(rows) if rows else torch.empty(0, k))[where]
 
 

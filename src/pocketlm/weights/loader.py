@@ -230,8 +230,7 @@ def _quantize_gguf(
             layer = Int8Linear(weight.to(device), scales.to(device), bias)
         else:
             layer = Int4Linear(*q4_to_int4(data, kind, shape), bias)
-        parent, _, attr = module_name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, layer)
+        _replace(model, module_name, layer)
     # Here rather than in `prepare`, which fuses first: fusing concatenates layers of one
     # kind, and q/k/v may be stored in different types (int8 from the file beside float).
     (quantize_int4 if quantize == "int4" else quantize_int8)(model)
@@ -251,13 +250,17 @@ def _keep_stored(model: nn.Module, direct: Direct, *, model_type: str) -> None:
             new = GGUFEmbedding(matrix)
         else:
             new = GGUFLinear([matrix], None if old.bias is None else old.bias.detach().float())
-        parent, _, attr = module_name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, new)
+        _replace(model, module_name, new)
     head, embedding = tables.TIED_KEYS[tables.family(model_type)]
     embedder = model.get_submodule(embedding.removesuffix(".weight"))
     if model.config.tie_word_embeddings and isinstance(embedder, GGUFEmbedding):
-        parent, _, attr = head.removesuffix(".weight").rpartition(".")
-        setattr(model.get_submodule(parent), attr, GGUFLinear([embedder.matrix]))
+        _replace(model, head.removesuffix(".weight"), GGUFLinear([embedder.matrix]))
+
+
+def _replace(model: nn.Module, module_name: str, layer: nn.Module) -> None:
+    """Put `layer` where the submodule `module_name` is."""
+    parent, _, attr = module_name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, layer)
 
 
 def empty_model(config: dict[str, Any], *, source: Path) -> nn.Module:
