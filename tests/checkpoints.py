@@ -34,8 +34,9 @@ def make_gpt2(folder: Path, *, seed: int = 0, with_tokenizer: bool = True, **con
 
 
 def make_llama(folder: Path, *, model_type: str = "llama", seed: int = 0, **config) -> Path:
-    """A random Llama / Mistral / Qwen2 / Qwen3 in HF layout, with the GPT-2 vocabulary as its
-    tokenizer (the architecture tests only need some valid tokenizer)."""
+    """A random Llama / Mistral / Qwen2 / Qwen3 (or Mixtral / Qwen2-MoE / Qwen3-MoE) in HF
+    layout, with the GPT-2 vocabulary as its tokenizer (the architecture tests only need
+    some valid tokenizer)."""
     import transformers
 
     classes = {
@@ -43,6 +44,9 @@ def make_llama(folder: Path, *, model_type: str = "llama", seed: int = 0, **conf
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
     }
     config_cls, model_cls = classes[model_type]
     defaults = dict(

@@ -4,9 +4,9 @@ tests/checkpoints.py.
 
 The converter identifies a BPE tokenizer by hashing how it splits a fixed text, and refuses
 one it does not know, so each checkpoint gets a real vocabulary it knows: GPT-2's (shipped
-with pocketlm; "gpt-2") for GPT-2, Llama and Mistral, Qwen2's (llama.cpp's vocab-only
-ggml-vocab-qwen2.gguf; "qwen2") for Qwen2 and Qwen3, whose tokenizer class transformers 5 always
-builds with Qwen2's own split pattern. The converter runs in a subprocess with its own
+with pocketlm; "gpt-2") for GPT-2, Llama, Mistral and Mixtral, Qwen2's (llama.cpp's
+vocab-only ggml-vocab-qwen2.gguf; "qwen2") for Qwen2, Qwen3 and their MoEs, whose
+tokenizer class transformers 5 always builds with Qwen2's own split pattern. The converter runs in a subprocess with its own
 gguf-py (it puts that first on sys.path). Without the llama.cpp download the tests skip.
 """
 
@@ -54,7 +54,7 @@ def make_convertible(folder: Path, *, model_type: str, **config) -> Path:
     converter knows (see the module docstring); `config` overrides the config's fields."""
     if model_type == "gpt2":
         make_gpt2(folder, **config)
-    elif model_type in ("qwen2", "qwen3"):
+    elif model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         ids = dict(vocab_size=QWEN2_VOCAB, bos_token_id=QWEN2_EOS, eos_token_id=QWEN2_EOS)
         make_llama(folder, model_type=model_type, **{**ids, **config})
         qwen2_vocab_files(folder)

@@ -9,14 +9,18 @@ from pocketlm.models.cache import KVCache
 from pocketlm.models.gpt2 import GPT2, GPT2Config
 from pocketlm.models.llama import Llama, LlamaConfig
 
-# model_type -> (config class, model class). Mistral, Qwen2, Qwen3 and SmolLM are Llamas
-# with options their config.json switches on; nothing here keys on file names.
+# model_type -> (config class, model class). Mistral, Qwen2, Qwen3, SmolLM and the
+# mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) are Llamas with options their
+# config.json switches on; nothing here keys on file names.
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "gpt2": (GPT2Config, GPT2),
     "llama": (LlamaConfig, Llama),
     "mistral": (LlamaConfig, Llama),
     "qwen2": (LlamaConfig, Llama),
     "qwen3": (LlamaConfig, Llama),
+    "mixtral": (LlamaConfig, Llama),
+    "qwen2_moe": (LlamaConfig, Llama),
+    "qwen3_moe": (LlamaConfig, Llama),
 }
 
 

@@ -1,11 +1,14 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM) in plain PyTorch.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM, and the mixtures of experts
+Mixtral, Qwen2-MoE, Qwen3-MoE) in plain PyTorch.
 
 RMSNorm, rotary embeddings (default, linear and llama3 scaling, or llama.cpp's per-pair
 frequency factors), grouped-query attention, SwiGLU MLP, optional q/k/v bias (Qwen2),
 optional per-head RMSNorm of q and k before rotary (Qwen3, HF `modeling_qwen3.py`),
-optional sliding window (Mistral), tied or untied embeddings. Parameter names line up with
-HF `LlamaForCausalLM` keys. Mirrors HF `modeling_llama.py` (rotate_half layout, computed as
-a roll) and gpt-fast `model.py`. Knows nothing of files, tokenizers or sampling:
+optional sliding window (Mistral), tied or untied embeddings; with experts in the config,
+a sparse MoE MLP (models/moe.py) on the layers the config makes sparse. Parameter names
+line up with HF `LlamaForCausalLM` keys (and Qwen2-MoE's `mlp.experts.{e}.gate_proj`).
+Mirrors HF `modeling_llama.py` (rotate_half layout, computed as a roll) and gpt-fast
+`model.py`. Knows nothing of files, tokenizers or sampling:
 `forward(tokens, positions, cache) -> logits`.
 
 B = batch, T = time, C = hidden_size, H = heads, K = key/value heads, D = head_dim.
@@ -23,11 +26,13 @@ from torch import nn
 from pocketlm.errors import PocketLMError
 from pocketlm.models.cache import KVCache
 from pocketlm.models.layers import CausalLM, attend, concat_linears
+from pocketlm.models.moe import SparseMoE
 
 
 @dataclass
 class LlamaConfig:
-    """Keyed like a Llama/Mistral/Qwen2/Qwen3 config.json; unknown keys are ignored."""
+    """Keyed like a Llama/Mistral/Qwen2/Qwen3 config.json (and Mixtral's, Qwen2-MoE's,
+    Qwen3-MoE's); unknown keys are ignored."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -47,11 +52,24 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     model_type: str = "llama"
+    # Mixture of experts: Mixtral says num_local_experts, Qwen2/3-MoE num_experts.
+    num_local_experts: int = 0
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = (
+        None  # Qwen: the experts' width (Mixtral: intermediate_size)
+    )
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert
+    norm_topk_prob: bool = False  # renormalise the top-k weights (Mixtral always does)
+    decoder_sparse_step: int = 1  # Qwen: every this-many-th layer is sparse...
+    mlp_only_layers: list[int] = field(default_factory=list)  # ...but for these
+    qkv_bias: bool = True  # Qwen2-MoE's name for attention_bias
     # Derived, for the engine: the same names on every architecture's config.
     num_layers: int = field(init=False)
     num_kv_heads: int = field(init=False)
     context_length: int = field(init=False)
     qk_norm: bool = field(init=False)  # Qwen3's per-head RMSNorm of q and k (no config key)
+    n_experts: int = field(init=False)  # 0: a dense model
 
     def __post_init__(self) -> None:
         if self.rope_parameters:
@@ -62,25 +80,45 @@ class LlamaConfig:
         self.num_layers = self.num_hidden_layers
         self.num_kv_heads = self.num_key_value_heads
         self.context_length = self.max_position_embeddings
-        self.qk_norm = self.model_type == "qwen3"
+        self.qk_norm = self.model_type in ("qwen3", "qwen3_moe")
         if self.model_type == "qwen2":
             # Qwen2 always has q/k/v bias (Qwen3 says so in attention_bias, default false).
             self.attention_bias = True
-        if self.model_type in ("qwen2", "qwen3") and not self.use_sliding_window:
+        if self.model_type == "qwen2_moe":
+            self.attention_bias = self.qkv_bias
+        if self.model_type in QWEN_TYPES and not self.use_sliding_window:
             self.sliding_window = None  # their configs say sliding window only by this flag
-        if self.model_type == "qwen3" and self.sliding_window is not None:
-            # Qwen3 windows only the layers from max_window_layers on; no released one does.
-            raise PocketLMError("Qwen3 with use_sliding_window is not supported by pocketlm")
+        if self.model_type in ("qwen3", "qwen2_moe") and self.sliding_window is not None:
+            # They window only the layers from max_window_layers on; no released one does.
+            # (Qwen3-MoE windows every layer, as Mistral does.)
+            raise PocketLMError(
+                f"{self.model_type} with use_sliding_window is not supported by pocketlm"
+            )
+        self.n_experts = self.num_experts or self.num_local_experts
+        if self.model_type == "mixtral":
+            self.norm_topk_prob = True
         if self.hidden_act != "silu":
             raise PocketLMError(
                 f"unsupported hidden_act {self.hidden_act!r} (pocketlm supports silu)"
             )
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether this layer's MLP is a mixture of experts (HF Qwen2MoeDecoderLayer's rule;
+        every layer of a Mixtral)."""
+        return (
+            self.n_experts > 0
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
         known = {f.name for f in fields(cls) if f.init}
         return cls(**{k: v for k, v in d.items() if k in known and v is not None})
 
+
+# The Qwen model types whose configs switch a sliding window on by use_sliding_window.
+QWEN_TYPES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 
 # The rope_scaling types rope_inv_freq computes. "freq_factors" is not an HF type: it is
 # what a GGUF carries instead of llama3's numbers (the `rope_freqs.weight` tensor that
@@ -199,11 +237,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, width: int | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        C, width = config.hidden_size, width or config.intermediate_size
+        self.gate_proj = nn.Linear(C, width, bias=False)
+        self.up_proj = nn.Linear(C, width, bias=False)
+        self.down_proj = nn.Linear(width, C, bias=False)
         self.gate_up_proj: nn.Module | None = None  # set by `fuse()`
 
     def fuse(self) -> None:
@@ -227,11 +266,26 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = sparse_mlp(config) if config.is_sparse(layer) else MLP(config)
 
     def forward(self, x, positions, rope, cache):  # noqa: ANN001, ANN201 - same as Attention
         x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def sparse_mlp(config: LlamaConfig) -> SparseMoE:
+    """Mixtral's / Qwen2-MoE's / Qwen3-MoE's experts: Llama MLPs of the expert width, and
+    Qwen2-MoE's shared expert beside them."""
+    width = config.moe_intermediate_size or config.intermediate_size
+    shared = config.shared_expert_intermediate_size
+    return SparseMoE(
+        hidden=config.hidden_size,
+        n_experts=config.n_experts,
+        top_k=config.num_experts_per_tok,
+        renormalize=config.norm_topk_prob,
+        expert=lambda: MLP(config, width),
+        shared_expert=MLP(config, shared) if shared else None,
+    )
 
 
 class Decoder(nn.Module):

@@ -33,6 +33,11 @@ SIZE_LIMITS: dict[str, tuple[int, int]] = {
     # A context of one token leaves no room to generate anything after the prompt.
     **dict.fromkeys(("n_positions", "max_position_embeddings"), (2, 2**26)),
     "sliding_window": (1, 2**26),
+    # Mixtures of experts (a Qwen config with no experts says num_experts 0: all dense).
+    **dict.fromkeys(("num_local_experts", "num_experts"), (0, 2**12)),
+    "num_experts_per_tok": (1, 2**12),
+    **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size"), (0, 2**20)),
+    "decoder_sparse_step": (1, 1024),
 }
 FLOAT_LIMITS: dict[str, tuple[float, float]] = {  # (exclusive low, inclusive high)
     **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps"), (0.0, 1.0)),
@@ -40,7 +45,8 @@ FLOAT_LIMITS: dict[str, tuple[float, float]] = {  # (exclusive low, inclusive hi
     "factors": (0.0, 1e12),  # each of freq_factors' per-pair divisors
     "original_max_position_embeddings": (0.0, 2.0**26),
 }
-FLAGS = ("tie_word_embeddings", "attention_bias", "use_sliding_window")
+FLAGS = ("tie_word_embeddings", "attention_bias", "use_sliding_window", "norm_topk_prob",
+         "qkv_bias")  # fmt: skip
 # The numbers each rope_scaling type needs (pocketlm.models.llama.rope_inv_freq).
 ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings",
                                                "low_freq_factor", "high_freq_factor")}  # fmt: skip
@@ -101,6 +107,9 @@ def check_config(
     GGUF metadata key), used in the messages in place of the config.json name."""
     check = _Checker(source, names or {})
     config_cls, _ = ARCHITECTURES[config["model_type"]]
+    if config.get("use_sliding_window") is False:
+        # A window switched off is never read (Qwen2-MoE then writes sliding_window 0).
+        config = {k: v for k, v in config.items() if k != "sliding_window"}
     for key in (f.name for f in fields(config_cls) if f.init):
         value = config.get(key)
         if value is None:
@@ -119,6 +128,7 @@ def check_config(
     if isinstance(model_config, LlamaConfig):
         _check_llama_heads(check, model_config)
         _check_rope_factors(check, model_config)
+        _check_experts(check, model_config)
     return model_config
 
 
@@ -177,6 +187,18 @@ def _check_llama_heads(check: _Checker, model_config: LlamaConfig) -> None:
             model_config.head_dim,
             "an even head size of at least 2 (rotary embeddings rotate pairs)",
         )
+
+
+def _check_experts(check: _Checker, model_config: LlamaConfig) -> None:
+    """A token's experts are chosen among those there are; dense layers are layers."""
+    if model_config.n_experts and model_config.num_experts_per_tok > model_config.n_experts:
+        expected = f"at most the {model_config.n_experts} experts there are"
+        check.bad("num_experts_per_tok", model_config.num_experts_per_tok, expected)
+    layers = model_config.mlp_only_layers
+    if not isinstance(layers, list) or not all(
+        _is_int(i) and 0 <= i < model_config.num_hidden_layers for i in layers
+    ):
+        check.bad("mlp_only_layers", layers, "a list of layer indices")
 
 
 def _check_rope_factors(check: _Checker, model_config: LlamaConfig) -> None:

@@ -33,7 +33,7 @@ from pocketlm.kernels.gguf import STORED_TYPES, packed_bytes
 from pocketlm.weights.dequant import dequantize, ggml_type_name, ggml_type_sizes
 from pocketlm.weights.gguf_config import gguf_config, quantization
 
-SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
 
 # Llama 3.1+ rope scaling as llama.cpp's converter writes it: per-pair divisors of the
 # rotary frequencies, read into the config (rope_scaling "freq_factors"), not a parameter.
@@ -66,6 +66,36 @@ LLAMA_TENSORS = {
     "blk.{i}.ffn_up.weight": ("model.layers.{i}.mlp.up_proj.weight", ("ffn", "hidden")),
     "blk.{i}.ffn_down.weight": ("model.layers.{i}.mlp.down_proj.weight", ("hidden", "ffn")),
 }
+# Mixtures of experts (Mixtral, converted as "llama"; qwen2moe, qwen3moe): the router, and
+# each projection of all a layer's experts in one 3-D tensor (experts, rows, cols), which
+# we take apart into one matrix per expert ("{e}"); an expert's rows lie together in the
+# file, so each is a contiguous slice of the bytes. `--fuse-gate-up-exps` conversions put
+# gate and up in one tensor, each expert's gate rows before its up rows. Qwen2-MoE's
+# shared expert is a plain MLP beside them, scaled by a sigmoid gate of width 1.
+_EXPERT = "model.layers.{i}.mlp.experts.{e}"
+_SHARED = "model.layers.{i}.mlp.shared_expert"
+MOE_TENSORS = {
+    "blk.{i}.ffn_gate_inp.weight": ("model.layers.{i}.mlp.gate.weight", ("experts", "hidden")),
+    "blk.{i}.ffn_gate_exps.weight": (f"{_EXPERT}.gate_proj.weight", ("experts", "eff", "hidden")),
+    "blk.{i}.ffn_up_exps.weight": (f"{_EXPERT}.up_proj.weight", ("experts", "eff", "hidden")),
+    "blk.{i}.ffn_down_exps.weight": (f"{_EXPERT}.down_proj.weight", ("experts", "hidden", "eff")),
+    "blk.{i}.ffn_gate_up_exps.weight": (
+        (f"{_EXPERT}.gate_proj.weight", f"{_EXPERT}.up_proj.weight"),
+        ("experts", "2eff", "hidden"),
+    ),
+    "blk.{i}.ffn_gate_shexp.weight": (f"{_SHARED}.gate_proj.weight", ("sff", "hidden")),
+    "blk.{i}.ffn_up_shexp.weight": (f"{_SHARED}.up_proj.weight", ("sff", "hidden")),
+    "blk.{i}.ffn_down_shexp.weight": (f"{_SHARED}.down_proj.weight", ("hidden", "sff")),
+    "blk.{i}.ffn_gate_inp_shexp.weight": (
+        "model.layers.{i}.mlp.shared_expert_gate.weight",
+        ("one", "hidden"),
+    ),
+}
+LLAMA_TENSORS |= MOE_TENSORS
+# Which layers hold which MLP tensors: a dense layer the first, a sparse one the others.
+_DENSE_FFN = ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight", "blk.{i}.ffn_down.weight")
+_SHARED_FFN = tuple(t for t in MOE_TENSORS if "_shexp" in t)
+_FUSED_FFN = ("blk.{i}.ffn_gate_up_exps.weight",)  # instead of gate and up: never required
 # Qwen3: Llama's tensors and the per-head RMSNorm weights of q and k.
 QWEN3_TENSORS = {
     **LLAMA_TENSORS,
@@ -94,8 +124,9 @@ GPT2_TENSORS = {
     "blk.{i}.ffn_down.weight": ("transformer.h.{i}.mlp.c_proj.weight", ("hidden", "ffn")),
     "blk.{i}.ffn_down.bias": ("transformer.h.{i}.mlp.c_proj.bias", ("hidden",)),
 }
-# Each architecture's table (llama and qwen2 share Llama's: Qwen2's biases are optional).
-_TABLES = {"gpt2": GPT2_TENSORS, "qwen3": QWEN3_TENSORS}
+# Each architecture's table (llama, qwen2 and qwen2moe share Llama's: Qwen2's biases are
+# optional, and the layers' kinds say which MLP tensors each must have).
+_TABLES = {"gpt2": GPT2_TENSORS, "qwen3": QWEN3_TENSORS, "qwen3moe": QWEN3_TENSORS}
 # Tensors a file may leave out: lm_head when tied, biases a Llama may not have.
 _OPTIONAL = re.compile(r"lm_head\.weight|model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias")
 
@@ -354,6 +385,7 @@ def _dims(cfg: dict[str, Any]) -> dict[str, int]:
         ffn = cfg["n_inner"] or 4 * hidden
         return {"hidden": hidden, "ffn": ffn, "qkv": 3 * hidden, "vocab": cfg["vocab_size"],
                 "positions": cfg["n_positions"]}  # fmt: skip
+    expert_ffn = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
     return {
         "hidden": cfg["hidden_size"],
         "ffn": cfg["intermediate_size"],
@@ -361,6 +393,11 @@ def _dims(cfg: dict[str, Any]) -> dict[str, int]:
         "kv": cfg["num_key_value_heads"] * cfg["head_dim"],
         "head": cfg["head_dim"],
         "vocab": cfg["vocab_size"],
+        "experts": cfg.get("num_experts") or cfg.get("num_local_experts") or 0,
+        "eff": expert_ffn,
+        "2eff": 2 * expert_ffn,
+        "sff": cfg.get("shared_expert_intermediate_size") or 0,
+        "one": 1,
     }
 
 
@@ -376,21 +413,83 @@ def _plan(ckpt: GGUFCheckpoint) -> list[_Planned]:
             continue  # read into the config by `read_gguf`
         m = re.fullmatch(r"blk\.(0|[1-9]\d{0,8})\.(.+)", name)
         template = f"blk.{{i}}.{m[2]}" if m else name
-        if template not in table or (m and int(m[1]) >= n_layers):
+        if (
+            template not in table
+            or (m and int(m[1]) >= n_layers)
+            or (m and template not in _layer_templates(cfg, int(m[1]), table))
+        ):
             where = f"a {n_layers}-layer {ckpt.architecture} model"
             _corrupt_tensor(ckpt, name, f"is not part of {where}")
         ours, symbols = table[template]
         want = tuple(dims[d] for d in symbols)
         if info.shape != want:
             _corrupt_tensor(ckpt, name, f"has shape {info.shape}, expected {want}")
-        ours = ours.replace("{i}", m[1]) if m else ours
-        plan.append(_Planned(ours, info, _permuted_heads(ckpt, template)))
+        if m:
+            ours = ours.replace("{i}", m[1]) if isinstance(ours, str) else [
+                o.replace("{i}", m[1]) for o in ours
+            ]  # fmt: skip
+        if len(symbols) == 3:  # all of a layer's experts: one matrix each
+            plan += [_Planned(o, i, None) for o, i in _expert_matrices(info, ours)]
+        else:
+            plan.append(_Planned(ours, info, _permuted_heads(ckpt, template)))
     have = {p.ours for p in plan}
-    for template, (ours, _) in table.items():
-        for i in range(n_layers) if "{i}" in template else [0]:
-            if (name := ours.replace("{i}", str(i))) not in have and not _OPTIONAL.fullmatch(name):
+    for i in range(n_layers):
+        for template in _layer_templates(cfg, i, table):
+            if template in _FUSED_FFN:
+                continue
+            ours = table[template][0].replace("{i}", str(i)).replace("{e}", "0")
+            if ours not in have and not _OPTIONAL.fullmatch(ours):
                 _corrupt_tensor(ckpt, template.replace("{i}", str(i)), "is missing")
+    for template, (ours, _) in table.items():
+        if "{i}" not in template and ours not in have and not _OPTIONAL.fullmatch(ours):
+            _corrupt_tensor(ckpt, template, "is missing")
     return plan
+
+
+def _layer_templates(cfg: dict[str, Any], layer: int, table: dict[str, Any]) -> list[str]:
+    """The per-layer tensor names layer `layer` may have: a dense or a sparse MLP's (a
+    Mixtral's or Qwen-MoE's layer is sparse where its file has a router, which the
+    config's mlp_only_layers says), and a shared expert's where the config has one."""
+    templates = [t for t in table if "{i}" in t]
+    if cfg["model_type"] == "gpt2":
+        return templates
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    sparse = experts and layer not in cfg.get("mlp_only_layers", [])
+    shared = sparse and cfg.get("shared_expert_intermediate_size")
+    moe = set(MOE_TENSORS) - set(_SHARED_FFN)
+    return [
+        t
+        for t in templates
+        if (t not in _DENSE_FFN or not sparse)
+        and (t not in moe or sparse)
+        and (t not in _SHARED_FFN or shared)
+    ]
+
+
+def _expert_matrices(
+    info: GGUFTensorInfo, ours: str | list[str]
+) -> list[tuple[str, GGUFTensorInfo]]:
+    """A 3-D expert tensor (experts, rows, cols) as (our name, the info of one expert's
+    matrix): its bytes are the e-th of `experts` equal slices (the e-th half of that
+    again, for each of gate and up in a fused tensor)."""
+    names = [ours] if isinstance(ours, str) else ours
+    experts, rows, cols = info.shape
+    per_expert = info.n_bytes // experts
+    per_part, part_rows = per_expert // len(names), rows // len(names)
+    return [
+        (
+            name.replace("{e}", str(e)),
+            GGUFTensorInfo(
+                f"{info.name} (expert {e})",
+                info.ggml_type,
+                (part_rows, cols),
+                info.offset + e * per_expert + j * per_part,
+                per_part,
+            ),
+        )
+        for e in range(experts)
+        for j, name in enumerate(names)
+    ]
 
 
 def _permuted_heads(ckpt: GGUFCheckpoint, template: str) -> int | None:
@@ -510,8 +609,10 @@ def stored_bytes(ckpt: GGUFCheckpoint) -> int:
     take as it is stored (kernels.gguf.packed_bytes), every other tensor in float32."""
     total = 0
     for info in ckpt.tensors.values():
-        if len(info.shape) == 2 and info.ggml_type in STORED_TYPES:
-            total += packed_bytes(info.ggml_type, (info.shape[0], info.shape[1]))
+        if len(info.shape) in (2, 3) and info.ggml_type in STORED_TYPES:
+            # A 3-D tensor holds a layer's experts, each kept as a matrix of its own.
+            n_matrices = math.prod(info.shape[:-2])
+            total += n_matrices * packed_bytes(info.ggml_type, (info.shape[-2], info.shape[-1]))
         else:
             total += 4 * math.prod(info.shape)
     return total

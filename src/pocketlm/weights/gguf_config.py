@@ -49,7 +49,20 @@ _OPTIONAL_KEYS = {
     "sliding_window": "attention.sliding_window",
     "vocab_size": "vocab_size",
     "n_inner": "feed_forward_length",
+    "num_local_experts": "expert_count",
+    "num_experts": "expert_count",
+    "num_experts_per_tok": "expert_used_count",
+    "moe_intermediate_size": "expert_feed_forward_length",
+    "shared_expert_intermediate_size": "expert_shared_feed_forward_length",
+    "norm_topk_prob": "expert_weights_norm",
 }
+# GGUF architecture -> HF model_type where they differ. A "llama" file with experts is a
+# Mixtral (llama.cpp converts Mixtral as llama).
+_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# Whether llama.cpp renormalises the top-k expert weights of each architecture (its
+# build_moe_ffn `norm_w`: the converter writes no key for it): qwen2moe does not.
+_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True}
+_MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 # "{arch}.rope.scaling.X" -> HF rope_scaling key
 _ROPE_SCALING_KEYS = {
     "factor": "factor",
@@ -62,7 +75,7 @@ _TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16"}
 
 
 def _llama_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> dict[str, Any]:
-    cfg: dict[str, Any] = {"model_type": arch}
+    cfg: dict[str, Any] = {"model_type": _MODEL_TYPES.get(arch, arch)}
     cfg.update({hf: meta.get(f"{arch}.{key}") for hf, key in _LLAMA_CONFIG_KEYS.items()})
     heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
     cfg["num_key_value_heads"] = meta.get(f"{arch}.attention.head_count_kv", heads)
@@ -76,6 +89,28 @@ def _llama_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> d
     cfg["attention_bias"] = arch == "qwen2" or "blk.0.attn_q.bias" in tensors
     cfg["torch_dtype"] = _TORCH_DTYPES.get(_dominant_type(tensors), "float32")
     cfg.update(_token_ids(meta))
+    if meta.get(f"{arch}.expert_count") or arch in _MODEL_TYPES:
+        cfg.update(_moe_config(arch, meta, tensors=tensors, layers=cfg["num_hidden_layers"]))
+    return cfg
+
+
+def _moe_config(
+    arch: str, meta: dict[str, Any], *, tensors: TensorTable, layers: Any
+) -> dict[str, Any]:
+    """A mixture of experts' keys. A layer without a router is dense (mlp_only_layers)."""
+    experts = meta.get(f"{arch}.expert_count")
+    cfg: dict[str, Any] = {
+        "model_type": "mixtral" if arch == "llama" else _MODEL_TYPES[arch],
+        "num_local_experts" if arch == "llama" else "num_experts": experts,
+        "num_experts_per_tok": meta.get(f"{arch}.expert_used_count"),
+        "moe_intermediate_size": meta.get(f"{arch}.expert_feed_forward_length"),
+        "shared_expert_intermediate_size": meta.get(f"{arch}.expert_shared_feed_forward_length"),
+        "norm_topk_prob": meta.get(f"{arch}.expert_weights_norm", _NORM_TOPK[arch]),
+        "qkv_bias": "blk.0.attn_q.bias" in tensors,
+    }
+    if _is_int(layers):
+        routed = (i for i in range(min(layers, 1024)) if f"blk.{i}.ffn_gate_inp.weight" in tensors)
+        cfg["mlp_only_layers"] = sorted(set(range(min(layers, 1024))) - set(routed))
     return cfg
 
 
@@ -184,6 +219,9 @@ def gguf_config(
         _gpt2_config(meta, tensors=tensors) if gpt2 else _llama_config(arch, meta, tensors=tensors)
     )
     required = _GPT2_CONFIG_KEYS if gpt2 else _LLAMA_CONFIG_KEYS
+    if config["model_type"] in _MOE_TYPES:  # no defaults for the experts either
+        experts = "num_local_experts" if config["model_type"] == "mixtral" else "num_experts"
+        required = required | {experts: "expert_count", "num_experts_per_tok": "expert_used_count"}
     names = {hf: f"{arch}.{key}" for hf, key in (required | _OPTIONAL_KEYS).items()
              if hf in required or f"{arch}.{key}" in meta}  # fmt: skip
     if rope_freqs is not None:

@@ -2,16 +2,33 @@
 
 Our parameter names are the Hugging Face ones, so for HF checkpoints the table is mostly
 about the exceptions: prefixes that differ between old and new checkpoints, buffers some
-checkpoints carry that are not parameters, and GPT-2's Conv1D weights, which are stored
-(in, out) and must be transposed to nn.Linear's (out, in).
+checkpoints carry that are not parameters, GPT-2's Conv1D weights, which are stored
+(in, out) and must be transposed to nn.Linear's (out, in), and mixture-of-experts weights
+stored as one 3-D tensor for all experts, which we keep as one matrix per expert.
 """
 
 import re
 
-# Old GPT-2 checkpoints (openai-community/gpt2) omit the "transformer." prefix.
+import torch
+
+# Old GPT-2 checkpoints (openai-community/gpt2) omit the "transformer." prefix. Mixtral's
+# checkpoints (as on the hub, and as transformers 5 still saves them) call the MoE MLP
+# `block_sparse_moe` and its experts' gate/down/up projections w1/w2/w3.
 KEY_PREFIXES: dict[str, dict[str, str]] = {
     "gpt2": {r"^(wte|wpe|h|ln_f)\.": r"transformer.\1."},
+    "llama": {
+        r"\.block_sparse_moe\.": ".mlp.",
+        r"(\.experts\.\d+)\.w1\.": r"\1.gate_proj.",
+        r"(\.experts\.\d+)\.w2\.": r"\1.down_proj.",
+        r"(\.experts\.\d+)\.w3\.": r"\1.up_proj.",
+    },
 }
+
+# transformers 5 holds a MoE layer's experts as two 3-D parameters, gate and up side by
+# side in one: `mlp.experts.gate_up_proj` (E, 2 * width, C) and `mlp.experts.down_proj`
+# (E, C, width). It saves the per-expert names above, but a checkpoint written from its
+# state dict directly has these.
+FUSED_EXPERTS = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)(?:\.weight)?")
 
 # Tensors some checkpoints carry that are not parameters: causal-mask buffers in older
 # GPT-2 files, precomputed rotary frequencies in older Llama files.
@@ -38,8 +55,8 @@ TIED_KEYS: dict[str, tuple[str, str]] = {
 
 
 def family(model_type: str) -> str:
-    """Tables are per family: Mistral, Qwen2 and Qwen3 checkpoints name tensors as Llama
-    does (Qwen3's q_norm and k_norm are named as our parameters are)."""
+    """Tables are per family: Mistral, Qwen2, Qwen3 and the MoE checkpoints name tensors as
+    Llama does (Qwen3's q_norm and k_norm are named as our parameters are)."""
     return "gpt2" if model_type == "gpt2" else "llama"
 
 
@@ -55,3 +72,20 @@ def is_ignored(key: str, model_type: str) -> bool:
 
 def is_transposed(key: str, model_type: str) -> bool:
     return any(re.search(p, key) for p in TRANSPOSED_KEYS.get(family(model_type), []))
+
+
+def split_experts(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
+    """A fused 3-D expert tensor (see FUSED_EXPERTS) as (name, matrix) per expert, in
+    nn.Linear orientation; None for any other tensor (or one of the wrong rank)."""
+    m = FUSED_EXPERTS.fullmatch(name)
+    if m is None or tensor.dim() != 3:
+        return None
+    prefix, kind = m[1], m[2]
+    out = []
+    for e, matrix in enumerate(tensor):
+        if kind == "down_proj":
+            out.append((f"{prefix}.{e}.down_proj.weight", matrix))
+        else:
+            gate, up = matrix.chunk(2, dim=0)
+            out += [(f"{prefix}.{e}.gate_proj.weight", gate), (f"{prefix}.{e}.up_proj.weight", up)]
+    return out
