@@ -90,5 +90,7 @@ class SparseMoE(nn.Module):
             start += n
             tokens = pairs // k  # each pair's row in `rows`
             y = expert(rows[tokens]) * flat_weights[pairs, None]  # (n, C)
-            out.index_add_(0, tokens, y.to(out.dtype))
+            # index_put_, not index_add_: the latter took ~70 ms a call on a busy 2-core
+            # CPU with several threads (torch 2.13), this ~7 us.
+            out.index_put_((tokens,), y.to(out.dtype), accumulate=True)
         return out
