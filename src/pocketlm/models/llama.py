@@ -42,23 +42,30 @@ class LlamaConfig:
     rope_scaling: dict[str, Any] | None = None
     rope_parameters: dict[str, Any] | None = None  # transformers 5 writes theta + scaling here
     attention_bias: bool = False
+    mlp_bias: bool = False
     sliding_window: int | None = None
     use_sliding_window: bool = True
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
+    partial_rotary_factor: float = 1.0  # the share of each head that rotary rotates
     model_type: str = "llama"
     # Derived, for the engine: the same names on every architecture's config.
     num_layers: int = field(init=False)
     num_kv_heads: int = field(init=False)
     context_length: int = field(init=False)
     qk_norm: bool = field(init=False)  # Qwen3's per-head RMSNorm of q and k (no config key)
+    rotary_dim: int = field(init=False)  # head dimensions rotated: the first ones, in pairs
 
     def __post_init__(self) -> None:
         if self.rope_parameters:
             self.rope_theta = self.rope_parameters.get("rope_theta", self.rope_theta)
             self.rope_scaling = self.rope_scaling or self.rope_parameters
+            self.partial_rotary_factor = self.rope_parameters.get(
+                "partial_rotary_factor", self.partial_rotary_factor
+            )
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        self.rotary_dim = int(self.head_dim * self.partial_rotary_factor)  # as HF rounds it
         self.num_layers = self.num_hidden_layers
         self.num_kv_heads = self.num_key_value_heads
         self.context_length = self.max_position_embeddings
@@ -91,7 +98,7 @@ ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     """Inverse frequencies (D/2,) with the checkpoint's rope_scaling applied (HF
     `modeling_rope_utils`: default, linear, llama3; llama.cpp's `freq_factors`)."""
-    d = config.head_dim
+    d = config.rotary_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -106,7 +113,7 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
         factors = torch.tensor(scaling["factors"], dtype=torch.float64)
         if factors.shape != inv_freq.shape:
             raise PocketLMError(
-                f"rope_scaling has {factors.numel()} frequency factors for a head_dim of {d} "
+                f"rope_scaling has {factors.numel()} frequency factors for {d} rotated dimensions "
                 f"(expected {d // 2}, one per rotated pair)"
             )
         return (inv_freq / factors).float()
@@ -150,11 +157,14 @@ class Attention(nn.Module):
             config.head_dim,
         )
         self.window = config.sliding_window
+        self.rotary_dim = config.rotary_dim
         C, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+        # Qwen2's bias is on q, k and v only; Llama's and Qwen3's attention_bias covers o too.
+        o_bias = bias and config.model_type != "qwen2"
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=o_bias)
         self.qkv_proj: nn.Module | None = None  # set by `fuse()`
         if config.qk_norm:  # Qwen3: one weight per head dimension, shared by every head
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -189,21 +199,31 @@ class Attention(nn.Module):
         qk = qkv[:, :, : H + K]
         if self.qk_norm:  # Qwen3: each head of q and of k RMS-normed, before the rotation
             qk = torch.cat((self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])), dim=2)
-        # HF's x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1): `sin` carries
-        # the minus sign on its first half (see `rope`), so a roll does the rest.
-        qk = qk * cos + qk.roll(D // 2, dims=-1) * sin  # (B, T, H + K, D)
+        qk = rotate(qk, cos, sin, self.rotary_dim)  # (B, T, H + K, D)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H|K, T, D)
         v = qkv[:, :, H + K :].transpose(1, 2)  # (B, K, T, D)
         y = attend(q, k, v, layer=self.layer, positions=positions, cache=cache, window=self.window)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int) -> torch.Tensor:
+    """Rotary embedding of the first `dims` of each head of x (..., D); the rest pass as
+    they are (partial rotary: Phi-4-mini, StableLM, GPT-NeoX). cos, sin: (..., dims)."""
+    # HF's x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1): `sin` carries
+    # the minus sign on its first half (see `Llama.rope`), so a roll does the rest.
+    if dims == x.shape[-1]:
+        return x * cos + x.roll(dims // 2, dims=-1) * sin
+    rot, rest = x[..., :dims], x[..., dims:]
+    return torch.cat((rot * cos + rot.roll(dims // 2, dims=-1) * sin, rest), dim=-1)
+
+
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        C, F, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(C, F, bias=bias)
+        self.up_proj = nn.Linear(C, F, bias=bias)
+        self.down_proj = nn.Linear(F, C, bias=bias)
         self.gate_up_proj: nn.Module | None = None  # set by `fuse()`
 
     def fuse(self) -> None:
@@ -265,11 +285,12 @@ class Llama(CausalLM):
     def rope(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sign-folded sin (B, T, 1, D) of every position's rotary angles."""
-        angles = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
+        """cos and sign-folded sin (B, T, 1, R) of every position's rotary angles, R the
+        rotated dimensions of a head (D, or fewer with partial rotary)."""
+        angles = positions[..., None].float() * self.inv_freq  # (B, T, R/2)
         cos, sin = angles.cos(), angles.sin()
-        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (B, T, D)
-        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)  # (B, T, 1, D)
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (B, T, R)
+        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)  # (B, T, 1, R)
 
     def layer_outputs(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None

@@ -2,10 +2,8 @@
 
 `describe(path)` reads an HF folder's config.json (and only the headers of its
 safetensors files) or a GGUF file's metadata (through `weights.gguf.read_gguf`), and
-counts parameters from the config's shapes with the same arithmetic as the models
-(GPT-2: nanoGPT's `get_num_params`; Llama family: HF `LlamaForCausalLM`). Knows nothing
-of torch (a GGUF's sizes come from weights.gguf, imported when one is described);
-nothing here reads tensor data.
+counts parameters on the native model built on the meta device (no memory, no data).
+torch is imported only when a card is made; nothing here reads tensor data.
 """
 
 import json
@@ -143,23 +141,34 @@ def shape_of(config: dict[str, Any]) -> Shape:
 
 
 def count_parameters(config: dict[str, Any]) -> int:
-    """Parameters implied by a config's shapes (tied embeddings counted once)."""
+    """Parameters of the model a config describes (tied embeddings counted once).
+
+    A native architecture is counted on the model itself, built on PyTorch's meta device
+    (shapes, no memory), so the count is exact for every family and switch; other
+    architectures (run through transformers) get a Llama-shaped estimate."""
+    if config.get("model_type") in NATIVE_ARCHITECTURES:
+        return _count_native(config)
     s = shape_of(config)
     d, ff = s.width, s.intermediate
-    if "n_embd" in config:  # GPT-2: learned positions, biases everywhere, LayerNorm w+b
-        block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * ff + ff) + (ff * d + d)
-        return s.vocab * d + s.context * d + s.layers * block + 2 * d
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    # Qwen2 has biases on q, k, v (no key for it); Llama's `attention_bias` covers q, k, v, o.
-    qwen2_bias = s.architecture == "qwen2"
-    llama_bias = bool(config.get("attention_bias", False)) and not qwen2_bias
     attention = d * q + 2 * d * kv + q * d
-    attention += (q + 2 * kv) * (qwen2_bias or llama_bias) + d * llama_bias
-    mlp = 3 * d * ff + (2 * ff + d) * bool(config.get("mlp_bias", False))
-    block = attention + mlp + 2 * d  # two RMSNorm weights
-    block += 2 * s.head_dim * (s.architecture == "qwen3")  # Qwen3's q_norm and k_norm
+    block = attention + 3 * d * ff + 2 * d  # q/k/v/o, gate/up/down, two norms
     head = 0 if s.tied else s.vocab * d
     return s.vocab * d + s.layers * block + d + head
+
+
+def _count_native(config: dict[str, Any]) -> int:
+    import torch  # here, not above: `pocketlm show` of a GGUF needs no torch otherwise
+
+    from pocketlm.models import ARCHITECTURES, build_config
+
+    try:
+        model_config = build_config(config)
+    except (TypeError, ValueError, KeyError) as error:
+        raise CorruptModelError(f"the model config is not valid ({error})") from None
+    with torch.device("meta"):
+        model = ARCHITECTURES[config["model_type"]][1](model_config)
+    return sum(p.numel() for p in model.parameters())  # a tied weight is listed once
 
 
 def model_name(path: Path) -> str:

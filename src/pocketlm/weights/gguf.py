@@ -31,7 +31,7 @@ import torch
 from pocketlm.errors import CorruptModelError, ModelNotFoundError, PocketLMError
 from pocketlm.kernels.gguf import STORED_TYPES, packed_bytes
 from pocketlm.weights.dequant import dequantize, ggml_type_name, ggml_type_sizes
-from pocketlm.weights.gguf_config import gguf_config, quantization
+from pocketlm.weights.gguf_config import PERMUTED_QK, gguf_config, quantization
 
 SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3")
 
@@ -41,10 +41,6 @@ SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3")
 ROPE_FREQS = "rope_freqs.weight"
 _ROPE_FREQS_ARCHS = ("llama",)
 _MAX_ROPE_FREQS = 1 << 15  # one per pair of the largest head_dim the validator allows
-
-# GGUF ships Llama q/k rows interleaved for llama.cpp's rotary layout; these archs need
-# them permuted back (llama.cpp converts Mistral as "llama"; Qwen2 and Qwen3 never are).
-_PERMUTED_QK = ("llama",)
 
 # --- tensor names: GGUF (llama.cpp) -> (ours, shape), with {i} the block index ---------
 # Shapes are in config symbols (resolved by `_dims`), outermost first, for the strict check.
@@ -61,10 +57,14 @@ LLAMA_TENSORS = {
     "blk.{i}.attn_v.weight": ("model.layers.{i}.self_attn.v_proj.weight", ("kv", "hidden")),
     "blk.{i}.attn_v.bias": ("model.layers.{i}.self_attn.v_proj.bias", ("kv",)),
     "blk.{i}.attn_output.weight": ("model.layers.{i}.self_attn.o_proj.weight", ("hidden", "q")),
+    "blk.{i}.attn_output.bias": ("model.layers.{i}.self_attn.o_proj.bias", ("hidden",)),
     "blk.{i}.ffn_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight", ("hidden",)),
     "blk.{i}.ffn_gate.weight": ("model.layers.{i}.mlp.gate_proj.weight", ("ffn", "hidden")),
+    "blk.{i}.ffn_gate.bias": ("model.layers.{i}.mlp.gate_proj.bias", ("ffn",)),
     "blk.{i}.ffn_up.weight": ("model.layers.{i}.mlp.up_proj.weight", ("ffn", "hidden")),
+    "blk.{i}.ffn_up.bias": ("model.layers.{i}.mlp.up_proj.bias", ("ffn",)),
     "blk.{i}.ffn_down.weight": ("model.layers.{i}.mlp.down_proj.weight", ("hidden", "ffn")),
+    "blk.{i}.ffn_down.bias": ("model.layers.{i}.mlp.down_proj.bias", ("hidden",)),
 }
 # Qwen3: Llama's tensors and the per-head RMSNorm weights of q and k.
 QWEN3_TENSORS = {
@@ -97,7 +97,9 @@ GPT2_TENSORS = {
 # Each architecture's table (llama and qwen2 share Llama's: Qwen2's biases are optional).
 _TABLES = {"gpt2": GPT2_TENSORS, "qwen3": QWEN3_TENSORS}
 # Tensors a file may leave out: lm_head when tied, biases a Llama may not have.
-_OPTIONAL = re.compile(r"lm_head\.weight|model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias")
+_OPTIONAL = re.compile(
+    r"lm_head\.weight|model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.\w+_proj)\.bias"
+)
 
 # --- the GGUF container ---------------------------------------------------------------
 
@@ -395,7 +397,7 @@ def _plan(ckpt: GGUFCheckpoint) -> list[_Planned]:
 
 def _permuted_heads(ckpt: GGUFCheckpoint, template: str) -> int | None:
     """How many heads llama.cpp interleaved this tensor's rows over (k: the KV heads)."""
-    if ckpt.architecture not in _PERMUTED_QK:
+    if ckpt.architecture not in PERMUTED_QK:
         return None
     if template.startswith("blk.{i}.attn_q."):
         return ckpt.config["num_attention_heads"]

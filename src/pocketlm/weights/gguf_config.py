@@ -59,6 +59,10 @@ _ROPE_SCALING_KEYS = {
     "yarn_beta_slow": "beta_slow",
 }
 _TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16"}
+# Architectures whose q/k rows llama.cpp's converter interleaves for its rotary layout
+# (weights.gguf undoes it; Mistral is converted as "llama", Qwen2 and Qwen3 are never
+# permuted). It permutes whole heads, so all of each head must be rotated.
+PERMUTED_QK = ("llama",)
 
 
 def _llama_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> dict[str, Any]:
@@ -74,18 +78,33 @@ def _llama_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> d
     cfg["rope_scaling"] = _rope_scaling(arch, meta)
     cfg["sliding_window"] = meta.get(f"{arch}.attention.sliding_window")
     cfg["attention_bias"] = arch == "qwen2" or "blk.0.attn_q.bias" in tensors
+    cfg["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    cfg["partial_rotary_factor"] = _partial_rotary(arch, meta, cfg)
     cfg["torch_dtype"] = _TORCH_DTYPES.get(_dominant_type(tensors), "float32")
     cfg.update(_token_ids(meta))
     return cfg
 
 
+def _partial_rotary(arch: str, meta: dict[str, Any], cfg: dict[str, Any]) -> float | None:
+    """The share of each head that rotary rotates, where the file rotates only part of it
+    (rope.dimension_count below the head size), as HF's partial_rotary_factor."""
+    rope_dims, head_dim = meta.get(f"{arch}.rope.dimension_count"), cfg["head_dim"]
+    if not _is_int(rope_dims) or not _is_int(head_dim) or rope_dims >= head_dim:
+        return None
+    # Half a dimension over, so that HF's int(head_dim * factor) gives rope_dims back
+    # exactly (rope_dims / head_dim alone can land a hair under it: 44 * (30 / 44) < 30).
+    return (rope_dims + 0.5) / head_dim
+
+
 def _check_heads(arch: str, meta: dict[str, Any], cfg: dict[str, Any], path: Path) -> None:
-    """What pocketlm's Llama assumes of a head: all of it rotated, values as wide as keys."""
+    """What pocketlm's Llama assumes of a head: its first dimensions rotated, in the order
+    HF rotates them, and values as wide as keys."""
     rope_dims = meta.get(f"{arch}.rope.dimension_count", cfg["head_dim"])
-    if rope_dims != cfg["head_dim"]:
+    rotated = int(cfg["head_dim"] * (cfg.get("partial_rotary_factor") or 1.0))
+    if rope_dims != rotated or (rope_dims != cfg["head_dim"] and arch in PERMUTED_QK):
         raise PocketLMError(
             f"{path} rotates {rope_dims!r} of {cfg['head_dim']!r} head dimensions "
-            "(partial RoPE), which pocketlm's Llama does not support"
+            "in a way pocketlm does not support"
         )
     value_dims = meta.get(f"{arch}.attention.value_length", cfg["head_dim"])
     if value_dims != cfg["head_dim"]:
