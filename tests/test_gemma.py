@@ -270,9 +270,11 @@ def _hf_names(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_the_folders_are_native(folders):
-    for folder in folders.values():
+def test_the_folders_are_native_and_counted(folders):
+    for name, folder in folders.items():
         assert card.describe(folder).native
+        expected = sum(p.numel() for p in hf_model(folder).parameters())  # tied: once
+        assert card.count_parameters(read_config(folder)) == expected, name
 
 
 @pytest.mark.parametrize(
