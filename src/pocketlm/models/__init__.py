@@ -6,17 +6,22 @@ import torch
 from torch import nn
 
 from pocketlm.models.cache import KVCache
+from pocketlm.models.gemma import GemmaConfig
 from pocketlm.models.gpt2 import GPT2, GPT2Config
 from pocketlm.models.llama import Llama, LlamaConfig
 
 # model_type -> (config class, model class). Mistral, Qwen2, Qwen3 and SmolLM are Llamas
-# with options their config.json switches on; nothing here keys on file names.
+# with options their config.json switches on, and so are Gemma 1-3 (GemmaConfig reads
+# their keys); nothing here keys on file names.
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "gpt2": (GPT2Config, GPT2),
     "llama": (LlamaConfig, Llama),
     "mistral": (LlamaConfig, Llama),
     "qwen2": (LlamaConfig, Llama),
     "qwen3": (LlamaConfig, Llama),
+    "gemma": (GemmaConfig, Llama),
+    "gemma2": (GemmaConfig, Llama),
+    "gemma3_text": (GemmaConfig, Llama),
 }
 
 
@@ -63,6 +68,7 @@ __all__ = [
     "ARCHITECTURES",
     "GPT2",
     "GPT2Config",
+    "GemmaConfig",
     "KVCache",
     "Llama",
     "LlamaConfig",

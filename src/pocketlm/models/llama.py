@@ -1,12 +1,20 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM) in plain PyTorch.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM; Gemma 1-3 through
+models/gemma.py) in plain PyTorch.
 
 RMSNorm, rotary embeddings (default, linear and llama3 scaling, or llama.cpp's per-pair
-frequency factors), grouped-query attention, SwiGLU MLP, optional q/k/v bias (Qwen2),
-optional per-head RMSNorm of q and k before rotary (Qwen3, HF `modeling_qwen3.py`),
-optional sliding window (Mistral), tied or untied embeddings. Parameter names line up with
-HF `LlamaForCausalLM` keys. Mirrors HF `modeling_llama.py` (rotate_half layout, computed as
-a roll) and gpt-fast `model.py`. Knows nothing of files, tokenizers or sampling:
-`forward(tokens, positions, cache) -> logits`.
+frequency factors), grouped-query attention, gated MLP (SwiGLU, or GeGLU with tanh-GELU),
+optional q/k/v bias (Qwen2), optional per-head RMSNorm of q and k before rotary (Qwen3, HF
+`modeling_qwen3.py`), optional sliding window (Mistral: every layer; Gemma: some), tied or
+untied embeddings. Parameter names line up with HF `LlamaForCausalLM` keys. Mirrors HF
+`modeling_llama.py` (rotate_half layout, computed as a roll) and gpt-fast `model.py`.
+
+Gemma is this block with switches that `GemmaConfig` (models/gemma.py) turns on, each a
+derived field of the config (HF `modeling_gemma.py`, `modeling_gemma2.py`,
+`modeling_gemma3.py`): RMSNorm weights that are offsets from 1, embeddings scaled by
+sqrt(hidden_size), norms around the attention and the MLP outputs too ("sandwich"), an
+attention scale of its own, soft-capped attention scores and logits, a window per layer,
+and a rotary base of their own for the sliding layers. Knows nothing of files, tokenizers
+or sampling: `forward(tokens, positions, cache) -> logits`.
 
 B = batch, T = time, C = hidden_size, H = heads, K = key/value heads, D = head_dim.
 """
@@ -14,6 +22,7 @@ B = batch, T = time, C = hidden_size, H = heads, K = key/value heads, D = head_d
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any
 
 import torch
@@ -23,6 +32,14 @@ from torch import nn
 from pocketlm.errors import PocketLMError
 from pocketlm.models.cache import KVCache
 from pocketlm.models.layers import CausalLM, attend, concat_linears
+
+# hidden_act -> the MLP gate's activation. "gelu_pytorch_tanh" is GELU's tanh approximation
+# (Gemma's GeGLU); "gelu" the exact one.
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+}
 
 
 @dataclass
@@ -55,6 +72,15 @@ class LlamaConfig:
     context_length: int = field(init=False)
     qk_norm: bool = field(init=False)  # Qwen3's per-head RMSNorm of q and k (no config key)
     rotary_dim: int = field(init=False)  # head dimensions rotated: the first ones, in pairs
+    # Switches Llama leaves off and Gemma's config turns on (models/gemma.py says why).
+    unit_offset_norms: bool = field(init=False)  # RMSNorm scales by (1 + weight), in fp32
+    scale_embeddings: bool = field(init=False)  # embeddings times sqrt(hidden_size)
+    sandwich_norms: bool = field(init=False)  # attention and MLP outputs RMS-normed too
+    attention_scale: float | None = field(init=False)  # None: 1 / sqrt(head_dim)
+    attention_softcap: float | None = field(init=False)  # scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = field(init=False)  # the same on the logits
+    layer_windows: list[int | None] = field(init=False)  # each layer's sliding window
+    local_rope_theta: float | None = field(init=False)  # rotary base of windowed layers
 
     def __post_init__(self) -> None:
         if self.rope_parameters:
@@ -78,10 +104,15 @@ class LlamaConfig:
         if self.model_type == "qwen3" and self.sliding_window is not None:
             # Qwen3 windows only the layers from max_window_layers on; no released one does.
             raise PocketLMError("Qwen3 with use_sliding_window is not supported by pocketlm")
-        if self.hidden_act != "silu":
+        if self.hidden_act not in ACTIVATIONS:
             raise PocketLMError(
-                f"unsupported hidden_act {self.hidden_act!r} (pocketlm supports silu)"
+                f"unsupported hidden_act {self.hidden_act!r} "
+                f"(pocketlm supports {', '.join(ACTIVATIONS)})"
             )
+        self.unit_offset_norms = self.scale_embeddings = self.sandwich_norms = False
+        self.attention_scale = self.attention_softcap = self.final_softcap = None
+        self.layer_windows = [self.sliding_window] * self.num_hidden_layers
+        self.local_rope_theta = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
@@ -95,12 +126,14 @@ class LlamaConfig:
 ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
 
 
-def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+def rope_inv_freq(config: LlamaConfig, *, local: bool = False) -> torch.Tensor:
     """Inverse frequencies (D/2,) with the checkpoint's rope_scaling applied (HF
-    `modeling_rope_utils`: default, linear, llama3; llama.cpp's `freq_factors`)."""
+    `modeling_rope_utils`: default, linear, llama3; llama.cpp's `freq_factors`).
+    `local`: those of the sliding-window layers (Gemma 3: their own base, never scaled)."""
     d = config.rotary_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    scaling = config.rope_scaling or {}
+    theta = config.local_rope_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = {} if local else config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return inv_freq.float()
@@ -136,15 +169,21 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, *, unit_offset: bool = False) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 as HF does, then cast back: bf16 rounding here shows in the logits.
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x * rsqrt(mean(x^2) + eps)
+        if self.unit_offset:  # Gemma stores weight - 1 and scales before the cast (GemmaRMSNorm)
+            return (y * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * y.to(x.dtype)
+
+
+def _norm(config: LlamaConfig, dim: int) -> RMSNorm:
+    return RMSNorm(dim, config.rms_norm_eps, unit_offset=config.unit_offset_norms)
 
 
 class Attention(nn.Module):
@@ -156,7 +195,8 @@ class Attention(nn.Module):
             config.num_key_value_heads,
             config.head_dim,
         )
-        self.window = config.sliding_window
+        self.window = config.layer_windows[layer]
+        self.scale, self.softcap = config.attention_scale, config.attention_softcap
         self.rotary_dim = config.rotary_dim
         C, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
@@ -167,8 +207,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=o_bias)
         self.qkv_proj: nn.Module | None = None  # set by `fuse()`
         if config.qk_norm:  # Qwen3: one weight per head dimension, shared by every head
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = _norm(config, self.head_dim)
+            self.k_norm = _norm(config, self.head_dim)
         self.qk_norm = config.qk_norm
 
     def fuse(self) -> None:
@@ -202,7 +242,17 @@ class Attention(nn.Module):
         qk = rotate(qk, cos, sin, self.rotary_dim)  # (B, T, H + K, D)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H|K, T, D)
         v = qkv[:, :, H + K :].transpose(1, 2)  # (B, K, T, D)
-        y = attend(q, k, v, layer=self.layer, positions=positions, cache=cache, window=self.window)
+        y = attend(
+            q,
+            k,
+            v,
+            layer=self.layer,
+            positions=positions,
+            cache=cache,
+            window=self.window,
+            scale=self.scale,
+            softcap=self.softcap,
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
@@ -225,6 +275,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(C, F, bias=bias)
         self.down_proj = nn.Linear(F, C, bias=bias)
         self.gate_up_proj: nn.Module | None = None  # set by `fuse()`
+        self.act = ACTIVATIONS[config.hidden_act]
 
     def fuse(self) -> None:
         """Replace gate_proj and up_proj by one matmul (inference only, as Attention.fuse)."""
@@ -236,20 +287,29 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        C = config.hidden_size
+        self.input_layernorm = _norm(config, C)
         self.self_attn = Attention(config, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = _norm(config, C)
         self.mlp = MLP(config)
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:  # Gemma 2/3; their post_attention_layernorm norms the attention's output
+            self.pre_feedforward_layernorm = _norm(config, C)
+            self.post_feedforward_layernorm = _norm(config, C)
 
     def forward(self, x, positions, rope, cache):  # noqa: ANN001, ANN201 - same as Attention
+        if self.sandwich:
+            h = self.self_attn(self.input_layernorm(x), positions, rope, cache)
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -259,7 +319,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = _norm(config, config.hidden_size)
 
 
 class Llama(CausalLM):
@@ -270,7 +330,10 @@ class Llama(CausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.logit_softcap = config.final_softcap
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        if config.local_rope_theta is not None:  # Gemma 3: the sliding layers' own base
+            self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True), False)
 
     def fuse(self) -> None:
         """Fuse each layer's q/k/v and gate/up projections (for inference only)."""
@@ -281,13 +344,17 @@ class Llama(CausalLM):
     def init_buffers(self, device: torch.device | str) -> None:
         """Recompute the rotary frequencies (built on the meta device while loading)."""
         self.inv_freq = rope_inv_freq(self.config).to(device)
+        if self.config.local_rope_theta is not None:
+            self.inv_freq_local = rope_inv_freq(self.config, local=True).to(device)
 
     def rope(
-        self, positions: torch.Tensor, dtype: torch.dtype
+        self, positions: torch.Tensor, dtype: torch.dtype, inv_freq: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sign-folded sin (B, T, 1, R) of every position's rotary angles, R the
-        rotated dimensions of a head (D, or fewer with partial rotary)."""
-        angles = positions[..., None].float() * self.inv_freq  # (B, T, R/2)
+        """cos and sign-folded sin (B, T, 1, R) of every position's rotary angles (at the
+        model's frequencies, or the `inv_freq` given), R the rotated dimensions of a head
+        (D, or fewer with partial rotary)."""
+        inv_freq = self.inv_freq if inv_freq is None else inv_freq
+        angles = positions[..., None].float() * inv_freq  # (B, T, R/2)
         cos, sin = angles.cos(), angles.sin()
         cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (B, T, R)
         return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)  # (B, T, 1, R)
@@ -298,8 +365,13 @@ class Llama(CausalLM):
         """The residual stream (B, T, C): after the embeddings, then after each block; the
         last one has the final RMSNorm applied (as HF's `hidden_states`)."""
         x = self.model.embed_tokens(tokens)
+        if self.config.scale_embeddings:  # Gemma: the scale rounded to x's dtype, as HF does
+            x = x * torch.tensor(self.config.hidden_size**0.5).to(x.dtype)
         rope = self.rope(positions, x.dtype)
+        local = rope
+        if self.config.local_rope_theta is not None:
+            local = self.rope(positions, x.dtype, self.inv_freq_local)
         for block in self.model.layers:
             yield x
-            x = block(x, positions, rope, cache)
+            x = block(x, positions, rope if block.self_attn.window is None else local, cache)
         yield self.model.norm(x)

@@ -20,7 +20,9 @@ from pocketlm import paths
 from pocketlm.errors import CorruptModelError
 
 # Architectures with a module under pocketlm/models; others run through transformers.
-NATIVE_ARCHITECTURES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3"})
+NATIVE_ARCHITECTURES = frozenset(
+    {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
+)
 
 RAM_NOTE = (
     "weights only, at the dtype you load with; add the KV cache "

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from pocketlm.errors import CorruptModelError
 from pocketlm.models import ARCHITECTURES, LlamaConfig, build_config
+from pocketlm.models.gemma import LAYER_TYPES
 from pocketlm.models.gpt2 import ACTIVATIONS
 
 # The end of every config error: what the user can do about a bad file.
@@ -33,15 +34,20 @@ SIZE_LIMITS: dict[str, tuple[int, int]] = {
     # A context of one token leaves no room to generate anything after the prompt.
     **dict.fromkeys(("n_positions", "max_position_embeddings"), (2, 2**26)),
     "sliding_window": (1, 2**26),
+    "sliding_window_pattern": (1, 1024),
 }
 FLOAT_LIMITS: dict[str, tuple[float, float]] = {  # (exclusive low, inclusive high)
     **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps"), (0.0, 1.0)),
     **dict.fromkeys(("rope_theta", "factor", "low_freq_factor", "high_freq_factor"), (0.0, 1e12)),
+    **dict.fromkeys(("rope_local_base_freq", "query_pre_attn_scalar"), (0.0, 1e12)),
+    # Gemma's soft caps: cap * tanh(x / cap); 0 would divide by zero.
+    **dict.fromkeys(("attn_logit_softcapping", "final_logit_softcapping"), (0.0, 1e6)),
     "factors": (0.0, 1e12),  # each of freq_factors' per-pair divisors
     "original_max_position_embeddings": (0.0, 2.0**26),
     "partial_rotary_factor": (0.0, 1.0),
 }
-FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
+FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window",
+         "use_bidirectional_attention")  # fmt: skip
 # The numbers each rope_scaling type needs (pocketlm.models.llama.rope_inv_freq).
 ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings",
                                                "low_freq_factor", "high_freq_factor")}  # fmt: skip
@@ -195,6 +201,11 @@ def _check_rope_factors(check: _Checker, model_config: LlamaConfig) -> None:
 def _check_rope(check: _Checker, key: str, value: Any) -> None:
     if not isinstance(value, dict):
         check.bad(key, value, "an object")
+    if per_layer_type := [t for t in LAYER_TYPES if t in value]:  # Gemma 3: one per kind
+        for kind in per_layer_type:
+            if value[kind] is not None:  # null: that kind's defaults
+                _check_rope(check, f"{key}.{kind}", value[kind])
+        return
     kind = value.get("rope_type", value.get("type", "default"))
     if not isinstance(kind, str):
         check.bad(f"{key}.rope_type", kind, "a string")

@@ -13,7 +13,8 @@ in a multi-GB allocation or a crash. Tensors are read from a memory map.
 
 Knows nothing of the model classes beyond their parameter names and shapes. References:
 the GGUF spec (ggml/docs/gguf.md), llama.cpp's `gguf-py/gguf/tensor_mapping.py` and
-`convert_hf_to_gguf.py` (whose Llama q/k row permutation is undone here), and
+`convert_hf_to_gguf.py` (whose Llama q/k row permutation and Gemma norm offset are undone
+here), and
 transformers' `modeling_gguf_pytorch_utils.py`, which does the same.
 """
 
@@ -33,7 +34,7 @@ from pocketlm.kernels.gguf import STORED_TYPES, packed_bytes
 from pocketlm.weights.dequant import dequantize, ggml_type_name, ggml_type_sizes
 from pocketlm.weights.gguf_config import PERMUTED_QK, gguf_config, quantization
 
-SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 
 # Llama 3.1+ rope scaling as llama.cpp's converter writes it: per-pair divisors of the
 # rotary frequencies, read into the config (rope_scaling "freq_factors"), not a parameter.
@@ -41,6 +42,11 @@ SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3")
 ROPE_FREQS = "rope_freqs.weight"
 _ROPE_FREQS_ARCHS = ("llama",)
 _MAX_ROPE_FREQS = 1 << 15  # one per pair of the largest head_dim the validator allows
+
+# llama.cpp's converter adds 1 to every Gemma RMSNorm weight (HF stores weight - 1 and its
+# GemmaRMSNorm scales by 1 + weight; llama.cpp's norm scales by the weight); pocketlm keeps
+# HF's form, so 1 is taken off again (in fp32: these are F32 in every conversion).
+_UNIT_OFFSET_NORMS = ("gemma", "gemma2", "gemma3")
 
 # --- tensor names: GGUF (llama.cpp) -> (ours, shape), with {i} the block index ---------
 # Shapes are in config symbols (resolved by `_dims`), outermost first, for the strict check.
@@ -73,6 +79,23 @@ QWEN3_TENSORS = {
     "blk.{i}.attn_k_norm.weight": ("model.layers.{i}.self_attn.k_norm.weight", ("head",)),
 }
 
+# Gemma 2 and 3: norms on both sides of the attention and the MLP. llama.cpp's ffn_norm is
+# the MLP's input norm (HF pre_feedforward_layernorm), its post_attention_norm the norm of
+# the attention's output (which HF calls post_attention_layernorm).
+GEMMA2_TENSORS = {
+    **LLAMA_TENSORS,
+    "blk.{i}.post_attention_norm.weight": (
+        "model.layers.{i}.post_attention_layernorm.weight", ("hidden",)),
+    "blk.{i}.ffn_norm.weight": ("model.layers.{i}.pre_feedforward_layernorm.weight", ("hidden",)),
+    "blk.{i}.post_ffw_norm.weight": (
+        "model.layers.{i}.post_feedforward_layernorm.weight", ("hidden",)),
+}  # fmt: skip
+GEMMA3_TENSORS = {
+    **GEMMA2_TENSORS,
+    "blk.{i}.attn_q_norm.weight": ("model.layers.{i}.self_attn.q_norm.weight", ("head",)),
+    "blk.{i}.attn_k_norm.weight": ("model.layers.{i}.self_attn.k_norm.weight", ("head",)),
+}
+
 # llama.cpp's converter already transposes GPT-2's Conv1D weights to (out, in), which is
 # our nn.Linear orientation, so nothing is transposed on the way back.
 GPT2_TENSORS = {
@@ -94,8 +117,9 @@ GPT2_TENSORS = {
     "blk.{i}.ffn_down.weight": ("transformer.h.{i}.mlp.c_proj.weight", ("hidden", "ffn")),
     "blk.{i}.ffn_down.bias": ("transformer.h.{i}.mlp.c_proj.bias", ("hidden",)),
 }
-# Each architecture's table (llama and qwen2 share Llama's: Qwen2's biases are optional).
-_TABLES = {"gpt2": GPT2_TENSORS, "qwen3": QWEN3_TENSORS}
+# Each architecture's table (llama, qwen2 and gemma share Llama's: Qwen2's biases are optional).
+_TABLES = {"gpt2": GPT2_TENSORS, "qwen3": QWEN3_TENSORS, "gemma2": GEMMA2_TENSORS,
+           "gemma3": GEMMA3_TENSORS}  # fmt: skip
 # Tensors a file may leave out: lm_head when tied, biases a Llama may not have.
 _OPTIONAL = re.compile(
     r"lm_head\.weight|model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.\w+_proj)\.bias"
@@ -348,6 +372,7 @@ class _Planned:
     ours: str
     info: GGUFTensorInfo
     unpermute_heads: int | None  # undo llama.cpp's rotary row interleave over this many heads
+    offset: float = 0.0  # added to the values (Gemma's norms: -1, see _UNIT_OFFSET_NORMS)
 
 
 def _dims(cfg: dict[str, Any]) -> dict[str, int]:
@@ -386,7 +411,8 @@ def _plan(ckpt: GGUFCheckpoint) -> list[_Planned]:
         if info.shape != want:
             _corrupt_tensor(ckpt, name, f"has shape {info.shape}, expected {want}")
         ours = ours.replace("{i}", m[1]) if m else ours
-        plan.append(_Planned(ours, info, _permuted_heads(ckpt, template)))
+        unit_offset = ckpt.architecture in _UNIT_OFFSET_NORMS and template.endswith("norm.weight")
+        plan.append(_Planned(ours, info, _permuted_heads(ckpt, template), -1.0 * unit_offset))
     have = {p.ours for p in plan}
     for template, (ours, _) in table.items():
         for i in range(n_layers) if "{i}" in template else [0]:
@@ -458,9 +484,13 @@ def gguf_tensors(
         if p.ours in skip:
             continue
         raw = _tensor_bytes(ckpt, p.info)
+        # An offset is applied in fp32: 1 + w rounded to bf16 first would lose w's bits.
         t = dequantize(
-            raw, p.info.ggml_type, shape=p.info.shape, dtype=dtype, tensor_name=p.info.name
-        )
+            raw, p.info.ggml_type, shape=p.info.shape, tensor_name=p.info.name,
+            dtype=torch.float32 if p.offset else dtype,
+        )  # fmt: skip
+        if p.offset:
+            t = (t + p.offset).to(dtype)
         yield p.ours, _unpermute(t, p.unpermute_heads).contiguous() if p.unpermute_heads else t
 
 
@@ -484,6 +514,8 @@ def gguf_raw_tensors(ckpt: GGUFCheckpoint) -> dict[str, tuple[str, np.ndarray, t
     out = {}
     for p in plan:
         info = p.info
+        if p.offset:  # a norm (never kept undecoded): its values need the offset applied
+            continue
         block_size, type_size = ggml_type_sizes(info.ggml_type)
         row_bytes = info.shape[-1] // block_size * type_size
         raw = _tensor_bytes(ckpt, info).reshape(*info.shape[:-1], row_bytes)
