@@ -36,6 +36,14 @@ FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(LLAMA_SHAPE, sliding_window=8)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(LLAMA_SHAPE, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(LLAMA_SHAPE, head_dim=24)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(LLAMA_SHAPE, head_dim=24)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(LLAMA_SHAPE, sliding_window=8, attn_logit_softcapping=5.0,
+                    final_logit_softcapping=5.0, query_pre_attn_scalar=20)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                    dict(LLAMA_SHAPE, num_hidden_layers=3, sliding_window=8,
+                         layer_types=["sliding_attention", "sliding_attention",
+                                      "full_attention"])),
 }  # fmt: skip
 VOCAB = 50257  # GPT-2's vocabulary (shipped with pocketlm) serves every family here
 PROMPTS = [[464, 3290, 373, 1043], [15496, 995, 11], [40, 588, 257, 1310, 286, 262, 3290, 318]]
@@ -50,8 +58,11 @@ def make(folder, family: str, *, seed: int = 0, **overrides):
     config_name, model_name, config = FAMILIES[family]
     ids = dict(vocab_size=VOCAB, bos_token_id=50256, eos_token_id=50256)
     config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
+    config = {**ids, **config, **overrides}
+    if "layer_types" in config:  # one per layer, also in a shallower draft
+        config["layer_types"] = config["layer_types"][: config["num_hidden_layers"]]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**ids, **config, **overrides})).eval()
+    model = model_cls(config_cls(**config)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.split(".")[-2].startswith("ln"):
