@@ -34,9 +34,9 @@ def make_gpt2(folder: Path, *, seed: int = 0, with_tokenizer: bool = True, **con
 
 
 def make_llama(folder: Path, *, model_type: str = "llama", seed: int = 0, **config) -> Path:
-    """A random Llama / Mistral / Qwen2 / Qwen3 (or Mixtral / Qwen2-MoE / Qwen3-MoE) in HF
-    layout, with the GPT-2 vocabulary as its tokenizer (the architecture tests only need
-    some valid tokenizer)."""
+    """A random Llama / Mistral / Qwen2 / Qwen3 / Gemma 1-3 (or Mixtral / Qwen2-MoE /
+    Qwen3-MoE) in HF layout, with the GPT-2 vocabulary as its tokenizer (the architecture
+    tests only need some valid tokenizer)."""
     import transformers
 
     classes = {
@@ -47,6 +47,9 @@ def make_llama(folder: Path, *, model_type: str = "llama", seed: int = 0, **conf
         "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
         "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }
     config_cls, model_cls = classes[model_type]
     defaults = dict(

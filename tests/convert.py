@@ -6,12 +6,16 @@ The converter identifies a BPE tokenizer by hashing how it splits a fixed text, 
 one it does not know, so each checkpoint gets a real vocabulary it knows: GPT-2's (shipped
 with pocketlm; "gpt-2") for GPT-2, Llama, Mistral and Mixtral, Qwen2's (llama.cpp's
 vocab-only ggml-vocab-qwen2.gguf; "qwen2") for Qwen2, Qwen3 and their MoEs, whose
-tokenizer class transformers 5 always builds with Qwen2's own split pattern. The converter runs in a subprocess with its own
-gguf-py (it puts that first on sys.path). Without the llama.cpp download the tests skip.
+tokenizer class transformers 5 always builds with Qwen2's own split pattern. Gemma's
+converter reads a SentencePiece tokenizer.model instead: Mistral 7B's (mistral-common
+wheel, 32,000 pieces), beside the GPT-2 files that pocketlm's folder loader reads. The
+converter runs in a subprocess with its own gguf-py (it puts that first on sys.path).
+Without the llama.cpp download the tests skip.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +25,8 @@ from checkpoints import make_gpt2, make_llama
 
 QWEN2_VOCAB = 151936  # Qwen2's embedding rows: 151,643 BPE tokens, 3 specials, padding
 QWEN2_EOS = 151643  # <|endoftext|>
+SPM_VOCAB = 32000  # Mistral 7B v0.1's tokenizer.model.v1: <unk>, <s>, </s>, then pieces
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 
 
 class Conversion:
@@ -54,6 +60,11 @@ def make_convertible(folder: Path, *, model_type: str, **config) -> Path:
     converter knows (see the module docstring); `config` overrides the config's fields."""
     if model_type == "gpt2":
         make_gpt2(folder, **config)
+    elif model_type in GEMMA_TYPES:
+        ids = dict(vocab_size=SPM_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        make_llama(folder, model_type=model_type, **{**ids, **config})
+        shutil.copy(vendor.mistral_tokenizers() / "tokenizer.model.v1", folder / "tokenizer.model")
+        return folder
     elif model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         ids = dict(vocab_size=QWEN2_VOCAB, bos_token_id=QWEN2_EOS, eos_token_id=QWEN2_EOS)
         make_llama(folder, model_type=model_type, **{**ids, **config})

@@ -642,7 +642,7 @@ def test_rope_freqs_divide_the_rotary_frequencies(tmp_path):
     ("factors", "error"),
     [
         ([1.0] * 4, "config rope_freqs.weight.factors = [1.0, 1.0, 1.0, 1.0] is not valid "
-                    "(expected 8 numbers, one per rotated pair of the 16 head dimensions)"),
+                    "(expected 8 numbers, one per pair of the 16 rotated head dimensions)"),
         ([1.0] * 7 + [0.0], "config rope_freqs.weight.factors = 0.0 is not valid (expected a "
                             "number above 0"),
         ([1.0] * 7 + [float("nan")], "config rope_freqs.weight.factors = nan is not valid"),

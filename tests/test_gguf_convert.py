@@ -37,7 +37,8 @@ CASES = {
     "llama3.1": dict(model_type="llama", head_dim=64, rope_theta=500000.0,
                      rope_scaling=llama3(8.0), max_position_embeddings=8192),
     "llama3.2-tied": dict(model_type="llama", tie_word_embeddings=True, rope_theta=500000.0,
-                          rope_scaling=llama3(32.0), max_position_embeddings=8192),
+                          rope_scaling=llama3(32.0), max_position_embeddings=8192,
+                          attention_bias=True, mlp_bias=True),  # o_proj and MLP biases too
     "mistral": dict(model_type="mistral", head_dim=32),
     "qwen2-tied": dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0),
     "gpt2": dict(model_type="gpt2", n_ctx=128),  # transformers 5 no longer writes n_ctx
@@ -153,7 +154,8 @@ def test_what_the_converter_wrote(case):
     assert ckpt.quantization == "F32" and ckpt.config["torch_dtype"] == "float32"
     assert ("rope_freqs.weight" in ckpt.tensors) == (name in LLAMA3)
     assert ("output.weight" in ckpt.tensors) == (name in ("llama3.1", "mistral"))
-    assert ("blk.0.attn_q.bias" in ckpt.tensors) == (name == "qwen2-tied")
+    assert ("blk.0.attn_q.bias" in ckpt.tensors) == (name in ("qwen2-tied", "llama3.2-tied"))
+    assert ("blk.0.ffn_up.bias" in ckpt.tensors) == (name in ("llama3.2-tied", "gpt2"))
     if name in LLAMA3:  # kept, divided by `factor`, and some blended between
         factors, top = ckpt.config["rope_scaling"]["factors"], CASES[name]["rope_scaling"]["factor"]
         assert ckpt.config["rope_scaling"]["rope_type"] == "freq_factors"

@@ -26,7 +26,7 @@ from pocketlm.kernels import cpp
 from pocketlm.kernels.gguf import DECODE_MAX_ROWS, GGUFLinear, QuantMatrix
 from pocketlm.kernels.gguf_layouts import LAYOUTS, dequantize, repack
 
-TYPES = list(LAYOUTS)  # Q4_0 Q4_1 IQ4_NL Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_XS
+TYPES = list(LAYOUTS)  # Q4_0 Q4_1 IQ4_NL Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_XS MXFP4
 QUANTIZABLE = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}  # gguf-py can quantize these
 # Where each type's f16 scales sit in its block (byte offsets), for the hand-built ones.
 F16_FIELDS = {
@@ -37,7 +37,10 @@ F16_FIELDS = {
     "Q5_K": (0, 2),
     "Q6_K": (208,),
     "IQ4_XS": (0,),
+    "MXFP4": (),  # an E8M0 byte instead, set below
 }
+# MXFP4 scales 2^(e - 128) that an f16 holds exactly: 2^-24 (subnormal) to 2^15.
+MXFP4_EXACT = (104, 143)
 ON_VNNI = cpp.gguf_ops() is not None
 
 
@@ -52,6 +55,8 @@ def gguf_blocks(kind: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     for at in F16_FIELDS[kind]:
         scale = rng.uniform(1e-3, 1e-2, size=(n, k // block)).astype(np.float16)
         raw[..., at : at + 2] = scale.view(np.uint8).reshape(n, k // block, 2)
+    if kind == "MXFP4":
+        raw[..., 0] = rng.integers(MXFP4_EXACT[0], MXFP4_EXACT[1] + 1, size=(n, k // block))
     return raw.reshape(n, -1)
 
 
@@ -110,7 +115,8 @@ def test_the_cpp_repack_is_the_pytorch_one_byte_for_byte(kind, monkeypatch):
 
 def test_the_layouts_stay_compact():
     """Bytes per weight in memory, padding aside: the file's, or a little more where the
-    K types' 6-bit sub-scales are unpacked (Q4_K 4.5 -> 4.625 bits)."""
+    K types' 6-bit sub-scales are unpacked (Q4_K 4.5 -> 4.625 bits) and MXFP4's one-byte
+    scale becomes an f16 (4.25 -> 4.5 bits)."""
     got = {}
     for kind in TYPES:
         raw = gguf_blocks(kind, 64, 1024)
@@ -118,6 +124,7 @@ def test_the_layouts_stay_compact():
         got[kind] = (m.codes.numel() + m.records.numel()) / raw.size
     assert got["Q4_K"] == pytest.approx(148 / 144)
     assert got["Q3_K"] == pytest.approx(114 / 110)
+    assert got.pop("MXFP4") == pytest.approx(18 / 17)
     assert all(ratio <= 1.04 for ratio in got.values()), got
 
 
@@ -258,3 +265,21 @@ def test_without_the_kernels_it_says_so_once(monkeypatch, caplog):
         assert said == ["GGUF matrices use PyTorch (dequantize, then matmul): POCKETLM_KERNELS=0"]
     finally:
         cpp.gguf_ops.cache_clear()
+
+
+def test_mxfp4_scales_beyond_an_f16_become_zero_or_are_refused():
+    """gpt-oss's MXFP4: a block scaled below 2^-24 (e = 0 marks an all-zero block) holds
+    zeros; one above 2^15 is refused in one line, not turned into infinities."""
+    raw = gguf_blocks("MXFP4", 4, 64)
+    raw.reshape(4, 2, 17)[0, 1, 0] = 0  # row 0, second block: below an f16
+    got = QuantMatrix.from_gguf(raw, "MXFP4", (4, 64)).dequantize(0, 4)
+    expected = oracle("MXFP4", raw, (4, 64))
+    assert torch.equal(got[0, 32:], torch.zeros(32))
+    assert expected[0, 32:].abs().max() < 2**-120  # what the zeros stand for
+    assert torch.equal(bits(got[1:]), bits(expected[1:])) and torch.equal(
+        got[0, :32], expected[0, :32]
+    )
+    raw.reshape(4, 2, 17)[2, 0, 0] = MXFP4_EXACT[1] + 1
+    with pytest.raises(PocketLMError, match=r"MXFP4 block is scaled by 2\^16") as error:
+        QuantMatrix.from_gguf(raw, "MXFP4", (4, 64))
+    assert "\n" not in str(error.value)

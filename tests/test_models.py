@@ -35,6 +35,7 @@ LLAMA_CONFIGS = {
     "llama-linear-rope": dict(
         model_type="llama", rope_scaling=dict(rope_type="linear", factor=2.0)
     ),
+    "llama-biases": dict(model_type="llama", attention_bias=True, mlp_bias=True),
     "mistral-window": dict(model_type="mistral", sliding_window=8),
     "qwen2-bias": dict(model_type="qwen2", num_key_value_heads=1),
     "qwen3-qk-norm": dict(model_type="qwen3", head_dim=24),  # more in test_qwen3.py
@@ -134,3 +135,29 @@ def test_hidden_states_match_output_hidden_states(pair):
     assert len(got) == len(expected)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("factor", [0.25, 0.75, 1.0])
+def test_partial_rotary_rotates_the_first_dims_as_transformers(factor):
+    """Partial rotary (Phi-4-mini, StableLM, GPT-NeoX): the first int(D * factor) of each
+    head rotated, as transformers' Phi-3 rotary embedding and apply_rotary_pos_emb do;
+    the rest passed through. D = 24 and factor 0.75: 18 rotated, not a power of two."""
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding, apply_rotary_pos_emb
+
+    from pocketlm.models.llama import Llama, LlamaConfig, rotate
+
+    shape = dict(hidden_size=96, num_attention_heads=4, head_dim=24, rope_theta=1000.0)
+    config = LlamaConfig(**shape, partial_rotary_factor=factor, num_hidden_layers=1,
+                         vocab_size=8, intermediate_size=8)  # fmt: skip
+    assert config.rotary_dim == int(24 * factor)
+    theirs = Phi3RotaryEmbedding(Phi3Config(**shape, partial_rotary_factor=factor))
+    positions = torch.tensor([[0, 3, 17, 250]])
+    q, k = torch.randn(2, 1, 4, 4, 24).unbind(0)  # (B, H, T, D) as transformers holds them
+    cos, sin = theirs(q, positions)
+    expected_q, expected_k = apply_rotary_pos_emb(q, k, cos, sin)
+    ours_cos, ours_sin = Llama(config).rope(positions, torch.float32)  # (B, T, 1, R)
+    for x, expected in ((q, expected_q), (k, expected_k)):
+        got = rotate(x.transpose(1, 2), ours_cos, ours_sin, config.rotary_dim).transpose(1, 2)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[..., config.rotary_dim :], x[..., config.rotary_dim :])

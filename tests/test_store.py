@@ -195,6 +195,8 @@ def transformers_parameters(config: dict) -> int:
 def test_parameter_counts_match_transformers_and_the_catalogue():
     seen = set()
     for entry in catalog.entries():
+        if entry.config:  # entries with their config.json values: test_catalog_families.py
+            continue
         config = catalogue_config(entry)
         key = json.dumps(config, sort_keys=True)
         if key in seen:

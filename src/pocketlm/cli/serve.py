@@ -1,5 +1,6 @@
 """`pocketlm serve [MODEL]`: serve a model over an OpenAI-compatible HTTP API (and a chat
-page at /), with continuous batching. Parsing and printing only; the server is
+page at /), with continuous batching (a model running through transformers answers one
+request at a time, in turn). Parsing and printing only; the server is
 `pocketlm.serve.app`, run by uvicorn.
 """
 
@@ -33,7 +34,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes"
     )
     parser.add_argument(
-        "--max-batch", type=int, default=8, help="requests decoded together (default 8)"
+        "--max-batch",
+        type=int,
+        default=8,
+        help="requests decoded together (default 8; 1 for a model running through transformers)",
     )
     parser.add_argument(
         "--max-queue",

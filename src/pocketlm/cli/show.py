@@ -45,6 +45,8 @@ def _card_fields(card: ModelCard) -> list[tuple[str, str]]:
         ("name", card.name),
         ("path", str(card.path)),
         ("architecture", f"{card.architecture}, runs {runs}"),
+        ("family", card.family),
+        ("features", ", ".join(card.features)),
         ("parameters", f"{card.parameters:,} ({human_count(card.parameters)})"),
         ("layers", str(card.layers)),
         ("heads", str(card.heads)),

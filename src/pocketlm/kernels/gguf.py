@@ -34,7 +34,6 @@ from pocketlm.kernels.gguf_layouts import (
     CHUNK,
     LAYOUTS,
     ROWS,
-    TABLE,
     Layout,
     dequantize,
     layout_of,
@@ -97,7 +96,7 @@ class QuantMatrix(nn.Module):
         self.out_features, self.in_features = shape
         self.register_buffer("codes", codes)  # (N/4, Kp/64, 4, code bytes) uint8
         self.register_buffer("records", records)  # (N/4, Kp/group, 4, record bytes) uint8
-        self.register_buffer("table", TABLE.clone() if layout.table else None)
+        self.register_buffer("table", layout.table_bytes())
         self.params = layout.params()  # as the C++ kernels take the layout
         self._fast = _kernels_here()  # a bool: the module stays copyable and picklable
 

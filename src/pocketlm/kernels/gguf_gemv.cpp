@@ -358,12 +358,14 @@ using DequantFn = void (*)(const Weights&, int64_t, int64_t, int64_t, int64_t, a
 
 template <typename F>
 F pick(const Layout& l, F (*choose)(int)) {
-  // The twelve GGUF types' layouts (gguf_layouts.LAYOUTS), in that order.
-  static const int64_t known[12][6] = {{4, 0, 0, 32, 0, 0}, {4, 0, 0, 32, 1, 0}, {4, 0, 0, 32, 0, 1},
+  // The thirteen GGUF types' layouts (gguf_layouts.LAYOUTS), in that order; the last
+  // field names the value table (1 IQ4, 2 MXFP4), the one thing telling MXFP4 from IQ4_NL.
+  static const int64_t known[13][6] = {{4, 0, 0, 32, 0, 0}, {4, 0, 0, 32, 1, 0}, {4, 0, 0, 32, 0, 1},
                                        {4, 1, 0, 32, 0, 0}, {4, 1, 0, 32, 1, 0}, {8, 0, 0, 32, 0, 0},
                                        {2, 0, 1, 16, 2, 0}, {2, 1, 1, 16, 0, 0}, {4, 0, 1, 32, 1, 0},
-                                       {4, 1, 1, 32, 1, 0}, {4, 2, 1, 16, 0, 0}, {4, 0, 1, 32, 0, 1}};
-  for (int i = 0; i < 12; ++i) {
+                                       {4, 1, 1, 32, 1, 0}, {4, 2, 1, 16, 0, 0}, {4, 0, 1, 32, 0, 1},
+                                       {4, 0, 0, 32, 0, 2}};
+  for (int i = 0; i < 13; ++i) {
     const int64_t* k = known[i];
     if (l.low == k[0] && l.high == k[1] && l.scheme == k[2] && l.sub == k[3] && l.mins == k[4] && l.table == k[5])
       return choose(i);
@@ -384,7 +386,8 @@ F pick(const Layout& l, F (*choose)(int)) {
     case 8: return &FN<4, 0, 1, 32, 1, false>; \
     case 9: return &FN<4, 1, 1, 32, 1, false>; \
     case 10: return &FN<4, 2, 1, 16, 0, false>; \
-    default: return &FN<4, 0, 1, 32, 0, true>; \
+    case 11: return &FN<4, 0, 1, 32, 0, true>;  \
+    default: return &FN<4, 0, 0, 32, 0, true>; /* MXFP4: IQ4_NL's kernel, its own table */ \
   }
 
 GemvFn gemv_for(int i) { LAYOUT_CASES(run_gemv) }
@@ -438,19 +441,32 @@ at::Tensor quant_dequant(const at::Tensor& codes, const at::Tensor& records, con
 
 // --- GGUF blocks -> these layouts (gguf_layouts.repack, byte for byte) -------------------
 
-// The twelve GGUF types, in pick's order: bytes of a block in the file.
-constexpr int64_t BLOCK_BYTES[12] = {18, 20, 18, 22, 24, 34, 84, 110, 144, 176, 210, 136};
-enum Kind { Q4_0, Q4_1, IQ4_NL, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS };
+// The thirteen GGUF types, in pick's order: bytes of a block in the file.
+constexpr int64_t BLOCK_BYTES[13] = {18, 20, 18, 22, 24, 34, 84, 110, 144, 176, 210, 136, 17};
+enum Kind { Q4_0, Q4_1, IQ4_NL, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, MXFP4 };
+
+// MXFP4's E8M0 scale byte e -> the f16 bits of 2^(e - 128) (see gguf_layouts.py): exact
+// from 2^-24 to 2^15, zero below; gguf_layouts.repack refuses a file with larger ones.
+inline uint16_t e8m0_half_f16(uint8_t e) {
+  const int x = e - 128;
+  if (x >= -14) return static_cast<uint16_t>((x + 15) << 10);
+  return x >= -24 ? static_cast<uint16_t>(1 << (x + 24)) : 0;
+}
 
 // One 32-weight block -> its 32 codes, in weight order; its f16 d (and m) bytes.
 template <int KIND>
 inline __m256i b32_block(const uint8_t* p, uint8_t* d, uint8_t* m) {
-  std::memcpy(d, p, 2);
+  if constexpr (KIND == MXFP4) {
+    const uint16_t bits = e8m0_half_f16(p[0]);
+    std::memcpy(d, &bits, 2);
+  } else {
+    std::memcpy(d, p, 2);
+  }
   if constexpr (KIND == Q8_0) {  // c = q + 128
     const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
     return _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));
   }
-  constexpr int QS = KIND == Q4_1 ? 4 : KIND == Q5_0 ? 6 : KIND == Q5_1 ? 8 : 2;
+  constexpr int QS = KIND == Q4_1 ? 4 : KIND == Q5_0 ? 6 : KIND == Q5_1 ? 8 : KIND == MXFP4 ? 1 : 2;
   if constexpr (KIND == Q4_1 || KIND == Q5_1) std::memcpy(m, p + 2, 2);
   const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + QS)), mask = _mm_set1_epi8(15);
   __m256i c = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), mask), _mm_and_si128(q, mask));
@@ -565,7 +581,7 @@ inline void pack_chunk(__m512i c, uint8_t* out) {
 template <int KIND>
 void repack_blocks(const uint8_t* raw, int64_t n, int64_t k, int64_t begin, int64_t end, uint8_t* codes,
                    uint8_t* records) {
-  constexpr int64_t SCHEME = KIND >= Q2_K, BB = BLOCK_BYTES[KIND], GROUP = SCHEME ? 256 : 64;
+  constexpr int64_t SCHEME = KIND >= Q2_K && KIND <= IQ4_XS, BB = BLOCK_BYTES[KIND], GROUP = SCHEME ? 256 : 64;
   constexpr int64_t LOW = KIND == Q8_0 ? 8 : KIND == Q2_K || KIND == Q3_K ? 2 : 4;
   constexpr int64_t HIGH = KIND == Q5_0 || KIND == Q5_1 || KIND == Q3_K || KIND == Q5_K ? 1 : KIND == Q6_K ? 2 : 0;
   constexpr int64_t CB = 8 * (LOW + HIGH);
@@ -600,10 +616,11 @@ void repack_blocks(const uint8_t* raw, int64_t n, int64_t k, int64_t begin, int6
 using RepackFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, uint8_t*, uint8_t*);
 
 RepackFn repack_for(int i) {
-  static const RepackFn fns[12] = {&repack_blocks<Q4_0>, &repack_blocks<Q4_1>, &repack_blocks<IQ4_NL>,
+  static const RepackFn fns[13] = {&repack_blocks<Q4_0>, &repack_blocks<Q4_1>, &repack_blocks<IQ4_NL>,
                                    &repack_blocks<Q5_0>, &repack_blocks<Q5_1>, &repack_blocks<Q8_0>,
                                    &repack_blocks<Q2_K>, &repack_blocks<Q3_K>, &repack_blocks<Q4_K>,
-                                   &repack_blocks<Q5_K>, &repack_blocks<Q6_K>, &repack_blocks<IQ4_XS>};
+                                   &repack_blocks<Q5_K>, &repack_blocks<Q6_K>, &repack_blocks<IQ4_XS>,
+                                   &repack_blocks<MXFP4>};
   return fns[i];
 }
 

@@ -2,8 +2,9 @@
 
 Every quantized GGUF type stores a weight as w = S * (c - offset) [+ min], with c a small
 unsigned integer code and S a scale that is either an f16 per 32 weights (Q4_0, Q4_1,
-Q5_0, Q5_1, Q8_0, IQ4_NL) or an f16 per 256 times a small integer per 16 or 32 weights
-(the K types and IQ4_XS). So one layout family holds them all, differing only in:
+Q5_0, Q5_1, Q8_0, IQ4_NL; MXFP4's power-of-two scale per 32 becomes one) or an f16 per
+256 times a small integer per 16 or 32 weights (the K types and IQ4_XS). So one layout
+family holds them all, differing only in:
 
 - the code planes, per 64 weights: a low plane of 4 bits (32 bytes: byte j holds codes j
   and j + 32), 2 bits (16 bytes: byte j holds codes j, j+16, j+32, j+48) or 8 bits, and
@@ -14,22 +15,25 @@ Q5_0, Q5_1, Q8_0, IQ4_NL) or an f16 per 256 times a small integer per 16 or 32 w
 - the scale record, one per 64 weights ("b32": two f16 scales, then two f16 mins if
   any) or per 256 ("k": f16 d, f16 dmin if mins, the per-16 or per-32 integer scales as
   int8, then the integer mins as uint8; Q2_K keeps its own scale|min<<4 nibble bytes);
-- an integer offset (a power of two, or 0) and, for IQ4_NL / IQ4_XS, a 16-entry table
-  the codes index (their non-linear values + 128).
+- an integer offset (a power of two, or 0) and, for IQ4_NL / IQ4_XS and MXFP4, a
+  16-entry table the codes index (their non-linear values, or FP4 E2M1's doubled, + 128).
+  MXFP4's scale, 2^(e - 128) for its E8M0 byte e (the half that pairs with the doubled
+  values), is an exact f16 from 2^-24 to 2^15; a block scaled below that (an all-zero
+  block has e = 0) becomes zeros, one above is refused.
 
 A matrix (N, K) is kept as `codes` (N/4, K/64, 4, code bytes) and `records` (N/4,
 K/group, 4, record bytes): four rows interleaved chunk by chunk, so a decode thread
 streams one contiguous stretch (as the int8 kernel does); N is padded to 4 rows and a
 32-weight type's K to 64 with zeros (a zero code and a zero scale contribute nothing).
 
-Bytes per 256 weights, file -> here: Q4_0 144 -> 144, Q4_1 160 -> 160, Q5_0 176 -> 176,
+Bytes per 256 weights, file -> here: MXFP4 136 -> 144, Q4_0 144 -> 144, Q4_1 160 -> 160, Q5_0 176 -> 176,
 Q5_1 192 -> 192, Q8_0 272 -> 272, IQ4_NL 144 -> 144, Q2_K 84 -> 84, Q3_K 110 -> 114 (its
 6-bit scales unpacked), Q4_K 144 -> 148 and Q5_K 176 -> 180 (idem), Q6_K 210 -> 210,
 IQ4_XS 136 -> 138: a Q4_K matrix stays 4.6 bits a weight.
 
 Why this family and not another:
 - One kernel: the decode kernel is one template over (low bits, high bits, scale
-  scheme), twelve instances, so every type gets the same streaming, prefetching and VNNI
+  scheme), twelve instances (MXFP4 shares IQ4_NL's), so every type gets the same streaming, prefetching and VNNI
   inner loop, and a new type is a row of LAYOUTS. Unpacking 64 codes is 2-4 instructions
   whatever the type: a 32-byte load and two masks (4 bits), a 16-byte broadcast and one
   variable shift (2 bits), a mask register (a fifth bit); gguf's own interleavings differ
@@ -70,6 +74,9 @@ from pocketlm.kernels.cpp import gguf_ops
 ROWS = 4  # weight rows interleaved
 CHUNK = 64  # weights of a row read at a time
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+# FP4 E2M1's eight magnitudes and their negatives, doubled to integers (ggml's kvalues_mxfp4).
+MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+TABLES = {1: IQ4_VALUES, 2: MXFP4_VALUES}  # Layout.table -> the values its codes index
 _ROW_CHUNK = 256  # rows repacked or dequantized at a time: temporaries of a few MB
 
 
@@ -85,7 +92,7 @@ class Layout:
     sub: int  # weights per scale: 32, or 16 (Q2_K, Q3_K, Q6_K)
     mins: int  # 0: none; 1: f16 min per 32 (b32) or dmin x uint8 per sub (k); 2: Q2_K nibbles
     offset: int  # w = S * (c - offset) when there is no min
-    table: bool  # IQ4: codes index IQ4_VALUES (+ 128)
+    table: int  # 0, or which TABLES entry (+ 128) the codes index: 1 IQ4, 2 MXFP4
 
     @property
     def group(self) -> int:
@@ -107,7 +114,13 @@ class Layout:
     def params(self) -> list[int]:
         """The layout as the C++ kernels take it."""
         scheme = 0 if self.scheme == "b32" else 1
-        return [self.low, self.high, scheme, self.sub, self.mins, self.offset, int(self.table)]
+        return [self.low, self.high, scheme, self.sub, self.mins, self.offset, self.table]
+
+    def table_bytes(self) -> torch.Tensor | None:
+        """The 16 values the codes index, + 128 as the unsigned codes the kernel makes."""
+        if not self.table:
+            return None
+        return torch.tensor([v + 128 for v in TABLES[self.table]], dtype=torch.uint8)
 
     def padded_k(self, k: int) -> int:
         return -(-k // self.group) * self.group
@@ -116,21 +129,21 @@ class Layout:
 LAYOUTS = {
     layout.ggml_type: layout
     for layout in (
-        Layout("Q4_0", 18, 4, 0, "b32", 32, 0, 8, False),
-        Layout("Q4_1", 20, 4, 0, "b32", 32, 1, 0, False),
-        Layout("IQ4_NL", 18, 4, 0, "b32", 32, 0, 128, True),
-        Layout("Q5_0", 22, 4, 1, "b32", 32, 0, 16, False),
-        Layout("Q5_1", 24, 4, 1, "b32", 32, 1, 0, False),
-        Layout("Q8_0", 34, 8, 0, "b32", 32, 0, 128, False),
-        Layout("Q2_K", 84, 2, 0, "k", 16, 2, 0, False),
-        Layout("Q3_K", 110, 2, 1, "k", 16, 0, 4, False),
-        Layout("Q4_K", 144, 4, 0, "k", 32, 1, 0, False),
-        Layout("Q5_K", 176, 4, 1, "k", 32, 1, 0, False),
-        Layout("Q6_K", 210, 4, 2, "k", 16, 0, 32, False),
-        Layout("IQ4_XS", 136, 4, 0, "k", 32, 0, 128, True),
+        Layout("Q4_0", 18, 4, 0, "b32", 32, 0, 8, 0),
+        Layout("Q4_1", 20, 4, 0, "b32", 32, 1, 0, 0),
+        Layout("IQ4_NL", 18, 4, 0, "b32", 32, 0, 128, 1),
+        Layout("Q5_0", 22, 4, 1, "b32", 32, 0, 16, 0),
+        Layout("Q5_1", 24, 4, 1, "b32", 32, 1, 0, 0),
+        Layout("Q8_0", 34, 8, 0, "b32", 32, 0, 128, 0),
+        Layout("Q2_K", 84, 2, 0, "k", 16, 2, 0, 0),
+        Layout("Q3_K", 110, 2, 1, "k", 16, 0, 4, 0),
+        Layout("Q4_K", 144, 4, 0, "k", 32, 1, 0, 0),
+        Layout("Q5_K", 176, 4, 1, "k", 32, 1, 0, 0),
+        Layout("Q6_K", 210, 4, 2, "k", 16, 0, 32, 0),
+        Layout("IQ4_XS", 136, 4, 0, "k", 32, 0, 128, 1),
+        Layout("MXFP4", 17, 4, 0, "b32", 32, 0, 128, 2),
     )
 }
-TABLE = torch.tensor([v + 128 for v in IQ4_VALUES], dtype=torch.uint8)
 
 
 # --- GGUF blocks -> codes (n, blocks, weights) and scale fields ------------------------
@@ -160,8 +173,20 @@ def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
+def _e8m0_half_f16(e: torch.Tensor) -> torch.Tensor:
+    """MXFP4's E8M0 scale bytes (...) -> the f16 bytes (..., 2) of 2^(e - 128): exact
+    from 2^-24 (a subnormal) to 2^15; below, zero. `repack` refuses larger ones."""
+    x = e.int() - 128
+    normal = (x + 15).clamp(min=0) << 10
+    subnormal = torch.where(x >= -24, 1 << (x + 24).clamp(0, 9), 0)
+    bits = torch.where(x >= -14, normal, subnormal).to(torch.int16)
+    return bits.unsqueeze(-1).view(torch.uint8)  # little-endian, as the file's f16s
+
+
 def _parse_b32(b: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
     """32-weight blocks (n, B, bytes) -> codes (n, B, 32), d (n, B, 2) [, m]."""
+    if kind == "MXFP4":
+        return {"codes": _nib32(b[..., 1:]), "d": _e8m0_half_f16(b[..., 0])}
     if kind == "Q8_0":
         return {"codes": b[..., 2:] ^ 0x80, "d": b[..., :2]}  # q + 128
     if kind in ("Q4_0", "IQ4_NL"):
@@ -262,6 +287,11 @@ def repack(raw: np.ndarray, ggml_type: str, shape: tuple[int, int]) -> tuple[tor
     per_row = k // (32 if layout.scheme == "b32" else 256) * layout.block_bytes
     if k % (32 if layout.scheme == "b32" else 256) or np.asarray(raw).size != n * per_row:
         raise PocketLMError(f"{ggml_type} bytes of {np.asarray(raw).size} do not hold {shape}")
+    if ggml_type == "MXFP4" and (e := np.asarray(raw).reshape(-1, 17)[:, 0]).max() > 143:
+        raise PocketLMError(
+            f"an MXFP4 block is scaled by 2^{int(e.max()) - 128}, beyond what pocketlm's "
+            "kernels hold (2^15); the file is damaged or was not made by llama.cpp"
+        )
     if (ops := gguf_ops()) is not None:
         return tuple(ops.gguf_repack(_byte_view(raw), layout.params(), n, k))
     return _repack_torch(np.asarray(raw).reshape(n, per_row), layout, k)
@@ -352,7 +382,7 @@ def _dequantize_blocks(layout: Layout, codes: torch.Tensor, records: torch.Tenso
         q = q | (_unpack_plane(c[..., 8 * layout.low :], layout.high) << layout.low)
     q = q.reshape(n, kp)
     if layout.table:
-        q = TABLE.to(q.device)[q.long()]
+        q = layout.table_bytes().to(q.device)[q.long()]
     if layout.scheme == "b32":
         scale = _f16(rec[..., :4]).reshape(n, -1, 1)  # (n, K/32, 1)
         groups = q.view(n, -1, 32)

@@ -6,12 +6,14 @@ import torch
 from torch import nn
 
 from pocketlm.models.cache import KVCache
+from pocketlm.models.gemma import GemmaConfig
 from pocketlm.models.gpt2 import GPT2, GPT2Config
 from pocketlm.models.llama import Llama, LlamaConfig
 
 # model_type -> (config class, model class). Mistral, Qwen2, Qwen3, SmolLM and the
 # mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) are Llamas with options their
-# config.json switches on; nothing here keys on file names.
+# config.json switches on, and so are Gemma 1-3 (GemmaConfig reads their keys); nothing
+# here keys on file names.
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "gpt2": (GPT2Config, GPT2),
     "llama": (LlamaConfig, Llama),
@@ -21,6 +23,9 @@ ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "mixtral": (LlamaConfig, Llama),
     "qwen2_moe": (LlamaConfig, Llama),
     "qwen3_moe": (LlamaConfig, Llama),
+    "gemma": (GemmaConfig, Llama),
+    "gemma2": (GemmaConfig, Llama),
+    "gemma3_text": (GemmaConfig, Llama),
 }
 
 
@@ -67,6 +72,7 @@ __all__ = [
     "ARCHITECTURES",
     "GPT2",
     "GPT2Config",
+    "GemmaConfig",
     "KVCache",
     "Llama",
     "LlamaConfig",

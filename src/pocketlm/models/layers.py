@@ -1,6 +1,8 @@
-"""What the architectures share: causal attention masks and attention itself, the
-`CausalLM` base (its head and `forward`), and nn.Linear surgery (concatenating layers
-that read one input, replacing every linear by a faster kind).
+"""What the architectures share: causal attention masks and attention itself (through
+PyTorch's SDPA, or with explicit scores where they are soft-capped, which SDPA cannot do),
+the `CausalLM` base (its head, an optional soft cap of the logits, and `forward`), and
+nn.Linear surgery (concatenating layers that read one input, replacing every linear by a
+faster kind).
 
 Dimension letters: B = batch, T = new tokens, S = key slots, H = heads, D = head dim,
 C = channels. Positions are explicit everywhere so the same code serves a whole
@@ -39,11 +41,15 @@ def attend(
     positions: torch.Tensor,
     cache: KVCache | None,
     window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention of q (B, Hq, T, D) over k, v (B, Hkv, T, D), going
-    through the cache when there is one. Returns (B, Hq, T, D)."""
+    through the cache when there is one. Returns (B, Hq, T, D). `scale` multiplies the
+    scores (default 1 / sqrt(D)); `softcap` then bounds them to (-cap, cap) by
+    cap * tanh(score / cap) (Gemma 2)."""
     if cache is None:
-        k_positions = positions
+        mask = attention_mask(positions, positions, window=window)
     else:
         # Only slots up to the furthest position hold anything this step can see (the
         # cache uses the same number to know whether it must grow first).
@@ -53,12 +59,38 @@ def attend(
         if q.shape[0] == 1 and q.shape[2] == 1 and (window is None or n_slots <= window):
             # One decode step: the only query is the newest position and sees every slot,
             # so the mask would be all True; without one SDPA takes its fastest kernel.
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
-        k_positions = torch.arange(n_slots, device=q.device).expand(q.shape[0], n_slots)
-    mask = attention_mask(positions, k_positions, window=window)
+            mask = None
+        else:
+            k_positions = torch.arange(n_slots, device=q.device).expand(q.shape[0], n_slots)
+            mask = attention_mask(positions, k_positions, window=window)
+    if softcap is not None:
+        return softcapped_attention(q, k, v, mask=mask, scale=scale, softcap=softcap)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
+
+
+def softcapped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    softcap: float,
+) -> torch.Tensor:
+    """Attention with soft-capped scores, written out (HF Gemma 2's `eager_attention_forward`):
+    SDPA applies no function between the product and the softmax. Query heads are grouped
+    by the key/value head they share, so keys and values are not repeated in memory."""
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    qg = q.view(B, K, H // K, T, D)  # (B, K, G, T, D): head h reads kv head h // G
+    scores = qg @ k[:, :, None].transpose(-1, -2) * (D**-0.5 if scale is None else scale)
+    scores = softcap * torch.tanh(scores / softcap)  # (B, K, G, T, S)
+    if mask is not None:  # (B, 1, T, S) -> (B, 1, 1, T, S); a large negative, as HF's mask
+        scores = scores.masked_fill(~mask[:, None], torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return (weights @ v[:, :, None]).view(B, H, T, D)  # (B, K, G, T, D) -> (B, H, T, D)
 
 
 def concat_linears(linears: list[nn.Module]) -> nn.Module | None:
@@ -102,6 +134,7 @@ class CausalLM(nn.Module):
     yields the residual stream, and the head turns the last of it into logits."""
 
     lm_head: nn.Module
+    logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
 
     def layer_outputs(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None
@@ -125,4 +158,7 @@ class CausalLM(nn.Module):
         B, T, C = x.shape
         # In 2D: a (B, 1, C) slice keeps its parent's strides, and on those PyTorch's
         # matmul copies the whole head per call (GPT-2 bf16: 90 ms instead of 2.5).
-        return self.lm_head(x.reshape(B * T, C)).view(B, T, -1)  # (B, T', vocab)
+        logits = self.lm_head(x.reshape(B * T, C)).view(B, T, -1)  # (B, T', vocab)
+        if self.logit_softcap is not None:
+            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        return logits

@@ -1,15 +1,22 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM, and the mixtures of experts
-Mixtral, Qwen2-MoE, Qwen3-MoE) in plain PyTorch.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM; the mixtures of experts
+Mixtral, Qwen2-MoE, Qwen3-MoE; Gemma 1-3 through models/gemma.py) in plain PyTorch.
 
 RMSNorm, rotary embeddings (default, linear and llama3 scaling, or llama.cpp's per-pair
-frequency factors), grouped-query attention, SwiGLU MLP, optional q/k/v bias (Qwen2),
-optional per-head RMSNorm of q and k before rotary (Qwen3, HF `modeling_qwen3.py`),
-optional sliding window (Mistral), tied or untied embeddings; with experts in the config,
-a sparse MoE MLP (models/moe.py) on the layers the config makes sparse. Parameter names
-line up with HF `LlamaForCausalLM` keys (and Qwen2-MoE's `mlp.experts.{e}.gate_proj`).
-Mirrors HF `modeling_llama.py` (rotate_half layout, computed as a roll) and gpt-fast
-`model.py`. Knows nothing of files, tokenizers or sampling:
-`forward(tokens, positions, cache) -> logits`.
+frequency factors), grouped-query attention, gated MLP (SwiGLU, or GeGLU with tanh-GELU),
+optional q/k/v bias (Qwen2), optional per-head RMSNorm of q and k before rotary (Qwen3, HF
+`modeling_qwen3.py`), optional sliding window (Mistral: every layer; Gemma: some), tied or
+untied embeddings; with experts in the config, a sparse MoE MLP (models/moe.py) on the
+layers the config makes sparse. Parameter names line up with HF `LlamaForCausalLM` keys
+(and Qwen2-MoE's `mlp.experts.{e}.gate_proj`). Mirrors HF `modeling_llama.py`
+(rotate_half layout, computed as a roll) and gpt-fast `model.py`.
+
+Gemma is this block with switches that `GemmaConfig` (models/gemma.py) turns on, each a
+derived field of the config (HF `modeling_gemma.py`, `modeling_gemma2.py`,
+`modeling_gemma3.py`): RMSNorm weights that are offsets from 1, embeddings scaled by
+sqrt(hidden_size), norms around the attention and the MLP outputs too ("sandwich"), an
+attention scale of its own, soft-capped attention scores and logits, a window per layer,
+and a rotary base of their own for the sliding layers. Knows nothing of files, tokenizers
+or sampling: `forward(tokens, positions, cache) -> logits`.
 
 B = batch, T = time, C = hidden_size, H = heads, K = key/value heads, D = head_dim.
 """
@@ -17,6 +24,7 @@ B = batch, T = time, C = hidden_size, H = heads, K = key/value heads, D = head_d
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,6 +35,14 @@ from pocketlm.errors import PocketLMError
 from pocketlm.models.cache import KVCache
 from pocketlm.models.layers import CausalLM, attend, concat_linears
 from pocketlm.models.moe import SparseMoE
+
+# hidden_act -> the MLP gate's activation. "gelu_pytorch_tanh" is GELU's tanh approximation
+# (Gemma's GeGLU); "gelu" the exact one.
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+}
 
 
 @dataclass
@@ -47,10 +63,12 @@ class LlamaConfig:
     rope_scaling: dict[str, Any] | None = None
     rope_parameters: dict[str, Any] | None = None  # transformers 5 writes theta + scaling here
     attention_bias: bool = False
+    mlp_bias: bool = False
     sliding_window: int | None = None
     use_sliding_window: bool = True
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
+    partial_rotary_factor: float = 1.0  # the share of each head that rotary rotates
     model_type: str = "llama"
     # Mixture of experts: Mixtral says num_local_experts, Qwen2/3-MoE num_experts.
     num_local_experts: int = 0
@@ -70,13 +88,27 @@ class LlamaConfig:
     context_length: int = field(init=False)
     qk_norm: bool = field(init=False)  # Qwen3's per-head RMSNorm of q and k (no config key)
     n_experts: int = field(init=False)  # 0: a dense model
+    rotary_dim: int = field(init=False)  # head dimensions rotated: the first ones, in pairs
+    # Switches Llama leaves off and Gemma's config turns on (models/gemma.py says why).
+    unit_offset_norms: bool = field(init=False)  # RMSNorm scales by (1 + weight), in fp32
+    scale_embeddings: bool = field(init=False)  # embeddings times sqrt(hidden_size)
+    sandwich_norms: bool = field(init=False)  # attention and MLP outputs RMS-normed too
+    attention_scale: float | None = field(init=False)  # None: 1 / sqrt(head_dim)
+    attention_softcap: float | None = field(init=False)  # scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = field(init=False)  # the same on the logits
+    layer_windows: list[int | None] = field(init=False)  # each layer's sliding window
+    local_rope_theta: float | None = field(init=False)  # rotary base of windowed layers
 
     def __post_init__(self) -> None:
         if self.rope_parameters:
             self.rope_theta = self.rope_parameters.get("rope_theta", self.rope_theta)
             self.rope_scaling = self.rope_scaling or self.rope_parameters
+            self.partial_rotary_factor = self.rope_parameters.get(
+                "partial_rotary_factor", self.partial_rotary_factor
+            )
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        self.rotary_dim = int(self.head_dim * self.partial_rotary_factor)  # as HF rounds it
         self.num_layers = self.num_hidden_layers
         self.num_kv_heads = self.num_key_value_heads
         self.context_length = self.max_position_embeddings
@@ -97,10 +129,15 @@ class LlamaConfig:
         self.n_experts = self.num_experts or self.num_local_experts
         if self.model_type == "mixtral":
             self.norm_topk_prob = True
-        if self.hidden_act != "silu":
+        if self.hidden_act not in ACTIVATIONS:
             raise PocketLMError(
-                f"unsupported hidden_act {self.hidden_act!r} (pocketlm supports silu)"
+                f"unsupported hidden_act {self.hidden_act!r} "
+                f"(pocketlm supports {', '.join(ACTIVATIONS)})"
             )
+        self.unit_offset_norms = self.scale_embeddings = self.sandwich_norms = False
+        self.attention_scale = self.attention_softcap = self.final_softcap = None
+        self.layer_windows = [self.sliding_window] * self.num_hidden_layers
+        self.local_rope_theta = None
 
     def is_sparse(self, layer: int) -> bool:
         """Whether this layer's MLP is a mixture of experts (HF Qwen2MoeDecoderLayer's rule;
@@ -126,12 +163,14 @@ QWEN_TYPES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
 
 
-def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+def rope_inv_freq(config: LlamaConfig, *, local: bool = False) -> torch.Tensor:
     """Inverse frequencies (D/2,) with the checkpoint's rope_scaling applied (HF
-    `modeling_rope_utils`: default, linear, llama3; llama.cpp's `freq_factors`)."""
-    d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    scaling = config.rope_scaling or {}
+    `modeling_rope_utils`: default, linear, llama3; llama.cpp's `freq_factors`).
+    `local`: those of the sliding-window layers (Gemma 3: their own base, never scaled)."""
+    d = config.rotary_dim
+    theta = config.local_rope_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = {} if local else config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return inv_freq.float()
@@ -144,7 +183,7 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
         factors = torch.tensor(scaling["factors"], dtype=torch.float64)
         if factors.shape != inv_freq.shape:
             raise PocketLMError(
-                f"rope_scaling has {factors.numel()} frequency factors for a head_dim of {d} "
+                f"rope_scaling has {factors.numel()} frequency factors for {d} rotated dimensions "
                 f"(expected {d // 2}, one per rotated pair)"
             )
         return (inv_freq / factors).float()
@@ -167,15 +206,21 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, *, unit_offset: bool = False) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 as HF does, then cast back: bf16 rounding here shows in the logits.
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x * rsqrt(mean(x^2) + eps)
+        if self.unit_offset:  # Gemma stores weight - 1 and scales before the cast (GemmaRMSNorm)
+            return (y * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * y.to(x.dtype)
+
+
+def _norm(config: LlamaConfig, dim: int) -> RMSNorm:
+    return RMSNorm(dim, config.rms_norm_eps, unit_offset=config.unit_offset_norms)
 
 
 class Attention(nn.Module):
@@ -187,16 +232,20 @@ class Attention(nn.Module):
             config.num_key_value_heads,
             config.head_dim,
         )
-        self.window = config.sliding_window
+        self.window = config.layer_windows[layer]
+        self.scale, self.softcap = config.attention_scale, config.attention_softcap
+        self.rotary_dim = config.rotary_dim
         C, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+        # Qwen2's bias is on q, k and v only; Llama's and Qwen3's attention_bias covers o too.
+        o_bias = bias and config.model_type != "qwen2"
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=o_bias)
         self.qkv_proj: nn.Module | None = None  # set by `fuse()`
         if config.qk_norm:  # Qwen3: one weight per head dimension, shared by every head
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = _norm(config, self.head_dim)
+            self.k_norm = _norm(config, self.head_dim)
         self.qk_norm = config.qk_norm
 
     def fuse(self) -> None:
@@ -227,23 +276,43 @@ class Attention(nn.Module):
         qk = qkv[:, :, : H + K]
         if self.qk_norm:  # Qwen3: each head of q and of k RMS-normed, before the rotation
             qk = torch.cat((self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])), dim=2)
-        # HF's x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1): `sin` carries
-        # the minus sign on its first half (see `rope`), so a roll does the rest.
-        qk = qk * cos + qk.roll(D // 2, dims=-1) * sin  # (B, T, H + K, D)
+        qk = rotate(qk, cos, sin, self.rotary_dim)  # (B, T, H + K, D)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H|K, T, D)
         v = qkv[:, :, H + K :].transpose(1, 2)  # (B, K, T, D)
-        y = attend(q, k, v, layer=self.layer, positions=positions, cache=cache, window=self.window)
+        y = attend(
+            q,
+            k,
+            v,
+            layer=self.layer,
+            positions=positions,
+            cache=cache,
+            window=self.window,
+            scale=self.scale,
+            softcap=self.softcap,
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int) -> torch.Tensor:
+    """Rotary embedding of the first `dims` of each head of x (..., D); the rest pass as
+    they are (partial rotary: Phi-4-mini, StableLM, GPT-NeoX). cos, sin: (..., dims)."""
+    # HF's x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1): `sin` carries
+    # the minus sign on its first half (see `Llama.rope`), so a roll does the rest.
+    if dims == x.shape[-1]:
+        return x * cos + x.roll(dims // 2, dims=-1) * sin
+    rot, rest = x[..., :dims], x[..., dims:]
+    return torch.cat((rot * cos + rot.roll(dims // 2, dims=-1) * sin, rest), dim=-1)
 
 
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig, width: int | None = None) -> None:
         super().__init__()
-        C, width = config.hidden_size, width or config.intermediate_size
-        self.gate_proj = nn.Linear(C, width, bias=False)
-        self.up_proj = nn.Linear(C, width, bias=False)
-        self.down_proj = nn.Linear(width, C, bias=False)
+        C, F, bias = config.hidden_size, width or config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(C, F, bias=bias)
+        self.up_proj = nn.Linear(C, F, bias=bias)
+        self.down_proj = nn.Linear(F, C, bias=bias)
         self.gate_up_proj: nn.Module | None = None  # set by `fuse()`
+        self.act = ACTIVATIONS[config.hidden_act]
 
     def fuse(self) -> None:
         """Replace gate_proj and up_proj by one matmul (inference only, as Attention.fuse)."""
@@ -255,20 +324,29 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        C = config.hidden_size
+        self.input_layernorm = _norm(config, C)
         self.self_attn = Attention(config, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = _norm(config, C)
         self.mlp = sparse_mlp(config) if config.is_sparse(layer) else MLP(config)
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:  # Gemma 2/3; their post_attention_layernorm norms the attention's output
+            self.pre_feedforward_layernorm = _norm(config, C)
+            self.post_feedforward_layernorm = _norm(config, C)
 
     def forward(self, x, positions, rope, cache):  # noqa: ANN001, ANN201 - same as Attention
+        if self.sandwich:
+            h = self.self_attn(self.input_layernorm(x), positions, rope, cache)
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -293,7 +371,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = _norm(config, config.hidden_size)
 
 
 class Llama(CausalLM):
@@ -304,7 +382,10 @@ class Llama(CausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.logit_softcap = config.final_softcap
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        if config.local_rope_theta is not None:  # Gemma 3: the sliding layers' own base
+            self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True), False)
 
     def fuse(self) -> None:
         """Fuse each layer's q/k/v and gate/up projections (for inference only)."""
@@ -315,15 +396,20 @@ class Llama(CausalLM):
     def init_buffers(self, device: torch.device | str) -> None:
         """Recompute the rotary frequencies (built on the meta device while loading)."""
         self.inv_freq = rope_inv_freq(self.config).to(device)
+        if self.config.local_rope_theta is not None:
+            self.inv_freq_local = rope_inv_freq(self.config, local=True).to(device)
 
     def rope(
-        self, positions: torch.Tensor, dtype: torch.dtype
+        self, positions: torch.Tensor, dtype: torch.dtype, inv_freq: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sign-folded sin (B, T, 1, D) of every position's rotary angles."""
-        angles = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
+        """cos and sign-folded sin (B, T, 1, R) of every position's rotary angles (at the
+        model's frequencies, or the `inv_freq` given), R the rotated dimensions of a head
+        (D, or fewer with partial rotary)."""
+        inv_freq = self.inv_freq if inv_freq is None else inv_freq
+        angles = positions[..., None].float() * inv_freq  # (B, T, R/2)
         cos, sin = angles.cos(), angles.sin()
-        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (B, T, D)
-        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)  # (B, T, 1, D)
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (B, T, R)
+        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)  # (B, T, 1, R)
 
     def layer_outputs(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None
@@ -331,8 +417,13 @@ class Llama(CausalLM):
         """The residual stream (B, T, C): after the embeddings, then after each block; the
         last one has the final RMSNorm applied (as HF's `hidden_states`)."""
         x = self.model.embed_tokens(tokens)
+        if self.config.scale_embeddings:  # Gemma: the scale rounded to x's dtype, as HF does
+            x = x * torch.tensor(self.config.hidden_size**0.5).to(x.dtype)
         rope = self.rope(positions, x.dtype)
+        local = rope
+        if self.config.local_rope_theta is not None:
+            local = self.rope(positions, x.dtype, self.inv_freq_local)
         for block in self.model.layers:
             yield x
-            x = block(x, positions, rope, cache)
+            x = block(x, positions, rope if block.self_attn.window is None else local, cache)
         yield self.model.norm(x)

@@ -66,6 +66,13 @@ class Service:
         self.vocab_size = lm.model.config.vocab_size
         self.context_length = lm.context_length
         self.timeout, self.api_key, self.max_body = timeout, api_key, max_body
+        if not lm.native and max_batch > 1:
+            log.info(
+                "%s runs through transformers, which decodes one sequence at a time: "
+                "requests queue and are answered in turn (a batch of 1)",
+                self.name,
+            )
+            max_batch = 1
         self.scheduler = Scheduler(
             lm.model,
             lm.tokenizer,

@@ -113,8 +113,9 @@ class Scheduler:
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
     ) -> None:
-        if getattr(model, "make_cache", None) is not None:
-            raise ValueError("continuous batching needs a native pocketlm model")
+        if getattr(model, "make_cache", None) is not None and max_batch != 1:
+            # transformers' own cache holds one sequence (weights/fallback.py)
+            raise ValueError("a model running through transformers is served with max_batch=1")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.vocab_size = model.config.vocab_size

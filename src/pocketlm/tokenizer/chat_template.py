@@ -158,9 +158,17 @@ def render(
             add_generation_prompt=add_generation_prompt,
             **_plain(variables),
         )
-    except jinja2.TemplateError as error:
+    except jinja2.TemplateError as error:  # raise_exception(...), undefined values, sandbox
         raise PocketLMError(
             f"the chat template refused this conversation: {_one_line(error)}"
+        ) from None
+    except (TypeError, ValueError, LookupError, ArithmeticError, AttributeError) as error:
+        # The template's own Python-level slip on this input (e.g. a tool-use template
+        # iterating `tools` when none are given, as transformers fails too): still the
+        # template's answer to this conversation, not a pocketlm bug.
+        raise PocketLMError(
+            f"the chat template failed on this conversation "
+            f"({type(error).__name__}: {_one_line(error)})"
         ) from None
 
 

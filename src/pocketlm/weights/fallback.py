@@ -17,7 +17,10 @@ from pocketlm.errors import PocketLMError
 
 
 class FallbackCache:
-    """Stands in for KVCache: holds transformers' own cache and how many positions it has."""
+    """Stands in for a one-row KVCache: holds transformers' own cache and how many
+    positions it has. It offers the few KVCache methods the server's scheduler uses on a
+    batch of one (row 0, its size, trimming), so such a model is served one request at a
+    time through the same loop."""
 
     def __init__(self, max_seq_len: int, device: torch.device) -> None:
         self.max_seq_len = max_seq_len
@@ -31,6 +34,33 @@ class FallbackCache:
             self.past.crop(length)  # transformers 4: keep the first `length` positions
         except ValueError:
             self.past.crop(length - held)  # transformers 5: drop that many from the end
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.past is None else 1
+
+    @property
+    def slots(self) -> int:
+        return 0 if self.past is None else self.past.get_seq_length()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values held now (transformers 5's per-layer cache objects)."""
+        layers = getattr(self.past, "layers", None) or []
+        tensors = [getattr(layer, name, None) for layer in layers for name in ("keys", "values")]
+        return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
+
+    def row(self, row: int) -> "FallbackCache":
+        if row != 0:
+            raise ValueError("a model running through transformers has one cache row")
+        return self
+
+    def trim(self, rows: int, slots: int) -> None:
+        """As KVCache.trim: keep the first `slots` positions, or nothing when rows is 0."""
+        if rows == 0 or slots == 0:
+            self.past = None
+        else:
+            self.crop(slots)
 
 
 class FallbackConfig:

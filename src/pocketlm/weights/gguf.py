@@ -14,7 +14,8 @@ in a multi-GB allocation or a crash. Tensors are read from a memory map.
 The name tables (GGUF tensor -> ours, with its shape) are in `gguf_tables.py`. Knows
 nothing of the model classes beyond their parameter names and shapes. References:
 the GGUF spec (ggml/docs/gguf.md), llama.cpp's `gguf-py/gguf/tensor_mapping.py` and
-`convert_hf_to_gguf.py` (whose Llama q/k row permutation is undone here), and
+`convert_hf_to_gguf.py` (whose Llama q/k row permutation and Gemma norm offset are undone
+here), and
 transformers' `modeling_gguf_pytorch_utils.py`, which does the same.
 """
 
@@ -33,9 +34,10 @@ from pocketlm.errors import CorruptModelError, ModelNotFoundError, PocketLMError
 from pocketlm.kernels.gguf import STORED_TYPES, packed_bytes
 from pocketlm.weights import gguf_tables
 from pocketlm.weights.dequant import dequantize, ggml_type_name, ggml_type_sizes
-from pocketlm.weights.gguf_config import gguf_config, quantization
+from pocketlm.weights.gguf_config import PERMUTED_QK, gguf_config, quantization
 
-SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
+SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma",
+                           "gemma2", "gemma3")  # fmt: skip
 
 # Llama 3.1+ rope scaling as llama.cpp's converter writes it: per-pair divisors of the
 # rotary frequencies, read into the config (rope_scaling "freq_factors"), not a parameter.
@@ -44,9 +46,10 @@ ROPE_FREQS = "rope_freqs.weight"
 _ROPE_FREQS_ARCHS = ("llama",)
 _MAX_ROPE_FREQS = 1 << 15  # one per pair of the largest head_dim the validator allows
 
-# GGUF ships Llama q/k rows interleaved for llama.cpp's rotary layout; these archs need
-# them permuted back (llama.cpp converts Mistral as "llama"; Qwen2 and Qwen3 never are).
-_PERMUTED_QK = ("llama",)
+# llama.cpp's converter adds 1 to every Gemma RMSNorm weight (HF stores weight - 1 and its
+# GemmaRMSNorm scales by 1 + weight; llama.cpp's norm scales by the weight); pocketlm keeps
+# HF's form, so 1 is taken off again (in fp32: these are F32 in every conversion).
+_UNIT_OFFSET_NORMS = ("gemma", "gemma2", "gemma3")
 
 # --- the GGUF container ---------------------------------------------------------------
 
@@ -295,6 +298,7 @@ class _Planned:
     ours: str
     info: GGUFTensorInfo
     unpermute_heads: int | None  # undo llama.cpp's rotary row interleave over this many heads
+    offset: float = 0.0  # added to the values (Gemma's norms: -1, see _UNIT_OFFSET_NORMS)
 
 
 def _plan(ckpt: GGUFCheckpoint) -> list[_Planned]:
@@ -327,7 +331,10 @@ def _plan(ckpt: GGUFCheckpoint) -> list[_Planned]:
         if len(symbols) == 3:  # all of a layer's experts: one matrix each
             plan += [_Planned(o, i, None) for o, i in _expert_matrices(info, ours)]
         else:
-            plan.append(_Planned(ours, info, _permuted_heads(ckpt, template)))
+            unit_offset = ckpt.architecture in _UNIT_OFFSET_NORMS and template.endswith(
+                "norm.weight"
+            )
+            plan.append(_Planned(ours, info, _permuted_heads(ckpt, template), -1.0 * unit_offset))
     have = {p.ours for p in plan}
     for i in range(n_layers):
         for template in gguf_tables.layer_templates(cfg, i, table):
@@ -370,7 +377,7 @@ def _expert_matrices(
 
 def _permuted_heads(ckpt: GGUFCheckpoint, template: str) -> int | None:
     """How many heads llama.cpp interleaved this tensor's rows over (k: the KV heads)."""
-    if ckpt.architecture not in _PERMUTED_QK:
+    if ckpt.architecture not in PERMUTED_QK:
         return None
     if template.startswith("blk.{i}.attn_q."):
         return ckpt.config["num_attention_heads"]
@@ -431,9 +438,13 @@ def gguf_tensors(
         if p.ours in skip:
             continue
         raw = _tensor_bytes(ckpt, p.info)
+        # An offset is applied in fp32: 1 + w rounded to bf16 first would lose w's bits.
         t = dequantize(
-            raw, p.info.ggml_type, shape=p.info.shape, dtype=dtype, tensor_name=p.info.name
-        )
+            raw, p.info.ggml_type, shape=p.info.shape, tensor_name=p.info.name,
+            dtype=torch.float32 if p.offset else dtype,
+        )  # fmt: skip
+        if p.offset:
+            t = (t + p.offset).to(dtype)
         yield p.ours, _unpermute(t, p.unpermute_heads).contiguous() if p.unpermute_heads else t
 
 
@@ -457,6 +468,8 @@ def gguf_raw_tensors(ckpt: GGUFCheckpoint) -> dict[str, tuple[str, np.ndarray, t
     out = {}
     for p in plan:
         info = p.info
+        if p.offset:  # a norm (never kept undecoded): its values need the offset applied
+            continue
         block_size, type_size = ggml_type_sizes(info.ggml_type)
         row_bytes = info.shape[-1] // block_size * type_size
         raw = _tensor_bytes(ckpt, info).reshape(*info.shape[:-1], row_bytes)

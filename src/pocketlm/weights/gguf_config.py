@@ -7,8 +7,12 @@ and a GGUF has no defaults for its shape), and names the file's quantization. Kn
 nothing of tensor data, except the values of `rope_freqs.weight` that its caller hands in:
 for Llama 3.1+ rope scaling the converter writes no rope.scaling.* keys but that tensor
 of per-pair divisors of the frequencies, which becomes rope_scaling "freq_factors".
-Reference: llama.cpp's `convert_hf_to_gguf.py` (conversion/base.py and llama.py), which
-writes these keys.
+Gemma's keys (soft caps, sliding window and pattern, the sliding layers' rotary base) map
+onto Gemma's HF names; what the converter leaves out is filled in as llama.cpp's own
+loader does (src/models/gemma2.cpp, gemma3.cpp): the attention scale, which llama.cpp
+takes as head_dim (hidden / heads for the 27B sizes) whatever query_pre_attn_scalar was,
+and Gemma 2's window of 4096. Reference: llama.cpp's `convert_hf_to_gguf.py`
+(conversion/base.py, llama.py and gemma.py), which writes these keys.
 """
 
 import math
@@ -55,10 +59,12 @@ _OPTIONAL_KEYS = {
     "moe_intermediate_size": "expert_feed_forward_length",
     "shared_expert_intermediate_size": "expert_shared_feed_forward_length",
     "norm_topk_prob": "expert_weights_norm",
+    "attn_logit_softcapping": "attn_logit_softcapping",
+    "final_logit_softcapping": "final_logit_softcapping",
+    "rope_local_base_freq": "rope.freq_base_swa",
+    "sliding_window_pattern": "attention.sliding_window_pattern",
+    "layer_types": "attention.sliding_window_pattern",
 }
-# GGUF architecture -> HF model_type where they differ. A "llama" file with experts is a
-# Mixtral (llama.cpp converts Mixtral as llama).
-_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 # Whether llama.cpp renormalises the top-k expert weights of each architecture (its
 # build_moe_ffn `norm_w`: the converter writes no key for it): qwen2moe does not.
 _NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True}
@@ -72,6 +78,10 @@ _ROPE_SCALING_KEYS = {
     "yarn_beta_slow": "beta_slow",
 }
 _TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16"}
+# Architectures whose q/k rows llama.cpp's converter interleaves for its rotary layout
+# (weights.gguf undoes it; Mistral is converted as "llama", Qwen2 and Qwen3 are never
+# permuted). It permutes whole heads, so all of each head must be rotated.
+PERMUTED_QK = ("llama",)
 
 
 def _llama_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> dict[str, Any]:
@@ -87,9 +97,13 @@ def _llama_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> d
     cfg["rope_scaling"] = _rope_scaling(arch, meta)
     cfg["sliding_window"] = meta.get(f"{arch}.attention.sliding_window")
     cfg["attention_bias"] = arch == "qwen2" or "blk.0.attn_q.bias" in tensors
+    cfg["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    cfg["partial_rotary_factor"] = _partial_rotary(arch, meta, cfg)
     cfg["torch_dtype"] = _TORCH_DTYPES.get(_dominant_type(tensors), "float32")
     cfg.update(_token_ids(meta))
-    if meta.get(f"{arch}.expert_count") or arch in _MODEL_TYPES:
+    if arch.startswith("gemma"):
+        _gemma_config(arch, meta, cfg)
+    if arch in _NORM_TOPK and (arch != "llama" or meta.get("llama.expert_count")):
         cfg.update(_moe_config(arch, meta, tensors=tensors, layers=cfg["num_hidden_layers"]))
     return cfg
 
@@ -114,13 +128,70 @@ def _moe_config(
     return cfg
 
 
+def _partial_rotary(arch: str, meta: dict[str, Any], cfg: dict[str, Any]) -> float | None:
+    """The share of each head that rotary rotates, where the file rotates only part of it
+    (rope.dimension_count below the head size), as HF's partial_rotary_factor."""
+    rope_dims, head_dim = meta.get(f"{arch}.rope.dimension_count"), cfg["head_dim"]
+    if not _is_int(rope_dims) or not _is_int(head_dim) or rope_dims >= head_dim:
+        return None
+    # Half a dimension over, so that HF's int(head_dim * factor) gives rope_dims back
+    # exactly (rope_dims / head_dim alone can land a hair under it: 44 * (30 / 44) < 30).
+    return (rope_dims + 0.5) / head_dim
+
+
+# GGUF architecture -> the model_type pocketlm's config reads (llama.cpp's "gemma3" is
+# HF's text-only Gemma 3; the image-text "gemma3" of HF has its text under text_config).
+# A "llama" file with experts is a Mixtral (llama.cpp converts Mixtral as llama).
+_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# llama.cpp's block counts of the 27B Gemma 2 and 3, whose attention scale is
+# 1/sqrt(hidden / heads) rather than 1/sqrt(head_dim) (their query_pre_attn_scalar).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma_config(arch: str, meta: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """Gemma's keys added to the Llama-like `cfg`, with llama.cpp's defaults for those
+    the converter does not write."""
+    cfg["model_type"] = _MODEL_TYPES.get(arch, arch)
+    if arch == "gemma":
+        return
+    heads, hidden, head_dim = cfg["num_attention_heads"], cfg["hidden_size"], cfg["head_dim"]
+    big = meta.get(f"{arch}.block_count") == _GEMMA_27B_LAYERS[arch]
+    if big and _is_int(heads) and _is_int(hidden):
+        cfg["query_pre_attn_scalar"] = hidden // heads
+    else:
+        cfg["query_pre_attn_scalar"] = head_dim
+    cfg["final_logit_softcapping"] = meta.get(f"{arch}.final_logit_softcapping")
+    window = meta.get(f"{arch}.attention.sliding_window", 4096 if arch == "gemma2" else None)
+    cfg["sliding_window"] = window or None  # llama.cpp: a window of 0 is none
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):  # one flag per layer: whether it slides
+        cfg["layer_types"] = [_LAYER_TYPE[bool(p)] for p in pattern]
+    else:
+        cfg["sliding_window_pattern"] = pattern if pattern is not None else (
+            2 if arch == "gemma2" else 6
+        )  # fmt: skip
+        if arch == "gemma2":  # Gemma2Config reads no pattern: its layers are spelled out
+            n, every = cfg["num_hidden_layers"], cfg["sliding_window_pattern"]
+            if _is_int(n) and _is_int(every):
+                cfg["layer_types"] = [_LAYER_TYPE[(i + 1) % every != 0] for i in range(n)]
+    if arch == "gemma2":
+        cfg["attn_logit_softcapping"] = meta.get(f"{arch}.attn_logit_softcapping")
+    else:  # llama.cpp's default base of the sliding layers is 10000 (llama-hparams.h)
+        cfg["rope_local_base_freq"] = meta.get(f"{arch}.rope.freq_base_swa", 10000.0)
+
+
+_LAYER_TYPE = {True: "sliding_attention", False: "full_attention"}
+
+
 def _check_heads(arch: str, meta: dict[str, Any], cfg: dict[str, Any], path: Path) -> None:
-    """What pocketlm's Llama assumes of a head: all of it rotated, values as wide as keys."""
+    """What pocketlm's Llama assumes of a head: its first dimensions rotated, in the order
+    HF rotates them, and values as wide as keys."""
     rope_dims = meta.get(f"{arch}.rope.dimension_count", cfg["head_dim"])
-    if rope_dims != cfg["head_dim"]:
+    rotated = int(cfg["head_dim"] * (cfg.get("partial_rotary_factor") or 1.0))
+    if rope_dims != rotated or (rope_dims != cfg["head_dim"] and arch in PERMUTED_QK):
         raise PocketLMError(
             f"{path} rotates {rope_dims!r} of {cfg['head_dim']!r} head dimensions "
-            "(partial RoPE), which pocketlm's Llama does not support"
+            "in a way pocketlm does not support"
         )
     value_dims = meta.get(f"{arch}.attention.value_length", cfg["head_dim"])
     if value_dims != cfg["head_dim"]:

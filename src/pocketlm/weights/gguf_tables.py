@@ -11,7 +11,7 @@ Which of a block's tensors a file must have depends on the block: a dense or a s
 import re
 from typing import Any
 
-# Shapes are in config symbols (resolved by `_dims`), outermost first, for the strict check.
+# Shapes are in config symbols (resolved by `dims`), outermost first, for the strict check.
 
 LLAMA_TENSORS = {
     "token_embd.weight": ("model.embed_tokens.weight", ("vocab", "hidden")),
@@ -25,10 +25,14 @@ LLAMA_TENSORS = {
     "blk.{i}.attn_v.weight": ("model.layers.{i}.self_attn.v_proj.weight", ("kv", "hidden")),
     "blk.{i}.attn_v.bias": ("model.layers.{i}.self_attn.v_proj.bias", ("kv",)),
     "blk.{i}.attn_output.weight": ("model.layers.{i}.self_attn.o_proj.weight", ("hidden", "q")),
+    "blk.{i}.attn_output.bias": ("model.layers.{i}.self_attn.o_proj.bias", ("hidden",)),
     "blk.{i}.ffn_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight", ("hidden",)),
     "blk.{i}.ffn_gate.weight": ("model.layers.{i}.mlp.gate_proj.weight", ("ffn", "hidden")),
+    "blk.{i}.ffn_gate.bias": ("model.layers.{i}.mlp.gate_proj.bias", ("ffn",)),
     "blk.{i}.ffn_up.weight": ("model.layers.{i}.mlp.up_proj.weight", ("ffn", "hidden")),
+    "blk.{i}.ffn_up.bias": ("model.layers.{i}.mlp.up_proj.bias", ("ffn",)),
     "blk.{i}.ffn_down.weight": ("model.layers.{i}.mlp.down_proj.weight", ("hidden", "ffn")),
+    "blk.{i}.ffn_down.bias": ("model.layers.{i}.mlp.down_proj.bias", ("hidden",)),
 }
 # Mixtures of experts (Mixtral, converted as "llama"; qwen2moe, qwen3moe): the router, and
 # each projection of all a layer's experts in one 3-D tensor (experts, rows, cols), which
@@ -57,12 +61,31 @@ MOE_TENSORS = {
 }
 LLAMA_TENSORS |= MOE_TENSORS
 # Which layers hold which MLP tensors: a dense layer the first, a sparse one the others.
-_DENSE_FFN = ("blk.{i}.ffn_gate.weight", "blk.{i}.ffn_up.weight", "blk.{i}.ffn_down.weight")
+_DENSE_FFN = tuple(
+    f"blk.{{i}}.ffn_{p}.{k}" for p in ("gate", "up", "down") for k in ("weight", "bias")
+)
 _SHARED_FFN = tuple(t for t in MOE_TENSORS if "_shexp" in t)
 FUSED_FFN = ("blk.{i}.ffn_gate_up_exps.weight",)  # instead of gate and up: never required
 # Qwen3: Llama's tensors and the per-head RMSNorm weights of q and k.
 QWEN3_TENSORS = {
     **LLAMA_TENSORS,
+    "blk.{i}.attn_q_norm.weight": ("model.layers.{i}.self_attn.q_norm.weight", ("head",)),
+    "blk.{i}.attn_k_norm.weight": ("model.layers.{i}.self_attn.k_norm.weight", ("head",)),
+}
+
+# Gemma 2 and 3: norms on both sides of the attention and the MLP. llama.cpp's ffn_norm is
+# the MLP's input norm (HF pre_feedforward_layernorm), its post_attention_norm the norm of
+# the attention's output (which HF calls post_attention_layernorm).
+GEMMA2_TENSORS = {
+    **LLAMA_TENSORS,
+    "blk.{i}.post_attention_norm.weight": (
+        "model.layers.{i}.post_attention_layernorm.weight", ("hidden",)),
+    "blk.{i}.ffn_norm.weight": ("model.layers.{i}.pre_feedforward_layernorm.weight", ("hidden",)),
+    "blk.{i}.post_ffw_norm.weight": (
+        "model.layers.{i}.post_feedforward_layernorm.weight", ("hidden",)),
+}  # fmt: skip
+GEMMA3_TENSORS = {
+    **GEMMA2_TENSORS,
     "blk.{i}.attn_q_norm.weight": ("model.layers.{i}.self_attn.q_norm.weight", ("head",)),
     "blk.{i}.attn_k_norm.weight": ("model.layers.{i}.self_attn.k_norm.weight", ("head",)),
 }
@@ -88,15 +111,18 @@ GPT2_TENSORS = {
     "blk.{i}.ffn_down.weight": ("transformer.h.{i}.mlp.c_proj.weight", ("hidden", "ffn")),
     "blk.{i}.ffn_down.bias": ("transformer.h.{i}.mlp.c_proj.bias", ("hidden",)),
 }
-# Each architecture's table (llama, qwen2 and qwen2moe share Llama's: Qwen2's biases are
-# optional, and the layers' kinds say which MLP tensors each must have).
-TABLES = {"gpt2": GPT2_TENSORS, "qwen3": QWEN3_TENSORS, "qwen3moe": QWEN3_TENSORS}
+# Each architecture's table (llama, qwen2, qwen2moe and gemma share Llama's: Qwen2's biases
+# are optional, and the layers' kinds say which MLP tensors each must have).
+TABLES = {"gpt2": GPT2_TENSORS, "qwen3": QWEN3_TENSORS, "qwen3moe": QWEN3_TENSORS,
+          "gemma2": GEMMA2_TENSORS, "gemma3": GEMMA3_TENSORS}  # fmt: skip
 # Tensors a file may leave out: lm_head when tied, biases a Llama may not have.
-OPTIONAL = re.compile(r"lm_head\.weight|model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias")
+OPTIONAL = re.compile(
+    r"lm_head\.weight|model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.\w+_proj)\.bias"
+)
 
 
 def table(architecture: str) -> dict[str, Any]:
-    """The table of a GGUF architecture (llama, qwen2 and qwen2moe share Llama's)."""
+    """The table of a GGUF architecture (llama, qwen2, qwen2moe and gemma share Llama's)."""
     return TABLES.get(architecture, LLAMA_TENSORS)
 
 
