@@ -239,8 +239,9 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
-        # Qwen2's bias is on q, k and v only; Llama's and Qwen3's attention_bias covers o too.
-        o_bias = bias and config.model_type != "qwen2"
+        # Qwen2's (and Qwen2-MoE's) bias is on q, k and v only; Llama's and Qwen3's (and
+        # Qwen3-MoE's) attention_bias covers o too.
+        o_bias = bias and config.model_type not in ("qwen2", "qwen2_moe")
         self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=o_bias)
         self.qkv_proj: nn.Module | None = None  # set by `fuse()`
         if config.qk_norm:  # Qwen3: one weight per head dimension, shared by every head
