@@ -44,6 +44,14 @@ FAMILIES = {
                     dict(LLAMA_SHAPE, num_hidden_layers=3, sliding_window=8,
                          layer_types=["sliding_attention", "sliding_attention",
                                       "full_attention"])),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(LLAMA_SHAPE, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(LLAMA_SHAPE, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=48, shared_expert_intermediate_size=64)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(LLAMA_SHAPE, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=48, norm_topk_prob=True)),
 }  # fmt: skip
 VOCAB = 50257  # GPT-2's vocabulary (shipped with pocketlm) serves every family here
 PROMPTS = [[464, 3290, 373, 1043], [15496, 995, 11], [40, 588, 257, 1310, 286, 262, 3290, 318]]

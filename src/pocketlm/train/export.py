@@ -43,6 +43,9 @@ HF_CLASSES = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 
@@ -74,7 +77,9 @@ def hf_state_dict(
         tensor = tensor.detach()
         if tables.is_transposed(name, model_type):
             tensor = tensor.t()  # back to Conv1D's (in, out)
-        state[name] = tensor.to(dtype or tensor.dtype).contiguous().cpu()
+        state[tables.hub_name(name, model_type)] = (
+            tensor.to(dtype or tensor.dtype).contiguous().cpu()
+        )
     return state
 
 

@@ -24,6 +24,17 @@ KEY_PREFIXES: dict[str, dict[str, str]] = {
     },
 }
 
+# The way back, for an export that transformers and other tools load: per model_type,
+# since Mixtral alone among the Llama-named families keeps those old names on the hub.
+HUB_NAMES: dict[str, dict[str, str]] = {
+    "mixtral": {
+        r"\.mlp\.": ".block_sparse_moe.",
+        r"(\.experts\.\d+)\.gate_proj\.": r"\1.w1.",
+        r"(\.experts\.\d+)\.down_proj\.": r"\1.w2.",
+        r"(\.experts\.\d+)\.up_proj\.": r"\1.w3.",
+    },
+}
+
 # transformers 5 holds a MoE layer's experts as two 3-D parameters, gate and up side by
 # side in one: `mlp.experts.gate_up_proj` (E, 2 * width, C) and `mlp.experts.down_proj`
 # (E, C, width). It saves the per-expert names above, but a checkpoint written from its
@@ -62,6 +73,13 @@ def family(model_type: str) -> str:
 
 def rename(key: str, model_type: str) -> str:
     for pattern, replacement in KEY_PREFIXES.get(family(model_type), {}).items():
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def hub_name(key: str, model_type: str) -> str:
+    """Our parameter name -> the checkpoint's, as the hub's files of `model_type` have it."""
+    for pattern, replacement in HUB_NAMES.get(model_type, {}).items():
         key = re.sub(pattern, replacement, key)
     return key
 
