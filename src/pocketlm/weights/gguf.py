@@ -34,7 +34,7 @@ from pocketlm.kernels.gguf import STORED_TYPES, packed_bytes
 from pocketlm.weights.dequant import dequantize, ggml_type_name, ggml_type_sizes
 from pocketlm.weights.gguf_config import PERMUTED_QK, gguf_config, quantization
 
-SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
 
 # Llama 3.1+ rope scaling as llama.cpp's converter writes it: per-pair divisors of the
 # rotary frequencies, read into the config (rope_scaling "freq_factors"), not a parameter.
@@ -42,6 +42,10 @@ SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "gemma", "gemma2",
 ROPE_FREQS = "rope_freqs.weight"
 _ROPE_FREQS_ARCHS = ("llama",)
 _MAX_ROPE_FREQS = 1 << 15  # one per pair of the largest head_dim the validator allows
+# Phi-3's LongRoPE as the converter writes it: its long and short per-pair divisors, read
+# into the config (rope_scaling "longrope"), not parameters.
+ROPE_FACTORS = {"long_factor": "rope_factors_long.weight",
+                "short_factor": "rope_factors_short.weight"}  # fmt: skip
 
 # llama.cpp's converter adds 1 to every Gemma RMSNorm weight (HF stores weight - 1 and its
 # GemmaRMSNorm scales by 1 + weight; llama.cpp's norm scales by the weight); pocketlm keeps
@@ -95,6 +99,15 @@ GEMMA3_TENSORS = {
     "blk.{i}.attn_q_norm.weight": ("model.layers.{i}.self_attn.q_norm.weight", ("head",)),
     "blk.{i}.attn_k_norm.weight": ("model.layers.{i}.self_attn.k_norm.weight", ("head",)),
 }
+# Phi-3: q/k/v in one matrix (attn_qkv, rows q then k then v) and gate/up in one (ffn_up,
+# rows gate then up), as the checkpoint stores them and our fused layers take them.
+PHI3_TENSORS = {
+    **{k: v for k, v in LLAMA_TENSORS.items() if ".bias" not in k
+       and not k.startswith(("blk.{i}.attn_q.", "blk.{i}.attn_k.", "blk.{i}.attn_v.",
+                             "blk.{i}.ffn_gate.", "blk.{i}.ffn_up."))},
+    "blk.{i}.attn_qkv.weight": ("model.layers.{i}.self_attn.qkv_proj.weight", ("qkv", "hidden")),
+    "blk.{i}.ffn_up.weight": ("model.layers.{i}.mlp.gate_up_proj.weight", ("ffn2", "hidden")),
+}  # fmt: skip
 
 # llama.cpp's converter already transposes GPT-2's Conv1D weights to (out, in), which is
 # our nn.Linear orientation, so nothing is transposed on the way back.
@@ -119,7 +132,7 @@ GPT2_TENSORS = {
 }
 # Each architecture's table (llama, qwen2 and gemma share Llama's: Qwen2's biases are optional).
 _TABLES = {"gpt2": GPT2_TENSORS, "qwen3": QWEN3_TENSORS, "gemma2": GEMMA2_TENSORS,
-           "gemma3": GEMMA3_TENSORS}  # fmt: skip
+           "gemma3": GEMMA3_TENSORS, "phi3": PHI3_TENSORS}  # fmt: skip
 # Tensors a file may leave out: lm_head when tied, biases a Llama may not have.
 _OPTIONAL = re.compile(
     r"lm_head\.weight|model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.\w+_proj)\.bias"
@@ -340,7 +353,13 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
             f"supported GGUF architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     rope_freqs = _rope_freqs(path, data, tensors) if arch in _ROPE_FREQS_ARCHS else None
-    config = gguf_config(arch, metadata, tensors=tensors, path=path, rope_freqs=rope_freqs)
+    longrope = None
+    if arch == "phi3" and any(name in tensors for name in ROPE_FACTORS.values()):
+        longrope = {key: _rope_freqs(path, data, tensors, name=name) or []
+                    for key, name in ROPE_FACTORS.items()}  # fmt: skip
+    config = gguf_config(
+        arch, metadata, tensors=tensors, path=path, rope_freqs=rope_freqs, longrope=longrope
+    )
     return GGUFCheckpoint(
         path=path,
         metadata=metadata,
@@ -352,14 +371,16 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     )
 
 
-def _rope_freqs(path: Path, data: np.memmap, tensors: dict[str, GGUFTensorInfo]) -> list | None:
-    """The values of `rope_freqs.weight` (one per rotated pair; the config validator checks
-    their count and range), or None without one."""
-    info = tensors.get(ROPE_FREQS)
+def _rope_freqs(
+    path: Path, data: np.memmap, tensors: dict[str, GGUFTensorInfo], *, name: str = ROPE_FREQS
+) -> list | None:
+    """The values of `rope_freqs.weight` (or of LongRoPE's factors, `name`): one per rotated
+    pair (the config validator checks their count and range), or None without one."""
+    info = tensors.get(name)
     if info is None:
         return None
     if len(info.shape) != 1 or info.shape[0] > _MAX_ROPE_FREQS:  # read before any check
-        _corrupt_file(path, f"tensor {ROPE_FREQS!r} has shape {info.shape}, not one per pair")
+        _corrupt_file(path, f"tensor {name!r} has shape {info.shape}, not one per pair")
     raw = data[info.offset : info.offset + info.n_bytes]
     return dequantize(raw, info.ggml_type, shape=info.shape, tensor_name=info.name).tolist()
 
@@ -384,8 +405,10 @@ def _dims(cfg: dict[str, Any]) -> dict[str, int]:
     return {
         "hidden": cfg["hidden_size"],
         "ffn": cfg["intermediate_size"],
+        "ffn2": 2 * cfg["intermediate_size"],  # gate and up in one matrix
         "q": cfg["num_attention_heads"] * cfg["head_dim"],
         "kv": cfg["num_key_value_heads"] * cfg["head_dim"],
+        "qkv": (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * cfg["head_dim"],
         "head": cfg["head_dim"],
         "vocab": cfg["vocab_size"],
     }
@@ -401,6 +424,8 @@ def _plan(ckpt: GGUFCheckpoint) -> list[_Planned]:
     for name, info in ckpt.tensors.items():
         if name == ROPE_FREQS and ckpt.architecture in _ROPE_FREQS_ARCHS:
             continue  # read into the config by `read_gguf`
+        if name in ROPE_FACTORS.values() and ckpt.architecture == "phi3":
+            continue  # the same
         m = re.fullmatch(r"blk\.(0|[1-9]\d{0,8})\.(.+)", name)
         template = f"blk.{{i}}.{m[2]}" if m else name
         if template not in table or (m and int(m[1]) >= n_layers):
