@@ -46,8 +46,9 @@ FLOAT_LIMITS: dict[str, tuple[float, float]] = {  # (exclusive low, inclusive hi
     **dict.fromkeys(("factors", "short_factor", "long_factor"), (0.0, 1e12)),
     "original_max_position_embeddings": (0.0, 2.0**26),
     # YaRN's and LongRoPE's optional numbers (HF `_compute_yarn_parameters`).
-    **dict.fromkeys(("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"),
-                    (0.0, 1e12)),  # fmt: skip
+    **dict.fromkeys(
+        ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"), (0.0, 1e12)
+    ),
     "partial_rotary_factor": (0.0, 1.0),
 }
 FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window",
