@@ -155,9 +155,7 @@ class LlamaConfig:
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "freq_factors")
 
 
-def rope_inv_freq(
-    config: LlamaConfig, *, local: bool = False, long: bool = False
-) -> torch.Tensor:
+def rope_inv_freq(config: LlamaConfig, *, local: bool = False, long: bool = False) -> torch.Tensor:
     """Inverse frequencies (R/2,) with the checkpoint's rope_scaling applied (HF
     `modeling_rope_utils`: default, linear, llama3, yarn, longrope -- its short factors,
     or with `long` its long ones; llama.cpp's `freq_factors`).
