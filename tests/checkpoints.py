@@ -34,7 +34,7 @@ def make_gpt2(folder: Path, *, seed: int = 0, with_tokenizer: bool = True, **con
 
 
 def make_llama(folder: Path, *, model_type: str = "llama", seed: int = 0, **config) -> Path:
-    """A random Llama / Mistral / Qwen2 / Qwen3 / Gemma 1-3 (or Mixtral / Qwen2-MoE /
+    """A random Llama / Mistral / Qwen2 / Qwen3 / Gemma 1-3 / Phi-3 (or Mixtral / Qwen2-MoE /
     Qwen3-MoE) in HF layout, with the GPT-2 vocabulary as its tokenizer (the architecture
     tests only need some valid tokenizer)."""
     import transformers
@@ -50,6 +50,7 @@ def make_llama(folder: Path, *, model_type: str = "llama", seed: int = 0, **conf
         "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
         "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }
     config_cls, model_cls = classes[model_type]
     defaults = dict(

@@ -55,9 +55,10 @@ def convert(folder: Path, outfile: Path, *, outtype: str = "f32") -> Path:
     return Conversion(folder, outfile, outtype=outtype).wait()
 
 
-def make_convertible(folder: Path, *, model_type: str, **config) -> Path:
+def make_convertible(folder: Path, *, model_type: str, spm: bool = False, **config) -> Path:
     """A random checkpoint as tests/checkpoints.py makes it, with a tokenizer the
-    converter knows (see the module docstring); `config` overrides the config's fields."""
+    converter knows (see the module docstring); `config` overrides the config's fields.
+    `spm`: a Phi-3 converted with a SentencePiece vocabulary (`spm_tokenizer_model`)."""
     if model_type == "gpt2":
         make_gpt2(folder, **config)
     elif model_type in GEMMA_TYPES:
@@ -73,7 +74,23 @@ def make_convertible(folder: Path, *, model_type: str, **config) -> Path:
     else:
         make_llama(folder, model_type=model_type, **config)
     gpt2_tokenizer_json(folder)
+    if model_type == "phi3" and spm:
+        spm_tokenizer_model(folder)
     return folder
+
+
+def spm_tokenizer_model(folder: Path) -> None:
+    """Mistral 7B's SentencePiece tokenizer.model beside the folder's GPT-2 tokenizer.json,
+    and tokenizer_config.json naming a LlamaTokenizer: what the converter's Phi-3 class
+    reads (as it does Phi-3's own); without it, it takes the GPT-2 BPE, as for Phi-4-mini.
+    pocketlm and transformers still read the folder's tokenizer.json."""
+    import shutil
+
+    shutil.copy(vendor.mistral_tokenizers() / "tokenizer.model.v1", folder / "tokenizer.model")
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "LlamaTokenizer"
+    config_file.write_text(json.dumps(config), encoding="utf-8")
 
 
 def gpt2_tokenizer_json(folder: Path) -> None:

@@ -52,6 +52,13 @@ FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                   dict(LLAMA_SHAPE, num_experts=4, num_experts_per_tok=2,
                        moe_intermediate_size=48, norm_topk_prob=True)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM",
+             dict(LLAMA_SHAPE, hidden_size=96, sliding_window=16, pad_token_id=0,
+                  original_max_position_embeddings=32,  # LongRoPE switches at 32 tokens
+                  rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                       partial_rotary_factor=0.75,  # 18 of 24 rotated
+                                       short_factor=[1.0 + 0.05 * i for i in range(9)],
+                                       long_factor=[1.0 + 0.7 * i for i in range(9)]))),
 }  # fmt: skip
 VOCAB = 50257  # GPT-2's vocabulary (shipped with pocketlm) serves every family here
 PROMPTS = [[464, 3290, 373, 1043], [15496, 995, 11], [40, 588, 257, 1310, 286, 262, 3290, 318]]
@@ -171,3 +178,13 @@ def test_lora_trains_merges_and_exports_to_transformers(family, tmp_path):
         expected = model(ids, positions)
         got = hf_model(out)(ids).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_every_native_architecture_is_here_and_on_the_cards():
+    """A family added to models.ARCHITECTURES gets a row above, and `pocketlm show`
+    (weights.card, which names them without importing torch) calls it native."""
+    from pocketlm.models import ARCHITECTURES
+    from pocketlm.weights.card import NATIVE_ARCHITECTURES
+
+    assert set(ARCHITECTURES) == NATIVE_ARCHITECTURES
+    assert set(ARCHITECTURES) == set(FAMILIES)

@@ -2,8 +2,11 @@
 
 `Sequence.prefill` computes only what the cache does not already hold (so a chat turn pays
 for its new tokens only), `step` appends one token. When the context window is full it
-keeps the most recent tokens and rebuilds the cache (a sliding window). Knows nothing of
-sampling, text or HTTP. (gpt-fast `prefill`/`decode_one_token`.)
+keeps the most recent tokens and rebuilds the cache (a sliding window). A LongRoPE model
+(Phi-3) rotates with other frequencies once a sequence passes its switch length, so the
+cache is rebuilt from the first token when the sequence crosses it, as transformers'
+Phi-3 generation does. Knows nothing of sampling, text or HTTP. (gpt-fast
+`prefill`/`decode_one_token`.)
 """
 
 from collections.abc import Sequence as Seq
@@ -45,6 +48,9 @@ class Sequence:
         self._decode = decode
         self.tokens: list[int] = []
         self.rebuilds = 0  # how many times the window slid (for tests and stats)
+        # LongRoPE: past this many tokens the model rotates with its long factors.
+        self._switch: int | None = getattr(model.config, "rope_switch_length", None)
+        self._long = False  # whether the cache holds keys rotated with the long factors
 
     def warm_up(self) -> None:
         """Take a few decode steps on scratch tokens, so that compiling (tens of seconds
@@ -109,6 +115,17 @@ class Sequence:
         """Run `tokens` (1, T) at the next positions; the logits of every position (T, V),
         or of the last one only (1, V)."""
         start = len(self.tokens)
+        if self._switch is not None:
+            long = start + len(new) > self._switch
+            if start and long != self._long:
+                # The cache was rotated with the other LongRoPE factors: recompute it all
+                # (transformers' Phi3ForCausalLM.prepare_inputs_for_generation drops it).
+                n, new = len(new), [*self.tokens, *new]
+                self.tokens, start = [], 0
+                logits = self._run(torch.tensor([new], device=self.device), new,
+                                   last_only=last_only)  # fmt: skip
+                return logits if last_only else logits[-n:]
+            self._long = long
         positions = self._positions[:, start : start + len(new)]  # (1, T), a view
         with torch.inference_mode():
             if self._decode is not None and len(new) == 1:  # a decode step

@@ -10,7 +10,7 @@ from pocketlm.models.gemma import GemmaConfig
 from pocketlm.models.gpt2 import GPT2, GPT2Config
 from pocketlm.models.llama import Llama, LlamaConfig
 
-# model_type -> (config class, model class). Mistral, Qwen2, Qwen3, SmolLM and the
+# model_type -> (config class, model class). Mistral, Qwen2, Qwen3, Phi-3, SmolLM and the
 # mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) are Llamas with options their
 # config.json switches on, and so are Gemma 1-3 (GemmaConfig reads their keys); nothing
 # here keys on file names.
@@ -26,6 +26,7 @@ ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "gemma": (GemmaConfig, Llama),
     "gemma2": (GemmaConfig, Llama),
     "gemma3_text": (GemmaConfig, Llama),
+    "phi3": (LlamaConfig, Llama),
 }
 
 

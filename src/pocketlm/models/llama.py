@@ -1,13 +1,15 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM; the mixtures of experts
-Mixtral, Qwen2-MoE, Qwen3-MoE; Gemma 1-3 through models/gemma.py) in plain PyTorch.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM; the mixtures of
+experts Mixtral, Qwen2-MoE, Qwen3-MoE; Gemma 1-3 through models/gemma.py) in plain PyTorch.
 
-RMSNorm, rotary embeddings (default, linear and llama3 scaling, or llama.cpp's per-pair
-frequency factors), grouped-query attention, gated MLP (SwiGLU, or GeGLU with tanh-GELU),
-optional q/k/v bias (Qwen2), optional per-head RMSNorm of q and k before rotary (Qwen3, HF
-`modeling_qwen3.py`), optional sliding window (Mistral: every layer; Gemma: some), tied or
-untied embeddings; with experts in the config, a sparse MoE MLP (models/moe.py) on the
-layers the config makes sparse. Parameter names line up with HF `LlamaForCausalLM` keys
-(and Qwen2-MoE's `mlp.experts.{e}.gate_proj`). Mirrors HF `modeling_llama.py`
+RMSNorm, rotary embeddings (default, linear, llama3, YaRN and LongRoPE scaling, or
+llama.cpp's per-pair frequency factors), grouped-query attention, gated MLP (SwiGLU, or
+GeGLU with tanh-GELU), optional q/k/v bias (Qwen2), optional per-head RMSNorm of q and k
+before rotary (Qwen3, HF `modeling_qwen3.py`), optional sliding window (Mistral, Phi-3:
+every layer; Gemma: some), q/k/v and gate/up stored as one matrix each (Phi-3, HF
+`modeling_phi3.py`), tied or untied embeddings; with experts in the config, a sparse MoE
+MLP (models/moe.py) on the layers the config makes sparse. Parameter names line up with
+HF `LlamaForCausalLM` (and `Phi3ForCausalLM`, Qwen2-MoE's `mlp.experts.{e}.gate_proj`)
+keys. Mirrors HF `modeling_llama.py`
 (rotate_half layout, computed as a roll) and gpt-fast `model.py`.
 
 Gemma is this block with switches that `GemmaConfig` (models/gemma.py) turns on, each a
@@ -69,6 +71,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     partial_rotary_factor: float = 1.0  # the share of each head that rotary rotates
+    original_max_position_embeddings: int | None = None  # Phi-3 keeps it out of rope_scaling
     model_type: str = "llama"
     # Mixture of experts: Mixtral says num_local_experts, Qwen2/3-MoE num_experts.
     num_local_experts: int = 0
@@ -98,6 +101,10 @@ class LlamaConfig:
     final_softcap: float | None = field(init=False)  # the same on the logits
     layer_windows: list[int | None] = field(init=False)  # each layer's sliding window
     local_rope_theta: float | None = field(init=False)  # rotary base of windowed layers
+    # Phi-3: q/k/v stored as one qkv_proj, gate/up as one gate_up_proj (HF's names).
+    fused_projections: bool = field(init=False)
+    # LongRoPE: a sequence longer than this many tokens rotates with the long factors.
+    rope_switch_length: int | None = field(init=False)
 
     def __post_init__(self) -> None:
         if self.rope_parameters:
@@ -113,6 +120,12 @@ class LlamaConfig:
         self.num_kv_heads = self.num_key_value_heads
         self.context_length = self.max_position_embeddings
         self.qk_norm = self.model_type in ("qwen3", "qwen3_moe")
+        self.fused_projections = self.model_type == "phi3"
+        self.rope_scaling = self._standard_rope_scaling()
+        longrope = (self.rope_scaling or {}).get("rope_type") == "longrope"
+        self.rope_switch_length = (
+            self.rope_scaling["original_max_position_embeddings"] if longrope else None
+        )
         if self.model_type == "qwen2":
             # Qwen2 always has q/k/v bias (Qwen3 says so in attention_bias, default false).
             self.attention_bias = True
@@ -148,6 +161,22 @@ class LlamaConfig:
             and (layer + 1) % self.decoder_sparse_step == 0
         )
 
+    def _standard_rope_scaling(self) -> dict[str, Any] | None:
+        """rope_scaling as transformers' `standardize_rope_params` leaves it: the type under
+        "rope_type", and the pretraining context of the types that scale beyond it (a
+        top-level original_max_position_embeddings wins, as Phi-3's does; else the context)."""
+        if not self.rope_scaling:
+            return None
+        scaling = dict(self.rope_scaling)  # a copy: the caller's config stays as it was
+        kind = scaling.setdefault("rope_type", scaling.get("type", "default"))
+        if self.model_type == "phi3" and kind in ("su", "yarn"):
+            kind = scaling["rope_type"] = "longrope"  # older Phi-3 names (HF Phi3Config)
+        if kind in ("llama3", "yarn", "longrope"):
+            if self.original_max_position_embeddings is not None:
+                scaling["original_max_position_embeddings"] = self.original_max_position_embeddings
+            scaling.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+        return scaling
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
         known = {f.name for f in fields(cls) if f.init}
@@ -160,12 +189,13 @@ QWEN_TYPES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 # The rope_scaling types rope_inv_freq computes. "freq_factors" is not an HF type: it is
 # what a GGUF carries instead of llama3's numbers (the `rope_freqs.weight` tensor that
 # llama.cpp's converter writes for Llama 3.1+), one divisor per rotated pair.
-ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "freq_factors")
 
 
-def rope_inv_freq(config: LlamaConfig, *, local: bool = False) -> torch.Tensor:
-    """Inverse frequencies (D/2,) with the checkpoint's rope_scaling applied (HF
-    `modeling_rope_utils`: default, linear, llama3; llama.cpp's `freq_factors`).
+def rope_inv_freq(config: LlamaConfig, *, local: bool = False, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies (R/2,) with the checkpoint's rope_scaling applied (HF
+    `modeling_rope_utils`: default, linear, llama3, yarn, longrope -- its short factors,
+    or with `long` its long ones; llama.cpp's `freq_factors`).
     `local`: those of the sliding-window layers (Gemma 3: their own base, never scaled)."""
     d = config.rotary_dim
     theta = config.local_rope_theta if local else config.rope_theta
@@ -178,18 +208,79 @@ def rope_inv_freq(config: LlamaConfig, *, local: bool = False) -> torch.Tensor:
         return (inv_freq / scaling["factor"]).float()
     if kind == "llama3":
         return _llama3_inv_freq(inv_freq, scaling).float()
-    if kind == "freq_factors":
-        # llama.cpp's ggml_rope_ext: theta_i = position * base^(-2i/D) / freq_factors[i]
-        factors = torch.tensor(scaling["factors"], dtype=torch.float64)
+    if kind == "yarn":
+        return _yarn_inv_freq(inv_freq, config).float()
+    if kind in ("freq_factors", "longrope"):
+        # llama.cpp's ggml_rope_ext: theta_i = position * base^(-2i/D) / freq_factors[i];
+        # LongRoPE (HF `_compute_longrope_parameters`) divides by its short or long factors.
+        key = "factors" if kind == "freq_factors" else "long_factor" if long else "short_factor"
+        factors = torch.tensor(scaling[key], dtype=torch.float64)
         if factors.shape != inv_freq.shape:
             raise PocketLMError(
-                f"rope_scaling has {factors.numel()} frequency factors for {d} rotated dimensions "
+                f"rope_scaling has {factors.numel()} {key} for {d} rotated dimensions "
                 f"(expected {d // 2}, one per rotated pair)"
             )
         return (inv_freq / factors).float()
     raise PocketLMError(
         f"unsupported rope_scaling type {kind!r} (supported: {', '.join(ROPE_TYPES)})"
     )
+
+
+def rope_attention_factor(config: LlamaConfig) -> float:
+    """What YaRN and LongRoPE multiply cos and sin by (so every attention logit by its
+    square), as HF `_compute_yarn_parameters` / `_compute_longrope_parameters` set it; 1.0
+    for the other types."""
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type")
+    if kind not in ("yarn", "longrope"):
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, old_ctx = _scaling_factor(config), scaling["original_max_position_embeddings"]
+    if kind == "longrope":
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_ctx))
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:  # DeepSeek's form
+        return float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
+    return _yarn_mscale(factor)
+
+
+def _scaling_factor(config: LlamaConfig) -> float:
+    """rope_scaling's factor, or (where a config leaves it out, as Phi-3's do) the ratio
+    of the context to the pretraining one."""
+    scaling = config.rope_scaling or {}
+    factor = scaling.get("factor")
+    if factor is None:
+        return config.max_position_embeddings / scaling["original_max_position_embeddings"]
+    return factor
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, config: LlamaConfig) -> torch.Tensor:
+    """YaRN (Peng et al. 2023): frequencies that turn fewer than beta_slow times over the
+    pretraining context are divided by `factor` (interpolated), those that turn more than
+    beta_fast times are kept (extrapolated), a linear ramp between -- exactly as HF
+    `_compute_yarn_parameters`, whose correction range is in dimension units but whose
+    ramp runs over pair indices (llama.cpp's rope_yarn_ramp does the same)."""
+    scaling, d, base = config.rope_scaling or {}, config.rotary_dim, config.rope_theta
+    factor, old_ctx = _scaling_factor(config), scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:  # the dimension turning this many times
+        return d * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # as HF: no division by zero
+    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolated = 1 - ramp  # the share of each pair's frequency kept as it is
+    return inv_freq / factor * (1 - extrapolated) + inv_freq * extrapolated
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -236,14 +327,18 @@ class Attention(nn.Module):
         self.scale, self.softcap = config.attention_scale, config.attention_softcap
         self.rotary_dim = config.rotary_dim
         C, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
+        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.qkv_proj: nn.Module | None = None  # set by `fuse()`, or stored so (Phi-3)
+        if config.fused_projections:
+            self.qkv_proj = nn.Linear(C, q + 2 * kv, bias=bias)  # rows: q, then k, then v
+        else:
+            self.q_proj = nn.Linear(C, q, bias=bias)
+            self.k_proj = nn.Linear(C, kv, bias=bias)
+            self.v_proj = nn.Linear(C, kv, bias=bias)
         # Qwen2's (and Qwen2-MoE's) bias is on q, k and v only; Llama's and Qwen3's (and
         # Qwen3-MoE's) attention_bias covers o too.
         o_bias = bias and config.model_type not in ("qwen2", "qwen2_moe")
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=o_bias)
-        self.qkv_proj: nn.Module | None = None  # set by `fuse()`
+        self.o_proj = nn.Linear(q, C, bias=o_bias)
         if config.qk_norm:  # Qwen3: one weight per head dimension, shared by every head
             self.q_norm = _norm(config, self.head_dim)
             self.k_norm = _norm(config, self.head_dim)
@@ -309,10 +404,13 @@ class MLP(nn.Module):
     def __init__(self, config: LlamaConfig, width: int | None = None) -> None:
         super().__init__()
         C, F, bias = config.hidden_size, width or config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(C, F, bias=bias)
-        self.up_proj = nn.Linear(C, F, bias=bias)
+        self.gate_up_proj: nn.Module | None = None  # set by `fuse()`, or stored so (Phi-3)
+        if config.fused_projections:
+            self.gate_up_proj = nn.Linear(C, 2 * F, bias=bias)  # rows: gate, then up
+        else:
+            self.gate_proj = nn.Linear(C, F, bias=bias)
+            self.up_proj = nn.Linear(C, F, bias=bias)
         self.down_proj = nn.Linear(F, C, bias=bias)
-        self.gate_up_proj: nn.Module | None = None  # set by `fuse()`
         self.act = ACTIVATIONS[config.hidden_act]
 
     def fuse(self) -> None:
@@ -387,6 +485,10 @@ class Llama(CausalLM):
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         if config.local_rope_theta is not None:  # Gemma 3: the sliding layers' own base
             self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True), False)
+        # LongRoPE's second set of frequencies, for sequences past its switch length.
+        long = rope_inv_freq(config, long=True) if config.rope_switch_length else None
+        self.register_buffer("long_inv_freq", long, persistent=False)
+        self.attention_factor = rope_attention_factor(config)
 
     def fuse(self) -> None:
         """Fuse each layer's q/k/v and gate/up projections (for inference only)."""
@@ -399,16 +501,30 @@ class Llama(CausalLM):
         self.inv_freq = rope_inv_freq(self.config).to(device)
         if self.config.local_rope_theta is not None:
             self.inv_freq_local = rope_inv_freq(self.config, local=True).to(device)
+        if self.long_inv_freq is not None:
+            self.long_inv_freq = rope_inv_freq(self.config, long=True).to(device)
 
     def rope(
         self, positions: torch.Tensor, dtype: torch.dtype, inv_freq: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin (B, T, 1, R) of every position's rotary angles (at the
         model's frequencies, or the `inv_freq` given), R the rotated dimensions of a head
-        (D, or fewer with partial rotary)."""
-        inv_freq = self.inv_freq if inv_freq is None else inv_freq
+        (D, or fewer with partial rotary); the model's own carry YaRN's or LongRoPE's
+        attention factor."""
+        scale = 1.0 if inv_freq is not None else self.attention_factor
+        if inv_freq is None:
+            inv_freq = self.inv_freq  # (R/2,)
+            if self.long_inv_freq is not None:
+                # LongRoPE, as HF's `longrope_frequency_update`: the long factors once the
+                # sequence (its furthest position + 1) passes the switch length, the short
+                # ones before -- chosen per row here, so a row in a batch rotates as it
+                # would alone (HF takes the whole batch's furthest position).
+                long = positions.amax(dim=-1) + 1 > self.config.rope_switch_length  # (B,)
+                inv_freq = torch.where(long[:, None, None], self.long_inv_freq, inv_freq)
         angles = positions[..., None].float() * inv_freq  # (B, T, R/2)
         cos, sin = angles.cos(), angles.sin()
+        if scale != 1.0:
+            cos, sin = cos * scale, sin * scale
         cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (B, T, R)
         return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)  # (B, T, 1, R)
 

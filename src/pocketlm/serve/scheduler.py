@@ -98,6 +98,7 @@ class _Active:
         self.last_token = -1
         self.generated = 0
         self.done = False
+        self.ids = list(request.prompt_ids)  # the prompt and the tokens taken so far
 
 
 class Scheduler:
@@ -144,6 +145,9 @@ class Scheduler:
         self._shared: tuple | None = None  # (prompt ids, row, last logits, prompt logprobs)
         self._filling: _Active | None = None  # a request being prefilled, in row len(rows)
         self.prefill_chunk = prefill_chunk
+        # LongRoPE (Phi-3): past this many tokens a row rotates with the long factors, so
+        # a row that crosses it is recomputed from its first token (as generate.sequence).
+        self._switch: int | None = getattr(model.config, "rope_switch_length", None)
 
     # -- the caller's side (any thread) --
 
@@ -294,6 +298,9 @@ class Scheduler:
             active.position = len(ids)
         else:
             start, end = active.position, min(len(ids), active.position + self.prefill_chunk)
+            if self._switch is not None and 0 < start <= self._switch < end:
+                start = 0  # the chunks before were rotated with LongRoPE's short factors
+                active.prompt_logprobs = [None] if active.request.prompt_logprobs else None
             tokens = torch.tensor([ids[start:end]], device=self.device)  # (1, T)
             positions = torch.arange(start, end, device=self.device)[None]  # (1, T)
             # Prompt logprobs need every position's logits; otherwise the last will do.
@@ -319,9 +326,18 @@ class Scheduler:
         logits = self.model(tokens, positions, self.cache)[:, -1].float()  # (B, V)
         self.counters["steps"] += 1
         for i, active in enumerate(self.rows):
+            if active.position == self._switch:  # this step passes LongRoPE's switch length
+                logits[i] = self._recompute(active.ids, row=i)
+        for i, active in enumerate(self.rows):
             active.position += 1
             if not active.done:
                 self._take(active, logits[i])
+
+    def _recompute(self, ids: list[int], *, row: int) -> torch.Tensor:
+        """Compute cache row `row` afresh for `ids` (from position 0); the last logits (V,)."""
+        tokens = torch.tensor([ids], device=self.device)  # (1, T)
+        positions = torch.arange(len(ids), device=self.device)[None]  # (1, T)
+        return self.model(tokens, positions, self.cache.row(row), logits_to_keep=1)[0, -1].float()
 
     def _take(
         self, active: _Active, logits: torch.Tensor, *, prompt_logprobs: list | None = None
@@ -330,6 +346,7 @@ class Scheduler:
         step = active.sampler.step(logits)
         active.generated += 1
         active.last_token = step.token
+        active.ids.append(step.token)
         with self._wake:
             self.counters["generation_tokens"] += 1
             self._recent.append((time.monotonic(), 1))

@@ -29,10 +29,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
-# Attention projections by default, as the LoRA paper found enough (Section 7.1).
+# Attention projections by default, as the LoRA paper found enough (Section 7.1); Phi-3
+# stores q, k and v as one qkv_proj (the others have none before `fuse`, which training skips).
 DEFAULT_TARGETS = {
     "gpt2": ["c_attn"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"],
 }
 
 

@@ -20,9 +20,12 @@ from pocketlm import paths
 from pocketlm.errors import CorruptModelError
 
 # Architectures with a module under pocketlm/models; others run through transformers.
+# (models.ARCHITECTURES' keys, written out so that a card needs no torch to say which;
+# tests/test_families.py checks the two agree.)
 NATIVE_ARCHITECTURES = frozenset(
-    {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
-)
+    {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+     "mixtral", "qwen2_moe", "qwen3_moe", "phi3"}
+)  # fmt: skip
 
 RAM_NOTE = (
     "weights only, at the dtype you load with; add the KV cache "

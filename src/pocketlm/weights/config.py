@@ -47,15 +47,26 @@ FLOAT_LIMITS: dict[str, tuple[float, float]] = {  # (exclusive low, inclusive hi
     **dict.fromkeys(("rope_local_base_freq", "query_pre_attn_scalar"), (0.0, 1e12)),
     # Gemma's soft caps: cap * tanh(x / cap); 0 would divide by zero.
     **dict.fromkeys(("attn_logit_softcapping", "final_logit_softcapping"), (0.0, 1e6)),
-    "factors": (0.0, 1e12),  # each of freq_factors' per-pair divisors
+    # Each of freq_factors' and LongRoPE's short/long per-pair divisors.
+    **dict.fromkeys(("factors", "short_factor", "long_factor"), (0.0, 1e12)),
     "original_max_position_embeddings": (0.0, 2.0**26),
+    # YaRN's and LongRoPE's optional numbers (HF `_compute_yarn_parameters`).
+    **dict.fromkeys(
+        ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"), (0.0, 1e12)
+    ),
     "partial_rotary_factor": (0.0, 1.0),
 }
 FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window",
          "use_bidirectional_attention", "norm_topk_prob", "qkv_bias")  # fmt: skip
-# The numbers each rope_scaling type needs (pocketlm.models.llama.rope_inv_freq).
+# The numbers each rope_scaling type needs (pocketlm.models.llama.rope_inv_freq); YaRN's and
+# LongRoPE's pretraining context and factor may be left out (HF derives them).
 ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings",
                                                "low_freq_factor", "high_freq_factor")}  # fmt: skip
+# The numbers a rope_scaling may give, checked where present.
+ROPE_OPTIONAL_KEYS = ("factor", "original_max_position_embeddings", "attention_factor",
+                      "beta_fast", "beta_slow", "mscale", "mscale_all_dim")  # fmt: skip
+# Lists of per-pair divisors, by rope_scaling type.
+ROPE_FACTOR_LISTS = {"freq_factors": ("factors",), "longrope": ("short_factor", "long_factor")}
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -122,7 +133,7 @@ def check_config(
             if key in required:
                 check.missing(key)
             continue  # the dataclass default
-        _check_value(check, key, value)
+        _check_value(check, key, value, config_type=config["model_type"])
     if config["model_type"] == "gpt2":
         _check_gpt2_heads(check, config, config_cls)
     try:
@@ -138,11 +149,11 @@ def check_config(
     return model_config
 
 
-def _check_value(check: _Checker, key: str, value: Any) -> None:
+def _check_value(check: _Checker, key: str, value: Any, *, config_type: str) -> None:
     if key in FLOAT_LIMITS:
         _check_number(check, key, value)
     elif key in ("rope_scaling", "rope_parameters"):
-        _check_rope(check, key, value)
+        _check_rope(check, key, value, config_type=config_type)
     elif not _is_valid(key, value):
         check.bad(key, value, _expected(key))
 
@@ -211,33 +222,42 @@ def _check_experts(check: _Checker, model_config: LlamaConfig) -> None:
 
 
 def _check_rope_factors(check: _Checker, model_config: LlamaConfig) -> None:
-    """freq_factors divide the rotary frequencies pair by pair: one factor per pair."""
+    """freq_factors and LongRoPE's factors divide the rotary frequencies pair by pair: one
+    factor per pair."""
     scaling, pairs = model_config.rope_scaling or {}, model_config.rotary_dim // 2
     kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "freq_factors" and len(factors := scaling["factors"]) != pairs:
-        expected = f"{pairs} numbers, one per pair of the {pairs * 2} rotated head dimensions"
-        check.bad("rope_scaling.factors", factors, expected)
+    for name in ROPE_FACTOR_LISTS.get(kind, ()):
+        if len(factors := scaling[name]) != pairs:
+            expected = f"{pairs} numbers, one per pair of the {pairs * 2} rotated head dimensions"
+            check.bad(f"rope_scaling.{name}", factors, expected)
 
 
-def _check_rope(check: _Checker, key: str, value: Any) -> None:
+def _check_rope(check: _Checker, key: str, value: Any, *, config_type: str) -> None:
     if not isinstance(value, dict):
         check.bad(key, value, "an object")
     if per_layer_type := [t for t in LAYER_TYPES if t in value]:  # Gemma 3: one per kind
         for kind in per_layer_type:
             if value[kind] is not None:  # null: that kind's defaults
-                _check_rope(check, f"{key}.{kind}", value[kind])
+                _check_rope(check, f"{key}.{kind}", value[kind], config_type=config_type)
         return
     kind = value.get("rope_type", value.get("type", "default"))
     if not isinstance(kind, str):
         check.bad(f"{key}.rope_type", kind, "a string")
-    if kind == "freq_factors":
-        factors = value.get("factors")
+    if kind in ("su", "yarn") and config_type == "phi3":
+        kind = "longrope"  # Phi-3's older names for it (HF Phi3Config)
+    for name in ROPE_FACTOR_LISTS.get(kind, ()):
+        factors = value.get(name)
         if not isinstance(factors, list | tuple) or not factors:
-            check.bad(f"{key}.factors", factors, "a list of numbers")
+            check.bad(f"{key}.{name}", factors, "a list of numbers")
         for factor in factors:
-            _check_number(check, f"{key}.factors", factor)
+            _check_number(check, f"{key}.{name}", factor)
     for name in ROPE_KEYS.get(kind, ()):
         _check_number(check, f"{key}.{name}", value.get(name))
+    for name in ROPE_OPTIONAL_KEYS:
+        if value.get(name) is not None:
+            _check_number(check, f"{key}.{name}", value[name])
+    if value.get("truncate") is not None and not isinstance(value["truncate"], bool):
+        check.bad(f"{key}.truncate", value["truncate"], "true or false")
     if "rope_theta" in value:
         _check_number(check, f"{key}.rope_theta", value["rope_theta"])
     if kind == "llama3" and value["high_freq_factor"] <= value["low_freq_factor"]:

@@ -37,7 +37,7 @@ from pocketlm.weights.dequant import dequantize, ggml_type_name, ggml_type_sizes
 from pocketlm.weights.gguf_config import PERMUTED_QK, gguf_config, quantization
 
 SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma",
-                           "gemma2", "gemma3")  # fmt: skip
+                           "gemma2", "gemma3", "phi3")  # fmt: skip
 
 # Llama 3.1+ rope scaling as llama.cpp's converter writes it: per-pair divisors of the
 # rotary frequencies, read into the config (rope_scaling "freq_factors"), not a parameter.
@@ -45,6 +45,10 @@ SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "qwen2moe", "qwen3
 ROPE_FREQS = "rope_freqs.weight"
 _ROPE_FREQS_ARCHS = ("llama",)
 _MAX_ROPE_FREQS = 1 << 15  # one per pair of the largest head_dim the validator allows
+# Phi-3's LongRoPE as the converter writes it: its long and short per-pair divisors, read
+# into the config (rope_scaling "longrope"), not parameters.
+ROPE_FACTORS = {"long_factor": "rope_factors_long.weight",
+                "short_factor": "rope_factors_short.weight"}  # fmt: skip
 
 # llama.cpp's converter adds 1 to every Gemma RMSNorm weight (HF stores weight - 1 and its
 # GemmaRMSNorm scales by 1 + weight; llama.cpp's norm scales by the weight); pocketlm keeps
@@ -266,7 +270,13 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
             f"supported GGUF architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     rope_freqs = _rope_freqs(path, data, tensors) if arch in _ROPE_FREQS_ARCHS else None
-    config = gguf_config(arch, metadata, tensors=tensors, path=path, rope_freqs=rope_freqs)
+    longrope = None
+    if arch == "phi3" and any(name in tensors for name in ROPE_FACTORS.values()):
+        longrope = {key: _rope_freqs(path, data, tensors, name=name) or []
+                    for key, name in ROPE_FACTORS.items()}  # fmt: skip
+    config = gguf_config(
+        arch, metadata, tensors=tensors, path=path, rope_freqs=rope_freqs, longrope=longrope
+    )
     return GGUFCheckpoint(
         path=path,
         metadata=metadata,
@@ -278,14 +288,16 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     )
 
 
-def _rope_freqs(path: Path, data: np.memmap, tensors: dict[str, GGUFTensorInfo]) -> list | None:
-    """The values of `rope_freqs.weight` (one per rotated pair; the config validator checks
-    their count and range), or None without one."""
-    info = tensors.get(ROPE_FREQS)
+def _rope_freqs(
+    path: Path, data: np.memmap, tensors: dict[str, GGUFTensorInfo], *, name: str = ROPE_FREQS
+) -> list | None:
+    """The values of `rope_freqs.weight` (or of LongRoPE's factors, `name`): one per rotated
+    pair (the config validator checks their count and range), or None without one."""
+    info = tensors.get(name)
     if info is None:
         return None
     if len(info.shape) != 1 or info.shape[0] > _MAX_ROPE_FREQS:  # read before any check
-        _corrupt_file(path, f"tensor {ROPE_FREQS!r} has shape {info.shape}, not one per pair")
+        _corrupt_file(path, f"tensor {name!r} has shape {info.shape}, not one per pair")
     raw = data[info.offset : info.offset + info.n_bytes]
     return dequantize(raw, info.ggml_type, shape=info.shape, tensor_name=info.name).tolist()
 
@@ -311,6 +323,8 @@ def _plan(ckpt: GGUFCheckpoint) -> list[_Planned]:
     for name, info in ckpt.tensors.items():
         if name == ROPE_FREQS and ckpt.architecture in _ROPE_FREQS_ARCHS:
             continue  # read into the config by `read_gguf`
+        if name in ROPE_FACTORS.values() and ckpt.architecture == "phi3":
+            continue  # the same
         m = re.fullmatch(r"blk\.(0|[1-9]\d{0,8})\.(.+)", name)
         template = f"blk.{{i}}.{m[2]}" if m else name
         if (

@@ -69,11 +69,15 @@ _OPTIONAL_KEYS = {
 # build_moe_ffn `norm_w`: the converter writes no key for it): qwen2moe does not.
 _NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 _MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
-# "{arch}.rope.scaling.X" -> HF rope_scaling key
+# "{arch}.rope.scaling.X" -> HF rope_scaling key. The converter writes YaRN's
+# attention_factor as yarn_attn_factor, Phi-3's LongRoPE one as attn_factor; YaRN's
+# yarn_ext_factor (from an HF "extrapolation_factor") is a llama.cpp knob transformers
+# does not have, so it is not read.
 _ROPE_SCALING_KEYS = {
     "factor": "factor",
     "original_context_length": "original_max_position_embeddings",
     "attn_factor": "attention_factor",
+    "yarn_attn_factor": "attention_factor",
     "yarn_beta_fast": "beta_fast",
     "yarn_beta_slow": "beta_slow",
 }
@@ -96,6 +100,8 @@ def _llama_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> d
     cfg["tie_word_embeddings"] = "output.weight" not in tensors
     cfg["rope_scaling"] = _rope_scaling(arch, meta)
     cfg["sliding_window"] = meta.get(f"{arch}.attention.sliding_window")
+    if arch == "phi3" and cfg["sliding_window"] == 0:
+        cfg["sliding_window"] = None  # the converter's "no window" (Phi-4-mini's config)
     cfg["attention_bias"] = arch == "qwen2" or "blk.0.attn_q.bias" in tensors
     cfg["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
     cfg["partial_rotary_factor"] = _partial_rotary(arch, meta, cfg)
@@ -213,6 +219,19 @@ def _add_rope_freqs(cfg: dict[str, Any], factors: list[float], *, path: Path) ->
     cfg["rope_scaling"] = {"rope_type": "freq_factors", "factors": factors}
 
 
+def _add_longrope(
+    arch: str, cfg: dict[str, Any], meta: dict[str, Any], factors: dict[str, list[float]]
+) -> None:
+    """Phi-3's LongRoPE: the converter writes no rope.scaling.type but the short and long
+    factors as tensors, the pretraining context and the attention factor it computed from
+    max / original context as transformers does (conversion/phi.py)."""
+    scaling = {"rope_type": "longrope", **factors}
+    for key, hf in _ROPE_SCALING_KEYS.items():
+        if f"{arch}.rope.scaling.{key}" in meta:
+            scaling[hf] = meta[f"{arch}.rope.scaling.{key}"]
+    cfg["rope_scaling"] = scaling
+
+
 def _gpt2_config(meta: dict[str, Any], *, tensors: TensorTable) -> dict[str, Any]:
     cfg: dict[str, Any] = {"model_type": "gpt2"}
     cfg.update({hf: meta.get(f"gpt2.{key}") for hf, key in _GPT2_CONFIG_KEYS.items()})
@@ -280,11 +299,13 @@ def gguf_config(
     tensors: TensorTable,
     path: Path,
     rope_freqs: list[float] | None = None,
+    longrope: dict[str, list[float]] | None = None,
 ) -> dict[str, Any]:
     """The HF-style config for a GGUF of a supported architecture, checked by the one
     config validator (weights.config), its messages naming the file's own keys.
 
-    `rope_freqs`: the values of the file's `rope_freqs.weight` (Llama only), if it has one."""
+    `rope_freqs`: the values of the file's `rope_freqs.weight` (Llama only), if it has one;
+    `longrope`: Phi-3's rope_factors_long/short.weight values, as long_factor/short_factor."""
     gpt2 = arch == "gpt2"
     config = (
         _gpt2_config(meta, tensors=tensors) if gpt2 else _llama_config(arch, meta, tensors=tensors)
@@ -298,6 +319,9 @@ def gguf_config(
     if rope_freqs is not None:
         _add_rope_freqs(config, rope_freqs, path=path)
         names["rope_scaling"] = "rope_freqs.weight"
+    if longrope is not None:
+        _add_longrope(arch, config, meta, longrope)
+        names["rope_scaling"] = "rope_factors_long/short.weight"
     check_config(config, source=path, names=names, required=required)
     if not gpt2:
         _check_heads(arch, meta, config, path)

@@ -89,6 +89,15 @@ GEMMA3_TENSORS = {
     "blk.{i}.attn_q_norm.weight": ("model.layers.{i}.self_attn.q_norm.weight", ("head",)),
     "blk.{i}.attn_k_norm.weight": ("model.layers.{i}.self_attn.k_norm.weight", ("head",)),
 }
+# Phi-3: q/k/v in one matrix (attn_qkv, rows q then k then v) and gate/up in one (ffn_up,
+# rows gate then up), as the checkpoint stores them and our fused layers take them.
+PHI3_TENSORS = {
+    **{k: v for k, v in LLAMA_TENSORS.items() if ".bias" not in k
+       and not k.startswith(("blk.{i}.attn_q.", "blk.{i}.attn_k.", "blk.{i}.attn_v.",
+                             "blk.{i}.ffn_gate.", "blk.{i}.ffn_up."))},
+    "blk.{i}.attn_qkv.weight": ("model.layers.{i}.self_attn.qkv_proj.weight", ("qkv", "hidden")),
+    "blk.{i}.ffn_up.weight": ("model.layers.{i}.mlp.gate_up_proj.weight", ("ffn2", "hidden")),
+}  # fmt: skip
 
 # llama.cpp's converter already transposes GPT-2's Conv1D weights to (out, in), which is
 # our nn.Linear orientation, so nothing is transposed on the way back.
@@ -114,7 +123,7 @@ GPT2_TENSORS = {
 # Each architecture's table (llama, qwen2, qwen2moe and gemma share Llama's: Qwen2's biases
 # are optional, and the layers' kinds say which MLP tensors each must have).
 TABLES = {"gpt2": GPT2_TENSORS, "qwen3": QWEN3_TENSORS, "qwen3moe": QWEN3_TENSORS,
-          "gemma2": GEMMA2_TENSORS, "gemma3": GEMMA3_TENSORS}  # fmt: skip
+          "gemma2": GEMMA2_TENSORS, "gemma3": GEMMA3_TENSORS, "phi3": PHI3_TENSORS}  # fmt: skip
 # Tensors a file may leave out: lm_head when tied, biases a Llama may not have.
 OPTIONAL = re.compile(
     r"lm_head\.weight|model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.\w+_proj)\.bias"
@@ -137,8 +146,10 @@ def dims(cfg: dict[str, Any]) -> dict[str, int]:
     return {
         "hidden": cfg["hidden_size"],
         "ffn": cfg["intermediate_size"],
+        "ffn2": 2 * cfg["intermediate_size"],  # gate and up in one matrix
         "q": cfg["num_attention_heads"] * cfg["head_dim"],
         "kv": cfg["num_key_value_heads"] * cfg["head_dim"],
+        "qkv": (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * cfg["head_dim"],
         "head": cfg["head_dim"],
         "vocab": cfg["vocab_size"],
         "experts": cfg.get("num_experts") or cfg.get("num_local_experts") or 0,
