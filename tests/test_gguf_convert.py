@@ -123,7 +123,7 @@ def test_config_equals_the_folders(case):
     # a GGUF) and sliding windows (the converter writes none; llama.cpp runs without;
     # Qwen2's use_sliding_window only switches its window off).
     apart = {"rope_scaling", "rope_parameters", "rms_norm_eps", "layer_norm_epsilon",
-             "model_type", "sliding_window", "use_sliding_window"}  # fmt: skip
+             "model_type", "sliding_window", "use_sliding_window", "layer_windows"}  # fmt: skip
     for f in fields(from_folder):
         if f.name not in apart:
             assert getattr(from_gguf, f.name) == getattr(from_folder, f.name), f.name
