@@ -191,8 +191,10 @@ class LlamaConfig:
         if kind != "granite":
             self.embedding_multiplier = self.residual_multiplier = self.logits_scaling = 1.0
             self.attention_multiplier = None
-        else:  # GraniteConfig's default scale is 1, not 1/sqrt(head_dim)
-            self.attention_scale = self.attention_multiplier or 1.0
+        else:
+            if self.attention_multiplier is None:
+                self.attention_multiplier = 1.0  # GraniteConfig's default, not 1/sqrt(D)
+            self.attention_scale = self.attention_multiplier
         if kind == "smollm3" and self.sliding_window is not None:
             # SmolLM3 windows only its NoPE layers; no released one does.
             raise PocketLMError("SmolLM3 with use_sliding_window is not supported by pocketlm")
