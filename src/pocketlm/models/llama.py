@@ -45,6 +45,7 @@ from pocketlm.errors import PocketLMError
 from pocketlm.models.cache import KVCache
 from pocketlm.models.layers import CausalLM, attend, concat_linears
 from pocketlm.models.moe import SparseMoE
+from pocketlm.models.variants import variant_switches
 
 # hidden_act -> the MLP gate's activation. "gelu_pytorch_tanh" is GELU's tanh approximation
 # (Gemma's GeGLU); "gelu" the exact one.
@@ -123,7 +124,7 @@ class LlamaConfig:
     fused_projections: bool = field(init=False)
     # LongRoPE: a sequence longer than this many tokens rotates with the long factors.
     rope_switch_length: int | None = field(init=False)
-    # Switches of SmolLM3, OLMo 2 and Granite (see `_variant_switches`).
+    # Switches of SmolLM3, OLMo 2 and Granite (set by models/variants.py).
     layer_rotary: list[bool] = field(init=False)  # whether each layer rotates q and k
     input_norms: bool = field(init=False)  # sublayer inputs RMS-normed (all but OLMo 2)
     qk_norm_across_heads: bool = field(init=False)  # OLMo 2's norm of all of q, all of k
@@ -173,33 +174,7 @@ class LlamaConfig:
         self.attention_scale = self.attention_softcap = self.final_softcap = None
         self.layer_windows = [self.sliding_window] * self.num_hidden_layers
         self.local_rope_theta = None
-        self._variant_switches()
-
-    def _variant_switches(self) -> None:
-        """SmolLM3's NoPE layers, OLMo 2's norms and Granite's scales; each family's own
-        keys are read by it alone, as transformers' classes do."""
-        kind = self.model_type
-        if kind != "smollm3":
-            self.no_rope_layers = None
-        elif self.no_rope_layers is None:  # HF SmolLM3Config's default
-            every = self.no_rope_layer_interval
-            self.no_rope_layers = [int((i + 1) % every != 0) for i in range(self.num_layers)]
-        self.layer_rotary = [bool(r) for r in self.no_rope_layers or [1] * self.num_layers]
-        olmo2 = kind == "olmo2"
-        self.input_norms, self.sandwich_norms = not olmo2, self.sandwich_norms or olmo2
-        self.qk_norm_across_heads = olmo2
-        if kind != "granite":
-            self.embedding_multiplier = self.residual_multiplier = self.logits_scaling = 1.0
-            self.attention_multiplier = None
-        else:
-            if self.attention_multiplier is None:
-                self.attention_multiplier = 1.0  # GraniteConfig's default, not 1/sqrt(D)
-            self.attention_scale = self.attention_multiplier
-        if kind == "smollm3" and self.sliding_window is not None:
-            # SmolLM3 windows only its NoPE layers; no released one does.
-            raise PocketLMError("SmolLM3 with use_sliding_window is not supported by pocketlm")
-        if kind in ("olmo2", "granite"):  # their modeling has no window, whatever a config says
-            self.sliding_window, self.layer_windows = None, [None] * self.num_layers
+        variant_switches(self)  # SmolLM3, OLMo 2, Granite (models/variants.py)
 
     def is_sparse(self, layer: int) -> bool:
         """Whether this layer's MLP is a mixture of experts (HF Qwen2MoeDecoderLayer's rule;
