@@ -59,6 +59,12 @@ FAMILIES = {
                                        partial_rotary_factor=0.75,  # 18 of 24 rotated
                                        short_factor=[1.0 + 0.05 * i for i in range(9)],
                                        long_factor=[1.0 + 0.7 * i for i in range(9)]))),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM",  # layer 1 NoPE (a draft: none)
+                dict(LLAMA_SHAPE, no_rope_layer_interval=2, pad_token_id=None)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(LLAMA_SHAPE)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM",
+                dict(LLAMA_SHAPE, embedding_multiplier=4.0, attention_multiplier=0.1,
+                     residual_multiplier=0.5, logits_scaling=2.0)),
 }  # fmt: skip
 VOCAB = 50257  # GPT-2's vocabulary (shipped with pocketlm) serves every family here
 PROMPTS = [[464, 3290, 373, 1043], [15496, 995, 11], [40, 588, 257, 1310, 286, 262, 3290, 318]]

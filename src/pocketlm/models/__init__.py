@@ -10,10 +10,10 @@ from pocketlm.models.gemma import GemmaConfig
 from pocketlm.models.gpt2 import GPT2, GPT2Config
 from pocketlm.models.llama import Llama, LlamaConfig
 
-# model_type -> (config class, model class). Mistral, Qwen2, Qwen3, Phi-3, SmolLM and the
-# mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) are Llamas with options their
-# config.json switches on, and so are Gemma 1-3 (GemmaConfig reads their keys); nothing
-# here keys on file names.
+# model_type -> (config class, model class). Mistral, Qwen2, Qwen3, Phi-3, SmolLM (1-3),
+# OLMo 2, Granite and the mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) are Llamas
+# with switches their model_type and config.json turn on, and so are Gemma 1-3
+# (GemmaConfig reads their keys); nothing here keys on file names.
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "gpt2": (GPT2Config, GPT2),
     "llama": (LlamaConfig, Llama),
@@ -27,6 +27,9 @@ ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "gemma2": (GemmaConfig, Llama),
     "gemma3_text": (GemmaConfig, Llama),
     "phi3": (LlamaConfig, Llama),
+    "smollm3": (LlamaConfig, Llama),
+    "olmo2": (LlamaConfig, Llama),
+    "granite": (LlamaConfig, Llama),
 }
 
 

@@ -1,8 +1,8 @@
 """What the architectures share: causal attention masks and attention itself (through
 PyTorch's SDPA, or with explicit scores where they are soft-capped, which SDPA cannot do),
-the `CausalLM` base (its head, an optional soft cap of the logits, and `forward`), and
-nn.Linear surgery (concatenating layers that read one input, replacing every linear by a
-faster kind).
+the `CausalLM` base (its head, an optional soft cap or divisor of the logits, and
+`forward`), and nn.Linear surgery (concatenating layers that read one input, replacing
+every linear by a faster kind).
 
 Dimension letters: B = batch, T = new tokens, S = key slots, H = heads, D = head dim,
 C = channels. Positions are explicit everywhere so the same code serves a whole
@@ -135,6 +135,7 @@ class CausalLM(nn.Module):
 
     lm_head: nn.Module
     logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    logits_scaling: float = 1.0  # logits divided by it (Granite)
 
     def layer_outputs(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None
@@ -161,4 +162,6 @@ class CausalLM(nn.Module):
         logits = self.lm_head(x.reshape(B * T, C)).view(B, T, -1)  # (B, T', vocab)
         if self.logit_softcap is not None:
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        if self.logits_scaling != 1:
+            logits = logits / self.logits_scaling
         return logits

@@ -1,5 +1,6 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM; the mixtures of
-experts Mixtral, Qwen2-MoE, Qwen3-MoE; Gemma 1-3 through models/gemma.py) in plain PyTorch.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM 1-3, OLMo 2, Granite;
+the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE; Gemma 1-3 through models/gemma.py)
+in plain PyTorch.
 
 RMSNorm, rotary embeddings (default, linear, llama3, YaRN and LongRoPE scaling, or
 llama.cpp's per-pair frequency factors), grouped-query attention, gated MLP (SwiGLU, or
@@ -17,8 +18,15 @@ derived field of the config (HF `modeling_gemma.py`, `modeling_gemma2.py`,
 `modeling_gemma3.py`): RMSNorm weights that are offsets from 1, embeddings scaled by
 sqrt(hidden_size), norms around the attention and the MLP outputs too ("sandwich"), an
 attention scale of its own, soft-capped attention scores and logits, a window per layer,
-and a rotary base of their own for the sliding layers. Knows nothing of files, tokenizers
-or sampling: `forward(tokens, positions, cache) -> logits`.
+and a rotary base of their own for the sliding layers.
+
+Three more families are switches that their model_type turns on here: SmolLM3
+(`modeling_smollm3.py`) leaves rotary out of the layers `no_rope_layers` marks ("NoPE");
+OLMo 2 (`modeling_olmo2.py`) norms each sublayer's output and not its input (Gemma's
+sandwich without its inner half) and RMS-norms the whole q and k projections, not each
+head; Granite (`modeling_granite.py`) multiplies the embeddings, the attention scores (in
+place of 1/sqrt(head_dim)) and each sublayer's output, and divides the logits. Knows
+nothing of files, tokenizers or sampling: `forward(tokens, positions, cache) -> logits`.
 
 B = batch, T = time, C = hidden_size, H = heads, K = key/value heads, D = head_dim.
 """
@@ -37,6 +45,7 @@ from pocketlm.errors import PocketLMError
 from pocketlm.models.cache import KVCache
 from pocketlm.models.layers import CausalLM, attend, concat_linears
 from pocketlm.models.moe import SparseMoE
+from pocketlm.models.variants import variant_switches
 
 # hidden_act -> the MLP gate's activation. "gelu_pytorch_tanh" is GELU's tanh approximation
 # (Gemma's GeGLU); "gelu" the exact one.
@@ -49,8 +58,8 @@ ACTIVATIONS = {
 
 @dataclass
 class LlamaConfig:
-    """Keyed like a Llama/Mistral/Qwen2/Qwen3 config.json (and Mixtral's, Qwen2-MoE's,
-    Qwen3-MoE's); unknown keys are ignored."""
+    """Keyed like a Llama/Mistral/Qwen2/Qwen3/SmolLM3/OLMo 2/Granite config.json (and
+    Mixtral's, Qwen2-MoE's, Qwen3-MoE's); unknown keys are ignored."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -85,6 +94,16 @@ class LlamaConfig:
     decoder_sparse_step: int = 1  # Qwen: every this-many-th layer is sparse...
     mlp_only_layers: list[int] = field(default_factory=list)  # ...but for these
     qkv_bias: bool = True  # Qwen2-MoE's name for attention_bias
+    # SmolLM3: 1 where a layer rotates q and k, 0 where it does not (HF's name reads
+    # backwards); by default every no_rope_layer_interval-th layer does not.
+    no_rope_layers: list[int] | None = None
+    no_rope_layer_interval: int = 4
+    # Granite: the embeddings' scale, the attention scores' scale (in place of
+    # 1/sqrt(head_dim)), each sublayer output's scale, and what the logits are divided by.
+    embedding_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     # Derived, for the engine: the same names on every architecture's config.
     num_layers: int = field(init=False)
     num_kv_heads: int = field(init=False)
@@ -105,6 +124,10 @@ class LlamaConfig:
     fused_projections: bool = field(init=False)
     # LongRoPE: a sequence longer than this many tokens rotates with the long factors.
     rope_switch_length: int | None = field(init=False)
+    # Switches of SmolLM3, OLMo 2 and Granite (set by models/variants.py).
+    layer_rotary: list[bool] = field(init=False)  # whether each layer rotates q and k
+    input_norms: bool = field(init=False)  # sublayer inputs RMS-normed (all but OLMo 2)
+    qk_norm_across_heads: bool = field(init=False)  # OLMo 2's norm of all of q, all of k
 
     def __post_init__(self) -> None:
         if self.rope_parameters:
@@ -131,7 +154,7 @@ class LlamaConfig:
             self.attention_bias = True
         if self.model_type == "qwen2_moe":
             self.attention_bias = self.qkv_bias
-        if self.model_type in QWEN_TYPES and not self.use_sliding_window:
+        if self.model_type in (*QWEN_TYPES, "smollm3") and not self.use_sliding_window:
             self.sliding_window = None  # their configs say sliding window only by this flag
         if self.model_type in ("qwen3", "qwen2_moe") and self.sliding_window is not None:
             # They window only the layers from max_window_layers on; no released one does.
@@ -151,6 +174,7 @@ class LlamaConfig:
         self.attention_scale = self.attention_softcap = self.final_softcap = None
         self.layer_windows = [self.sliding_window] * self.num_hidden_layers
         self.local_rope_theta = None
+        variant_switches(self)  # SmolLM3, OLMo 2, Granite (models/variants.py)
 
     def is_sparse(self, layer: int) -> bool:
         """Whether this layer's MLP is a mixture of experts (HF Qwen2MoeDecoderLayer's rule;
@@ -326,6 +350,7 @@ class Attention(nn.Module):
         self.window = config.layer_windows[layer]
         self.scale, self.softcap = config.attention_scale, config.attention_softcap
         self.rotary_dim = config.rotary_dim
+        self.rotary = config.layer_rotary[layer]  # False on SmolLM3's NoPE layers
         C, bias = config.hidden_size, config.attention_bias
         q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         self.qkv_proj: nn.Module | None = None  # set by `fuse()`, or stored so (Phi-3)
@@ -342,7 +367,10 @@ class Attention(nn.Module):
         if config.qk_norm:  # Qwen3: one weight per head dimension, shared by every head
             self.q_norm = _norm(config, self.head_dim)
             self.k_norm = _norm(config, self.head_dim)
-        self.qk_norm = config.qk_norm
+        elif config.qk_norm_across_heads:  # OLMo 2: one weight per q (k) channel
+            self.q_norm = _norm(config, self.n_head * self.head_dim)
+            self.k_norm = _norm(config, self.n_kv_head * self.head_dim)
+        self.qk_norm, self.qk_norm_across_heads = config.qk_norm, config.qk_norm_across_heads
 
     def fuse(self) -> None:
         """Replace q/k/v_proj by one matmul (for inference: one weight read, one kernel
@@ -372,7 +400,12 @@ class Attention(nn.Module):
         qk = qkv[:, :, : H + K]
         if self.qk_norm:  # Qwen3: each head of q and of k RMS-normed, before the rotation
             qk = torch.cat((self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])), dim=2)
-        qk = rotate(qk, cos, sin, self.rotary_dim)  # (B, T, H + K, D)
+        elif self.qk_norm_across_heads:  # OLMo 2: all heads of q as one vector, so of k
+            q = self.q_norm(qk[:, :, :H].flatten(2)).view(B, T, H, D)
+            k = self.k_norm(qk[:, :, H:].flatten(2)).view(B, T, K, D)
+            qk = torch.cat((q, k), dim=2)  # (B, T, H + K, D)
+        if self.rotary:
+            qk = rotate(qk, cos, sin, self.rotary_dim)  # (B, T, H + K, D)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H|K, T, D)
         v = qkv[:, :, H + K :].transpose(1, 2)  # (B, K, T, D)
         y = attend(
@@ -432,22 +465,29 @@ class Block(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int) -> None:
         super().__init__()
         C = config.hidden_size
-        self.input_layernorm = _norm(config, C)
+        # OLMo 2 norms no sublayer input: an Identity holds no weight, so no checkpoint key.
+        input_norm = partial(_norm, config, C) if config.input_norms else nn.Identity
+        self.input_layernorm = input_norm()
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = _norm(config, C)
         self.mlp = sparse_mlp(config) if config.is_sparse(layer) else MLP(config)
         self.sandwich = config.sandwich_norms
-        if self.sandwich:  # Gemma 2/3; their post_attention_layernorm norms the attention's output
-            self.pre_feedforward_layernorm = _norm(config, C)
+        if self.sandwich:  # Gemma 2/3, OLMo 2: post_attention_layernorm norms attention's output
+            self.pre_feedforward_layernorm = input_norm()
             self.post_feedforward_layernorm = _norm(config, C)
+        self.residual_multiplier = config.residual_multiplier  # Granite's; 1 elsewhere
 
     def forward(self, x, positions, rope, cache):  # noqa: ANN001, ANN201 - same as Attention
         if self.sandwich:
             h = self.self_attn(self.input_layernorm(x), positions, rope, cache)
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self._scaled(self.self_attn(self.input_layernorm(x), positions, rope, cache))
+        return x + self._scaled(self.mlp(self.post_attention_layernorm(x)))
+
+    def _scaled(self, y: torch.Tensor) -> torch.Tensor:
+        # Skipped at 1: a multiply per sublayer is a kernel launch per decode step.
+        return y if self.residual_multiplier == 1 else y * self.residual_multiplier
 
 
 def sparse_mlp(config: LlamaConfig) -> SparseMoE:
@@ -481,7 +521,7 @@ class Llama(CausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.logit_softcap = config.final_softcap
+        self.logit_softcap, self.logits_scaling = config.final_softcap, config.logits_scaling
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         if config.local_rope_theta is not None:  # Gemma 3: the sliding layers' own base
             self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True), False)
@@ -536,6 +576,8 @@ class Llama(CausalLM):
         x = self.model.embed_tokens(tokens)
         if self.config.scale_embeddings:  # Gemma: the scale rounded to x's dtype, as HF does
             x = x * torch.tensor(self.config.hidden_size**0.5).to(x.dtype)
+        if self.config.embedding_multiplier != 1:  # Granite
+            x = x * self.config.embedding_multiplier
         rope = self.rope(positions, x.dtype)
         local = rope
         if self.config.local_rope_theta is not None:

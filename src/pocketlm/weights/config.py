@@ -40,6 +40,7 @@ SIZE_LIMITS: dict[str, tuple[int, int]] = {
     **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size"), (0, 2**20)),
     "decoder_sparse_step": (1, 1024),
     "sliding_window_pattern": (1, 1024),
+    "no_rope_layer_interval": (1, 1024),
 }
 FLOAT_LIMITS: dict[str, tuple[float, float]] = {  # (exclusive low, inclusive high)
     **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps"), (0.0, 1.0)),
@@ -55,6 +56,12 @@ FLOAT_LIMITS: dict[str, tuple[float, float]] = {  # (exclusive low, inclusive hi
         ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"), (0.0, 1e12)
     ),
     "partial_rotary_factor": (0.0, 1.0),
+    # Granite's scales (released ones: 12, 0.0078125, 0.22, 8); the logits are divided by
+    # logits_scaling, so none may be 0.
+    **dict.fromkeys(
+        ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling"),
+        (0.0, 1e6),
+    ),
 }
 FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window",
          "use_bidirectional_attention", "norm_topk_prob", "qkv_bias")  # fmt: skip
@@ -154,6 +161,9 @@ def _check_value(check: _Checker, key: str, value: Any, *, config_type: str) -> 
         _check_number(check, key, value)
     elif key in ("rope_scaling", "rope_parameters"):
         _check_rope(check, key, value, config_type=config_type)
+    elif key == "no_rope_layers":
+        if not isinstance(value, list) or any(v not in (0, 1) for v in value):
+            check.bad(key, value, _expected(key))
     elif not _is_valid(key, value):
         check.bad(key, value, _expected(key))
 
@@ -182,6 +192,8 @@ def _expected(key: str) -> str:
         return "true or false"
     if name == "activation_function":
         return f"one of {', '.join(ACTIVATIONS)}"
+    if name == "no_rope_layers":
+        return "a list of 0 and 1, one per layer"
     return "an object" if name in ("rope_scaling", "rope_parameters") else "a value"
 
 
@@ -198,6 +210,9 @@ def _check_llama_heads(check: _Checker, model_config: LlamaConfig) -> None:
     heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
     if heads % kv_heads:
         check.bad("num_key_value_heads", kv_heads, f"a divisor of num_attention_heads {heads}")
+    no_rope = model_config.no_rope_layers  # SmolLM3's, spelled out by LlamaConfig
+    if no_rope is not None and len(no_rope) != model_config.num_layers:
+        check.bad("no_rope_layers", no_rope, f"{model_config.num_layers} numbers, one per layer")
     if model_config.head_dim < 2 or model_config.head_dim % 2:
         check.bad(
             "head_dim (or hidden_size / num_attention_heads)",

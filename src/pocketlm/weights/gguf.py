@@ -37,7 +37,8 @@ from pocketlm.weights.dequant import dequantize, ggml_type_name, ggml_type_sizes
 from pocketlm.weights.gguf_config import PERMUTED_QK, gguf_config, quantization
 
 SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma",
-                           "gemma2", "gemma3", "phi3")  # fmt: skip
+                           "gemma2", "gemma3", "phi3", "smollm3", "olmo2",
+                           "granite")  # fmt: skip
 
 # Llama 3.1+ rope scaling as llama.cpp's converter writes it: per-pair divisors of the
 # rotary frequencies, read into the config (rope_scaling "freq_factors"), not a parameter.

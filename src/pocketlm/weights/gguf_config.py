@@ -83,9 +83,18 @@ _ROPE_SCALING_KEYS = {
 }
 _TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16"}
 # Architectures whose q/k rows llama.cpp's converter interleaves for its rotary layout
-# (weights.gguf undoes it; Mistral is converted as "llama", Qwen2 and Qwen3 are never
-# permuted). It permutes whole heads, so all of each head must be rotated.
-PERMUTED_QK = ("llama",)
+# (weights.gguf undoes it; Mistral is converted as "llama", SmolLM3's and Granite's
+# converters are Llama's; Qwen2, Qwen3 and OLMo 2 are never permuted). It permutes whole
+# heads, so all of each head must be rotated.
+PERMUTED_QK = ("llama", "smollm3", "granite")
+# Granite's multipliers: HF key -> GGUF key under "granite.". llama.cpp requires only the
+# logit scale; without the others it scales nothing and attends with 1/sqrt(head_dim).
+_GRANITE_KEYS = {
+    "embedding_multiplier": "embedding_scale",
+    "attention_multiplier": "attention.scale",
+    "residual_multiplier": "residual_scale",
+    "logits_scaling": "logit_scale",
+}
 
 
 def _llama_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> dict[str, Any]:
@@ -111,6 +120,8 @@ def _llama_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> d
         _gemma_config(arch, meta, cfg)
     if arch in _NORM_TOPK and (arch != "llama" or meta.get("llama.expert_count")):
         cfg.update(_moe_config(arch, meta, tensors=tensors, layers=cfg["num_hidden_layers"]))
+    if arch == "granite":
+        cfg.update(_granite_multipliers(meta, head_dim=cfg["head_dim"]))
     return cfg
 
 
@@ -132,6 +143,17 @@ def _moe_config(
         routed = (i for i in range(min(layers, 1024)) if f"blk.{i}.ffn_gate_inp.weight" in tensors)
         cfg["mlp_only_layers"] = sorted(set(range(min(layers, 1024))) - set(routed))
     return cfg
+
+
+def _granite_multipliers(meta: dict[str, Any], *, head_dim: Any) -> dict[str, Any]:
+    """Granite's scales as HF names them, with llama.cpp's defaults for absent keys (the
+    validator checks each value; the logit scale has no default: llama.cpp requires it)."""
+    out = {hf: meta.get(f"granite.{key}") for hf, key in _GRANITE_KEYS.items()}
+    out["embedding_multiplier"] = out["embedding_multiplier"] or 1.0
+    out["residual_multiplier"] = out["residual_multiplier"] or 1.0
+    if out["attention_multiplier"] in (None, 0) and _is_int(head_dim):  # llama.cpp: 0 unset
+        out["attention_multiplier"] = head_dim**-0.5
+    return out
 
 
 def _partial_rotary(arch: str, meta: dict[str, Any], cfg: dict[str, Any]) -> float | None:
@@ -314,7 +336,10 @@ def gguf_config(
     if config["model_type"] in _MOE_TYPES:  # no defaults for the experts either
         experts = "num_local_experts" if config["model_type"] == "mixtral" else "num_experts"
         required = required | {experts: "expert_count", "num_experts_per_tok": "expert_used_count"}
-    names = {hf: f"{arch}.{key}" for hf, key in (required | _OPTIONAL_KEYS).items()
+    if arch == "granite":
+        required = required | {"logits_scaling": _GRANITE_KEYS["logits_scaling"]}
+    optional = _OPTIONAL_KEYS | (_GRANITE_KEYS if arch == "granite" else {})
+    names = {hf: f"{arch}.{key}" for hf, key in (required | optional).items()
              if hf in required or f"{arch}.{key}" in meta}  # fmt: skip
     if rope_freqs is not None:
         _add_rope_freqs(config, rope_freqs, path=path)
@@ -325,6 +350,12 @@ def gguf_config(
     check_config(config, source=path, names=names, required=required)
     if not gpt2:
         _check_heads(arch, meta, config, path)
+    if arch == "olmo2" and config["sliding_window"] is not None:
+        # llama.cpp converts OLMo 3 as olmo2, windowing three layers in four.
+        raise PocketLMError(
+            f"{path} is an OLMo 3 conversion (olmo2 with a sliding window), "
+            "which pocketlm does not support"
+        )
     return config
 
 

@@ -98,6 +98,14 @@ PHI3_TENSORS = {
     "blk.{i}.attn_qkv.weight": ("model.layers.{i}.self_attn.qkv_proj.weight", ("qkv", "hidden")),
     "blk.{i}.ffn_up.weight": ("model.layers.{i}.mlp.gate_up_proj.weight", ("ffn2", "hidden")),
 }  # fmt: skip
+# OLMo 2: no input norms (its post_attention_layernorm and post_feedforward_layernorm are
+# llama.cpp's post norms, as Gemma 2's); q and k each normed whole, not per head.
+_INPUT_NORMS = ("blk.{i}.attn_norm.weight", "blk.{i}.ffn_norm.weight")
+OLMO2_TENSORS = {
+    **{k: v for k, v in GEMMA2_TENSORS.items() if k not in _INPUT_NORMS},
+    "blk.{i}.attn_q_norm.weight": ("model.layers.{i}.self_attn.q_norm.weight", ("q",)),
+    "blk.{i}.attn_k_norm.weight": ("model.layers.{i}.self_attn.k_norm.weight", ("kv",)),
+}
 
 # llama.cpp's converter already transposes GPT-2's Conv1D weights to (out, in), which is
 # our nn.Linear orientation, so nothing is transposed on the way back.
@@ -120,10 +128,12 @@ GPT2_TENSORS = {
     "blk.{i}.ffn_down.weight": ("transformer.h.{i}.mlp.c_proj.weight", ("hidden", "ffn")),
     "blk.{i}.ffn_down.bias": ("transformer.h.{i}.mlp.c_proj.bias", ("hidden",)),
 }
-# Each architecture's table (llama, qwen2, qwen2moe and gemma share Llama's: Qwen2's biases
-# are optional, and the layers' kinds say which MLP tensors each must have).
+# Each architecture's table (llama, qwen2, qwen2moe, gemma, smollm3 and granite share
+# Llama's: Qwen2's biases are optional, and the layers' kinds say which MLP tensors each
+# must have).
 TABLES = {"gpt2": GPT2_TENSORS, "qwen3": QWEN3_TENSORS, "qwen3moe": QWEN3_TENSORS,
-          "gemma2": GEMMA2_TENSORS, "gemma3": GEMMA3_TENSORS, "phi3": PHI3_TENSORS}  # fmt: skip
+          "gemma2": GEMMA2_TENSORS, "gemma3": GEMMA3_TENSORS, "phi3": PHI3_TENSORS,
+          "olmo2": OLMO2_TENSORS}  # fmt: skip
 # Tensors a file may leave out: lm_head when tied, biases a Llama may not have.
 OPTIONAL = re.compile(
     r"lm_head\.weight|model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.\w+_proj)\.bias"
@@ -131,7 +141,8 @@ OPTIONAL = re.compile(
 
 
 def table(architecture: str) -> dict[str, Any]:
-    """The table of a GGUF architecture (llama, qwen2, qwen2moe and gemma share Llama's)."""
+    """The table of a GGUF architecture (llama, qwen2, qwen2moe, gemma, smollm3 and granite
+    share Llama's)."""
     return TABLES.get(architecture, LLAMA_TENSORS)
 
 
