@@ -23,7 +23,6 @@ from gguf import GGMLQuantizationType as QT
 from checkpoints import write_gguf
 from pocketlm.errors import CorruptModelError, ModelNotFoundError, PocketLMError
 from pocketlm.models.llama import rope_attention_factor, rope_inv_freq
-from pocketlm.weights import loader
 from pocketlm.weights.config import check_config
 from pocketlm.weights.dequant import SUPPORTED_TYPES, dequantize, ggml_type_sizes
 from pocketlm.weights.gguf import (
