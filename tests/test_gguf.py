@@ -542,7 +542,7 @@ def test_big_endian_and_unknown_version(tmp_path, small_gguf):
         read_gguf(tmp_path / "v1.gguf")
 
 
-@pytest.mark.parametrize("arch", ["mamba", "falcon"])
+@pytest.mark.parametrize("arch", ["mamba", "bloom"])
 def test_unsupported_architecture(tmp_path, arch):
     tensors = {"token_embd.weight": (np.zeros((8, 32), np.float32), "F32")}
     path = write_gguf(

@@ -18,6 +18,16 @@ from torch import nn
 
 from pocketlm.models.cache import KVCache
 
+# Activations by their config.json names (GPT-2's activation_function, Llama's hidden_act,
+# Falcon's activation); the tanh GELUs are one function under two names.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+
 
 def attention_mask(
     q_positions: torch.Tensor, k_positions: torch.Tensor, *, window: int | None = None

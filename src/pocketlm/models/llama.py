@@ -12,6 +12,11 @@ HF `LlamaForCausalLM` (and `Phi3ForCausalLM`, Qwen2-MoE's `mlp.experts.{e}.gate_
 keys. Mirrors HF `modeling_llama.py`
 (rotate_half layout, computed as a roll) and gpt-fast `model.py`.
 
+StableLM and Starcoder2 are variants (HF `modeling_stablelm.py`, `modeling_starcoder2.py`):
+LayerNorm with bias in place of RMSNorm, partial rotary, StableLM's per-head LayerNorm of q
+and k (a weight per head) and parallel residual, Starcoder2's biases everywhere and plain
+(ungated) GELU MLP.
+
 Gemma is this block with switches that `GemmaConfig` (models/gemma.py) turns on, each a
 derived field of the config (HF `modeling_gemma.py`, `modeling_gemma2.py`,
 `modeling_gemma3.py`): RMSNorm weights that are offsets from 1, embeddings scaled by
@@ -26,7 +31,6 @@ B = batch, T = time, C = hidden_size, H = heads, K = key/value heads, D = head_d
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
-from functools import partial
 from typing import Any
 
 import torch
@@ -35,22 +39,14 @@ from torch import nn
 
 from pocketlm.errors import PocketLMError
 from pocketlm.models.cache import KVCache
-from pocketlm.models.layers import CausalLM, attend, concat_linears
+from pocketlm.models.layers import ACTIVATIONS, CausalLM, attend, concat_linears
 from pocketlm.models.moe import SparseMoE
-
-# hidden_act -> the MLP gate's activation. "gelu_pytorch_tanh" is GELU's tanh approximation
-# (Gemma's GeGLU); "gelu" the exact one.
-ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
-}
 
 
 @dataclass
 class LlamaConfig:
-    """Keyed like a Llama/Mistral/Qwen2/Qwen3 config.json (and Mixtral's, Qwen2-MoE's,
-    Qwen3-MoE's); unknown keys are ignored."""
+    """Keyed like a Llama/Mistral/Qwen2/Qwen3/StableLM/Starcoder2 config.json (and
+    Mixtral's, Qwen2-MoE's, Qwen3-MoE's); unknown keys are ignored."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -72,6 +68,13 @@ class LlamaConfig:
     hidden_act: str = "silu"
     partial_rotary_factor: float = 1.0  # the share of each head that rotary rotates
     original_max_position_embeddings: int | None = None  # Phi-3 keeps it out of rope_scaling
+    # StableLM's and Starcoder2's own keys (their norms are LayerNorms, with these eps).
+    layer_norm_eps: float | None = None  # StableLM
+    norm_epsilon: float | None = None  # Starcoder2
+    use_qkv_bias: bool = False  # StableLM: bias on q, k, v (not o)
+    qk_layernorm: bool = False  # StableLM: a LayerNorm of each head of q and k, own weights
+    use_parallel_residual: bool = False  # StableLM: x + attn(norm(x)) + mlp(norm(x))
+    use_bias: bool = False  # Starcoder2: bias on every projection
     model_type: str = "llama"
     # Mixture of experts: Mixtral says num_local_experts, Qwen2/3-MoE num_experts.
     num_local_experts: int = 0
@@ -105,6 +108,9 @@ class LlamaConfig:
     fused_projections: bool = field(init=False)
     # LongRoPE: a sequence longer than this many tokens rotates with the long factors.
     rope_switch_length: int | None = field(init=False)
+    layer_norm: bool = field(init=False)  # LayerNorm with bias (StableLM, Starcoder2), not RMS
+    norm_eps: float = field(init=False)  # the eps of every norm, RMS or Layer
+    gated_mlp: bool = field(init=False)  # act(gate) * up (SwiGLU), or Starcoder2's act(c_fc)
 
     def __post_init__(self) -> None:
         if self.rope_parameters:
@@ -142,6 +148,15 @@ class LlamaConfig:
         self.n_experts = self.num_experts or self.num_local_experts
         if self.model_type == "mixtral":
             self.norm_topk_prob = True
+        if self.model_type == "stablelm":
+            self.attention_bias = self.use_qkv_bias  # o_proj has none (see Attention)
+        if self.model_type == "starcoder2":
+            self.attention_bias = self.mlp_bias = self.use_bias
+        self.layer_norm = self.model_type in ("stablelm", "starcoder2")
+        self.norm_eps = {"stablelm": self.layer_norm_eps, "starcoder2": self.norm_epsilon}.get(
+            self.model_type
+        ) or (1e-5 if self.layer_norm else self.rms_norm_eps)
+        self.gated_mlp = self.model_type != "starcoder2"
         if self.hidden_act not in ACTIVATIONS:
             raise PocketLMError(
                 f"unsupported hidden_act {self.hidden_act!r} "
@@ -180,7 +195,23 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
         known = {f.name for f in fields(cls) if f.init}
-        return cls(**{k: v for k, v in d.items() if k in known and v is not None})
+        # A key a config.json leaves out takes its family's default in transformers.
+        defaults = FAMILY_DEFAULTS.get(d.get("model_type", ""), {})
+        given = {k: v for k, v in d.items() if k in known and v is not None}
+        return cls(**{**defaults, **given})
+
+
+# Where a family's transformers config class has other defaults than Llama's. StableLM
+# rotates a quarter of each head unless told; a Starcoder2 config.json may leave out its
+# biases, tied head and GELU (transformers writes only what differs from its defaults).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "stablelm": {"partial_rotary_factor": 0.25},
+    "starcoder2": {
+        "use_bias": True,
+        "tie_word_embeddings": True,
+        "hidden_act": "gelu_pytorch_tanh",
+    },
+}
 
 
 # The Qwen model types whose configs switch a sliding window on by use_sliding_window.
@@ -310,8 +341,25 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(x.dtype)
 
 
-def _norm(config: LlamaConfig, dim: int) -> RMSNorm:
+def _norm(config: LlamaConfig, dim: int) -> nn.Module:
+    """The family's norm: RMSNorm, or LayerNorm with bias (StableLM, Starcoder2)."""
+    if config.layer_norm:
+        return nn.LayerNorm(dim, eps=config.norm_eps)
     return RMSNorm(dim, config.rms_norm_eps, unit_offset=config.unit_offset_norms)
+
+
+class HeadLayerNorm(nn.Module):
+    """StableLM's qk_layernorm: each head's own LayerNorm (weight, no bias) over its D
+    dimensions. Kept as a list of norms so the names line up with HF's `norms.{h}`."""
+
+    def __init__(self, dim: int, n_heads: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=eps, bias=False) for _ in range(n_heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, heads, D)
+        weight = torch.stack([norm.weight for norm in self.norms])  # (heads, D)
+        return F.layer_norm(x, (x.shape[-1],), eps=self.eps) * weight
 
 
 class Attention(nn.Module):
@@ -335,14 +383,18 @@ class Attention(nn.Module):
             self.q_proj = nn.Linear(C, q, bias=bias)
             self.k_proj = nn.Linear(C, kv, bias=bias)
             self.v_proj = nn.Linear(C, kv, bias=bias)
-        # Qwen2's (and Qwen2-MoE's) bias is on q, k and v only; Llama's and Qwen3's (and
-        # Qwen3-MoE's) attention_bias covers o too.
-        o_bias = bias and config.model_type not in ("qwen2", "qwen2_moe")
+        # Qwen2's (and Qwen2-MoE's) and StableLM's bias is on q, k and v only; Llama's,
+        # Qwen3's (and Qwen3-MoE's) and Starcoder2's attention_bias covers o too.
+        o_bias = bias and config.model_type not in ("qwen2", "qwen2_moe", "stablelm")
         self.o_proj = nn.Linear(q, C, bias=o_bias)
         if config.qk_norm:  # Qwen3: one weight per head dimension, shared by every head
             self.q_norm = _norm(config, self.head_dim)
             self.k_norm = _norm(config, self.head_dim)
         self.qk_norm = config.qk_norm
+        if config.qk_layernorm:  # StableLM: a LayerNorm per head, each with its own weight
+            self.q_layernorm = HeadLayerNorm(self.head_dim, self.n_head, config.norm_eps)
+            self.k_layernorm = HeadLayerNorm(self.head_dim, self.n_kv_head, config.norm_eps)
+        self.qk_layernorm = config.qk_layernorm
 
     def fuse(self) -> None:
         """Replace q/k/v_proj by one matmul (for inference: one weight read, one kernel
@@ -372,6 +424,8 @@ class Attention(nn.Module):
         qk = qkv[:, :, : H + K]
         if self.qk_norm:  # Qwen3: each head of q and of k RMS-normed, before the rotation
             qk = torch.cat((self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])), dim=2)
+        if self.qk_layernorm:  # StableLM: the same place, a LayerNorm of each head's own
+            qk = torch.cat((self.q_layernorm(qk[:, :, :H]), self.k_layernorm(qk[:, :, H:])), dim=2)
         qk = rotate(qk, cos, sin, self.rotary_dim)  # (B, T, H + K, D)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H|K, T, D)
         v = qkv[:, :, H + K :].transpose(1, 2)  # (B, K, T, D)
@@ -387,6 +441,20 @@ class Attention(nn.Module):
             softcap=self.softcap,
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, *, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin (B, T, 1, R) of every position's rotary angles, R the
+    rotated dimensions of a head (D, or fewer with partial rotary), for `rotate`; `scale`
+    multiplies both (YaRN's and LongRoPE's attention factor)."""
+    angles = positions[..., None].float() * inv_freq  # (B, T, R/2)
+    cos, sin = angles.cos(), angles.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (B, T, R)
+    return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)  # (B, T, 1, R)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int) -> torch.Tensor:
@@ -428,14 +496,32 @@ class MLP(nn.Module):
         return self.down_proj(self.act(gate) * up)
 
 
+class PlainMLP(nn.Module):
+    """Starcoder2's MLP: c_proj(act(c_fc(x))), no gate."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        C, F, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.c_fc = nn.Linear(C, F, bias=bias)
+        self.c_proj = nn.Linear(F, C, bias=bias)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
 class Block(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int) -> None:
         super().__init__()
         C = config.hidden_size
         self.input_layernorm = _norm(config, C)
         self.self_attn = Attention(config, layer)
-        self.post_attention_layernorm = _norm(config, C)
-        self.mlp = sparse_mlp(config) if config.is_sparse(layer) else MLP(config)
+        # StableLM's parallel residual feeds the MLP the same normed input: no second norm.
+        self.post_attention_layernorm = None if config.use_parallel_residual else _norm(config, C)
+        if config.is_sparse(layer):
+            self.mlp = sparse_mlp(config)
+        else:
+            self.mlp = MLP(config) if config.gated_mlp else PlainMLP(config)
         self.sandwich = config.sandwich_norms
         if self.sandwich:  # Gemma 2/3; their post_attention_layernorm norms the attention's output
             self.pre_feedforward_layernorm = _norm(config, C)
@@ -446,7 +532,10 @@ class Block(nn.Module):
             h = self.self_attn(self.input_layernorm(x), positions, rope, cache)
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache)
+        h = self.input_layernorm(x)
+        if self.post_attention_layernorm is None:  # parallel residual
+            return x + self.self_attn(h, positions, rope, cache) + self.mlp(h)
+        x = x + self.self_attn(h, positions, rope, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -494,7 +583,8 @@ class Llama(CausalLM):
         """Fuse each layer's q/k/v and gate/up projections (for inference only)."""
         for block in self.model.layers:
             block.self_attn.fuse()
-            block.mlp.fuse()
+            if isinstance(block.mlp, MLP):
+                block.mlp.fuse()
 
     def init_buffers(self, device: torch.device | str) -> None:
         """Recompute the rotary frequencies (built on the meta device while loading)."""
@@ -521,12 +611,7 @@ class Llama(CausalLM):
                 # would alone (HF takes the whole batch's furthest position).
                 long = positions.amax(dim=-1) + 1 > self.config.rope_switch_length  # (B,)
                 inv_freq = torch.where(long[:, None, None], self.long_inv_freq, inv_freq)
-        angles = positions[..., None].float() * inv_freq  # (B, T, R/2)
-        cos, sin = angles.cos(), angles.sin()
-        if scale != 1.0:
-            cos, sin = cos * scale, sin * scale
-        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (B, T, R)
-        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)  # (B, T, 1, R)
+        return rope_cos_sin(positions, inv_freq, dtype, scale=scale)
 
     def layer_outputs(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None
