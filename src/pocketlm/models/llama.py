@@ -13,9 +13,7 @@ keys. Mirrors HF `modeling_llama.py`
 (rotate_half layout, computed as a roll) and gpt-fast `model.py`.
 
 StableLM and Starcoder2 are variants (HF `modeling_stablelm.py`, `modeling_starcoder2.py`):
-LayerNorm with bias in place of RMSNorm, partial rotary, StableLM's per-head LayerNorm of q
-and k (a weight per head) and parallel residual, Starcoder2's biases everywhere and plain
-(ungated) GELU MLP.
+LayerNorm, StableLM's per-head q/k LayerNorm and parallel residual, Starcoder2's plain MLP.
 
 Gemma is this block with switches that `GemmaConfig` (models/gemma.py) turns on, each a
 derived field of the config (HF `modeling_gemma.py`, `modeling_gemma2.py`,
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.errors import PocketLMError
+from pocketlm.models import layers
 from pocketlm.models.cache import KVCache
 from pocketlm.models.layers import ACTIVATIONS, CausalLM, attend, concat_linears
 from pocketlm.models.moe import SparseMoE
@@ -68,7 +67,6 @@ class LlamaConfig:
     hidden_act: str = "silu"
     partial_rotary_factor: float = 1.0  # the share of each head that rotary rotates
     original_max_position_embeddings: int | None = None  # Phi-3 keeps it out of rope_scaling
-    # StableLM's and Starcoder2's own keys (their norms are LayerNorms, with these eps).
     layer_norm_eps: float | None = None  # StableLM
     norm_epsilon: float | None = None  # Starcoder2
     use_qkv_bias: bool = False  # StableLM: bias on q, k, v (not o)
@@ -153,9 +151,8 @@ class LlamaConfig:
         if self.model_type == "starcoder2":
             self.attention_bias = self.mlp_bias = self.use_bias
         self.layer_norm = self.model_type in ("stablelm", "starcoder2")
-        self.norm_eps = {"stablelm": self.layer_norm_eps, "starcoder2": self.norm_epsilon}.get(
-            self.model_type
-        ) or (1e-5 if self.layer_norm else self.rms_norm_eps)
+        layer_eps = self.layer_norm_eps or self.norm_epsilon or 1e-5  # StableLM's, Starcoder2's
+        self.norm_eps = layer_eps if self.layer_norm else self.rms_norm_eps
         self.gated_mlp = self.model_type != "starcoder2"
         if self.hidden_act not in ACTIVATIONS:
             raise PocketLMError(
@@ -206,12 +203,8 @@ class LlamaConfig:
 # biases, tied head and GELU (transformers writes only what differs from its defaults).
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "stablelm": {"partial_rotary_factor": 0.25},
-    "starcoder2": {
-        "use_bias": True,
-        "tie_word_embeddings": True,
-        "hidden_act": "gelu_pytorch_tanh",
-    },
-}
+    "starcoder2": {"use_bias": True, "tie_word_embeddings": True, "hidden_act": "gelu_pytorch_tanh"},
+}  # fmt: skip
 
 
 # The Qwen model types whose configs switch a sliding window on by use_sliding_window.
@@ -348,20 +341,6 @@ def _norm(config: LlamaConfig, dim: int) -> nn.Module:
     return RMSNorm(dim, config.rms_norm_eps, unit_offset=config.unit_offset_norms)
 
 
-class HeadLayerNorm(nn.Module):
-    """StableLM's qk_layernorm: each head's own LayerNorm (weight, no bias) over its D
-    dimensions. Kept as a list of norms so the names line up with HF's `norms.{h}`."""
-
-    def __init__(self, dim: int, n_heads: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=eps, bias=False) for _ in range(n_heads))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, heads, D)
-        weight = torch.stack([norm.weight for norm in self.norms])  # (heads, D)
-        return F.layer_norm(x, (x.shape[-1],), eps=self.eps) * weight
-
-
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int) -> None:
         super().__init__()
@@ -392,8 +371,8 @@ class Attention(nn.Module):
             self.k_norm = _norm(config, self.head_dim)
         self.qk_norm = config.qk_norm
         if config.qk_layernorm:  # StableLM: a LayerNorm per head, each with its own weight
-            self.q_layernorm = HeadLayerNorm(self.head_dim, self.n_head, config.norm_eps)
-            self.k_layernorm = HeadLayerNorm(self.head_dim, self.n_kv_head, config.norm_eps)
+            self.q_layernorm = layers.HeadLayerNorm(self.head_dim, self.n_head, config.norm_eps)
+            self.k_layernorm = layers.HeadLayerNorm(self.head_dim, self.n_kv_head, config.norm_eps)
         self.qk_layernorm = config.qk_layernorm
 
     def fuse(self) -> None:
@@ -496,20 +475,6 @@ class MLP(nn.Module):
         return self.down_proj(self.act(gate) * up)
 
 
-class PlainMLP(nn.Module):
-    """Starcoder2's MLP: c_proj(act(c_fc(x))), no gate."""
-
-    def __init__(self, config: LlamaConfig) -> None:
-        super().__init__()
-        C, F, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.c_fc = nn.Linear(C, F, bias=bias)
-        self.c_proj = nn.Linear(F, C, bias=bias)
-        self.act = ACTIVATIONS[config.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
-
-
 class Block(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int) -> None:
         super().__init__()
@@ -520,8 +485,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = None if config.use_parallel_residual else _norm(config, C)
         if config.is_sparse(layer):
             self.mlp = sparse_mlp(config)
-        else:
-            self.mlp = MLP(config) if config.gated_mlp else PlainMLP(config)
+        elif config.gated_mlp:
+            self.mlp = MLP(config)
+        else:  # Starcoder2's
+            F, act = config.intermediate_size, config.hidden_act
+            self.mlp = layers.PlainMLP(C, F, act=act, bias=config.mlp_bias)
         self.sandwich = config.sandwich_norms
         if self.sandwich:  # Gemma 2/3; their post_attention_layernorm norms the attention's output
             self.pre_feedforward_layernorm = _norm(config, C)
@@ -583,7 +551,7 @@ class Llama(CausalLM):
         """Fuse each layer's q/k/v and gate/up projections (for inference only)."""
         for block in self.model.layers:
             block.self_attn.fuse()
-            if isinstance(block.mlp, MLP):
+            if not isinstance(block.mlp, layers.PlainMLP):  # Starcoder2's has no gate to fuse
                 block.mlp.fuse()
 
     def init_buffers(self, device: torch.device | str) -> None:
