@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import pocketlm.models.layers as layers
 from pocketlm.errors import PocketLMError
-from pocketlm.models import layers
 from pocketlm.models.cache import KVCache
 from pocketlm.models.layers import ACTIVATIONS, CausalLM, attend, concat_linears
 from pocketlm.models.moe import SparseMoE
