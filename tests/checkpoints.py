@@ -74,6 +74,26 @@ def make_llama(folder: Path, *, model_type: str = "llama", seed: int = 0, **conf
     return folder
 
 
+# The LayerNorm families (GPT-NeoX, Falcon, StableLM, Starcoder2) by transformers' own
+# classes: small sizes, each config's keys as its family names them.
+FAMILIES = ("gpt_neox", "falcon", "stablelm", "starcoder2")
+
+
+def make_family(folder: Path, *, model_type: str, seed: int = 0, **config) -> Path:
+    """A random GPT-NeoX / Falcon / StableLM / Starcoder2 in HF layout (`config` overrides
+    the transformers config's fields), with the GPT-2 vocabulary as its tokenizer."""
+    import transformers
+
+    defaults = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=256, vocab_size=50257, bos_token_id=50256,
+                    eos_token_id=50256)  # fmt: skip
+    torch.manual_seed(seed)
+    hf_config = transformers.AutoConfig.for_model(model_type, **{**defaults, **config})
+    transformers.AutoModelForCausalLM.from_config(hf_config).eval().save_pretrained(folder)
+    gpt2_vocab_files(folder)
+    return folder
+
+
 def hf_model(folder: Path):
     from transformers import AutoModelForCausalLM
 

@@ -4,13 +4,18 @@ tests/checkpoints.py.
 
 The converter identifies a BPE tokenizer by hashing how it splits a fixed text, and refuses
 one it does not know, so each checkpoint gets a real vocabulary it knows: GPT-2's (shipped
-with pocketlm; "gpt-2") for GPT-2, Llama, Mistral and Mixtral, Qwen2's (llama.cpp's
-vocab-only ggml-vocab-qwen2.gguf; "qwen2") for Qwen2, Qwen3 and their MoEs, whose
-tokenizer class transformers 5 always builds with Qwen2's own split pattern. Gemma's
-converter reads a SentencePiece tokenizer.model instead: Mistral 7B's (mistral-common
-wheel, 32,000 pieces), beside the GPT-2 files that pocketlm's folder loader reads. The
-converter runs in a subprocess with its own gguf-py (it puts that first on sys.path).
-Without the llama.cpp download the tests skip.
+with pocketlm; "gpt-2") for GPT-2, Llama, Mistral, Mixtral, GPT-NeoX, Falcon, StableLM and
+Starcoder2, Qwen2's (llama.cpp's vocab-only ggml-vocab-qwen2.gguf; "qwen2") for Qwen2,
+Qwen3 and their MoEs, whose tokenizer class transformers 5 always builds with Qwen2's own
+split pattern. Gemma's converter reads a SentencePiece tokenizer.model instead: Mistral
+7B's (mistral-common wheel, 32,000 pieces), beside the GPT-2 files that pocketlm's folder
+loader reads. The converter runs in a subprocess with its own gguf-py (it puts that first
+on sys.path). Without the llama.cpp download the tests skip.
+
+One shim, for GPT-NeoX: the converter reads `rotary_pct` from the config transformers
+gives it, and transformers 5 folds that key into rope_parameters["partial_rotary_factor"]
+(a KeyError otherwise). The shim hands the converter the old key back, as transformers 4
+did, and changes nothing else.
 """
 
 import json
@@ -21,7 +26,7 @@ import sys
 from pathlib import Path
 
 import vendor
-from checkpoints import make_gpt2, make_llama
+from checkpoints import FAMILIES, make_family, make_gpt2, make_llama
 
 QWEN2_VOCAB = 151936  # Qwen2's embedding rows: 151,643 BPE tokens, 3 specials, padding
 QWEN2_EOS = 151643  # <|endoftext|>
@@ -36,7 +41,9 @@ class Conversion:
     def __init__(self, folder: Path, outfile: Path, *, outtype: str = "f32") -> None:
         script = vendor.llama_cpp() / "convert_hf_to_gguf.py"
         env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # its own gguf-py
-        command = [sys.executable, str(script), str(folder), "--outfile", str(outfile),
+        model_type = json.loads((folder / "config.json").read_text())["model_type"]
+        run = ["-c", _NEOX_SHIM, str(script)] if model_type == "gpt_neox" else [str(script)]
+        command = [sys.executable, *run, str(folder), "--outfile", str(outfile),
                    "--outtype", outtype]  # fmt: skip
         self.folder, self.outfile, self.log = folder, outfile, outfile.with_suffix(".log")
         with open(self.log, "w") as log:  # a file, not a pipe that could fill and block
@@ -48,6 +55,23 @@ class Conversion:
             log = self.log.read_text(errors="replace")[-3000:]
             raise AssertionError(f"convert_hf_to_gguf.py failed on {self.folder}:\n{log}")
         return self.outfile
+
+
+# Runs the converter (argv[1]) with GPTNeoXModel given `rotary_pct` (see the docstring).
+_NEOX_SHIM = """
+import runpy, sys
+from pathlib import Path
+script = Path(sys.argv[1])
+sys.path[:0] = [str(script.parent), str(script.parent / "gguf-py")]  # as the script does
+from conversion.gptneox import GPTNeoXModel
+set_gguf_parameters = GPTNeoXModel.set_gguf_parameters
+def with_rotary_pct(self):
+    self.hparams.setdefault("rotary_pct", self.rope_parameters["partial_rotary_factor"])
+    set_gguf_parameters(self)
+GPTNeoXModel.set_gguf_parameters = with_rotary_pct
+sys.argv = sys.argv[1:]
+runpy.run_path(str(script), run_name="__main__")
+"""
 
 
 def convert(folder: Path, outfile: Path, *, outtype: str = "f32") -> Path:
@@ -66,6 +90,8 @@ def make_convertible(folder: Path, *, model_type: str, spm: bool = False, **conf
         make_llama(folder, model_type=model_type, **{**ids, **config})
         shutil.copy(vendor.mistral_tokenizers() / "tokenizer.model.v1", folder / "tokenizer.model")
         return folder
+    elif model_type in FAMILIES:
+        make_family(folder, model_type=model_type, **config)
     elif model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         ids = dict(vocab_size=QWEN2_VOCAB, bos_token_id=QWEN2_EOS, eos_token_id=QWEN2_EOS)
         make_llama(folder, model_type=model_type, **{**ids, **config})

@@ -1,4 +1,4 @@
-"""An architecture without a native module (Falcon) runs through `transformers` behind the
+"""An architecture without a native module (GPT-J) runs through `transformers` behind the
 same API; without `transformers`, a clear error names the architecture."""
 
 import sys
@@ -13,34 +13,35 @@ from pocketlm.weights.card import describe
 
 
 @pytest.fixture(scope="module")
-def falcon(tmp_path_factory):
-    from transformers import FalconConfig, FalconForCausalLM
+def gptj(tmp_path_factory):
+    from transformers import GPTJConfig, GPTJForCausalLM
 
-    folder = tmp_path_factory.mktemp("falcon")
+    folder = tmp_path_factory.mktemp("gptj")
     torch.manual_seed(0)
-    config = FalconConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+    config = GPTJConfig(
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        rotary_dim=8,
         vocab_size=50257,
         bos_token_id=50256,
         eos_token_id=50256,
-        max_position_embeddings=128,
+        n_positions=128,
     )
-    FalconForCausalLM(config).eval().save_pretrained(folder)
+    GPTJForCausalLM(config).eval().save_pretrained(folder)
     gpt2_vocab_files(folder)
     return folder
 
 
-def test_falcon_generates_what_transformers_generates(falcon):
+def test_gptj_generates_what_transformers_generates(gptj):
     from transformers import AutoModelForCausalLM
 
-    lm = pocketlm.load(str(falcon))
+    lm = pocketlm.load(str(gptj))
     assert lm.native is False
     prompt = lm.tokenizer.encode("Falcons fly")
     with torch.no_grad():
         expected = (
-            AutoModelForCausalLM.from_pretrained(falcon)
+            AutoModelForCausalLM.from_pretrained(gptj)
             .eval()
             .generate(
                 torch.tensor([prompt]),
@@ -57,13 +58,13 @@ def test_falcon_generates_what_transformers_generates(falcon):
     assert lm.generate(longer, max_tokens=10, temperature=0).tokens == expected[5:15]
 
 
-def test_show_says_it_runs_through_transformers(falcon):
-    assert describe(falcon).native is False
+def test_show_says_it_runs_through_transformers(gptj):
+    assert describe(gptj).native is False
 
 
-def test_without_transformers_the_error_names_the_architecture(falcon, monkeypatch):
+def test_without_transformers_the_error_names_the_architecture(gptj, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     with pytest.raises(
-        PocketLMError, match="no native module for architecture 'falcon'.*install transformers"
+        PocketLMError, match="no native module for architecture 'gptj'.*install transformers"
     ):
-        pocketlm.load(str(falcon))
+        pocketlm.load(str(gptj))

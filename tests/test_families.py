@@ -65,6 +65,17 @@ FAMILIES = {
     "granite": ("GraniteConfig", "GraniteForCausalLM",
                 dict(LLAMA_SHAPE, embedding_multiplier=4.0, attention_multiplier=0.1,
                      residual_multiplier=0.5, logits_scaling=2.0)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM",
+                 dict(LLAMA_SHAPE, partial_rotary_factor=0.5, use_qkv_bias=True,
+                      qk_layernorm=True, use_parallel_residual=True)),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM",
+                   dict(LLAMA_SHAPE, sliding_window=8)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                 dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.25)),
+    "falcon": ("FalconConfig", "FalconForCausalLM",
+               dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                    new_decoder_architecture=True, max_position_embeddings=128)),
 }  # fmt: skip
 VOCAB = 50257  # GPT-2's vocabulary (shipped with pocketlm) serves every family here
 PROMPTS = [[464, 3290, 373, 1043], [15496, 995, 11], [40, 588, 257, 1310, 286, 262, 3290, 318]]

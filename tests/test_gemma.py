@@ -26,7 +26,7 @@ from pocketlm.generate.params import GenerationParams
 from pocketlm.generate.sequence import Sequence
 from pocketlm.generate.stream import generate_tokens
 from pocketlm.models import make_cache
-from pocketlm.models.llama import rope_inv_freq
+from pocketlm.models.rope import rope_inv_freq
 from pocketlm.sampling import SamplingParams
 from pocketlm.serve.scheduler import Event, Request, Scheduler
 from pocketlm.weights import card, loader

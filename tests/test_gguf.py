@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as QT
 
 from checkpoints import write_gguf
 from pocketlm.errors import CorruptModelError, ModelNotFoundError, PocketLMError
-from pocketlm.models.llama import rope_attention_factor, rope_inv_freq
+from pocketlm.models.rope import rope_attention_factor, rope_inv_freq
 from pocketlm.weights.config import check_config
 from pocketlm.weights.dequant import SUPPORTED_TYPES, dequantize, ggml_type_sizes
 from pocketlm.weights.gguf import (
@@ -546,7 +546,7 @@ def test_big_endian_and_unknown_version(tmp_path, small_gguf):
         read_gguf(tmp_path / "v1.gguf")
 
 
-@pytest.mark.parametrize("arch", ["mamba", "falcon"])
+@pytest.mark.parametrize("arch", ["mamba", "bloom"])
 def test_unsupported_architecture(tmp_path, arch):
     tensors = {"token_embd.weight": (np.zeros((8, 32), np.float32), "F32")}
     path = write_gguf(

@@ -19,7 +19,7 @@ from convert import Conversion, make_convertible
 from pocketlm.generate.params import GenerationParams
 from pocketlm.generate.sequence import Sequence
 from pocketlm.generate.stream import generate_tokens
-from pocketlm.models.llama import rope_inv_freq
+from pocketlm.models.rope import rope_inv_freq
 from pocketlm.sampling import SamplingParams
 from pocketlm.weights import loader
 from pocketlm.weights.config import check_config, read_config

@@ -145,7 +145,8 @@ def test_partial_rotary_rotates_the_first_dims_as_transformers(factor):
     from transformers import Phi3Config
     from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding, apply_rotary_pos_emb
 
-    from pocketlm.models.llama import Llama, LlamaConfig, rotate
+    from pocketlm.models.llama import Llama, LlamaConfig
+    from pocketlm.models.rope import rotate
 
     shape = dict(hidden_size=96, num_attention_heads=4, head_dim=24, rope_theta=1000.0)
     config = LlamaConfig(**shape, partial_rotary_factor=factor, num_hidden_layers=1,

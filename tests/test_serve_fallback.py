@@ -1,4 +1,4 @@
-"""`pocketlm serve` with a model that runs through transformers (no native module: Falcon
+"""`pocketlm serve` with a model that runs through transformers (no native module: GPT-J
 here): one request at a time, over real HTTP on 127.0.0.1 with the official `openai`
 client. The oracle is transformers' own greedy `generate` on the same folder."""
 
@@ -20,38 +20,39 @@ PROMPTS = ["Falcons fly", "The quick brown fox", "Once upon a time there"]
 
 
 @pytest.fixture(scope="module")
-def falcon(tmp_path_factory):
-    from transformers import FalconConfig, FalconForCausalLM
+def gptj(tmp_path_factory):
+    from transformers import GPTJConfig, GPTJForCausalLM
 
-    folder = tmp_path_factory.mktemp("falcon")
+    folder = tmp_path_factory.mktemp("gptj")
     torch.manual_seed(0)
-    config = FalconConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+    config = GPTJConfig(
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        rotary_dim=8,
         vocab_size=50257,
         bos_token_id=50256,
         eos_token_id=50256,
-        max_position_embeddings=128,
+        n_positions=128,
     )
-    FalconForCausalLM(config).eval().save_pretrained(folder)
+    GPTJForCausalLM(config).eval().save_pretrained(folder)
     gpt2_vocab_files(folder)
     return folder
 
 
 @pytest.fixture(scope="module")
-def lm(falcon):
-    lm = pocketlm.load(str(falcon))
+def lm(gptj):
+    lm = pocketlm.load(str(gptj))
     assert lm.native is False
     return lm
 
 
 @pytest.fixture(scope="module")
-def expected(falcon, lm):
+def expected(gptj, lm):
     """prompt -> the 12 greedy tokens' text, from transformers' generate."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(falcon).eval()
+    model = AutoModelForCausalLM.from_pretrained(gptj).eval()
     texts = {}
     for prompt in PROMPTS:
         ids = lm.tokenizer.encode(prompt)
@@ -124,7 +125,7 @@ def test_the_fallback_cache_is_one_row_of_kv_cache(lm):
     with torch.no_grad():
         lm.model(torch.tensor([[464, 3290, 373, 1043, 287]]), torch.arange(5)[None], cache.row(0))
     hf = lm.model.hf.config
-    kv_heads = 1 if hf.multi_query else hf.num_attention_heads  # Falcon's default is MQA
+    kv_heads = hf.num_attention_heads  # GPT-J: a key/value head per head
     head_dim = hf.hidden_size // hf.num_attention_heads
     per_slot = hf.num_hidden_layers * 2 * kv_heads * head_dim * 4  # k and v, fp32
     assert (cache.rows, cache.slots, cache.nbytes) == (1, 5, 5 * per_slot)

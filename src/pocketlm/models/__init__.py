@@ -9,11 +9,13 @@ from pocketlm.models.cache import KVCache
 from pocketlm.models.gemma import GemmaConfig
 from pocketlm.models.gpt2 import GPT2, GPT2Config
 from pocketlm.models.llama import Llama, LlamaConfig
+from pocketlm.models.neox import Falcon, FalconConfig, GPTNeoX, GPTNeoXConfig
 
 # model_type -> (config class, model class). Mistral, Qwen2, Qwen3, Phi-3, SmolLM (1-3),
-# OLMo 2, Granite and the mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE) are Llamas
-# with switches their model_type and config.json turn on, and so are Gemma 1-3
-# (GemmaConfig reads their keys); nothing here keys on file names.
+# OLMo 2, Granite, StableLM, Starcoder2 and the mixtures of experts (Mixtral, Qwen2-MoE,
+# Qwen3-MoE) are Llamas with switches their model_type and config.json turn on, and so are
+# Gemma 1-3 (GemmaConfig reads their keys); GPT-NeoX and Falcon share models/neox.py.
+# Nothing here keys on file names.
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "gpt2": (GPT2Config, GPT2),
     "llama": (LlamaConfig, Llama),
@@ -30,6 +32,10 @@ ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "smollm3": (LlamaConfig, Llama),
     "olmo2": (LlamaConfig, Llama),
     "granite": (LlamaConfig, Llama),
+    "stablelm": (LlamaConfig, Llama),
+    "starcoder2": (LlamaConfig, Llama),
+    "gpt_neox": (GPTNeoXConfig, GPTNeoX),
+    "falcon": (FalconConfig, Falcon),
 }
 
 
@@ -75,6 +81,10 @@ def _activation_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 __all__ = [
     "ARCHITECTURES",
     "GPT2",
+    "Falcon",
+    "FalconConfig",
+    "GPTNeoX",
+    "GPTNeoXConfig",
     "GPT2Config",
     "GemmaConfig",
     "KVCache",

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.models.cache import KVCache
-from pocketlm.models.layers import CausalLM, attend
+from pocketlm.models.layers import ACTIVATIONS, CausalLM, attend
 
 
 @dataclass
@@ -52,14 +51,6 @@ class GPT2Config:
     def from_dict(cls, d: dict[str, Any]) -> "GPT2Config":
         known = {f.name for f in fields(cls) if f.init}
         return cls(**{k: v for k, v in d.items() if k in known and v is not None})
-
-
-ACTIVATIONS = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "relu": F.relu,
-}
 
 
 class Attention(nn.Module):

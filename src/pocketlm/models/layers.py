@@ -1,8 +1,8 @@
 """What the architectures share: causal attention masks and attention itself (through
 PyTorch's SDPA, or with explicit scores where they are soft-capped, which SDPA cannot do),
 the `CausalLM` base (its head, an optional soft cap or divisor of the logits, and
-`forward`), and nn.Linear surgery (concatenating layers that read one input, replacing
-every linear by a faster kind).
+`forward`), activations, a plain MLP and a per-head LayerNorm, and nn.Linear surgery
+(concatenating layers that read one input, replacing every linear by a faster kind).
 
 Dimension letters: B = batch, T = new tokens, S = key slots, H = heads, D = head dim,
 C = channels. Positions are explicit everywhere so the same code serves a whole
@@ -17,6 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.models.cache import KVCache
+
+# Activations by their config.json names (GPT-2's activation_function, Llama's hidden_act,
+# Falcon's activation); the tanh GELUs are one function under two names.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
 
 
 def attention_mask(
@@ -91,6 +101,33 @@ def softcapped_attention(
         scores = scores.masked_fill(~mask[:, None], torch.finfo(scores.dtype).min)
     weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
     return (weights @ v[:, :, None]).view(B, H, T, D)  # (B, K, G, T, D) -> (B, H, T, D)
+
+
+class HeadLayerNorm(nn.Module):
+    """StableLM's qk_layernorm: each head's own LayerNorm (weight, no bias) over its D
+    dimensions. Kept as a list of norms so the names line up with HF's `norms.{h}`."""
+
+    def __init__(self, dim: int, n_heads: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=eps, bias=False) for _ in range(n_heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, heads, D)
+        weight = torch.stack([norm.weight for norm in self.norms])  # (heads, D)
+        return F.layer_norm(x, (x.shape[-1],), eps=self.eps) * weight
+
+
+class PlainMLP(nn.Module):
+    """An MLP without a gate, c_proj(act(c_fc(x))), named as Starcoder2's (and GPT-2's)."""
+
+    def __init__(self, dim: int, inner: int, *, act: str, bias: bool) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(dim, inner, bias=bias)
+        self.c_proj = nn.Linear(inner, dim, bias=bias)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 def concat_linears(linears: list[nn.Module]) -> nn.Module | None:

@@ -13,6 +13,9 @@ HF `LlamaForCausalLM` (and `Phi3ForCausalLM`, Qwen2-MoE's `mlp.experts.{e}.gate_
 keys. Mirrors HF `modeling_llama.py`
 (rotate_half layout, computed as a roll) and gpt-fast `model.py`.
 
+StableLM and Starcoder2 are variants (HF `modeling_stablelm.py`, `modeling_starcoder2.py`):
+LayerNorm, StableLM's per-head q/k LayerNorm and parallel residual, Starcoder2's plain MLP.
+
 Gemma is this block with switches that `GemmaConfig` (models/gemma.py) turns on, each a
 derived field of the config (HF `modeling_gemma.py`, `modeling_gemma2.py`,
 `modeling_gemma3.py`): RMSNorm weights that are offsets from 1, embeddings scaled by
@@ -31,7 +34,6 @@ nothing of files, tokenizers or sampling: `forward(tokens, positions, cache) -> 
 B = batch, T = time, C = hidden_size, H = heads, K = key/value heads, D = head_dim.
 """
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -41,24 +43,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import pocketlm.models.layers as layers
 from pocketlm.errors import PocketLMError
 from pocketlm.models.cache import KVCache
-from pocketlm.models.layers import CausalLM, attend, concat_linears
+from pocketlm.models.layers import ACTIVATIONS, CausalLM, attend, concat_linears
 from pocketlm.models.moe import SparseMoE
+from pocketlm.models.rope import rope_attention_factor, rope_cos_sin, rope_inv_freq, rotate
 from pocketlm.models.variants import variant_switches
-
-# hidden_act -> the MLP gate's activation. "gelu_pytorch_tanh" is GELU's tanh approximation
-# (Gemma's GeGLU); "gelu" the exact one.
-ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
-}
 
 
 @dataclass
 class LlamaConfig:
-    """Keyed like a Llama/Mistral/Qwen2/Qwen3/SmolLM3/OLMo 2/Granite config.json (and
+    """Keyed like a Llama/Mistral/Qwen2/Qwen3/SmolLM3/OLMo 2/Granite/StableLM/Starcoder2
+    config.json (and
     Mixtral's, Qwen2-MoE's, Qwen3-MoE's); unknown keys are ignored."""
 
     vocab_size: int = 32000
@@ -81,6 +78,12 @@ class LlamaConfig:
     hidden_act: str = "silu"
     partial_rotary_factor: float = 1.0  # the share of each head that rotary rotates
     original_max_position_embeddings: int | None = None  # Phi-3 keeps it out of rope_scaling
+    layer_norm_eps: float | None = None  # StableLM
+    norm_epsilon: float | None = None  # Starcoder2
+    use_qkv_bias: bool = False  # StableLM: bias on q, k, v (not o)
+    qk_layernorm: bool = False  # StableLM: a LayerNorm of each head of q and k, own weights
+    use_parallel_residual: bool = False  # StableLM: x + attn(norm(x)) + mlp(norm(x))
+    use_bias: bool = False  # Starcoder2: bias on every projection
     model_type: str = "llama"
     # Mixture of experts: Mixtral says num_local_experts, Qwen2/3-MoE num_experts.
     num_local_experts: int = 0
@@ -128,6 +131,9 @@ class LlamaConfig:
     layer_rotary: list[bool] = field(init=False)  # whether each layer rotates q and k
     input_norms: bool = field(init=False)  # sublayer inputs RMS-normed (all but OLMo 2)
     qk_norm_across_heads: bool = field(init=False)  # OLMo 2's norm of all of q, all of k
+    layer_norm: bool = field(init=False)  # LayerNorm with bias (StableLM, Starcoder2), not RMS
+    norm_eps: float = field(init=False)  # the eps of every norm, RMS or Layer
+    gated_mlp: bool = field(init=False)  # act(gate) * up (SwiGLU), or Starcoder2's act(c_fc)
 
     def __post_init__(self) -> None:
         if self.rope_parameters:
@@ -165,6 +171,14 @@ class LlamaConfig:
         self.n_experts = self.num_experts or self.num_local_experts
         if self.model_type == "mixtral":
             self.norm_topk_prob = True
+        if self.model_type == "stablelm":
+            self.attention_bias = self.use_qkv_bias  # o_proj has none (see Attention)
+        if self.model_type == "starcoder2":
+            self.attention_bias = self.mlp_bias = self.use_bias
+        self.layer_norm = self.model_type in ("stablelm", "starcoder2")
+        layer_eps = self.layer_norm_eps or self.norm_epsilon or 1e-5  # StableLM's, Starcoder2's
+        self.norm_eps = layer_eps if self.layer_norm else self.rms_norm_eps
+        self.gated_mlp = self.model_type != "starcoder2"
         if self.hidden_act not in ACTIVATIONS:
             raise PocketLMError(
                 f"unsupported hidden_act {self.hidden_act!r} "
@@ -204,120 +218,23 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
         known = {f.name for f in fields(cls) if f.init}
-        return cls(**{k: v for k, v in d.items() if k in known and v is not None})
+        # A key a config.json leaves out takes its family's default in transformers.
+        defaults = FAMILY_DEFAULTS.get(d.get("model_type", ""), {})
+        given = {k: v for k, v in d.items() if k in known and v is not None}
+        return cls(**{**defaults, **given})
+
+
+# Where a family's transformers config class has other defaults than Llama's. StableLM
+# rotates a quarter of each head unless told; a Starcoder2 config.json may leave out its
+# biases, tied head and GELU (transformers writes only what differs from its defaults).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "stablelm": {"partial_rotary_factor": 0.25},
+    "starcoder2": {"use_bias": True, "tie_word_embeddings": True, "hidden_act": "gelu_pytorch_tanh"},
+}  # fmt: skip
 
 
 # The Qwen model types whose configs switch a sliding window on by use_sliding_window.
 QWEN_TYPES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
-
-# The rope_scaling types rope_inv_freq computes. "freq_factors" is not an HF type: it is
-# what a GGUF carries instead of llama3's numbers (the `rope_freqs.weight` tensor that
-# llama.cpp's converter writes for Llama 3.1+), one divisor per rotated pair.
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "freq_factors")
-
-
-def rope_inv_freq(config: LlamaConfig, *, local: bool = False, long: bool = False) -> torch.Tensor:
-    """Inverse frequencies (R/2,) with the checkpoint's rope_scaling applied (HF
-    `modeling_rope_utils`: default, linear, llama3, yarn, longrope -- its short factors,
-    or with `long` its long ones; llama.cpp's `freq_factors`).
-    `local`: those of the sliding-window layers (Gemma 3: their own base, never scaled)."""
-    d = config.rotary_dim
-    theta = config.local_rope_theta if local else config.rope_theta
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    scaling = {} if local else config.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return inv_freq.float()
-    if kind == "linear":
-        return (inv_freq / scaling["factor"]).float()
-    if kind == "llama3":
-        return _llama3_inv_freq(inv_freq, scaling).float()
-    if kind == "yarn":
-        return _yarn_inv_freq(inv_freq, config).float()
-    if kind in ("freq_factors", "longrope"):
-        # llama.cpp's ggml_rope_ext: theta_i = position * base^(-2i/D) / freq_factors[i];
-        # LongRoPE (HF `_compute_longrope_parameters`) divides by its short or long factors.
-        key = "factors" if kind == "freq_factors" else "long_factor" if long else "short_factor"
-        factors = torch.tensor(scaling[key], dtype=torch.float64)
-        if factors.shape != inv_freq.shape:
-            raise PocketLMError(
-                f"rope_scaling has {factors.numel()} {key} for {d} rotated dimensions "
-                f"(expected {d // 2}, one per rotated pair)"
-            )
-        return (inv_freq / factors).float()
-    raise PocketLMError(
-        f"unsupported rope_scaling type {kind!r} (supported: {', '.join(ROPE_TYPES)})"
-    )
-
-
-def rope_attention_factor(config: LlamaConfig) -> float:
-    """What YaRN and LongRoPE multiply cos and sin by (so every attention logit by its
-    square), as HF `_compute_yarn_parameters` / `_compute_longrope_parameters` set it; 1.0
-    for the other types."""
-    scaling = config.rope_scaling or {}
-    kind = scaling.get("rope_type")
-    if kind not in ("yarn", "longrope"):
-        return 1.0
-    if scaling.get("attention_factor") is not None:
-        return float(scaling["attention_factor"])
-    factor, old_ctx = _scaling_factor(config), scaling["original_max_position_embeddings"]
-    if kind == "longrope":
-        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_ctx))
-    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
-    if mscale and mscale_all_dim:  # DeepSeek's form
-        return float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
-    return _yarn_mscale(factor)
-
-
-def _scaling_factor(config: LlamaConfig) -> float:
-    """rope_scaling's factor, or (where a config leaves it out, as Phi-3's do) the ratio
-    of the context to the pretraining one."""
-    scaling = config.rope_scaling or {}
-    factor = scaling.get("factor")
-    if factor is None:
-        return config.max_position_embeddings / scaling["original_max_position_embeddings"]
-    return factor
-
-
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def _yarn_inv_freq(inv_freq: torch.Tensor, config: LlamaConfig) -> torch.Tensor:
-    """YaRN (Peng et al. 2023): frequencies that turn fewer than beta_slow times over the
-    pretraining context are divided by `factor` (interpolated), those that turn more than
-    beta_fast times are kept (extrapolated), a linear ramp between -- exactly as HF
-    `_compute_yarn_parameters`, whose correction range is in dimension units but whose
-    ramp runs over pair indices (llama.cpp's rope_yarn_ramp does the same)."""
-    scaling, d, base = config.rope_scaling or {}, config.rotary_dim, config.rope_theta
-    factor, old_ctx = _scaling_factor(config), scaling["original_max_position_embeddings"]
-    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
-
-    def correction_dim(rotations: float) -> float:  # the dimension turning this many times
-        return d * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if scaling.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, d - 1)
-    if low == high:
-        high += 0.001  # as HF: no division by zero
-    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
-    extrapolated = 1 - ramp  # the share of each pair's frequency kept as it is
-    return inv_freq / factor * (1 - extrapolated) + inv_freq * extrapolated
-
-
-def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
-    """Llama 3.1's scaling: long wavelengths divided by `factor`, short ones kept, the band
-    between blended (HF `_compute_llama3_parameters`)."""
-    factor, old_ctx = scaling["factor"], scaling["original_max_position_embeddings"]
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-    return torch.where(medium, smoothed, scaled)
 
 
 class RMSNorm(nn.Module):
@@ -334,7 +251,10 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(x.dtype)
 
 
-def _norm(config: LlamaConfig, dim: int) -> RMSNorm:
+def _norm(config: LlamaConfig, dim: int) -> nn.Module:
+    """The family's norm: RMSNorm, or LayerNorm with bias (StableLM, Starcoder2)."""
+    if config.layer_norm:
+        return nn.LayerNorm(dim, eps=config.norm_eps)
     return RMSNorm(dim, config.rms_norm_eps, unit_offset=config.unit_offset_norms)
 
 
@@ -360,9 +280,9 @@ class Attention(nn.Module):
             self.q_proj = nn.Linear(C, q, bias=bias)
             self.k_proj = nn.Linear(C, kv, bias=bias)
             self.v_proj = nn.Linear(C, kv, bias=bias)
-        # Qwen2's (and Qwen2-MoE's) bias is on q, k and v only; Llama's and Qwen3's (and
-        # Qwen3-MoE's) attention_bias covers o too.
-        o_bias = bias and config.model_type not in ("qwen2", "qwen2_moe")
+        # Qwen2's (and Qwen2-MoE's) and StableLM's bias is on q, k and v only; Llama's,
+        # Qwen3's (and Qwen3-MoE's) and Starcoder2's attention_bias covers o too.
+        o_bias = bias and config.model_type not in ("qwen2", "qwen2_moe", "stablelm")
         self.o_proj = nn.Linear(q, C, bias=o_bias)
         if config.qk_norm:  # Qwen3: one weight per head dimension, shared by every head
             self.q_norm = _norm(config, self.head_dim)
@@ -371,6 +291,10 @@ class Attention(nn.Module):
             self.q_norm = _norm(config, self.n_head * self.head_dim)
             self.k_norm = _norm(config, self.n_kv_head * self.head_dim)
         self.qk_norm, self.qk_norm_across_heads = config.qk_norm, config.qk_norm_across_heads
+        self.qk_layernorm = config.qk_layernorm
+        if config.qk_layernorm:  # StableLM: a LayerNorm per head, each with its own weight
+            self.q_layernorm = layers.HeadLayerNorm(self.head_dim, self.n_head, config.norm_eps)
+            self.k_layernorm = layers.HeadLayerNorm(self.head_dim, self.n_kv_head, config.norm_eps)
 
     def fuse(self) -> None:
         """Replace q/k/v_proj by one matmul (for inference: one weight read, one kernel
@@ -404,6 +328,8 @@ class Attention(nn.Module):
             q = self.q_norm(qk[:, :, :H].flatten(2)).view(B, T, H, D)
             k = self.k_norm(qk[:, :, H:].flatten(2)).view(B, T, K, D)
             qk = torch.cat((q, k), dim=2)  # (B, T, H + K, D)
+        if self.qk_layernorm:  # StableLM: the same place, a LayerNorm of each head's own
+            qk = torch.cat((self.q_layernorm(qk[:, :, :H]), self.k_layernorm(qk[:, :, H:])), dim=2)
         if self.rotary:
             qk = rotate(qk, cos, sin, self.rotary_dim)  # (B, T, H + K, D)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H|K, T, D)
@@ -420,17 +346,6 @@ class Attention(nn.Module):
             softcap=self.softcap,
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dims: int) -> torch.Tensor:
-    """Rotary embedding of the first `dims` of each head of x (..., D); the rest pass as
-    they are (partial rotary: Phi-4-mini, StableLM, GPT-NeoX). cos, sin: (..., dims)."""
-    # HF's x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1): `sin` carries
-    # the minus sign on its first half (see `Llama.rope`), so a roll does the rest.
-    if dims == x.shape[-1]:
-        return x * cos + x.roll(dims // 2, dims=-1) * sin
-    rot, rest = x[..., :dims], x[..., dims:]
-    return torch.cat((rot * cos + rot.roll(dims // 2, dims=-1) * sin, rest), dim=-1)
 
 
 class MLP(nn.Module):
@@ -469,8 +384,15 @@ class Block(nn.Module):
         input_norm = partial(_norm, config, C) if config.input_norms else nn.Identity
         self.input_layernorm = input_norm()
         self.self_attn = Attention(config, layer)
-        self.post_attention_layernorm = _norm(config, C)
-        self.mlp = sparse_mlp(config) if config.is_sparse(layer) else MLP(config)
+        # StableLM's parallel residual feeds the MLP the same normed input: no second norm.
+        self.post_attention_layernorm = None if config.use_parallel_residual else _norm(config, C)
+        if config.is_sparse(layer):
+            self.mlp = sparse_mlp(config)
+        elif config.gated_mlp:
+            self.mlp = MLP(config)
+        else:  # Starcoder2's
+            F, act = config.intermediate_size, config.hidden_act
+            self.mlp = layers.PlainMLP(C, F, act=act, bias=config.mlp_bias)
         self.sandwich = config.sandwich_norms
         if self.sandwich:  # Gemma 2/3, OLMo 2: post_attention_layernorm norms attention's output
             self.pre_feedforward_layernorm = input_norm()
@@ -482,7 +404,11 @@ class Block(nn.Module):
             h = self.self_attn(self.input_layernorm(x), positions, rope, cache)
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self._scaled(self.self_attn(self.input_layernorm(x), positions, rope, cache))
+        h = self.input_layernorm(x)
+        if self.post_attention_layernorm is None:  # parallel residual
+            attn, mlp = self.self_attn(h, positions, rope, cache), self.mlp(h)
+            return x + self._scaled(attn) + self._scaled(mlp)
+        x = x + self._scaled(self.self_attn(h, positions, rope, cache))
         return x + self._scaled(self.mlp(self.post_attention_layernorm(x)))
 
     def _scaled(self, y: torch.Tensor) -> torch.Tensor:
@@ -534,7 +460,8 @@ class Llama(CausalLM):
         """Fuse each layer's q/k/v and gate/up projections (for inference only)."""
         for block in self.model.layers:
             block.self_attn.fuse()
-            block.mlp.fuse()
+            if not isinstance(block.mlp, layers.PlainMLP):  # Starcoder2's has no gate to fuse
+                block.mlp.fuse()
 
     def init_buffers(self, device: torch.device | str) -> None:
         """Recompute the rotary frequencies (built on the meta device while loading)."""
@@ -561,12 +488,7 @@ class Llama(CausalLM):
                 # would alone (HF takes the whole batch's furthest position).
                 long = positions.amax(dim=-1) + 1 > self.config.rope_switch_length  # (B,)
                 inv_freq = torch.where(long[:, None, None], self.long_inv_freq, inv_freq)
-        angles = positions[..., None].float() * inv_freq  # (B, T, R/2)
-        cos, sin = angles.cos(), angles.sin()
-        if scale != 1.0:
-            cos, sin = cos * scale, sin * scale
-        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (B, T, R)
-        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)  # (B, T, 1, R)
+        return rope_cos_sin(positions, inv_freq, dtype, scale=scale)
 
     def layer_outputs(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None

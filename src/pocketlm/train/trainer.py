@@ -84,9 +84,11 @@ class TrainConfig:
 
 
 def model_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks (GPT-2's `transformer.h`, Llama's `model.layers`)."""
-    inner = model.transformer.h if hasattr(model, "transformer") else model.model.layers
-    return list(inner)
+    """The transformer blocks (GPT-2's and Falcon's `transformer.h`, Llama's `model.layers`,
+    GPT-NeoX's `gpt_neox.layers`)."""
+    if hasattr(model, "transformer"):
+        return list(model.transformer.h)
+    return list(model.gpt_neox.layers if hasattr(model, "gpt_neox") else model.model.layers)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

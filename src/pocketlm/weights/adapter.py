@@ -34,6 +34,7 @@ PEFT_PREFIX = "base_model.model."
 DEFAULT_TARGETS = {
     "gpt2": ["c_attn"],
     "llama": ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"],
+    "fused_qkv": ["query_key_value", "dense"],  # GPT-NeoX, Falcon
 }
 
 
@@ -94,7 +95,10 @@ def check_lora_config(config: LoRAConfig) -> None:
 
 
 def family(model: nn.Module) -> str:
-    """The DEFAULT_TARGETS family of a native model (GPT-2's is under `transformer`)."""
+    """The DEFAULT_TARGETS family of a native model (GPT-2's is under `transformer`, as
+    Falcon's is, whose fused query_key_value it shares with GPT-NeoX)."""
+    if getattr(model.config, "model_type", None) in ("gpt_neox", "falcon"):
+        return "fused_qkv"
     return "gpt2" if hasattr(model, "transformer") else "llama"
 
 

@@ -24,8 +24,8 @@ from pocketlm.errors import CorruptModelError
 # tests/test_families.py checks the two agree.)
 NATIVE_ARCHITECTURES = frozenset(
     {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-     "mixtral", "qwen2_moe", "qwen3_moe", "phi3",
-     "smollm3", "olmo2", "granite"}
+     "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "smollm3", "olmo2", "granite",
+     "stablelm", "starcoder2", "gpt_neox", "falcon"}
 )  # fmt: skip
 
 RAM_NOTE = (

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 from pocketlm.errors import CorruptModelError
 from pocketlm.models import ARCHITECTURES, LlamaConfig, build_config
 from pocketlm.models.gemma import LAYER_TYPES
-from pocketlm.models.gpt2 import ACTIVATIONS
+from pocketlm.models.layers import ACTIVATIONS
 
 # The end of every config error: what the user can do about a bad file.
 FIX = "re-download or re-convert the model"
@@ -27,10 +27,15 @@ FIX = "re-download or re-convert the model"
 # model that hangs, overflows or allocates GBs before the shape checks can name the problem.
 SIZE_LIMITS: dict[str, tuple[int, int]] = {
     "vocab_size": (1, 2**24),
-    **dict.fromkeys(("n_embd", "hidden_size", "n_inner", "intermediate_size"), (1, 2**20)),
+    **dict.fromkeys(
+        ("n_embd", "hidden_size", "n_inner", "intermediate_size", "ffn_hidden_size"), (1, 2**20)
+    ),
     "head_dim": (2, 2**16),
     **dict.fromkeys(("n_layer", "num_hidden_layers"), (1, 1024)),
-    **dict.fromkeys(("n_head", "num_attention_heads", "num_key_value_heads"), (1, 2**14)),
+    **dict.fromkeys(
+        ("n_head", "num_attention_heads", "num_key_value_heads", "num_kv_heads"), (1, 2**14)
+    ),
+    "num_ln_in_parallel_attn": (1, 2),  # Falcon: one LayerNorm for both branches, or two
     # A context of one token leaves no room to generate anything after the prompt.
     **dict.fromkeys(("n_positions", "max_position_embeddings"), (2, 2**26)),
     "sliding_window": (1, 2**26),
@@ -43,8 +48,13 @@ SIZE_LIMITS: dict[str, tuple[int, int]] = {
     "no_rope_layer_interval": (1, 1024),
 }
 FLOAT_LIMITS: dict[str, tuple[float, float]] = {  # (exclusive low, inclusive high)
-    **dict.fromkeys(("layer_norm_epsilon", "rms_norm_eps"), (0.0, 1.0)),
-    **dict.fromkeys(("rope_theta", "factor", "low_freq_factor", "high_freq_factor"), (0.0, 1e12)),
+    **dict.fromkeys(
+        ("layer_norm_epsilon", "rms_norm_eps", "layer_norm_eps", "norm_epsilon"), (0.0, 1.0)
+    ),
+    **dict.fromkeys(
+        ("rope_theta", "rotary_emb_base", "factor", "low_freq_factor", "high_freq_factor"),
+        (0.0, 1e12),
+    ),
     **dict.fromkeys(("rope_local_base_freq", "query_pre_attn_scalar"), (0.0, 1e12)),
     # Gemma's soft caps: cap * tanh(x / cap); 0 would divide by zero.
     **dict.fromkeys(("attn_logit_softcapping", "final_logit_softcapping"), (0.0, 1e6)),
@@ -55,7 +65,7 @@ FLOAT_LIMITS: dict[str, tuple[float, float]] = {  # (exclusive low, inclusive hi
     **dict.fromkeys(
         ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"), (0.0, 1e12)
     ),
-    "partial_rotary_factor": (0.0, 1.0),
+    **dict.fromkeys(("partial_rotary_factor", "rotary_pct"), (0.0, 1.0)),
     # Granite's scales (released ones: 12, 0.0078125, 0.22, 8); the logits are divided by
     # logits_scaling, so none may be 0.
     **dict.fromkeys(
@@ -64,8 +74,12 @@ FLOAT_LIMITS: dict[str, tuple[float, float]] = {  # (exclusive low, inclusive hi
     ),
 }
 FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window",
-         "use_bidirectional_attention", "norm_topk_prob", "qkv_bias")  # fmt: skip
-# The numbers each rope_scaling type needs (pocketlm.models.llama.rope_inv_freq); YaRN's and
+         "use_bidirectional_attention", "norm_topk_prob", "qkv_bias",
+         "use_qkv_bias", "qk_layernorm", "use_parallel_residual", "use_bias",  # StableLM...
+         "new_decoder_architecture", "multi_query", "parallel_attn", "alibi", "bias")  # fmt: skip
+# Keys naming an activation function (GPT-2; Falcon); Llama's hidden_act the dataclass checks.
+ACTIVATION_KEYS = ("activation_function", "activation")
+# The numbers each rope_scaling type needs (pocketlm.models.rope.rope_inv_freq); YaRN's and
 # LongRoPE's pretraining context and factor may be left out (HF derives them).
 ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings",
                                                "low_freq_factor", "high_freq_factor")}  # fmt: skip
@@ -174,7 +188,7 @@ def _is_valid(key: str, value: Any) -> bool:
         return _is_int(value) and low <= value <= high
     if key in FLAGS:
         return isinstance(value, bool)
-    if key == "activation_function":
+    if key in ACTIVATION_KEYS:
         return isinstance(value, str) and value in ACTIVATIONS
     return True  # a value no check covers (model_type, hidden_act: the dataclass checks)
 
@@ -190,7 +204,7 @@ def _expected(key: str) -> str:
         return f"a number above {low:g} and at most {high:g}"
     if name in FLAGS:
         return "true or false"
-    if name == "activation_function":
+    if name in ACTIVATION_KEYS:
         return f"one of {', '.join(ACTIVATIONS)}"
     if name == "no_rope_layers":
         return "a list of 0 and 1, one per layer"

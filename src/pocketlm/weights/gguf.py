@@ -37,8 +37,8 @@ from pocketlm.weights.dequant import dequantize, ggml_type_name, ggml_type_sizes
 from pocketlm.weights.gguf_config import PERMUTED_QK, gguf_config, quantization
 
 SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma",
-                           "gemma2", "gemma3", "phi3", "smollm3", "olmo2",
-                           "granite")  # fmt: skip
+                           "gemma2", "gemma3", "phi3", "smollm3", "olmo2", "granite",
+                           "stablelm", "starcoder2", "gptneox", "falcon")  # fmt: skip
 
 # Llama 3.1+ rope scaling as llama.cpp's converter writes it: per-pair divisors of the
 # rotary frequencies, read into the config (rope_scaling "freq_factors"), not a parameter.
@@ -312,14 +312,16 @@ class _Planned:
     info: GGUFTensorInfo
     unpermute_heads: int | None  # undo llama.cpp's rotary row interleave over this many heads
     offset: float = 0.0  # added to the values (Gemma's norms: -1, see _UNIT_OFFSET_NORMS)
+    rows: np.ndarray | None = None  # our row i is the file's row rows[i] (fused q/k/v)
 
 
 def _plan(ckpt: GGUFCheckpoint) -> list[_Planned]:
     """Map every GGUF tensor to our name; check names, layer indices, shapes and the key set."""
     cfg, gpt2 = ckpt.config, ckpt.architecture == "gpt2"
-    table = gguf_tables.table(ckpt.architecture)
+    table = gguf_tables.table(ckpt.architecture, cfg)
     n_layers = cfg["n_layer"] if gpt2 else cfg["num_hidden_layers"]
     dims = gguf_tables.dims(cfg)
+    rows = gguf_tables.qkv_rows(cfg) if ckpt.architecture in ("gptneox", "falcon") else None
     plan = []
     for name, info in ckpt.tensors.items():
         if name == ROPE_FREQS and ckpt.architecture in _ROPE_FREQS_ARCHS:
@@ -349,7 +351,9 @@ def _plan(ckpt: GGUFCheckpoint) -> list[_Planned]:
             unit_offset = ckpt.architecture in _UNIT_OFFSET_NORMS and template.endswith(
                 "norm.weight"
             )
-            plan.append(_Planned(ours, info, _permuted_heads(ckpt, template), -1.0 * unit_offset))
+            fused = rows if template.startswith("blk.{i}.attn_qkv.") else None
+            heads = _permuted_heads(ckpt, template)
+            plan.append(_Planned(ours, info, heads, -1.0 * unit_offset, fused))
     have = {p.ours for p in plan}
     for i in range(n_layers):
         for template in gguf_tables.layer_templates(cfg, i, table):
@@ -460,6 +464,8 @@ def gguf_tensors(
         )  # fmt: skip
         if p.offset:
             t = (t + p.offset).to(dtype)
+        if p.rows is not None:
+            t = t[torch.from_numpy(p.rows)]
         yield p.ours, _unpermute(t, p.unpermute_heads).contiguous() if p.unpermute_heads else t
 
 
@@ -495,6 +501,12 @@ def gguf_raw_tensors(ckpt: GGUFCheckpoint) -> dict[str, tuple[str, np.ndarray, t
             raw = np.ascontiguousarray(rows).reshape(raw.shape)
         elif p.unpermute_heads:
             raw = np.ascontiguousarray(_unpermute(raw, p.unpermute_heads))
+        if p.rows is not None and len(info.shape) == 1:  # a fused bias: reorder its elements
+            if block_size != 1:
+                _corrupt_tensor(ckpt, info.name, f"is a 1-D {info.ggml_type} tensor")
+            raw = raw.reshape(info.shape[0], type_size)[p.rows].reshape(raw.shape)
+        elif p.rows is not None:
+            raw = raw[p.rows]  # a copy, not a map: the rows of a fused q/k/v regrouped
         out[p.ours] = (info.ggml_type, raw, info.shape)
     return out
 

@@ -38,6 +38,24 @@ _LLAMA_CONFIG_KEYS = {
     "max_position_embeddings": "context_length",
     "rms_norm_eps": "attention.layer_norm_rms_epsilon",
 }
+# LayerNorm families: their eps under its config.json name (the rest as Llama's).
+_LAYER_NORM_EPS = {"stablelm": "layer_norm_eps", "starcoder2": "norm_epsilon"}
+_NEOX_CONFIG_KEYS = {
+    "hidden_size": "embedding_length",
+    "intermediate_size": "feed_forward_length",
+    "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count",
+    "max_position_embeddings": "context_length",
+    "layer_norm_eps": "attention.layer_norm_epsilon",
+}
+_FALCON_CONFIG_KEYS = {
+    "hidden_size": "embedding_length",
+    "ffn_hidden_size": "feed_forward_length",
+    "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count",
+    "max_position_embeddings": "context_length",
+    "layer_norm_epsilon": "attention.layer_norm_epsilon",
+}
 _GPT2_CONFIG_KEYS = {
     "n_embd": "embedding_length",
     "n_layer": "block_count",
@@ -50,6 +68,7 @@ _OPTIONAL_KEYS = {
     "num_key_value_heads": "attention.head_count_kv",
     "head_dim": "attention.key_length",
     "rope_theta": "rope.freq_base",
+    "num_kv_heads": "attention.head_count_kv",  # Falcon's name
     "sliding_window": "attention.sliding_window",
     "vocab_size": "vocab_size",
     "n_inner": "feed_forward_length",
@@ -97,9 +116,21 @@ _GRANITE_KEYS = {
 }
 
 
+def _required_keys(arch: str) -> dict[str, str]:
+    """HF config key -> GGUF key under "{arch}." of the values a file must give."""
+    if arch == "gpt2":
+        return _GPT2_CONFIG_KEYS
+    if arch in ("gptneox", "falcon"):
+        return _NEOX_CONFIG_KEYS if arch == "gptneox" else _FALCON_CONFIG_KEYS
+    if arch in _LAYER_NORM_EPS:
+        keys = {k: v for k, v in _LLAMA_CONFIG_KEYS.items() if k != "rms_norm_eps"}
+        return keys | {_LAYER_NORM_EPS[arch]: "attention.layer_norm_epsilon"}
+    return _LLAMA_CONFIG_KEYS
+
+
 def _llama_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> dict[str, Any]:
     cfg: dict[str, Any] = {"model_type": _MODEL_TYPES.get(arch, arch)}
-    cfg.update({hf: meta.get(f"{arch}.{key}") for hf, key in _LLAMA_CONFIG_KEYS.items()})
+    cfg.update({hf: meta.get(f"{arch}.{key}") for hf, key in _required_keys(arch).items()})
     heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
     cfg["num_key_value_heads"] = meta.get(f"{arch}.attention.head_count_kv", heads)
     default_head_dim = hidden // heads if _is_int(heads) and _is_int(hidden) else None
@@ -118,6 +149,12 @@ def _llama_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> d
     cfg.update(_token_ids(meta))
     if arch.startswith("gemma"):
         _gemma_config(arch, meta, cfg)
+    if arch == "stablelm":
+        cfg["partial_rotary_factor"] = cfg["partial_rotary_factor"] or 1.0  # its default: 0.25
+        cfg["use_qkv_bias"] = "blk.0.attn_q.bias" in tensors
+        cfg["use_parallel_residual"] = meta.get("stablelm.use_parallel_residual", True)
+    if arch == "starcoder2":
+        cfg["use_bias"] = "blk.0.attn_q.bias" in tensors
     if arch in _NORM_TOPK and (arch != "llama" or meta.get("llama.expert_count")):
         cfg.update(_moe_config(arch, meta, tensors=tensors, layers=cfg["num_hidden_layers"]))
     if arch == "granite":
@@ -156,6 +193,33 @@ def _granite_multipliers(meta: dict[str, Any], *, head_dim: Any) -> dict[str, An
     return out
 
 
+def _neox_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> dict[str, Any]:
+    """GPT-NeoX and Falcon: hidden / heads is the head size, q/k/v one fused tensor."""
+    cfg: dict[str, Any] = {"model_type": _MODEL_TYPES.get(arch, arch)}
+    cfg.update({hf: meta.get(f"{arch}.{key}") for hf, key in _required_keys(arch).items()})
+    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    cfg["head_dim"] = hidden // heads if _is_int(heads) and _is_int(hidden) else None
+    cfg["rope_theta"] = meta.get(f"{arch}.rope.freq_base", 10000.0)
+    cfg["vocab_size"] = _vocab_size(arch, meta, tensors=tensors)
+    cfg["tie_word_embeddings"] = "output.weight" not in tensors
+    cfg["torch_dtype"] = _TORCH_DTYPES.get(_dominant_type(tensors), "float32")
+    cfg.update(_token_ids(meta))
+    if arch == "gptneox":
+        # A quarter is GPT-NeoX's default: a file that rotates whole heads must say 1.
+        cfg["partial_rotary_factor"] = _partial_rotary(arch, meta, cfg) or 1.0
+        cfg["use_parallel_residual"] = meta.get("gptneox.use_parallel_residual", True)
+        cfg["attention_bias"] = "blk.0.attn_qkv.bias" in tensors
+    else:
+        # llama.cpp runs every Falcon as attention and MLP in parallel, K/V heads grouped
+        # as the new architecture does (old multi-query is one group), with a LayerNorm
+        # for each (ln_attn, ln_mlp) where the file has attn_norm_2, else one for both.
+        cfg["new_decoder_architecture"] = True
+        cfg["num_kv_heads"] = meta.get("falcon.attention.head_count_kv", heads)
+        cfg["num_ln_in_parallel_attn"] = 2 if "blk.0.attn_norm_2.weight" in tensors else 1
+        cfg["bias"] = "blk.0.attn_qkv.bias" in tensors
+    return cfg
+
+
 def _partial_rotary(arch: str, meta: dict[str, Any], cfg: dict[str, Any]) -> float | None:
     """The share of each head that rotary rotates, where the file rotates only part of it
     (rope.dimension_count below the head size), as HF's partial_rotary_factor."""
@@ -170,7 +234,8 @@ def _partial_rotary(arch: str, meta: dict[str, Any], cfg: dict[str, Any]) -> flo
 # GGUF architecture -> the model_type pocketlm's config reads (llama.cpp's "gemma3" is
 # HF's text-only Gemma 3; the image-text "gemma3" of HF has its text under text_config).
 # A "llama" file with experts is a Mixtral (llama.cpp converts Mixtral as llama).
-_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
+                "gptneox": "gpt_neox"}  # fmt: skip
 # llama.cpp's block counts of the 27B Gemma 2 and 3, whose attention scale is
 # 1/sqrt(hidden / heads) rather than 1/sqrt(head_dim) (their query_pre_attn_scalar).
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -328,11 +393,13 @@ def gguf_config(
 
     `rope_freqs`: the values of the file's `rope_freqs.weight` (Llama only), if it has one;
     `longrope`: Phi-3's rope_factors_long/short.weight values, as long_factor/short_factor."""
-    gpt2 = arch == "gpt2"
-    config = (
-        _gpt2_config(meta, tensors=tensors) if gpt2 else _llama_config(arch, meta, tensors=tensors)
-    )
-    required = _GPT2_CONFIG_KEYS if gpt2 else _LLAMA_CONFIG_KEYS
+    if arch == "gpt2":
+        config = _gpt2_config(meta, tensors=tensors)
+    elif arch in ("gptneox", "falcon"):
+        config = _neox_config(arch, meta, tensors=tensors)
+    else:
+        config = _llama_config(arch, meta, tensors=tensors)
+    required = _required_keys(arch)
     if config["model_type"] in _MOE_TYPES:  # no defaults for the experts either
         experts = "num_local_experts" if config["model_type"] == "mixtral" else "num_experts"
         required = required | {experts: "expert_count", "num_experts_per_tok": "expert_used_count"}
@@ -348,7 +415,12 @@ def gguf_config(
         _add_longrope(arch, config, meta, longrope)
         names["rope_scaling"] = "rope_factors_long/short.weight"
     check_config(config, source=path, names=names, required=required)
-    if not gpt2:
+    if arch == "stablelm" and "blk.0.attn_q_norm.weight" in tensors:
+        raise PocketLMError(
+            f"{path} is a StableLM with per-head q/k norms (attn_q_norm), which pocketlm "
+            "does not read from GGUF files; load its Hugging Face folder instead"
+        )
+    if arch not in ("gpt2", "gptneox", "falcon"):  # Llama's layout of heads
         _check_heads(arch, meta, config, path)
     if arch == "olmo2" and config["sliding_window"] is not None:
         # llama.cpp converts OLMo 3 as olmo2, windowing three layers in four.

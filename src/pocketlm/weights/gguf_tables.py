@@ -11,6 +11,8 @@ Which of a block's tensors a file must have depends on the block: a dense or a s
 import re
 from typing import Any
 
+import numpy as np
+
 # Shapes are in config symbols (resolved by `dims`), outermost first, for the strict check.
 
 LLAMA_TENSORS = {
@@ -128,26 +130,118 @@ GPT2_TENSORS = {
     "blk.{i}.ffn_down.weight": ("transformer.h.{i}.mlp.c_proj.weight", ("hidden", "ffn")),
     "blk.{i}.ffn_down.bias": ("transformer.h.{i}.mlp.c_proj.bias", ("hidden",)),
 }
+# StableLM and Starcoder2: Llama's names, LayerNorms with bias; Starcoder2's MLP is
+# c_fc/c_proj (up/down, no gate). StableLM's parallel residual has no ffn_norm.
+_NORM_BIASES = {
+    "output_norm.bias": ("model.norm.bias", ("hidden",)),
+    "blk.{i}.attn_norm.bias": ("model.layers.{i}.input_layernorm.bias", ("hidden",)),
+    "blk.{i}.ffn_norm.bias": ("model.layers.{i}.post_attention_layernorm.bias", ("hidden",)),
+}
+STABLELM_TENSORS = {**LLAMA_TENSORS, **_NORM_BIASES}
+STARCODER2_TENSORS = {
+    **{k: v for k, v in LLAMA_TENSORS.items() if not k.startswith("blk.{i}.ffn_")},
+    **_NORM_BIASES,
+    "blk.{i}.ffn_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight", ("hidden",)),
+    "blk.{i}.ffn_up.weight": ("model.layers.{i}.mlp.c_fc.weight", ("ffn", "hidden")),
+    "blk.{i}.ffn_up.bias": ("model.layers.{i}.mlp.c_fc.bias", ("ffn",)),
+    "blk.{i}.ffn_down.weight": ("model.layers.{i}.mlp.c_proj.weight", ("hidden", "ffn")),
+    "blk.{i}.ffn_down.bias": ("model.layers.{i}.mlp.c_proj.bias", ("hidden",)),
+}
+
+
+def _neox_tensors(model: tuple[str, str], layers: str, attn: str, norms: dict[str, str]) -> dict:
+    """GPT-NeoX's or Falcon's table: fused attn_qkv, LayerNorms and linears with biases.
+    `model`: our embedding's and final norm's names; `norms`: GGUF norm -> ours in a block."""
+    table = {
+        "token_embd.weight": (model[0], ("vocab", "hidden")),
+        "output_norm.weight": (f"{model[1]}.weight", ("hidden",)),
+        "output_norm.bias": (f"{model[1]}.bias", ("hidden",)),
+        "output.weight": ("lm_head.weight", ("vocab", "hidden")),
+    }
+    block = {
+        **{gguf: (ours, ("hidden",)) for gguf, ours in norms.items()},
+        "attn_qkv": (f"{attn}.query_key_value", ("qkv", "hidden")),
+        "attn_output": (f"{attn}.dense", ("hidden", "hidden")),
+        "ffn_up": ("mlp.dense_h_to_4h", ("ffn", "hidden")),
+        "ffn_down": ("mlp.dense_4h_to_h", ("hidden", "ffn")),
+    }
+    for gguf, (ours, shape) in block.items():
+        for part in ("weight", "bias"):
+            table[f"blk.{{i}}.{gguf}.{part}"] = (
+                f"{layers}.{{i}}.{ours}.{part}",
+                shape[:1] if part == "bias" else shape,
+            )
+    return table
+
+
+GPTNEOX_TENSORS = _neox_tensors(
+    ("gpt_neox.embed_in.weight", "gpt_neox.final_layer_norm"), "gpt_neox.layers", "attention",
+    {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+)  # fmt: skip
+# Falcon's two norms as llama.cpp names them: attn_norm (what its MLP reads) is ln_mlp,
+# attn_norm_2 (what its attention reads) is ln_attn; one norm is attn_norm alone.
+FALCON_TENSORS = _neox_tensors(
+    ("transformer.word_embeddings.weight", "transformer.ln_f"), "transformer.h", "self_attention",
+    {"attn_norm": "ln_mlp", "attn_norm_2": "ln_attn"},
+)  # fmt: skip
 # Each architecture's table (llama, qwen2, qwen2moe, gemma, smollm3 and granite share
 # Llama's: Qwen2's biases are optional, and the layers' kinds say which MLP tensors each
 # must have).
 TABLES = {"gpt2": GPT2_TENSORS, "qwen3": QWEN3_TENSORS, "qwen3moe": QWEN3_TENSORS,
           "gemma2": GEMMA2_TENSORS, "gemma3": GEMMA3_TENSORS, "phi3": PHI3_TENSORS,
-          "olmo2": OLMO2_TENSORS}  # fmt: skip
+          "olmo2": OLMO2_TENSORS, "stablelm": STABLELM_TENSORS,
+          "starcoder2": STARCODER2_TENSORS, "gptneox": GPTNEOX_TENSORS,
+          "falcon": FALCON_TENSORS}  # fmt: skip
 # Tensors a file may leave out: lm_head when tied, biases a Llama may not have.
 OPTIONAL = re.compile(
-    r"lm_head\.weight|model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.\w+_proj)\.bias"
+    r"lm_head\.weight|model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(\w+_proj|c_fc))\.bias"
 )
 
 
-def table(architecture: str) -> dict[str, Any]:
+def table(architecture: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """The table of a GGUF architecture (llama, qwen2, qwen2moe, gemma, smollm3 and granite
-    share Llama's)."""
-    return TABLES.get(architecture, LLAMA_TENSORS)
+    share Llama's),
+    less what the file's config says it has not: biases (GPT-NeoX's attention, Falcon's),
+    a norm (StableLM's parallel residual has no ffn_norm; a Falcon with one norm names it
+    input_layernorm)."""
+    found = TABLES.get(architecture, LLAMA_TENSORS)
+    if architecture == "stablelm" and cfg.get("use_parallel_residual"):
+        found = {k: v for k, v in found.items() if not k.startswith("blk.{i}.ffn_norm.")}
+    if architecture == "gptneox" and not cfg.get("attention_bias"):
+        found = _without_biases(found, ("attn_qkv", "attn_output"))
+    if architecture == "falcon":
+        if not cfg.get("bias"):
+            found = _without_biases(found, ("attn_qkv", "attn_output", "ffn_up", "ffn_down"))
+        if cfg.get("num_ln_in_parallel_attn") == 1:
+            found = {k: (v[0].replace(".ln_mlp.", ".input_layernorm."), v[1])
+                     for k, v in found.items() if ".attn_norm_2." not in k}  # fmt: skip
+    return found
+
+
+def _without_biases(found: dict, layers: tuple[str, ...]) -> dict:
+    return {k: v for k, v in found.items() if k not in {f"blk.{{i}}.{n}.bias" for n in layers}}
+
+
+def qkv_rows(cfg: dict[str, Any]) -> np.ndarray:
+    """Our query_key_value row i is row order[i] of llama.cpp's attn_qkv. The converter
+    writes all query heads, then all keys, then all values; ours keeps each key/value
+    head beside its group of queries (models/neox.py), GPT-NeoX being one head a group."""
+    H, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    K, D = cfg.get("num_kv_heads") or H, hidden // H
+    q = np.arange(H * D).reshape(K, H // K, D)
+    k = (H * D + np.arange(K * D)).reshape(K, 1, D)
+    v = ((H + K) * D + np.arange(K * D)).reshape(K, 1, D)
+    return np.concatenate([q, k, v], axis=1).reshape(-1)  # (K, H/K + 2, D) flattened
 
 
 def dims(cfg: dict[str, Any]) -> dict[str, int]:
     """The size of each shape symbol of the tables, for the config `cfg`."""
+    if cfg["model_type"] in ("gpt_neox", "falcon"):
+        hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_kv_heads") or heads
+        ffn = cfg.get("intermediate_size") or cfg.get("ffn_hidden_size")
+        return {"hidden": hidden, "ffn": ffn, "qkv": (heads + 2 * kv_heads) * hidden // heads,
+                "vocab": cfg["vocab_size"]}  # fmt: skip
     if cfg["model_type"] == "gpt2":
         hidden = cfg["n_embd"]
         ffn = cfg["n_inner"] or 4 * hidden

@@ -22,6 +22,8 @@ KEY_PREFIXES: dict[str, dict[str, str]] = {
         r"(\.experts\.\d+)\.w2\.": r"\1.down_proj.",
         r"(\.experts\.\d+)\.w3\.": r"\1.up_proj.",
     },
+    # GPT-NeoX's head is `embed_out` in its checkpoints (transformers 5 renames it too).
+    "gpt_neox": {r"^embed_out\.": "lm_head."},
 }
 
 # The way back, for an export that transformers and other tools load: per model_type,
@@ -46,6 +48,8 @@ FUSED_EXPERTS = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)(?:\.we
 IGNORED_KEYS: dict[str, list[str]] = {
     "gpt2": [r"\.attn\.bias$", r"\.attn\.masked_bias$"],
     "llama": [r"rotary_emb\.inv_freq$"],
+    "gpt_neox": [r"\.attention\.bias$", r"\.attention\.masked_bias$", r"rotary_emb\.inv_freq$"],
+    "falcon": [r"rotary_emb\.inv_freq$"],
 }
 
 # GPT-2 uses Conv1D, whose weight is (in_features, out_features): transpose to Linear's.
@@ -62,13 +66,16 @@ TRANSPOSED_KEYS: dict[str, list[str]] = {
 TIED_KEYS: dict[str, tuple[str, str]] = {
     "gpt2": ("lm_head.weight", "transformer.wte.weight"),
     "llama": ("lm_head.weight", "model.embed_tokens.weight"),
+    "gpt_neox": ("lm_head.weight", "gpt_neox.embed_in.weight"),
+    "falcon": ("lm_head.weight", "transformer.word_embeddings.weight"),
 }
 
 
 def family(model_type: str) -> str:
-    """Tables are per family: Mistral, Qwen2, Qwen3 and the MoE checkpoints name tensors as
-    Llama does (Qwen3's q_norm and k_norm are named as our parameters are)."""
-    return "gpt2" if model_type == "gpt2" else "llama"
+    """Tables are per family: Mistral, Qwen2, Qwen3, StableLM, Starcoder2 and the MoE
+    checkpoints name tensors as Llama does (their own layers are named as our parameters
+    are); GPT-NeoX and Falcon have their own."""
+    return model_type if model_type in ("gpt2", "gpt_neox", "falcon") else "llama"
 
 
 def rename(key: str, model_type: str) -> str:
