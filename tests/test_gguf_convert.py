@@ -123,7 +123,8 @@ def test_config_equals_the_folders(case):
     # a GGUF) and sliding windows (the converter writes none; llama.cpp runs without;
     # Qwen2's use_sliding_window only switches its window off).
     apart = {"rope_scaling", "rope_parameters", "rms_norm_eps", "layer_norm_epsilon",
-             "model_type", "sliding_window", "use_sliding_window", "layer_windows"}  # fmt: skip
+             "model_type", "sliding_window", "use_sliding_window", "layer_windows",
+             "norm_eps"}  # fmt: skip
     for f in fields(from_folder):
         if f.name not in apart:
             assert getattr(from_gguf, f.name) == getattr(from_folder, f.name), f.name
@@ -131,6 +132,7 @@ def test_config_equals_the_folders(case):
         assert from_gguf.layer_norm_epsilon == pytest.approx(from_folder.layer_norm_epsilon)
         return
     assert from_gguf.rms_norm_eps == pytest.approx(from_folder.rms_norm_eps)
+    assert from_gguf.norm_eps == pytest.approx(from_folder.norm_eps)
     # Equal but for float32 rounding: the converter computes the factors from float32
     # frequencies (measured: one pair of 32 one ulp apart, 1.2e-7 relative).
     torch.testing.assert_close(
