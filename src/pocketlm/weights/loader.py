@@ -327,7 +327,7 @@ def _hf_tensors(path: Path, model_type: str) -> Iterator[tuple[str, torch.Tensor
         if tables.is_ignored(key, model_type):
             continue
         name = tables.rename(key, model_type)
-        if (experts := tables.split_experts(name, tensor)) is not None:
+        if (experts := tables.split_experts(name, tensor, model_type)) is not None:
             yield from experts
             continue
         if tables.is_transposed(name, model_type):
