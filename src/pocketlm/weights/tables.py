@@ -36,6 +36,7 @@ HUB_NAMES: dict[str, dict[str, str]] = {
         r"(\.experts\.\d+)\.down_proj\.": r"\1.w2.",
         r"(\.experts\.\d+)\.up_proj\.": r"\1.w3.",
     },
+    "gpt_oss": {r"\.mlp\.gate\.": ".mlp.router."},  # its experts: join_experts
 }
 
 # transformers 5 holds a MoE layer's experts as two 3-D parameters, gate and up side by
@@ -125,4 +126,33 @@ def split_experts(
             continue
         gate, up = (part[::2], part[1::2]) if interleaved else part.chunk(2, dim=0)
         out += [(f"{prefix}.{e}.gate_proj.{suffix}", gate), (f"{prefix}.{e}.up_proj.{suffix}", up)]
+    return out
+
+
+def join_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """split_experts undone for GPT-OSS's layout (INTERLEAVED_EXPERTS), for an export that
+    transformers loads: each layer's per-expert matrices and biases as its fused, (in, out),
+    gate/up-interleaved tensors."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[str, list[torch.Tensor]]] = {}
+    for name, tensor in state.items():
+        m = re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)", name)
+        if m is None:
+            out[name] = tensor
+            continue
+        parts = experts.setdefault(m[1], {})
+        parts.setdefault(f"{m[3]}.{m[4]}", []).insert(int(m[2]), tensor)
+    for prefix, parts in experts.items():
+        for suffix in ("weight", "bias"):
+            gate, up = (
+                torch.stack(parts[f"gate_proj.{suffix}"]),
+                torch.stack(parts[f"up_proj.{suffix}"]),
+            )
+            gate_up = torch.stack((gate, up), dim=2).flatten(1, 2)  # (E, 2F, ...): g0 u0 g1 u1
+            down = torch.stack(parts[f"down_proj.{suffix}"])
+            if suffix == "weight":  # nn.Linear's (out, in) -> (in, out)
+                gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+            tail = "" if suffix == "weight" else "_bias"
+            out[f"{prefix}.gate_up_proj{tail}"] = gate_up.contiguous()
+            out[f"{prefix}.down_proj{tail}"] = down.contiguous()
     return out
