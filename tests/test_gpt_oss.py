@@ -6,8 +6,9 @@ up interleaved, as transformers saves them) and from the GGUF llama.cpp's
 converter knows, in place of o200k). 6 heads of 16 over 2 KV heads beside hidden 64; 4
 layers alternating a window of 8 with full attention; 6 experts, top 2; sinks, biases and
 norms random; expert weights large enough that swiglu_limit (7, what llama.cpp assumes)
-clamps. Plain rotary: YaRN, which every released checkpoint has, is not computed yet."""
+clamps; YaRN rotary as in every released checkpoint."""
 
+import json
 import threading
 
 import gguf
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from checkpoints import hf_model, make_llama, write_gguf
 from convert import Conversion, make_convertible
@@ -29,10 +31,11 @@ from pocketlm.weights import loader
 from pocketlm.weights.config import check_config
 from pocketlm.weights.gguf import read_gguf
 
+# Rotary as GptOssConfig's defaults (every released checkpoint's): YaRN, factor 32 over an
+# original 4096 of 131072 positions, beta 32/1, not truncated, theta 150000.
 CONFIG = dict(model_type="gpt_oss", num_hidden_layers=4, num_attention_heads=6,
               num_key_value_heads=2, head_dim=16, intermediate_size=64, num_local_experts=6,
-              num_experts_per_tok=2, sliding_window=8,
-              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})  # fmt: skip
+              num_experts_per_tok=2, sliding_window=8, max_position_embeddings=131072)  # fmt: skip
 PROMPT = [15496, 995, 11, 703, 389, 345]
 LIMIT = 7.0  # HF's default swiglu_limit, and the one llama.cpp hard-codes
 
@@ -115,6 +118,8 @@ def test_structure_from_the_fused_interleaved_checkpoint(models, folder):
     assert [b.self_attn.window for b in layers] == [8, None, 8, None]
     assert layers[0].self_attn.sinks.shape == (6,) and layers[0].self_attn.o_proj.bias is not None
     assert layers[0].mlp.experts[0].gate_proj.bias.shape == (64,)
+    scaling = ours.config.rope_scaling
+    assert (scaling["rope_type"], scaling["factor"], scaling["truncate"]) == ("yarn", 32.0, False)
 
 
 def test_logits_match_transformers_and_the_clamp_is_reached(models):
@@ -231,6 +236,9 @@ def test_converted_f32_gguf_matches_transformers(conversions, models):
     config = check_config(ckpt.config, source=gguf_file)
     assert (config.model_type, config.n_experts, config.layer_windows) == (
         "gpt_oss", 6, [8, None, 8, None])  # fmt: skip
+    scaling = config.rope_scaling  # from the file's yarn keys, unrounded as GPT-OSS is
+    assert (scaling["rope_type"], scaling["factor"], scaling["truncate"]) == ("yarn", 32.0, False)
+    assert config.rope_theta == 150000.0
     reference, theirs = models
     ours = loader.load(gguf_file, dtype=torch.float32).model
     expected_state = reference.state_dict()
@@ -321,3 +329,34 @@ def _dequantized_experts(path) -> dict[str, torch.Tensor]:
         out[f"{prefix}.gate_up_proj"] = interleaved.transpose(1, 2)
         out[f"{prefix}.down_proj"] = read(layer, "down").transpose(1, 2)
     return out
+
+
+def test_mxfp4_hf_folder(folder, tmp_path):
+    """The hub's gpt-oss folders keep the experts in MXFP4 (`*_blocks` and `*_scales`,
+    config.json's quantization_config mxfp4): random codes and scales in that layout load
+    as transformers, dequantizing them itself, runs them."""
+    state = load_file(folder / "model.safetensors")
+    generator = torch.Generator().manual_seed(11)
+    for key in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, n_in, n_out = state.pop(key).shape
+        shape = (experts, n_out, n_in // 32)
+        state[f"{key}_blocks"] = torch.randint(0, 256, (*shape, 16), dtype=torch.uint8,
+                                               generator=generator)  # fmt: skip
+        # weights up to 6 * 2^-3: gate and up still reach the clamp at times
+        state[f"{key}_scales"] = torch.randint(121, 125, shape, dtype=torch.uint8,
+                                               generator=generator)  # fmt: skip
+    for f in folder.iterdir():
+        if f.suffix != ".safetensors":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(state, tmp_path / "model.safetensors")
+    theirs, ours = hf_model(tmp_path), loader.load(tmp_path).model
+    assert "experts.gate_up_proj_blocks" not in str(dict(theirs.named_parameters()).keys())
+    tokens = _tokens(2, 16, seed=12)
+    for start in (0, 200):
+        positions = _positions(start, 16, rows=2)
+        with torch.no_grad():
+            expected = theirs(tokens, position_ids=positions).logits
+            torch.testing.assert_close(ours(tokens, positions), expected, atol=1e-4, rtol=0)

@@ -226,11 +226,15 @@ def _gpt_oss_config(meta: dict[str, Any], cfg: dict[str, Any]) -> None:
     """GPT-OSS's keys. llama.cpp writes no layer types (it slides every even layer, as
     HF's default does), no SwiGLU clamp (HF's defaults) and rotary scaling only where the
     checkpoint has one, so a file without it says "default" (GptOssConfig's own default
-    is YaRN)."""
+    is YaRN). GPT-OSS's YaRN does not round its correction range to whole dimensions
+    (HF's truncate false, as OpenAI's reference); no key says so, and llama.cpp rounds it
+    for every model, so a file's GPT-OSS rotates here as transformers rotates the model."""
     cfg["num_local_experts"] = meta.get("gpt-oss.expert_count")
     cfg["num_experts_per_tok"] = meta.get("gpt-oss.expert_used_count")
     cfg["intermediate_size"] = meta.get("gpt-oss.expert_feed_forward_length")
     scaling = cfg.pop("rope_scaling") or {"rope_type": "default"}
+    if scaling["rope_type"] == "yarn":
+        scaling["truncate"] = False
     cfg["rope_parameters"] = {**scaling, "rope_theta": cfg["rope_theta"]}
 
 

@@ -47,6 +47,10 @@ HUB_NAMES: dict[str, dict[str, str]] = {
 # (in, out) rather than nn.Linear's (out, in), and gate and up interleaved along the
 # gate_up axis (0, 2, 4... gate; 1, 3, 5... up) rather than in halves.
 FUSED_EXPERTS = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)(\.weight|_bias)?")
+# The hub's GPT-OSS checkpoints keep those two matrices in MXFP4 instead (config.json's
+# quantization_config says mxfp4): `<name>_blocks` (E, out, in / 32, 16) and `<name>_scales`
+# (E, out, in / 32), in (out, in) order; weights/dequant.py's hf_mxfp4 decodes them.
+MXFP4_PARTS = re.compile(r"(.*\.mlp\.experts\.(?:gate_up_proj|down_proj))_(blocks|scales)")
 # The model types whose fused experts are stored as GPT-OSS's are: (in, out), interleaved.
 INTERLEAVED_EXPERTS = ("gpt_oss",)
 
