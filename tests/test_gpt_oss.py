@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import hf_model, make_llama, write_gguf
 from convert import Conversion, make_convertible
+from pocketlm.errors import PocketLMError
 from pocketlm.generate.params import GenerationParams
 from pocketlm.generate.sequence import Sequence
 from pocketlm.generate.stream import generate_tokens
@@ -360,3 +361,17 @@ def test_mxfp4_hf_folder(folder, tmp_path):
         with torch.no_grad():
             expected = theirs(tokens, position_ids=positions).logits
             torch.testing.assert_close(ours(tokens, positions), expected, atol=1e-4, rtol=0)
+
+
+def test_bad_configs_are_refused_in_one_line(tmp_path):
+    config = dict(model_type="gpt_oss", hidden_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, num_hidden_layers=2, num_local_experts=4)  # fmt: skip
+    for bad, match in [
+        (dict(layer_types=["full_attention"]), "layer_types"),
+        (dict(layer_types=["sliding_attention", "chunked_attention"]), "layer_types"),
+        (dict(swiglu_limit=-1.0), "swiglu_limit"),
+        (dict(num_experts_per_tok=5), "num_experts_per_tok"),
+    ]:
+        with pytest.raises(PocketLMError, match=match) as error:
+            check_config({**config, **bad}, source=tmp_path)
+        assert "\n" not in str(error.value)

@@ -25,7 +25,6 @@ ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "qwen2": (LlamaConfig, Llama),
     "qwen3": (LlamaConfig, Llama),
     "mixtral": (LlamaConfig, Llama),
-    "gpt_oss": (GptOssConfig, Llama),
     "qwen2_moe": (LlamaConfig, Llama),
     "qwen3_moe": (LlamaConfig, Llama),
     "gemma": (GemmaConfig, Llama),
@@ -39,6 +38,7 @@ ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "starcoder2": (LlamaConfig, Llama),
     "gpt_neox": (GPTNeoXConfig, GPTNeoX),
     "falcon": (FalconConfig, Falcon),
+    "gpt_oss": (GptOssConfig, Llama),
 }
 
 

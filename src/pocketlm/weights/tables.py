@@ -138,22 +138,22 @@ def join_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     transformers loads: each layer's per-expert matrices and biases as its fused, (in, out),
     gate/up-interleaved tensors."""
     out: dict[str, torch.Tensor] = {}
-    experts: dict[str, dict[str, list[torch.Tensor]]] = {}
+    experts: dict[str, dict[str, dict[int, torch.Tensor]]] = {}  # layer -> part -> expert
     for name, tensor in state.items():
         m = re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)", name)
         if m is None:
             out[name] = tensor
             continue
-        parts = experts.setdefault(m[1], {})
-        parts.setdefault(f"{m[3]}.{m[4]}", []).insert(int(m[2]), tensor)
+        experts.setdefault(m[1], {}).setdefault(f"{m[3]}.{m[4]}", {})[int(m[2])] = tensor
+
+    def stacked(parts: dict[int, torch.Tensor]) -> torch.Tensor:  # (E, ...) in expert order
+        return torch.stack([parts[e] for e in sorted(parts)])
+
     for prefix, parts in experts.items():
         for suffix in ("weight", "bias"):
-            gate, up = (
-                torch.stack(parts[f"gate_proj.{suffix}"]),
-                torch.stack(parts[f"up_proj.{suffix}"]),
-            )
+            gate, up = stacked(parts[f"gate_proj.{suffix}"]), stacked(parts[f"up_proj.{suffix}"])
             gate_up = torch.stack((gate, up), dim=2).flatten(1, 2)  # (E, 2F, ...): g0 u0 g1 u1
-            down = torch.stack(parts[f"down_proj.{suffix}"])
+            down = stacked(parts[f"down_proj.{suffix}"])
             if suffix == "weight":  # nn.Linear's (out, in) -> (in, out)
                 gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
             tail = "" if suffix == "weight" else "_bias"
