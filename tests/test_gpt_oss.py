@@ -375,3 +375,43 @@ def test_bad_configs_are_refused_in_one_line(tmp_path):
         with pytest.raises(PocketLMError, match=match) as error:
             check_config({**config, **bad}, source=tmp_path)
         assert "\n" not in str(error.value)
+
+
+# openai/gpt-oss-20b's config.json as the hub has it (the older rope_scaling key, MXFP4
+# experts), for what a user's folder says.
+GPT_OSS_20B = {
+    "architectures": ["GptOssForCausalLM"], "attention_bias": True, "eos_token_id": 200002,
+    "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+    "initial_context_length": 4096, "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 12,
+    "max_position_embeddings": 131072, "model_type": "gpt_oss", "num_attention_heads": 64,
+    "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 8,
+    "num_local_experts": 32, "pad_token_id": 199999,
+    "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn",
+                            "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+                            "quant_method": "mxfp4"},
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                     "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                     "truncate": False},
+    "rope_theta": 150000, "sliding_window": 128, "swiglu_limit": 7.0,
+    "tie_word_embeddings": False, "vocab_size": 201088,
+}  # fmt: skip
+
+
+def test_the_20b_config_reads_as_transformers_reads_it(tmp_path):
+    """gpt-oss-20b's own config: every switch as HF's GptOssConfig has it, and the model it
+    describes (built on the meta device) as large as transformers' (20.9B parameters)."""
+    import transformers
+
+    from pocketlm.weights.card import count_parameters
+
+    config = check_config(GPT_OSS_20B, source=tmp_path)
+    assert (config.n_experts, config.num_experts_per_tok, config.rope_theta) == (32, 4, 150000)
+    assert config.layer_windows == [128, None] * 12 and config.swiglu_clamp == (1.702, 7.0)
+    assert config.rope_scaling["rope_type"] == "yarn" and not config.rope_scaling["truncate"]
+    hf_config = transformers.GptOssConfig(**{k: v for k, v in GPT_OSS_20B.items()
+                                             if k != "quantization_config"})  # fmt: skip
+    with torch.device("meta"):
+        theirs = transformers.GptOssForCausalLM(hf_config)
+    assert count_parameters(GPT_OSS_20B) == sum(p.numel() for p in theirs.parameters())
