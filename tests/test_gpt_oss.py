@@ -150,6 +150,15 @@ def _add(counts: dict, key: str, hits: torch.Tensor) -> None:
     counts[key] += int(hits.sum())
 
 
+def test_a_long_prompt_in_query_chunks(models):
+    """600 positions: the explicit attention (sinks) takes its queries in chunks of 256."""
+    ours, theirs = models
+    tokens = _tokens(1, 600, seed=13)
+    with torch.no_grad():
+        expected = theirs(tokens).logits
+        torch.testing.assert_close(ours(tokens, _positions(0, 600)), expected, atol=1e-4, rtol=0)
+
+
 def test_prefill_then_decode_through_cache_matches(models):
     ours, theirs = models
     tokens = _tokens(1, 30, seed=2)

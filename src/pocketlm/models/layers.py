@@ -83,6 +83,12 @@ def attend(
     )
 
 
+# Queries per pass of explicit_attention: its scores are (B, H, QUERY_CHUNK, S) floats, so
+# a long prefill never holds all T x S of them at once (GPT-OSS: 64 heads x 8k x 8k x 4 bytes
+# would be 17 GB a layer).
+QUERY_CHUNK = 256
+
+
 def explicit_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -98,6 +104,12 @@ def explicit_attention(
     attention sinks (HF GPT-OSS's: a learned logit per head joins each row's softmax and
     is dropped after it, so the weights of the real keys sum to less than 1). Query heads
     are grouped by the key/value head they share, so keys and values are not repeated."""
+    if q.shape[2] > QUERY_CHUNK:
+        chunks = range(0, q.shape[2], QUERY_CHUNK)
+        return torch.cat([explicit_attention(
+            q[:, :, i : i + QUERY_CHUNK], k, v, scale=scale, softcap=softcap, sinks=sinks,
+            mask=None if mask is None else mask[:, :, i : i + QUERY_CHUNK],
+        ) for i in chunks], dim=2)  # fmt: skip
     B, H, T, D = q.shape
     K = k.shape[1]
     qg = q.view(B, K, H // K, T, D)  # (B, K, G, T, D): head h reads kv head h // G
