@@ -151,12 +151,12 @@ def _add(counts: dict, key: str, hits: torch.Tensor) -> None:
 
 
 def test_a_long_prompt_in_query_chunks(models):
-    """600 positions: the explicit attention (sinks) takes its queries in chunks of 256."""
+    """300 positions: the explicit attention (sinks) takes its queries in chunks of 256."""
     ours, theirs = models
-    tokens = _tokens(1, 600, seed=13)
+    tokens = _tokens(1, 300, seed=13)
     with torch.no_grad():
         expected = theirs(tokens).logits
-        torch.testing.assert_close(ours(tokens, _positions(0, 600)), expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours(tokens, _positions(0, 300)), expected, atol=1e-4, rtol=0)
 
 
 def test_prefill_then_decode_through_cache_matches(models):
@@ -199,7 +199,7 @@ def test_batched_scheduler_equals_each_request_alone(folder):
     model = loader.load(folder, prepare=True).model
     lm = loader.load(folder)
     prompts = [[464, 3290], [15496, 995, 11], [40, 588, 257, 1310, 286, 3290, 11, 257, 1310], [818]]
-    alone = [_greedy(model, ids, 12) for ids in prompts]
+    alone = [_greedy(model, ids, 8) for ids in prompts]
     scheduler = Scheduler(model, lm.tokenizer, max_batch=4, max_queue=8)
     scheduler.start()
     got = [[] for _ in prompts]
@@ -215,7 +215,7 @@ def test_batched_scheduler_equals_each_request_alone(folder):
         return emit
 
     try:
-        params = GenerationParams(SamplingParams(temperature=0.0), max_tokens=12)
+        params = GenerationParams(SamplingParams(temperature=0.0), max_tokens=8)
         scheduler.submit([Request(prompt_ids=ids, params=params, emit=emitter(i))
                           for i, ids in enumerate(prompts)])  # fmt: skip
         assert all(d.wait(30) for d in done)
