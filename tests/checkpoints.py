@@ -35,7 +35,7 @@ def make_gpt2(folder: Path, *, seed: int = 0, with_tokenizer: bool = True, **con
 
 def make_llama(folder: Path, *, model_type: str = "llama", seed: int = 0, **config) -> Path:
     """A random Llama / Mistral / Qwen2 / Qwen3 / Gemma 1-3 / Phi-3 / SmolLM3 / OLMo 2 /
-    Granite (or Mixtral / Qwen2-MoE / Qwen3-MoE) in HF layout, with the GPT-2 vocabulary as
+    Granite (or Mixtral / Qwen2-MoE / Qwen3-MoE / GPT-OSS) in HF layout, with the GPT-2 vocabulary as
     its tokenizer (the architecture tests only need some valid tokenizer)."""
     import transformers
 
@@ -54,6 +54,7 @@ def make_llama(folder: Path, *, model_type: str = "llama", seed: int = 0, **conf
         "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM),
         "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
         "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM),
+        "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM),
     }
     config_cls, model_cls = classes[model_type]
     defaults = dict(

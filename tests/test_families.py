@@ -76,6 +76,9 @@ FAMILIES = {
     "falcon": ("FalconConfig", "FalconForCausalLM",
                dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
                     new_decoder_architecture=True, max_position_embeddings=128)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(LLAMA_SHAPE, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }  # fmt: skip
 VOCAB = 50257  # GPT-2's vocabulary (shipped with pocketlm) serves every family here
 PROMPTS = [[464, 3290, 373, 1043], [15496, 995, 11], [40, 588, 257, 1310, 286, 262, 3290, 318]]

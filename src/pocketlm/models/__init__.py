@@ -8,13 +8,15 @@ from torch import nn
 from pocketlm.models.cache import KVCache
 from pocketlm.models.gemma import GemmaConfig
 from pocketlm.models.gpt2 import GPT2, GPT2Config
+from pocketlm.models.gpt_oss import GptOssConfig
 from pocketlm.models.llama import Llama, LlamaConfig
 from pocketlm.models.neox import Falcon, FalconConfig, GPTNeoX, GPTNeoXConfig
 
 # model_type -> (config class, model class). Mistral, Qwen2, Qwen3, Phi-3, SmolLM (1-3),
 # OLMo 2, Granite, StableLM, Starcoder2 and the mixtures of experts (Mixtral, Qwen2-MoE,
 # Qwen3-MoE) are Llamas with switches their model_type and config.json turn on, and so are
-# Gemma 1-3 (GemmaConfig reads their keys); GPT-NeoX and Falcon share models/neox.py.
+# Gemma 1-3 (GemmaConfig reads their keys) and GPT-OSS (GptOssConfig); GPT-NeoX and
+# Falcon share models/neox.py.
 # Nothing here keys on file names.
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "gpt2": (GPT2Config, GPT2),
@@ -36,6 +38,7 @@ ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "starcoder2": (LlamaConfig, Llama),
     "gpt_neox": (GPTNeoXConfig, GPTNeoX),
     "falcon": (FalconConfig, Falcon),
+    "gpt_oss": (GptOssConfig, Llama),
 }
 
 

@@ -1,5 +1,6 @@
 """What the architectures share: causal attention masks and attention itself (through
-PyTorch's SDPA, or with explicit scores where they are soft-capped, which SDPA cannot do),
+PyTorch's SDPA, or with explicit scores where they are soft-capped or a sink takes a share
+of the softmax, which SDPA cannot do),
 the `CausalLM` base (its head, an optional soft cap or divisor of the logits, and
 `forward`), activations, a plain MLP and a per-head LayerNorm, and nn.Linear surgery
 (concatenating layers that read one input, replacing every linear by a faster kind).
@@ -53,11 +54,13 @@ def attend(
     window: int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention of q (B, Hq, T, D) over k, v (B, Hkv, T, D), going
     through the cache when there is one. Returns (B, Hq, T, D). `scale` multiplies the
     scores (default 1 / sqrt(D)); `softcap` then bounds them to (-cap, cap) by
-    cap * tanh(score / cap) (Gemma 2)."""
+    cap * tanh(score / cap) (Gemma 2); `sinks` (Hq,) are one more logit per head in the
+    softmax, a slot attended to that holds no value (GPT-OSS)."""
     if cache is None:
         mask = attention_mask(positions, positions, window=window)
     else:
@@ -73,34 +76,55 @@ def attend(
         else:
             k_positions = torch.arange(n_slots, device=q.device).expand(q.shape[0], n_slots)
             mask = attention_mask(positions, k_positions, window=window)
-    if softcap is not None:
-        return softcapped_attention(q, k, v, mask=mask, scale=scale, softcap=softcap)
+    if softcap is not None or sinks is not None:
+        return explicit_attention(q, k, v, mask=mask, scale=scale, softcap=softcap, sinks=sinks)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
 
 
-def softcapped_attention(
+# Queries per pass of explicit_attention: its scores are (B, H, QUERY_CHUNK, S) floats, so
+# a long prefill never holds all T x S of them at once (GPT-OSS: 64 heads x 8k x 8k x 4 bytes
+# would be 17 GB a layer).
+QUERY_CHUNK = 256
+
+
+def explicit_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     *,
     mask: torch.Tensor | None,
     scale: float | None,
-    softcap: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention with soft-capped scores, written out (HF Gemma 2's `eager_attention_forward`):
-    SDPA applies no function between the product and the softmax. Query heads are grouped
-    by the key/value head they share, so keys and values are not repeated in memory."""
+    """Attention with its scores written out, for what SDPA cannot do between the product
+    and the softmax: soft-capped scores (HF Gemma 2's `eager_attention_forward`) and
+    attention sinks (HF GPT-OSS's: a learned logit per head joins each row's softmax and
+    is dropped after it, so the weights of the real keys sum to less than 1). Query heads
+    are grouped by the key/value head they share, so keys and values are not repeated."""
+    if q.shape[2] > QUERY_CHUNK:
+        chunks = range(0, q.shape[2], QUERY_CHUNK)
+        return torch.cat([explicit_attention(
+            q[:, :, i : i + QUERY_CHUNK], k, v, scale=scale, softcap=softcap, sinks=sinks,
+            mask=None if mask is None else mask[:, :, i : i + QUERY_CHUNK],
+        ) for i in chunks], dim=2)  # fmt: skip
     B, H, T, D = q.shape
     K = k.shape[1]
     qg = q.view(B, K, H // K, T, D)  # (B, K, G, T, D): head h reads kv head h // G
     scores = qg @ k[:, :, None].transpose(-1, -2) * (D**-0.5 if scale is None else scale)
-    scores = softcap * torch.tanh(scores / softcap)  # (B, K, G, T, S)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)  # (B, K, G, T, S)
     if mask is not None:  # (B, 1, T, S) -> (B, 1, 1, T, S); a large negative, as HF's mask
         scores = scores.masked_fill(~mask[:, None], torch.finfo(scores.dtype).min)
-    weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-    return (weights @ v[:, :, None]).view(B, H, T, D)  # (B, K, G, T, D) -> (B, H, T, D)
+    if sinks is None:
+        weights = scores.softmax(dim=-1, dtype=torch.float32)
+    else:
+        sink = sinks.to(scores.dtype).view(1, K, H // K, 1, 1).expand(B, K, H // K, T, 1)
+        weights = torch.cat((scores, sink), dim=-1).softmax(dim=-1, dtype=torch.float32)
+        weights = weights[..., :-1]  # (B, K, G, T, S): the sink's share goes nowhere
+    return (weights.to(q.dtype) @ v[:, :, None]).view(B, H, T, D)  # (B, H, T, D)
 
 
 class HeadLayerNorm(nn.Module):

@@ -134,6 +134,10 @@ class LlamaConfig:
     layer_norm: bool = field(init=False)  # LayerNorm with bias (StableLM, Starcoder2), not RMS
     norm_eps: float = field(init=False)  # the eps of every norm, RMS or Layer
     gated_mlp: bool = field(init=False)  # act(gate) * up (SwiGLU), or Starcoder2's act(c_fc)
+    # Switches GPT-OSS's config turns on (models/gpt_oss.py says why).
+    attention_sinks: bool = field(init=False)  # a learned logit per head in each softmax
+    router_bias: bool = field(init=False)  # the MoE router has a bias
+    swiglu_clamp: tuple[float, float] | None = field(init=False)  # (alpha, limit): see MLP
 
     def __post_init__(self) -> None:
         if self.rope_parameters:
@@ -188,6 +192,8 @@ class LlamaConfig:
         self.attention_scale = self.attention_softcap = self.final_softcap = None
         self.layer_windows = [self.sliding_window] * self.num_hidden_layers
         self.local_rope_theta = None
+        self.attention_sinks = self.router_bias = False
+        self.swiglu_clamp = None
         variant_switches(self)  # SmolLM3, OLMo 2, Granite (models/variants.py)
 
     def is_sparse(self, layer: int) -> bool:
@@ -295,6 +301,8 @@ class Attention(nn.Module):
         if config.qk_layernorm:  # StableLM: a LayerNorm per head, each with its own weight
             self.q_layernorm = layers.HeadLayerNorm(self.head_dim, self.n_head, config.norm_eps)
             self.k_layernorm = layers.HeadLayerNorm(self.head_dim, self.n_kv_head, config.norm_eps)
+        # GPT-OSS: one logit per head that joins each softmax (see layers.explicit_attention)
+        self.sinks = nn.Parameter(torch.zeros(self.n_head)) if config.attention_sinks else None
 
     def fuse(self) -> None:
         """Replace q/k/v_proj by one matmul (for inference: one weight read, one kernel
@@ -344,6 +352,7 @@ class Attention(nn.Module):
             window=self.window,
             scale=self.scale,
             softcap=self.softcap,
+            sinks=self.sinks,
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
@@ -360,6 +369,7 @@ class MLP(nn.Module):
             self.up_proj = nn.Linear(C, F, bias=bias)
         self.down_proj = nn.Linear(F, C, bias=bias)
         self.act = ACTIVATIONS[config.hidden_act]
+        self.clamp = config.swiglu_clamp
 
     def fuse(self) -> None:
         """Replace gate_proj and up_proj by one matmul (inference only, as Attention.fuse)."""
@@ -371,9 +381,18 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.glu(self.gate_proj(x), self.up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.glu(gate, up))
+
+    def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up; GPT-OSS's experts clamp both first (gate from above, up both
+        ways), gate by x * sigmoid(alpha * x) and add 1 to up (HF GptOssExperts._apply_gate)."""
+        if self.clamp is None:
+            return self.act(gate) * up
+        alpha, limit = self.clamp
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 class Block(nn.Module):
@@ -417,8 +436,9 @@ class Block(nn.Module):
 
 
 def sparse_mlp(config: LlamaConfig) -> SparseMoE:
-    """Mixtral's / Qwen2-MoE's / Qwen3-MoE's experts: Llama MLPs of the expert width, and
-    Qwen2-MoE's shared expert beside them."""
+    """Mixtral's / Qwen2-MoE's / Qwen3-MoE's / GPT-OSS's experts: Llama MLPs of the expert
+    width (with GPT-OSS's biases and clamped SwiGLU where its config says), and Qwen2-MoE's
+    shared expert beside them."""
     width = config.moe_intermediate_size or config.intermediate_size
     shared = config.shared_expert_intermediate_size
     return SparseMoE(
@@ -428,6 +448,7 @@ def sparse_mlp(config: LlamaConfig) -> SparseMoE:
         renormalize=config.norm_topk_prob,
         expert=lambda: MLP(config, width),
         shared_expert=MLP(config, shared) if shared else None,
+        router_bias=config.router_bias,
     )
 
 

@@ -54,6 +54,7 @@ HF_CLASSES = {
     "starcoder2": "Starcoder2ForCausalLM",
     "gpt_neox": "GPTNeoXForCausalLM",
     "falcon": "FalconForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
 
 
@@ -88,6 +89,8 @@ def hf_state_dict(
         state[tables.hub_name(name, model_type)] = (
             tensor.to(dtype or tensor.dtype).contiguous().cpu()
         )
+    if model_type in tables.INTERLEAVED_EXPERTS:  # GPT-OSS: its experts fused, as HF holds them
+        state = tables.join_experts(state)
     return state
 
 

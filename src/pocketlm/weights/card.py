@@ -25,7 +25,7 @@ from pocketlm.errors import CorruptModelError
 NATIVE_ARCHITECTURES = frozenset(
     {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
      "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "smollm3", "olmo2", "granite",
-     "stablelm", "starcoder2", "gpt_neox", "falcon"}
+     "stablelm", "starcoder2", "gpt_neox", "falcon", "gpt_oss"}
 )  # fmt: skip
 
 RAM_NOTE = (

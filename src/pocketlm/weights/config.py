@@ -72,6 +72,8 @@ FLOAT_LIMITS: dict[str, tuple[float, float]] = {  # (exclusive low, inclusive hi
         ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling"),
         (0.0, 1e6),
     ),
+    # GPT-OSS's clamped SwiGLU: sigmoid(alpha * gate), both clamped at limit.
+    **dict.fromkeys(("swiglu_alpha", "swiglu_limit"), (0.0, 1e6)),
 }
 FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window",
          "use_bidirectional_attention", "norm_topk_prob", "qkv_bias",

@@ -27,6 +27,29 @@ _CHUNK_WEIGHTS = 1 << 20
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
 
+# MXFP4's 16 code points (OCP microscaling FP4, e2m1), in the order HF's GPT-OSS
+# checkpoints index them (transformers' integrations/mxfp4.py FP4_VALUES).
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def hf_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """An MXFP4 tensor as Hugging Face stores GPT-OSS's experts -> float32 (..., G * 32):
+    `blocks` (..., G, 16) uint8, two 4-bit codes a byte (low nibble first), `scales`
+    (..., G) uint8, a power of two per 32 values biased by 127 (as transformers'
+    `convert_moe_packed_tensors`). In chunks: the codes become indices, 4 bytes each."""
+    lut = torch.tensor(_E2M1)
+    flat, powers = blocks.reshape(-1, 16), scales.reshape(-1, 1).int() - 127
+    out = torch.empty(flat.shape[0], 32)
+    for start in range(0, flat.shape[0], _CHUNK):
+        block = flat[start : start + _CHUNK]
+        codes = torch.stack((block & 0x0F, block >> 4), dim=-1).flatten(-2).int()  # (n, 32)
+        out[start : start + _CHUNK] = torch.ldexp(lut[codes], powers[start : start + _CHUNK])
+    return out.view(*blocks.shape[:-2], -1)
+
+
+_CHUNK = 1 << 20  # blocks of 32 at a time
+
+
 def ggml_type_name(type_id: int) -> str | None:
     """The ggml name of a tensor type id ("Q4_K"), or None when ggml has no such type."""
     try:

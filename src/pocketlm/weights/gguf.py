@@ -38,7 +38,7 @@ from pocketlm.weights.gguf_config import PERMUTED_QK, gguf_config, quantization
 
 SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma",
                            "gemma2", "gemma3", "phi3", "smollm3", "olmo2", "granite",
-                           "stablelm", "starcoder2", "gptneox", "falcon")  # fmt: skip
+                           "stablelm", "starcoder2", "gptneox", "falcon", "gpt-oss")  # fmt: skip
 
 # Llama 3.1+ rope scaling as llama.cpp's converter writes it: per-pair divisors of the
 # rotary frequencies, read into the config (rope_scaling "freq_factors"), not a parameter.
@@ -345,7 +345,7 @@ def _plan(ckpt: GGUFCheckpoint) -> list[_Planned]:
             ours = ours.replace("{i}", m[1]) if isinstance(ours, str) else [
                 o.replace("{i}", m[1]) for o in ours
             ]  # fmt: skip
-        if len(symbols) == 3:  # all of a layer's experts: one matrix each
+        if "{e}" in str(ours):  # all of a layer's experts: one matrix (or bias) each
             plan += [_Planned(o, i, None) for o, i in _expert_matrices(info, ours)]
         else:
             unit_offset = ckpt.architecture in _UNIT_OFFSET_NORMS and template.endswith(
@@ -373,9 +373,10 @@ def _expert_matrices(
 ) -> list[tuple[str, GGUFTensorInfo]]:
     """A 3-D expert tensor (experts, rows, cols) as (our name, the info of one expert's
     matrix): its bytes are the e-th of `experts` equal slices (the e-th half of that
-    again, for each of gate and up in a fused tensor)."""
+    again, for each of gate and up in a fused tensor). A 2-D one (experts, rows) holds a
+    bias per expert (GPT-OSS), taken apart the same way."""
     names = [ours] if isinstance(ours, str) else ours
-    experts, rows, cols = info.shape
+    experts, rows, *cols = info.shape
     per_expert = info.n_bytes // experts
     per_part, part_rows = per_expert // len(names), rows // len(names)
     return [
@@ -384,7 +385,7 @@ def _expert_matrices(
             GGUFTensorInfo(
                 f"{info.name} (expert {e})",
                 info.ggml_type,
-                (part_rows, cols),
+                (part_rows, *cols),
                 info.offset + e * per_expert + j * per_part,
                 per_part,
             ),

@@ -87,7 +87,7 @@ _OPTIONAL_KEYS = {
 # Whether llama.cpp renormalises the top-k expert weights of each architecture (its
 # build_moe_ffn `norm_w`: the converter writes no key for it): qwen2moe does not.
 _NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True}
-_MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+_MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 # "{arch}.rope.scaling.X" -> HF rope_scaling key. The converter writes YaRN's
 # attention_factor as yarn_attn_factor, Phi-3's LongRoPE one as attn_factor; YaRN's
 # yarn_ext_factor (from an HF "extrapolation_factor") is a llama.cpp knob transformers
@@ -155,7 +155,9 @@ def _llama_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> d
         cfg["use_parallel_residual"] = meta.get("stablelm.use_parallel_residual", True)
     if arch == "starcoder2":
         cfg["use_bias"] = "blk.0.attn_q.bias" in tensors
-    if arch in _NORM_TOPK and (arch != "llama" or meta.get("llama.expert_count")):
+    if arch == "gpt-oss":
+        _gpt_oss_config(meta, cfg)
+    elif arch in _NORM_TOPK and (arch != "llama" or meta.get("llama.expert_count")):
         cfg.update(_moe_config(arch, meta, tensors=tensors, layers=cfg["num_hidden_layers"]))
     if arch == "granite":
         cfg.update(_granite_multipliers(meta, head_dim=cfg["head_dim"]))
@@ -220,6 +222,22 @@ def _neox_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> di
     return cfg
 
 
+def _gpt_oss_config(meta: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """GPT-OSS's keys. llama.cpp writes no layer types (it slides every even layer, as
+    HF's default does), no SwiGLU clamp (HF's defaults) and rotary scaling only where the
+    checkpoint has one, so a file without it says "default" (GptOssConfig's own default
+    is YaRN). GPT-OSS's YaRN does not round its correction range to whole dimensions
+    (HF's truncate false, as OpenAI's reference); no key says so, and llama.cpp rounds it
+    for every model, so a file's GPT-OSS rotates here as transformers rotates the model."""
+    cfg["num_local_experts"] = meta.get("gpt-oss.expert_count")
+    cfg["num_experts_per_tok"] = meta.get("gpt-oss.expert_used_count")
+    cfg["intermediate_size"] = meta.get("gpt-oss.expert_feed_forward_length")
+    scaling = cfg.pop("rope_scaling") or {"rope_type": "default"}
+    if scaling["rope_type"] == "yarn":
+        scaling["truncate"] = False
+    cfg["rope_parameters"] = {**scaling, "rope_theta": cfg["rope_theta"]}
+
+
 def _partial_rotary(arch: str, meta: dict[str, Any], cfg: dict[str, Any]) -> float | None:
     """The share of each head that rotary rotates, where the file rotates only part of it
     (rope.dimension_count below the head size), as HF's partial_rotary_factor."""
@@ -235,7 +253,7 @@ def _partial_rotary(arch: str, meta: dict[str, Any], cfg: dict[str, Any]) -> flo
 # HF's text-only Gemma 3; the image-text "gemma3" of HF has its text under text_config).
 # A "llama" file with experts is a Mixtral (llama.cpp converts Mixtral as llama).
 _MODEL_TYPES = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
-                "gptneox": "gpt_neox"}  # fmt: skip
+                "gptneox": "gpt_neox", "gpt-oss": "gpt_oss"}  # fmt: skip
 # llama.cpp's block counts of the 27B Gemma 2 and 3, whose attention scale is
 # 1/sqrt(hidden / heads) rather than 1/sqrt(head_dim) (their query_pre_attn_scalar).
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -401,7 +419,8 @@ def gguf_config(
         config = _llama_config(arch, meta, tensors=tensors)
     required = _required_keys(arch)
     if config["model_type"] in _MOE_TYPES:  # no defaults for the experts either
-        experts = "num_local_experts" if config["model_type"] == "mixtral" else "num_experts"
+        local = config["model_type"] in ("mixtral", "gpt_oss")
+        experts = "num_local_experts" if local else "num_experts"
         required = required | {experts: "expert_count", "num_experts_per_tok": "expert_used_count"}
     if arch == "granite":
         required = required | {"logits_scaling": _GRANITE_KEYS["logits_scaling"]}

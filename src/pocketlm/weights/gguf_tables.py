@@ -109,6 +109,20 @@ OLMO2_TENSORS = {
     "blk.{i}.attn_k_norm.weight": ("model.layers.{i}.self_attn.k_norm.weight", ("kv",)),
 }
 
+# GPT-OSS: Llama's tensors (its MLP-input norm called post_attention_norm), each head's
+# attention sink, and biases on the router and on every expert's projections, each a
+# 2-D tensor (experts, width) taken apart into one vector per expert as the matrices are.
+GPT_OSS_TENSORS = {
+    **{k: v for k, v in LLAMA_TENSORS.items() if k != "blk.{i}.ffn_norm.weight"},
+    "blk.{i}.post_attention_norm.weight": (
+        "model.layers.{i}.post_attention_layernorm.weight", ("hidden",)),
+    "blk.{i}.attn_sinks.weight": ("model.layers.{i}.self_attn.sinks", ("heads",)),
+    "blk.{i}.ffn_gate_inp.bias": ("model.layers.{i}.mlp.gate.bias", ("experts",)),
+    "blk.{i}.ffn_gate_exps.bias": (f"{_EXPERT}.gate_proj.bias", ("experts", "eff")),
+    "blk.{i}.ffn_up_exps.bias": (f"{_EXPERT}.up_proj.bias", ("experts", "eff")),
+    "blk.{i}.ffn_down_exps.bias": (f"{_EXPERT}.down_proj.bias", ("experts", "hidden")),
+}  # fmt: skip
+
 # llama.cpp's converter already transposes GPT-2's Conv1D weights to (out, in), which is
 # our nn.Linear orientation, so nothing is transposed on the way back.
 GPT2_TENSORS = {
@@ -191,7 +205,7 @@ TABLES = {"gpt2": GPT2_TENSORS, "qwen3": QWEN3_TENSORS, "qwen3moe": QWEN3_TENSOR
           "gemma2": GEMMA2_TENSORS, "gemma3": GEMMA3_TENSORS, "phi3": PHI3_TENSORS,
           "olmo2": OLMO2_TENSORS, "stablelm": STABLELM_TENSORS,
           "starcoder2": STARCODER2_TENSORS, "gptneox": GPTNEOX_TENSORS,
-          "falcon": FALCON_TENSORS}  # fmt: skip
+          "falcon": FALCON_TENSORS, "gpt-oss": GPT_OSS_TENSORS}  # fmt: skip
 # Tensors a file may leave out: lm_head when tied, biases a Llama may not have.
 OPTIONAL = re.compile(
     r"lm_head\.weight|model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(\w+_proj|c_fc))\.bias"
@@ -256,6 +270,7 @@ def dims(cfg: dict[str, Any]) -> dict[str, int]:
         "kv": cfg["num_key_value_heads"] * cfg["head_dim"],
         "qkv": (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * cfg["head_dim"],
         "head": cfg["head_dim"],
+        "heads": cfg["num_attention_heads"],
         "vocab": cfg["vocab_size"],
         "experts": cfg.get("num_experts") or cfg.get("num_local_experts") or 0,
         "eff": expert_ffn,

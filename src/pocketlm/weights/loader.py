@@ -36,7 +36,7 @@ from pocketlm.kernels.prepare import check_quantization
 from pocketlm.kernels.prepare import prepare as prepare_model
 from pocketlm.models import ARCHITECTURES
 from pocketlm.tokenizer import Tokenizer
-from pocketlm.weights import tables
+from pocketlm.weights import dequant, tables
 from pocketlm.weights.adapter import Adapter, fit_adapter, merge_adapter, read_adapter
 from pocketlm.weights.config import check_config, read_config
 from pocketlm.weights.fallback import transformers_model
@@ -323,11 +323,18 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 def _hf_tensors(path: Path, model_type: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, tensor) pairs from safetensors shards (or a weights_only .bin)."""
+    mxfp4: dict[str, dict[str, torch.Tensor]] = {}  # GPT-OSS: blocks waiting for scales
     for key, tensor in _raw_hf_tensors(path):
         if tables.is_ignored(key, model_type):
             continue
         name = tables.rename(key, model_type)
-        if (experts := tables.split_experts(name, tensor)) is not None:
+        if m := tables.MXFP4_PARTS.fullmatch(name):
+            parts = mxfp4.setdefault(m[1], {})
+            parts[m[2]] = tensor
+            if len(parts) < 2:
+                continue
+            name, tensor = m[1], _mxfp4_experts(path, m[1], mxfp4.pop(m[1]))
+        if (experts := tables.split_experts(name, tensor, model_type)) is not None:
             yield from experts
             continue
         if tables.is_transposed(name, model_type):
@@ -337,6 +344,21 @@ def _hf_tensors(path: Path, model_type: str) -> Iterator[tuple[str, torch.Tensor
                 )
             tensor = tensor.t()
         yield name, tensor
+    if mxfp4:
+        name = next(iter(mxfp4))
+        raise CorruptModelError(f"{path}: {name} has MXFP4 blocks or scales, not both")
+
+
+def _mxfp4_experts(path: Path, name: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A GPT-OSS expert tensor from its MXFP4 blocks and scales, in float32 and in the
+    (E, in, out) order of the unquantized checkpoints (which split_experts reads)."""
+    blocks, scales = parts["blocks"], parts["scales"]
+    if blocks.dtype != torch.uint8 or blocks.dim() != 4 or blocks.shape[:-1] != scales.shape:
+        raise CorruptModelError(
+            f"{path}: {name}'s MXFP4 blocks {tuple(blocks.shape)} and scales "
+            f"{tuple(scales.shape)} do not match (expected (E, rows, G, 16) uint8 and (E, rows, G))"
+        )
+    return dequant.hf_mxfp4(blocks, scales).transpose(1, 2)  # (E, out, in) -> (E, in, out)
 
 
 def _raw_hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
