@@ -226,9 +226,9 @@ def test_describe_hf_folder(tmp_path):
 
 
 def test_describe_marks_foreign_architectures(tmp_path):
-    folder = tmp_path / "phi"
+    folder = tmp_path / "gptj"
     folder.mkdir()
-    config = {"model_type": "phi3", "hidden_size": 64, "num_hidden_layers": 2,
+    config = {"model_type": "gptj", "hidden_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 100}  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config))
     assert card.describe(folder).native is False
