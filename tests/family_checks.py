@@ -1,9 +1,13 @@
-"""The checks each LayerNorm family's test runs (tests/test_gpt_neox.py, test_falcon.py,
-test_stablelm.py, test_starcoder2.py), against `transformers`' own class on the same
-random weights and the GGUF llama.cpp's converter makes of them: logits at several
-positions, greedy ids, the KV cache, batched serving, GGUF loads (dequantized and as
-stored). Norm weights and biases are made random first (transformers starts them at 1
-and 0), so a norm left out, swapped or shared where it should not be shows."""
+"""The helpers and checks every family's test shares (tests/test_qwen3.py, test_moe.py,
+test_phi3.py, test_gemma.py, test_llama_variants.py, and the LayerNorm families'
+test_gpt_neox.py, test_falcon.py, test_stablelm.py, test_starcoder2.py): random tokens,
+greedy ids from pocketlm and from transformers, norm weights made random (transformers
+starts them at 1, or 0, where a norm left out, swapped or shared where it should not be
+hides), the HF folders, conversions and (ours, transformers') pairs the fixtures hand
+out, a request run through the server's scheduler. The whole checks (used as they are
+by the LayerNorm families) compare against `transformers`' own class on the same random
+weights and the GGUF llama.cpp's converter makes of them: logits at several positions,
+greedy ids, the KV cache, batched serving, GGUF loads (dequantized and as stored)."""
 
 import threading
 
@@ -12,6 +16,7 @@ from torch import nn
 
 import pocketlm
 from checkpoints import hf_model
+from convert import Conversion, make_convertible
 from pocketlm.generate.params import GenerationParams
 from pocketlm.generate.sequence import Sequence
 from pocketlm.generate.stream import generate_tokens
@@ -25,21 +30,57 @@ PROMPT = [15496, 995, 11, 703, 389, 345]  # "Hello world, how are you" in GPT-2'
 PROMPTS = [[464, 3290], [15496, 995, 11], [40, 588, 257, 1310, 286], [1, 2, 3, 4, 5, 6, 7, 8]]
 
 
-def randomize_norms(folder) -> None:
-    """Every LayerNorm's weight 1 + noise and bias noise, saved back into the folder."""
+def randomize_norms(folder, *, rms: bool = False, center: float = 1.0, scale=None) -> None:
+    """Norm weights made random, saved back into the folder. LayerNorm (the default):
+    every nn.LayerNorm's weight 1 + noise and bias noise. `rms`: every parameter named
+    *norm.weight `center` + noise (Gemma stores its scale less 1: center 0). `scale`
+    (name suffixes, factor): those weights multiplied too (a MoE's routers, q and k)."""
     model = hf_model(folder)
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=generator))
-                if module.bias is not None:
-                    module.bias.copy_(0.5 * torch.randn(module.bias.shape, generator=generator))
+        if rms:
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(center + 0.5 * torch.randn(p.shape, generator=generator))
+                elif scale is not None and name.endswith(scale[0]):
+                    p.mul_(scale[1])
+        else:
+            for module in model.modules():
+                if isinstance(module, nn.LayerNorm):
+                    weight, bias = module.weight, module.bias
+                    weight.copy_(1 + 0.5 * torch.randn(weight.shape, generator=generator))
+                    if bias is not None:
+                        bias.copy_(0.5 * torch.randn(bias.shape, generator=generator))
     model.save_pretrained(folder)
 
 
-def tokens(rows: int, n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 50257, (rows, n), generator=torch.Generator().manual_seed(seed))
+def make_folders(tmp_path_factory, cases: dict, model_type: str, *, prefix=None, **norms) -> dict:
+    """Each case's HF folder (random weights, saved by transformers' own class), its norms
+    made random (`norms`: randomize_norms' switches)."""
+    made = {}
+    for name, config in cases.items():
+        folder = tmp_path_factory.mktemp(f"{prefix or model_type}-{name}")
+        made[name] = make_convertible(folder, model_type=model_type, **config)
+        randomize_norms(folder, **norms)
+    return made
+
+
+def start_conversions(folders: dict, gguf_cases: dict) -> dict[str, Conversion]:
+    """Every GGUF case (name -> (folder's case, outtype)) converted at once (they overlap)."""
+    return {
+        name: Conversion(folders[case], folders[case].parent / f"{name}.gguf", outtype=outtype)
+        for name, (case, outtype) in gguf_cases.items()
+    }
+
+
+def load_pair(folder):
+    """(ours, transformers') models of the folder."""
+    return loader.load(folder).model, hf_model(folder)
+
+
+def tokens(rows: int, n: int, seed: int, *, vocab: int = 50257, low: int = 0) -> torch.Tensor:
+    """Random ids in [low, vocab): GPT-2's vocabulary unless the family's is another."""
+    return torch.randint(low, vocab, (rows, n), generator=torch.Generator().manual_seed(seed))
 
 
 def positions(start: int, n: int, rows: int = 1) -> torch.Tensor:
@@ -58,6 +99,14 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
             pad_token_id=0,
         )  # fmt: skip
     return out[0, len(prompt) :].tolist()
+
+
+def hf_names(model) -> dict[str, torch.Tensor]:
+    """Our model's state dict (HF names already) with a tied head written out."""
+    state = dict(model.state_dict())
+    head, embedding = tables.TIED_KEYS[tables.family(model.config.model_type)]
+    state.setdefault(head, state[embedding])
+    return state
 
 
 def assert_logits_match(ours, theirs, *, atol: float = 1e-4) -> None:
@@ -83,27 +132,30 @@ def assert_cache_matches(ours, theirs) -> None:
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), expected, atol=1e-4, rtol=0)
 
 
-def assert_batched_equals_alone(folder) -> None:
-    """The server's scheduler, 4 rows in one batch, gives each request its tokens alone."""
-    lm = pocketlm.load(folder)
-    alone = [lm.generate(ids, max_tokens=10, temperature=0).tokens for ids in PROMPTS]
+def assert_batched_equals_alone(
+    folder, *, prompts=PROMPTS, max_tokens: int = 10, timeout: float = 60, **load
+) -> None:
+    """The server's scheduler, the prompts in one batch, gives each request its tokens
+    alone (`load`: pocketlm.load's options, e.g. quantize)."""
+    lm = pocketlm.load(folder, **load)
+    alone = [lm.generate(ids, max_tokens=max_tokens, temperature=0).tokens for ids in prompts]
     scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=4, max_queue=8)
     scheduler.start()
     try:
-        runs = [_Run(ids) for ids in PROMPTS]
+        runs = [Run(ids, max_tokens=max_tokens) for ids in prompts]
         scheduler.submit([r.request for r in runs])
-        assert [r.wait() for r in runs] == alone
+        assert [r.wait(timeout) for r in runs] == alone
     finally:
         scheduler.stop()
 
 
-class _Run:
-    """A greedy request of 10 tokens whose tokens are collected until it finishes."""
+class Run:
+    """A greedy request whose tokens are collected until it finishes; `wait()` for them."""
 
-    def __init__(self, ids: list[int]) -> None:
+    def __init__(self, ids: list[int], *, max_tokens: int = 10) -> None:
         self.tokens: list[int] = []
         self.finished = threading.Event()
-        params = GenerationParams(SamplingParams(temperature=0.0), max_tokens=10)
+        params = GenerationParams(SamplingParams(temperature=0.0), max_tokens=max_tokens)
         self.request = Request(prompt_ids=list(ids), params=params, emit=self._emit)
 
     def _emit(self, event) -> None:
@@ -112,8 +164,8 @@ class _Run:
         if event.finish_reason is not None:
             self.finished.set()
 
-    def wait(self) -> list[int]:
-        assert self.finished.wait(60), "the request did not finish"
+    def wait(self, timeout: float = 60) -> list[int]:
+        assert self.finished.wait(timeout), "the request did not finish"
         return self.tokens
 
 
@@ -125,10 +177,7 @@ def assert_gguf_matches(gguf_file, folder, *, rounded: bool, window_kept: bool =
     theirs = hf_model(folder)
     ours = loader.load(gguf_file, dtype=torch.float32).model
     if rounded:
-        state = dict(ours.state_dict())
-        head, embedding = tables.TIED_KEYS[tables.family(ours.config.model_type)]
-        state.setdefault(head, state[embedding])  # a tied head, written out
-        theirs.load_state_dict(state)
+        theirs.load_state_dict(hf_names(ours))
     if not window_kept:
         theirs.config.sliding_window = None
     assert_logits_match(ours, theirs)

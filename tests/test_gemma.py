@@ -13,22 +13,19 @@ query_pre_attn_scalar (llama.cpp scales by head_dim, as pocketlm then does), so 
 oracle is transformers with that one key set to head_dim.
 """
 
-import threading
+from functools import partial
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import family_checks as check
 from checkpoints import hf_model
 from convert import Conversion, make_convertible
 from pocketlm.errors import CorruptModelError, PocketLMError
-from pocketlm.generate.params import GenerationParams
-from pocketlm.generate.sequence import Sequence
-from pocketlm.generate.stream import generate_tokens
 from pocketlm.models import make_cache
 from pocketlm.models.rope import rope_inv_freq
-from pocketlm.sampling import SamplingParams
-from pocketlm.serve.scheduler import Event, Request, Scheduler
+from pocketlm.serve.scheduler import Scheduler
 from pocketlm.weights import card, loader
 from pocketlm.weights.config import check_config, read_config
 from pocketlm.weights.gguf import read_gguf
@@ -56,6 +53,7 @@ CASES = {
 GGUF_CASES = {"gemma": "f32", "gemma2": "f16", "gemma3_text": "q8_0"}
 ARCHS = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 PROMPT = [1, 15043, 3186, 29892, 920, 526, 366, 29973, 306, 626, 1781, 29889]  # > window
+_tokens = partial(check.tokens, low=3, vocab=32000)  # Mistral's vocabulary, past ids 0-2
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +63,10 @@ def folders(tmp_path_factory) -> dict:
     for name, config in CASES.items():
         folder = tmp_path_factory.mktemp(name)
         made[name] = make_convertible(folder, model_type=name, **config)
-        _randomize_norms(folder)
+        # Random RMSNorm weights: transformers starts Gemma's at 0 (a scale of 1), where a
+        # norm left out, swapped or read without its offset would hide.
+        check.randomize_norms(folder, rms=True, center=0.0)
     return made
-
-
-def _randomize_norms(folder) -> None:
-    """Every RMSNorm weight made random (transformers starts Gemma's at 0: a scale of 1), so
-    that a norm left out, swapped or read without its offset shows in the logits."""
-    model = hf_model(folder)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=generator))
-    model.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -93,30 +81,7 @@ def conversions(folders) -> dict[str, Conversion]:
 
 @pytest.fixture(scope="module", params=list(CASES))
 def family(request, folders, conversions):  # conversions: started before the slow tests
-    folder = folders[request.param]
-    return request.param, loader.load(folder).model, hf_model(folder)
-
-
-def _tokens(rows: int, n: int, seed: int) -> torch.Tensor:
-    return torch.randint(3, 32000, (rows, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _positions(start: int, n: int, rows: int = 1) -> torch.Tensor:
-    return torch.arange(start, start + n)[None].expand(rows, n)
-
-
-def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    params = GenerationParams(SamplingParams(temperature=0.0), max_tokens=n)
-    return [s.token for s in generate_tokens(Sequence(model), prompt, params)]
-
-
-def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-            pad_token_id=0,
-        )  # fmt: skip
-    return out[0, len(prompt) :].tolist()
+    return request.param, *check.load_pair(folders[request.param])
 
 
 def test_each_family_has_its_switches_on(family):
@@ -147,7 +112,7 @@ def test_logits_match_transformers_at_several_positions(family):
     _, ours, theirs = family
     tokens = _tokens(2, 40, seed=1)
     for start in (0, 17, 200):
-        positions = _positions(start, 40, rows=2)
+        positions = check.positions(start, 40, rows=2)
         with torch.no_grad():
             expected = theirs(tokens, position_ids=positions).logits
             got = ours(tokens, positions)
@@ -160,10 +125,10 @@ def test_prefill_then_decode_through_cache_matches(family):
     tokens = _tokens(1, 40, seed=2)
     with torch.no_grad():
         expected = theirs(tokens).logits
-        uncached = ours(tokens, _positions(0, 40))
+        uncached = ours(tokens, check.positions(0, 40))
         cache = make_cache(ours, batch_size=1, max_seq_len=64)
-        prefill = ours(tokens[:, :20], _positions(0, 20), cache)
-        steps = [ours(tokens[:, i : i + 1], _positions(i, 1), cache) for i in range(20, 40)]
+        prefill = ours(tokens[:, :20], check.positions(0, 20), cache)
+        steps = [ours(tokens[:, i : i + 1], check.positions(i, 1), cache) for i in range(20, 40)]
     cached = torch.cat([prefill, *steps], dim=1)
     torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=0)
     torch.testing.assert_close(cached, expected, atol=1e-4, rtol=0)
@@ -171,7 +136,7 @@ def test_prefill_then_decode_through_cache_matches(family):
 
 def test_greedy_ids_match_transformers_generate(family):
     _, ours, theirs = family
-    assert _greedy(ours, PROMPT, 16) == _hf_greedy(theirs, PROMPT, 16)
+    assert check.greedy(ours, PROMPT, 16) == check.hf_greedy(theirs, PROMPT, 16)
 
 
 def test_batched_scheduler_equals_each_request_alone(family, folders):
@@ -180,35 +145,15 @@ def test_batched_scheduler_equals_each_request_alone(family, folders):
     name, ours, _ = family
     tokenizer = loader.load(folders[name]).tokenizer
     prompts = [PROMPT, PROMPT[:3], _tokens(1, 21, seed=3)[0].tolist(), PROMPT[5:]]
-    alone = [_greedy(ours, ids, 10) for ids in prompts]
-    runs = [_Run(ids, max_tokens=10) for ids in prompts]
+    alone = [check.greedy(ours, ids, 10) for ids in prompts]
+    runs = [check.Run(ids, max_tokens=10) for ids in prompts]
     scheduler = Scheduler(ours, tokenizer, max_batch=4, max_queue=8)
     scheduler.start()
     try:
         scheduler.submit([r.request for r in runs])
-        assert [r.wait() for r in runs] == alone
+        assert [r.wait(30.0) for r in runs] == alone
     finally:
         scheduler.stop()
-
-
-class _Run:
-    """A greedy request whose tokens are collected; `wait()` for them."""
-
-    def __init__(self, ids: list[int], *, max_tokens: int) -> None:
-        self.tokens: list[int] = []
-        self.finished = threading.Event()
-        params = GenerationParams(SamplingParams(temperature=0.0), max_tokens=max_tokens)
-        self.request = Request(prompt_ids=list(ids), params=params, emit=self._emit)
-
-    def _emit(self, event: Event) -> None:
-        if event.token is not None:
-            self.tokens.append(event.token)
-        if event.finish_reason is not None:
-            self.finished.set()
-
-    def wait(self) -> list[int]:
-        assert self.finished.wait(30.0), "the request did not finish"
-        return self.tokens
 
 
 @pytest.mark.parametrize("name", list(GGUF_CASES))
@@ -233,11 +178,11 @@ def test_converted_gguf_matches_transformers(name, conversions, folders):
     theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
     ours = loader.load(gguf_file, dtype=torch.float32).model
     if outtype != "f32":  # the converter rounded the matrices: compare on its own weights
-        theirs.load_state_dict(_hf_names(ours))
+        theirs.load_state_dict(check.hf_names(ours))
     stored = loader.load(gguf_file, prepare=True).model
     tokens = _tokens(2, 40, seed=4)
     for start in (0, 200):
-        positions = _positions(start, 40, rows=2)
+        positions = check.positions(start, 40, rows=2)
         with torch.no_grad():
             expected = theirs(tokens, position_ids=positions).logits
             got, got_stored = ours(tokens, positions), stored(tokens, positions)
@@ -247,7 +192,7 @@ def test_converted_gguf_matches_transformers(name, conversions, folders):
         else:
             pair = torch.stack([got_stored.ravel(), expected.ravel()])
             assert torch.corrcoef(pair)[0, 1] > 0.999
-    assert _greedy(ours, PROMPT, 16) == _hf_greedy(theirs, PROMPT, 16)
+    assert check.greedy(ours, PROMPT, 16) == check.hf_greedy(theirs, PROMPT, 16)
 
 
 def test_q8_0_gguf_straight_into_int8(conversions):
@@ -259,15 +204,11 @@ def test_q8_0_gguf_straight_into_int8(conversions):
     exact = loader.load(gguf_file, dtype=torch.float32).model
     tokens = _tokens(1, 40, seed=5)
     with torch.no_grad():
-        got, expected = prepared(tokens, _positions(0, 40)), exact(tokens, _positions(0, 40))
+        got, expected = (
+            prepared(tokens, check.positions(0, 40)),
+            exact(tokens, check.positions(0, 40)),
+        )
     assert torch.corrcoef(torch.stack([got.ravel(), expected.ravel()]))[0, 1] > 0.999
-
-
-def _hf_names(model) -> dict[str, torch.Tensor]:
-    """Our model's state dict (HF names already) with the tied head written out."""
-    state = dict(model.state_dict())
-    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    return state
 
 
 def test_the_folders_are_native_and_counted(folders):

@@ -7,8 +7,7 @@ rotating half, one residual after the other, no attention bias, tied head."""
 import pytest
 
 import family_checks as check
-from checkpoints import hf_model
-from convert import Conversion, make_convertible
+from convert import Conversion
 from pocketlm.weights import loader
 from pocketlm.weights.gguf import read_gguf
 
@@ -25,26 +24,17 @@ GGUF_CASES = {"parallel-f32": ("parallel", "f32"), "parallel-q8_0": ("parallel",
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict:
-    made = {}
-    for name, config in CASES.items():
-        folder = tmp_path_factory.mktemp(f"neox-{name}")
-        made[name] = make_convertible(folder, model_type="gpt_neox", **config)
-        check.randomize_norms(folder)
-    return made
+    return check.make_folders(tmp_path_factory, CASES, "gpt_neox", prefix="neox")
 
 
 @pytest.fixture(scope="module")
 def conversions(folders) -> dict[str, Conversion]:
-    return {
-        name: Conversion(folders[case], folders[case].parent / f"{name}.gguf", outtype=outtype)
-        for name, (case, outtype) in GGUF_CASES.items()
-    }
+    return check.start_conversions(folders, GGUF_CASES)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def pair(request, folders):
-    folder = folders[request.param]
-    return loader.load(folder).model, hf_model(folder)
+    return check.load_pair(folders[request.param])
 
 
 def test_the_cases_switch_on_what_they_say(folders):

@@ -8,21 +8,14 @@ last of them NoPE; OLMo 2's post-norms and whole-projection q/k norms; Granite's
 multipliers far from 1. Odd KV head counts and GQA (6/3, 3/1, 6/2 heads), norm weights
 random (transformers starts them at 1, where a missing or misplaced norm hides)."""
 
-import threading
-
 import pytest
 import torch
 
-import pocketlm
+import family_checks as check
 from checkpoints import hf_model
 from convert import Conversion, make_convertible
 from pocketlm.errors import PocketLMError
-from pocketlm.generate.params import GenerationParams
-from pocketlm.generate.sequence import Sequence
-from pocketlm.generate.stream import generate_tokens
 from pocketlm.models import make_cache
-from pocketlm.sampling import SamplingParams
-from pocketlm.serve.scheduler import Request, Scheduler
 from pocketlm.weights import card, loader
 from pocketlm.weights.config import check_config, read_config
 from pocketlm.weights.gguf import read_gguf
@@ -60,23 +53,11 @@ def folders(tmp_path_factory) -> dict:
     for family, config in CASES.items():
         folder = tmp_path_factory.mktemp(family)
         made[family] = make_convertible(folder, model_type=family, **SHAPE, **config)
-        _sharpen(folder)
+        # Norm weights random, and q and k 8 times larger: at transformers' initial scale
+        # the attention is near uniform, so rotary (SmolLM3's NoPE layer) and Granite's
+        # attention scale would hardly show in the logits.
+        check.randomize_norms(folder, rms=True, scale=(("q_proj.weight", "k_proj.weight"), 8))
     return made
-
-
-def _sharpen(folder) -> None:
-    """Every norm weight made random, and q and k 8 times larger: at transformers' initial
-    scale the attention is near uniform, so rotary (SmolLM3's NoPE layer) and Granite's
-    attention scale would hardly show in the logits."""
-    model = hf_model(folder)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=generator))
-            elif name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(8)
-    model.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -98,20 +79,7 @@ def family(request) -> str:
 
 @pytest.fixture(scope="module")
 def pair(family, folders):
-    return loader.load(folders[family]).model, hf_model(folders[family])
-
-
-def _tokens(rows: int, n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 50257, (rows, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _positions(start: int, n: int, rows: int = 1) -> torch.Tensor:
-    return torch.arange(start, start + n)[None].expand(rows, n)
-
-
-def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    params = GenerationParams(SamplingParams(temperature=0.0), max_tokens=n)
-    return [s.token for s in generate_tokens(Sequence(model), prompt, params)]
+    return check.load_pair(folders[family])
 
 
 def _uncached_greedy(model, prompt: list[int], n: int) -> list[int]:
@@ -119,24 +87,15 @@ def _uncached_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
-            logits = model(torch.tensor([ids]), _positions(0, len(ids)))
+            logits = model(torch.tensor([ids]), check.positions(0, len(ids)))
             ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt) :]
 
 
-def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-            pad_token_id=0,
-        )  # fmt: skip
-    return out[0, len(prompt) :].tolist()
-
-
 def _assert_logits_match(ours, theirs, *, seed: int, starts=(0, 17, 200), atol=1e-4) -> None:
-    tokens = _tokens(2, 40, seed=seed)
+    tokens = check.tokens(2, 40, seed=seed)
     for start in starts:
-        positions = _positions(start, 40, rows=2)
+        positions = check.positions(start, 40, rows=2)
         with torch.no_grad():
             expected = theirs(tokens, position_ids=positions).logits
             got = ours(tokens, positions)
@@ -188,14 +147,14 @@ def test_each_switch_shows_in_the_logits(pair, family):
         switches = [(block.self_attn, "qk_norm_across_heads", False) for block in layers]
     else:
         switches = [(block, "residual_multiplier", 1.0) for block in layers]
-    tokens = _tokens(1, 40, seed=6)
+    tokens = check.tokens(1, 40, seed=6)
     with torch.no_grad():
         expected = theirs(tokens).logits
         saved = [getattr(module, name) for module, name, _ in switches]
         try:
             for module, name, off in switches:
                 setattr(module, name, off)
-            got = ours(tokens, _positions(0, 40))
+            got = ours(tokens, check.positions(0, 40))
         finally:
             for (module, name, _), value in zip(switches, saved, strict=True):
                 setattr(module, name, value)
@@ -204,19 +163,19 @@ def test_each_switch_shows_in_the_logits(pair, family):
 
 def test_prefill_then_decode_through_cache_matches(pair):
     ours, theirs = pair
-    tokens = _tokens(1, 30, seed=2)
+    tokens = check.tokens(1, 30, seed=2)
     with torch.no_grad():
         expected = theirs(tokens).logits
         cache = make_cache(ours, batch_size=1, max_seq_len=64)
-        prefill = ours(tokens[:, :20], _positions(0, 20), cache)
-        steps = [ours(tokens[:, i : i + 1], _positions(i, 1), cache) for i in range(20, 30)]
+        prefill = ours(tokens[:, :20], check.positions(0, 20), cache)
+        steps = [ours(tokens[:, i : i + 1], check.positions(i, 1), cache) for i in range(20, 30)]
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), expected, atol=1e-4, rtol=0)
 
 
 def test_greedy_ids_match_transformers_cached_and_uncached(pair):
     ours, theirs = pair
-    expected = _hf_greedy(theirs, PROMPT, 16)
-    assert _greedy(ours, PROMPT, 16) == expected
+    expected = check.hf_greedy(theirs, PROMPT, 16)
+    assert check.greedy(ours, PROMPT, 16) == expected
     assert _uncached_greedy(ours, PROMPT, 16) == expected
 
 
@@ -229,9 +188,12 @@ def test_prepared_fused_and_quantized(family, folders, quantize):
     prepared = loader.load(folders[family], prepare=True, quantize=quantize).model
     block = prepared.model.layers[0]
     assert block.self_attn.qkv_proj is not None and block.mlp.gate_up_proj is not None
-    tokens = _tokens(1, 24, seed=3)
+    tokens = check.tokens(1, 24, seed=3)
     with torch.no_grad():
-        expected, got = reference(tokens, _positions(0, 24)), prepared(tokens, _positions(0, 24))
+        expected, got = (
+            reference(tokens, check.positions(0, 24)),
+            prepared(tokens, check.positions(0, 24)),
+        )
     if quantize is None:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     else:
@@ -241,34 +203,9 @@ def test_prepared_fused_and_quantized(family, folders, quantize):
 
 def test_batched_int8_greedy_equals_each_request_alone(family, folders):
     """The scheduler's ragged batch (int8 weights) gives each request its tokens alone."""
-    lm = pocketlm.load(folders[family], quantize="int8")
-    alone = [lm.generate(ids, max_tokens=8, temperature=0).tokens for ids in PROMPTS]
-    tokens: list[list[int]] = [[] for _ in PROMPTS]
-    finished = [threading.Event() for _ in PROMPTS]
-
-    def emitter(i: int):
-        def emit(event) -> None:
-            if event.token is not None:
-                tokens[i].append(event.token)
-            if event.finish_reason is not None:
-                finished[i].set()
-
-        return emit
-
-    params = GenerationParams(SamplingParams(temperature=0.0), max_tokens=8)
-    scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=4, max_queue=8)
-    scheduler.start()
-    try:
-        scheduler.submit(
-            [
-                Request(prompt_ids=ids, params=params, emit=emitter(i))
-                for i, ids in enumerate(PROMPTS)
-            ]
-        )
-        assert all(event.wait(30) for event in finished), "a request did not finish"
-    finally:
-        scheduler.stop()
-    assert tokens == alone
+    check.assert_batched_equals_alone(
+        folders[family], prompts=PROMPTS, max_tokens=8, timeout=30, quantize="int8"
+    )
 
 
 def test_converted_gguf_matches_transformers(family, conversions, folders):
@@ -295,9 +232,9 @@ def test_converted_gguf_matches_transformers(family, conversions, folders):
         assert getattr(from_gguf, key) == (expected and pytest.approx(expected, rel=1e-7)), key
     theirs, ours = hf_model(folder), loader.load(gguf_file, dtype=torch.float32).model
     if outtype == "f16":  # the converter rounded the matrices: compare on its own weights
-        theirs.load_state_dict(_hf_names(ours))
+        theirs.load_state_dict(check.hf_names(ours))
     _assert_logits_match(ours, theirs, seed=4, starts=(0, 200))
-    assert _greedy(ours, PROMPT, 16) == _hf_greedy(theirs, PROMPT, 16)
+    assert check.greedy(ours, PROMPT, 16) == check.hf_greedy(theirs, PROMPT, 16)
 
 
 def test_converted_q8_0_runs_as_stored(family, conversions):
@@ -309,12 +246,15 @@ def test_converted_q8_0_runs_as_stored(family, conversions):
     exact = loader.load(gguf_file, dtype=torch.float32).model
     stored = loader.load(gguf_file, prepare=True).model
     assert type(stored.model.layers[0].self_attn.qkv_proj).__name__ == "GGUFLinear"
-    tokens = _tokens(1, 24, seed=5)
+    tokens = check.tokens(1, 24, seed=5)
     with torch.no_grad():
-        expected, got = exact(tokens, _positions(0, 24)), stored(tokens, _positions(0, 24))
+        expected, got = (
+            exact(tokens, check.positions(0, 24)),
+            stored(tokens, check.positions(0, 24)),
+        )
         cache = make_cache(stored, batch_size=1, max_seq_len=32)
-        prefill = stored(tokens[:, :16], _positions(0, 16), cache)
-        steps = [stored(tokens[:, i : i + 1], _positions(i, 1), cache) for i in range(16, 24)]
+        prefill = stored(tokens[:, :16], check.positions(0, 16), cache)
+        steps = [stored(tokens[:, i : i + 1], check.positions(i, 1), cache) for i in range(16, 24)]
     assert torch.corrcoef(torch.stack([got.ravel(), expected.ravel()]))[0, 1] > 0.999
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), got, atol=1e-4, rtol=1e-3)
 
@@ -344,13 +284,6 @@ def test_an_olmo3_conversion_is_refused_in_one_line(conversions, tmp_path):
     with pytest.raises(PocketLMError, match="OLMo 3") as error:
         gguf_config("olmo2", meta, tensors=ckpt.tensors, path=tmp_path)
     assert "\n" not in str(error.value)
-
-
-def _hf_names(model) -> dict[str, torch.Tensor]:
-    """Our model's state dict (HF names already) with the tied head written out."""
-    state = dict(model.state_dict())
-    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    return state
 
 
 @pytest.mark.parametrize(

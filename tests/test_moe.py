@@ -6,23 +6,18 @@ makes of it (tests/convert.py). 6 heads of 16 over 3 KV heads beside hidden 64, 
 experts, top 2; dense layers among sparse ones through mlp_only_layers and
 decoder_sparse_step (HF only: llama.cpp's converter has no names for them)."""
 
-import threading
-
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import family_checks as check
 from checkpoints import hf_model, make_llama
 from convert import Conversion, make_convertible
 from pocketlm.errors import PocketLMError
-from pocketlm.generate.params import GenerationParams
-from pocketlm.generate.sequence import Sequence
-from pocketlm.generate.stream import generate_tokens
 from pocketlm.models import make_cache
 from pocketlm.models.moe import SparseMoE
-from pocketlm.sampling import SamplingParams
-from pocketlm.serve.scheduler import Request, Scheduler
+from pocketlm.serve.scheduler import Scheduler
 from pocketlm.weights import loader
 from pocketlm.weights.config import check_config
 from pocketlm.weights.gguf import read_gguf
@@ -59,65 +54,28 @@ def folders(tmp_path_factory) -> dict:
         folder = tmp_path_factory.mktemp(name)
         make = make_llama if name.endswith("dense") else make_convertible
         made[name] = make(folder, **SHAPE, **config)
-        _randomize(folder)
+        # Router weights 10x larger, so routing is decided by clear margins (tiny random
+        # ones leave near ties that rounding may flip), as a trained router's are.
+        check.randomize_norms(
+            folder, rms=True, scale=(("mlp.gate.weight", "shared_expert_gate.weight"), 10)
+        )
     return made
-
-
-def _randomize(folder) -> None:
-    """RMSNorm weights random (transformers starts them at 1), so a missing norm shows;
-    router weights 10x larger, so routing is decided by clear margins (tiny random ones
-    leave near ties that rounding may flip), as a trained router's are."""
-    model = hf_model(folder)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=generator))
-            elif name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
-                p.mul_(10)
-    model.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
 def conversions(folders) -> dict[str, Conversion]:
     """Every GGUF case's conversion started at once (they overlap)."""
-    return {
-        name: Conversion(folders[case], folders[case].parent / f"{name}.gguf", outtype=outtype)
-        for name, (case, outtype) in GGUF_CASES.items()
-    }
+    return check.start_conversions(folders, GGUF_CASES)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, folders, conversions):
     """(name, ours, transformers') from each case's folder; the conversions run meanwhile."""
-    folder = folders[request.param]
-    return request.param, loader.load(folder).model, hf_model(folder)
+    return request.param, *check.load_pair(folders[request.param])
 
 
 def _prompt(name: str) -> list[int]:
     return PROMPTS["qwen" if name in ("qwen2_moe", "qwen3_moe") else "mixtral"]
-
-
-def _tokens(rows: int, n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 50257, (rows, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _positions(start: int, n: int, rows: int = 1) -> torch.Tensor:
-    return torch.arange(start, start + n)[None].expand(rows, n)
-
-
-def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    params = GenerationParams(SamplingParams(temperature=0.0), max_tokens=n)
-    return [s.token for s in generate_tokens(Sequence(model), prompt, params)]
-
-
-def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-            pad_token_id=0,
-        )  # fmt: skip
-    return out[0, len(prompt) :].tolist()
 
 
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -143,9 +101,9 @@ def test_sparse_layers_experts_and_shared_expert(case, folders):
 
 def test_logits_match_transformers_at_several_positions(case):
     _, ours, theirs = case
-    tokens = _tokens(2, 16, seed=1)
+    tokens = check.tokens(2, 16, seed=1)
     for start in (0, 17, 200):
-        positions = _positions(start, 16, rows=2)
+        positions = check.positions(start, 16, rows=2)
         with torch.no_grad():
             expected = theirs(tokens, position_ids=positions).logits
             got = ours(tokens, positions)
@@ -154,18 +112,18 @@ def test_logits_match_transformers_at_several_positions(case):
 
 def test_prefill_then_decode_through_cache_matches(case):
     _, ours, theirs = case
-    tokens = _tokens(1, 30, seed=2)
+    tokens = check.tokens(1, 30, seed=2)
     with torch.no_grad():
         expected = theirs(tokens).logits
         cache = make_cache(ours, batch_size=1, max_seq_len=64)
-        prefill = ours(tokens[:, :20], _positions(0, 20), cache)
-        steps = [ours(tokens[:, i : i + 1], _positions(i, 1), cache) for i in range(20, 30)]
+        prefill = ours(tokens[:, :20], check.positions(0, 20), cache)
+        steps = [ours(tokens[:, i : i + 1], check.positions(i, 1), cache) for i in range(20, 30)]
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), expected, atol=1e-4, rtol=0)
 
 
 def test_greedy_ids_match_transformers_generate(case):
     name, ours, theirs = case
-    assert _greedy(ours, _prompt(name), 16) == _hf_greedy(theirs, _prompt(name), 16)
+    assert check.greedy(ours, _prompt(name), 16) == check.hf_greedy(theirs, _prompt(name), 16)
 
 
 def test_a_decode_step_runs_only_the_chosen_experts(folders):
@@ -177,9 +135,9 @@ def test_a_decode_step_runs_only_the_chosen_experts(folders):
             expert.register_forward_hook(lambda m, args, out, e=e: calls.append(args[0].shape[0]))
     cache = make_cache(model, batch_size=1, max_seq_len=16)
     with torch.no_grad():
-        model(_tokens(1, 5, seed=3), _positions(0, 5), cache)
+        model(check.tokens(1, 5, seed=3), check.positions(0, 5), cache)
         calls.clear()
-        model(_tokens(1, 1, seed=4), _positions(5, 1), cache)
+        model(check.tokens(1, 1, seed=4), check.positions(5, 1), cache)
     assert calls == [1] * (2 * 3)  # top 2 of 6, in each of 3 layers, one row each
 
 
@@ -195,10 +153,12 @@ def test_fused_3d_expert_tensors_load_too(folders, tmp_path):
             (tmp_path / f.name).write_bytes(f.read_bytes())
     save_file(state, tmp_path / "model.safetensors")
     ours = loader.load(tmp_path).model
-    tokens = _tokens(1, 20, seed=5)
+    tokens = check.tokens(1, 20, seed=5)
     with torch.no_grad():
-        expected = theirs(tokens, position_ids=_positions(0, 20)).logits
-        torch.testing.assert_close(ours(tokens, _positions(0, 20)), expected, atol=1e-4, rtol=0)
+        expected = theirs(tokens, position_ids=check.positions(0, 20)).logits
+        torch.testing.assert_close(
+            ours(tokens, check.positions(0, 20)), expected, atol=1e-4, rtol=0
+        )
 
 
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
@@ -212,13 +172,16 @@ def test_prepared_fused_and_quantized(folders, quantize):
     assert moe.experts[0].gate_up_proj is not None and moe.shared_expert.gate_up_proj is not None
     assert prepared.model.layers[1].mlp.gate_up_proj is not None  # the dense layer's
     assert type(moe.gate.weight) is torch.nn.Parameter and moe.gate.weight.dtype == torch.float32
-    tokens = _tokens(1, 24, seed=6)
+    tokens = check.tokens(1, 24, seed=6)
     with torch.no_grad():
-        expected, got = reference(tokens, _positions(0, 24)), prepared(tokens, _positions(0, 24))
+        expected, got = (
+            reference(tokens, check.positions(0, 24)),
+            prepared(tokens, check.positions(0, 24)),
+        )
     if quantize is None:
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
         prompt = PROMPTS["mixtral"]
-        assert _greedy(prepared, prompt, 16) == _greedy(reference, prompt, 16)
+        assert check.greedy(prepared, prompt, 16) == check.greedy(reference, prompt, 16)
     else:
         assert _correlation(got, expected) > {"int8": 0.999, "int4": 0.98}[quantize]
 
@@ -228,33 +191,15 @@ def test_batched_scheduler_equals_each_request_alone(folders):
     model = loader.load(folders["mixtral"], prepare=True).model
     lm = loader.load(folders["mixtral"])
     prompts = [[464, 3290], [15496, 995, 11], [40, 588, 257, 1310, 286], [818]]
-    alone = [_greedy(model, ids, 10) for ids in prompts]
+    alone = [check.greedy(model, ids, 10) for ids in prompts]
     scheduler = Scheduler(model, lm.tokenizer, max_batch=4, max_queue=8)
     scheduler.start()
     try:
-        got = [[] for _ in prompts]
-        done = [threading.Event() for _ in prompts]
-
-        def emitter(i):
-            def emit(event):
-                if event.token is not None:
-                    got[i].append(event.token)
-                if event.finish_reason is not None:
-                    done[i].set()
-
-            return emit
-
-        params = GenerationParams(SamplingParams(temperature=0.0), max_tokens=10)
-        scheduler.submit(
-            [
-                Request(prompt_ids=ids, params=params, emit=emitter(i))
-                for i, ids in enumerate(prompts)
-            ]
-        )
-        assert all(d.wait(30) for d in done)
+        runs = [check.Run(ids) for ids in prompts]
+        scheduler.submit([r.request for r in runs])
+        assert [r.wait(30) for r in runs] == alone
     finally:
         scheduler.stop()
-    assert got == alone
 
 
 @pytest.mark.parametrize("name", list(GGUF_CASES))
@@ -281,14 +226,16 @@ def test_converted_gguf_matches_transformers(name, conversions, folders):
         assert error <= tolerance, key
     theirs = hf_model(folder)  # on the file's own (rounded) weights
     theirs.load_state_dict(_hf_state(ours, theirs), strict=True)
-    tokens = _tokens(2, 16, seed=7)
+    tokens = check.tokens(2, 16, seed=7)
     for start in (0, 200):
-        positions = _positions(start, 16, rows=2)
+        positions = check.positions(start, 16, rows=2)
         with torch.no_grad():
             expected = theirs(tokens, position_ids=positions).logits
             logits = ours(tokens, positions)
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
-    assert _greedy(ours, _prompt(case_name), 16) == _hf_greedy(theirs, _prompt(case_name), 16)
+    assert check.greedy(ours, _prompt(case_name), 16) == check.hf_greedy(
+        theirs, _prompt(case_name), 16
+    )
 
 
 def _hf_state(ours, theirs) -> dict[str, torch.Tensor]:
@@ -321,12 +268,15 @@ def test_converted_gguf_runs_as_stored_and_quantized(conversions, name, quantize
     expert = prepared.model.layers[1].mlp.experts[0]
     kind = "Int8Linear" if quantize else "GGUFLinear"
     assert type(expert.gate_up_proj).__name__ == type(expert.down_proj).__name__ == kind
-    tokens = _tokens(1, 24, seed=8)
+    tokens = check.tokens(1, 24, seed=8)
     with torch.no_grad():
-        got, expected = prepared(tokens, _positions(0, 24)), exact(tokens, _positions(0, 24))
+        got, expected = (
+            prepared(tokens, check.positions(0, 24)),
+            exact(tokens, check.positions(0, 24)),
+        )
     if name.endswith("f16"):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-        assert _greedy(prepared, PROMPTS["qwen"], 8) == _greedy(exact, PROMPTS["qwen"], 8)
+        assert check.greedy(prepared, PROMPTS["qwen"], 8) == check.greedy(exact, PROMPTS["qwen"], 8)
     else:
         assert _correlation(got, expected) > 0.999
 

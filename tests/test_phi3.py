@@ -15,13 +15,12 @@ import json
 import pytest
 import torch
 
+import family_checks as check
 import pocketlm
 from checkpoints import hf_model
 from convert import Conversion, make_convertible
 from pocketlm.errors import PocketLMError
-from pocketlm.generate.params import GenerationParams
 from pocketlm.generate.sequence import Sequence
-from pocketlm.generate.stream import generate_tokens
 from pocketlm.models import make_cache
 from pocketlm.sampling import SamplingParams
 from pocketlm.serve.scheduler import Scheduler
@@ -77,7 +76,7 @@ def folders(tmp_path_factory) -> dict:
             _readme_rope_scaling(folder)
         else:
             make_convertible(folder, **config)
-        _randomize_norms(folder)
+        check.randomize_norms(folder, rms=True)
     return made
 
 
@@ -93,51 +92,14 @@ def _readme_rope_scaling(folder) -> None:
     file.write_text(json.dumps(config))
 
 
-def _randomize_norms(folder) -> None:
-    """Every RMSNorm weight random (transformers starts them at 1), so a missing norm shows."""
-    model = hf_model(folder)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=generator))
-    model.save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def conversions(folders) -> dict[str, Conversion]:
-    return {
-        name: Conversion(folders[case], folders[case].parent / f"{name}.gguf", outtype=outtype)
-        for name, (case, outtype) in GGUF_CASES.items()
-    }
+    return check.start_conversions(folders, GGUF_CASES)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def pair(request, folders):
-    folder = folders[request.param]
-    return loader.load(folder).model, hf_model(folder)
-
-
-def _tokens(rows: int, n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 50257, (rows, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _positions(start: int, n: int, rows: int = 1) -> torch.Tensor:
-    return torch.arange(start, start + n)[None].expand(rows, n)
-
-
-def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    params = GenerationParams(SamplingParams(temperature=0.0), max_tokens=n)
-    return [s.token for s in generate_tokens(Sequence(model), prompt, params)]
-
-
-def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-            pad_token_id=0,
-        )  # fmt: skip
-    return out[0, len(prompt) :].tolist()
+    return check.load_pair(folders[request.param])
 
 
 def test_the_folders_are_what_they_claim(folders, conversions):
@@ -162,8 +124,8 @@ def test_logits_match_transformers_short_and_long(pair):
     (or any that starts later) runs on the long ones, in both engines; YaRN is one set."""
     ours, theirs = pair
     for start, n in ((0, 20), (0, 40), (17, 40), (200, 40)):
-        tokens = _tokens(2, n, seed=start + n)
-        positions = _positions(start, n, rows=2)
+        tokens = check.tokens(2, n, seed=start + n)
+        positions = check.positions(start, n, rows=2)
         with torch.no_grad():
             expected = theirs(tokens, position_ids=positions).logits
             got = ours(tokens, positions)
@@ -174,10 +136,10 @@ def test_the_factors_really_switch(folders):
     """The same 20 tokens at the same positions give other logits once the call reaches
     past the switch: the long factors are in use (and transformers agrees above)."""
     ours = loader.load(folders["phi3"]).model
-    tokens = _tokens(1, 40, seed=3)
+    tokens = check.tokens(1, 40, seed=3)
     with torch.no_grad():
-        short = ours(tokens[:, :20], _positions(0, 20))
-        long = ours(tokens, _positions(0, 40))[:, :20]
+        short = ours(tokens[:, :20], check.positions(0, 20))
+        long = ours(tokens, check.positions(0, 40))[:, :20]
     assert (short - long).abs().max() > 1e-3  # random weights: small, but far from 0
 
 
@@ -186,11 +148,11 @@ def test_cached_generation_equals_uncached_across_the_switch(pair):
     the long factors there (as transformers' generate does): every step's logits equal
     those of the whole sequence computed at once."""
     ours, _ = pair
-    tokens = _tokens(1, 40, seed=4)[0].tolist()
+    tokens = check.tokens(1, 40, seed=4)[0].tolist()
     sequence = Sequence(ours)
     with torch.no_grad():
         got = [sequence.prefill(tokens[:20])] + [sequence.step(t) for t in tokens[20:]]
-        expected = [ours(torch.tensor([tokens[: i + 1]]), _positions(0, i + 1),
+        expected = [ours(torch.tensor([tokens[: i + 1]]), check.positions(0, i + 1),
                          logits_to_keep=1)[0, -1] for i in range(19, 40)]  # fmt: skip
     torch.testing.assert_close(torch.stack(got), torch.stack(expected), atol=1e-5, rtol=0)
 
@@ -199,12 +161,14 @@ def test_prefill_then_decode_through_cache_without_a_switch(folders):
     """The model's own cache (no Sequence): YaRN, and LongRoPE all on one side."""
     for name in ("qwen2yarn", "phi4mini"):
         ours = loader.load(folders[name]).model
-        tokens = _tokens(1, 30, seed=5)
+        tokens = check.tokens(1, 30, seed=5)
         with torch.no_grad():
-            expected = ours(tokens, _positions(0, 30))
+            expected = ours(tokens, check.positions(0, 30))
             cache = make_cache(ours, batch_size=1, max_seq_len=64)
-            prefill = ours(tokens[:, :20], _positions(0, 20), cache)
-            steps = [ours(tokens[:, i : i + 1], _positions(i, 1), cache) for i in range(20, 30)]
+            prefill = ours(tokens[:, :20], check.positions(0, 20), cache)
+            steps = [
+                ours(tokens[:, i : i + 1], check.positions(i, 1), cache) for i in range(20, 30)
+            ]
         got = torch.cat([prefill, *steps], dim=1)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
@@ -212,7 +176,7 @@ def test_prefill_then_decode_through_cache_without_a_switch(folders):
 def test_greedy_ids_match_transformers_generate(pair):
     """24 prompt tokens + 16: LongRoPE's generation crosses 32 on the way."""
     ours, theirs = pair
-    assert _greedy(ours, PROMPT, 16) == _hf_greedy(theirs, PROMPT, 16)
+    assert check.greedy(ours, PROMPT, 16) == check.hf_greedy(theirs, PROMPT, 16)
 
 
 def test_batched_scheduler_equals_each_request_alone(folders):
@@ -237,9 +201,12 @@ def test_prepared_and_quantized(folders, quantize):
     folder = folders["phi4mini"]
     reference = loader.load(folder).model
     prepared = loader.load(folder, prepare=True, quantize=quantize).model
-    tokens = _tokens(1, 40, seed=6)
+    tokens = check.tokens(1, 40, seed=6)
     with torch.no_grad():
-        expected, got = reference(tokens, _positions(0, 40)), prepared(tokens, _positions(0, 40))
+        expected, got = (
+            reference(tokens, check.positions(0, 40)),
+            prepared(tokens, check.positions(0, 40)),
+        )
     if quantize is None:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     else:
@@ -272,17 +239,15 @@ def test_converted_gguf_matches_transformers(name, conversions, folders):
         assert ckpt.metadata["qwen2.rope.scaling.type"] == "yarn"
     theirs = hf_model(folder)
     if outtype != "f32":  # the converter rounded the matrices: compare on its own weights
-        state = dict(loader.load(gguf_file, dtype=torch.float32).model.state_dict())
-        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-        theirs.load_state_dict(state)
+        theirs.load_state_dict(check.hf_names(loader.load(gguf_file, dtype=torch.float32).model))
     ours = loader.load(gguf_file, dtype=torch.float32).model
     for start, n in ((0, 20), (0, 40), (200, 40)):
-        tokens, positions = _tokens(1, n, seed=7), _positions(start, n)
+        tokens, positions = check.tokens(1, n, seed=7), check.positions(start, n)
         with torch.no_grad():
             expected = theirs(tokens, position_ids=positions).logits
             got = ours(tokens, positions)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-    assert _greedy(ours, PROMPT, 16) == _hf_greedy(theirs, PROMPT, 16)
+    assert check.greedy(ours, PROMPT, 16) == check.hf_greedy(theirs, PROMPT, 16)
 
 
 def test_converted_spm_vocabulary_loads(conversions):
@@ -305,12 +270,12 @@ def test_converted_q8_0_runs_as_stored_and_as_int8(conversions):
     the same file dequantized, past the switch (correlation, as int8 activations round)."""
     gguf_file = conversions["phi3-q8_0"].wait()
     exact = loader.load(gguf_file, dtype=torch.float32).model
-    tokens = _tokens(1, 40, seed=8)
+    tokens = check.tokens(1, 40, seed=8)
     with torch.no_grad():
-        expected = exact(tokens, _positions(0, 40))
+        expected = exact(tokens, check.positions(0, 40))
         for quantize in (None, "int8"):
             got = loader.load(gguf_file, prepare=True, quantize=quantize).model(
-                tokens, _positions(0, 40)
+                tokens, check.positions(0, 40)
             )
             assert torch.corrcoef(torch.stack([got.ravel(), expected.ravel()]))[0, 1] > 0.999
 

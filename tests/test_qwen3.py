@@ -4,17 +4,16 @@ llama.cpp's `convert_hf_to_gguf.py` makes of it (tests/convert.py; Qwen2's real
 vocabulary, which Qwen3 shares). head_dim 24 beside hidden 64 / 4 heads, GQA, tied and
 untied embeddings."""
 
+from functools import partial
+
 import pytest
 import torch
 
+import family_checks as check
 from checkpoints import hf_model
-from convert import Conversion, make_convertible
+from convert import Conversion
 from pocketlm.errors import PocketLMError
-from pocketlm.generate.params import GenerationParams
-from pocketlm.generate.sequence import Sequence
-from pocketlm.generate.stream import generate_tokens
 from pocketlm.models import make_cache
-from pocketlm.sampling import SamplingParams
 from pocketlm.weights import card, loader
 from pocketlm.weights.config import check_config, read_config
 from pocketlm.weights.gguf import read_gguf
@@ -31,66 +30,24 @@ WRITTEN_KEYS = {"block_count", "context_length", "embedding_length", "feed_forwa
                 "attention.value_length", "attention.layer_norm_rms_epsilon",
                 "rope.freq_base"}  # fmt: skip
 PROMPT = [9707, 1879, 11, 1128, 525, 498]  # "Hello world, how are you" in Qwen's ids
+_tokens = partial(check.tokens, vocab=151643)  # Qwen2's vocabulary
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict:
     """Each case's HF folder (random weights, saved by transformers' Qwen3ForCausalLM)."""
-    made = {}
-    for name, config in CASES.items():
-        folder = tmp_path_factory.mktemp(f"qwen3-{name}")
-        made[name] = make_convertible(folder, model_type="qwen3", **config)
-        _randomize_norms(folder)
-    return made
-
-
-def _randomize_norms(folder) -> None:
-    """Every RMSNorm weight made random (transformers starts them at 1), so that a q_norm
-    and k_norm swapped or left out shows in the logits."""
-    model = hf_model(folder)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=generator))
-    model.save_pretrained(folder)
+    return check.make_folders(tmp_path_factory, CASES, "qwen3", rms=True)
 
 
 @pytest.fixture(scope="module")
 def conversions(folders) -> dict[str, Conversion]:
     """Every GGUF case's conversion started at once (they overlap)."""
-    return {
-        name: Conversion(folders[case], folders[case].parent / f"{name}.gguf", outtype=outtype)
-        for name, (case, outtype) in GGUF_CASES.items()
-    }
+    return check.start_conversions(folders, GGUF_CASES)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def pair(request, folders):
-    folder = folders[request.param]
-    return loader.load(folder).model, hf_model(folder)
-
-
-def _tokens(rows: int, n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 151643, (rows, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _positions(start: int, n: int, rows: int = 1) -> torch.Tensor:
-    return torch.arange(start, start + n)[None].expand(rows, n)
-
-
-def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    params = GenerationParams(SamplingParams(temperature=0.0), max_tokens=n)
-    return [s.token for s in generate_tokens(Sequence(model), prompt, params)]
-
-
-def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-            pad_token_id=0,
-        )  # fmt: skip
-    return out[0, len(prompt) :].tolist()
+    return check.load_pair(folders[request.param])
 
 
 def test_the_folder_is_a_qwen3_with_q_and_k_norms(folders):
@@ -110,7 +67,7 @@ def test_logits_match_transformers_at_several_positions(pair):
     ours, theirs = pair
     tokens = _tokens(2, 40, seed=1)
     for start in (0, 17, 200):
-        positions = _positions(start, 40, rows=2)
+        positions = check.positions(start, 40, rows=2)
         with torch.no_grad():
             expected = theirs(tokens, position_ids=positions).logits
             got = ours(tokens, positions)
@@ -123,14 +80,14 @@ def test_prefill_then_decode_through_cache_matches(pair):
     with torch.no_grad():
         expected = theirs(tokens).logits
         cache = make_cache(ours, batch_size=1, max_seq_len=64)
-        prefill = ours(tokens[:, :20], _positions(0, 20), cache)
-        steps = [ours(tokens[:, i : i + 1], _positions(i, 1), cache) for i in range(20, 30)]
+        prefill = ours(tokens[:, :20], check.positions(0, 20), cache)
+        steps = [ours(tokens[:, i : i + 1], check.positions(i, 1), cache) for i in range(20, 30)]
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), expected, atol=1e-5, rtol=0)
 
 
 def test_greedy_ids_match_transformers_generate(pair):
     ours, theirs = pair
-    assert _greedy(ours, PROMPT, 16) == _hf_greedy(theirs, PROMPT, 16)
+    assert check.greedy(ours, PROMPT, 16) == check.hf_greedy(theirs, PROMPT, 16)
 
 
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
@@ -144,10 +101,13 @@ def test_prepared_fused_and_quantized(folders, quantize):
     assert attn.qkv_proj is not None and not hasattr(attn, "q_proj")
     tokens = _tokens(1, 24, seed=3)
     with torch.no_grad():
-        expected, got = reference(tokens, _positions(0, 24)), prepared(tokens, _positions(0, 24))
+        expected, got = (
+            reference(tokens, check.positions(0, 24)),
+            prepared(tokens, check.positions(0, 24)),
+        )
     if quantize is None:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-        assert _greedy(prepared, PROMPT, 16) == _greedy(reference, PROMPT, 16)
+        assert check.greedy(prepared, PROMPT, 16) == check.greedy(reference, PROMPT, 16)
     else:  # rounding, not a wrong layout (q_norm and k_norm swapped: about 0.965)
         correlation = torch.corrcoef(torch.stack([got.ravel(), expected.ravel()]))[0, 1]
         assert correlation > {"int8": 0.999, "int4": 0.98}[quantize]
@@ -178,16 +138,16 @@ def test_converted_gguf_matches_transformers(name, conversions, folders):
     assert from_gguf.tie_word_embeddings == from_folder.tie_word_embeddings
     theirs = hf_model(folder)
     if outtype == "f16":  # the converter rounded the matrices: compare on its own weights
-        theirs.load_state_dict(_hf_names(loader.load(gguf_file, dtype=torch.float32).model))
+        theirs.load_state_dict(check.hf_names(loader.load(gguf_file, dtype=torch.float32).model))
     ours = loader.load(gguf_file, dtype=torch.float32).model
     tokens = _tokens(2, 40, seed=4)
     for start in (0, 200):
-        positions = _positions(start, 40, rows=2)
+        positions = check.positions(start, 40, rows=2)
         with torch.no_grad():
             expected = theirs(tokens, position_ids=positions).logits
             got = ours(tokens, positions)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-    assert _greedy(ours, PROMPT, 16) == _hf_greedy(theirs, PROMPT, 16)
+    assert check.greedy(ours, PROMPT, 16) == check.hf_greedy(theirs, PROMPT, 16)
 
 
 @pytest.mark.parametrize(("name", "quantize"), [("tied-f16", None), ("untied-q8_0", None),
@@ -202,19 +162,15 @@ def test_converted_gguf_runs_as_stored_and_quantized(conversions, name, quantize
     exact = loader.load(gguf_file, dtype=torch.float32).model
     tokens = _tokens(1, 24, seed=5)
     with torch.no_grad():
-        got, expected = prepared(tokens, _positions(0, 24)), exact(tokens, _positions(0, 24))
+        got, expected = (
+            prepared(tokens, check.positions(0, 24)),
+            exact(tokens, check.positions(0, 24)),
+        )
     if name == "tied-f16":
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-        assert _greedy(prepared, PROMPT, 8) == _greedy(exact, PROMPT, 8)
+        assert check.greedy(prepared, PROMPT, 8) == check.greedy(exact, PROMPT, 8)
     else:
         assert torch.corrcoef(torch.stack([got.ravel(), expected.ravel()]))[0, 1] > 0.999
-
-
-def _hf_names(model) -> dict[str, torch.Tensor]:
-    """Our model's state dict (HF names already) with the tied head written out."""
-    state = dict(model.state_dict())
-    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    return state
 
 
 def test_a_qwen3_sliding_window_is_refused_in_one_line(tmp_path):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import family_checks as check
-from checkpoints import hf_model, write_gguf
-from convert import Conversion, make_convertible
+from checkpoints import write_gguf
+from convert import Conversion
 from pocketlm.errors import PocketLMError
 from pocketlm.weights import loader
 from pocketlm.weights.gguf import read_gguf
@@ -28,26 +28,17 @@ GGUF_CASES = {"sequential-f32": ("sequential", "f32"), "sequential-q8_0": ("sequ
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict:
-    made = {}
-    for name, config in CASES.items():
-        folder = tmp_path_factory.mktemp(f"stablelm-{name}")
-        made[name] = make_convertible(folder, model_type="stablelm", **config)
-        check.randomize_norms(folder)
-    return made
+    return check.make_folders(tmp_path_factory, CASES, "stablelm")
 
 
 @pytest.fixture(scope="module")
 def conversions(folders) -> dict[str, Conversion]:
-    return {
-        name: Conversion(folders[case], folders[case].parent / f"{name}.gguf", outtype=outtype)
-        for name, (case, outtype) in GGUF_CASES.items()
-    }
+    return check.start_conversions(folders, GGUF_CASES)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def pair(request, folders):
-    folder = folders[request.param]
-    return loader.load(folder).model, hf_model(folder)
+    return check.load_pair(folders[request.param])
 
 
 def test_the_cases_switch_on_what_they_say(folders):
