@@ -95,6 +95,18 @@ def make_family(folder: Path, *, model_type: str, seed: int = 0, **config) -> Pa
     return folder
 
 
+def make_gptj(folder: Path, *, seed: int = 0) -> Path:
+    """A random GPT-J in HF layout with the GPT-2 vocabulary: an architecture pocketlm has
+    no module for, so it runs through the transformers fallback."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, vocab_size=50257,
+                        bos_token_id=50256, eos_token_id=50256, n_positions=128)  # fmt: skip
+    GPTJForCausalLM(config).eval().save_pretrained(folder)
+    return gpt2_vocab_files(folder)
+
+
 def hf_model(folder: Path):
     from transformers import AutoModelForCausalLM
 

@@ -7,30 +7,14 @@ import pytest
 import torch
 
 import pocketlm
-from checkpoints import gpt2_vocab_files
+from checkpoints import make_gptj
 from pocketlm.errors import PocketLMError
 from pocketlm.weights.card import describe
 
 
 @pytest.fixture(scope="module")
 def gptj(tmp_path_factory):
-    from transformers import GPTJConfig, GPTJForCausalLM
-
-    folder = tmp_path_factory.mktemp("gptj")
-    torch.manual_seed(0)
-    config = GPTJConfig(
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        rotary_dim=8,
-        vocab_size=50257,
-        bos_token_id=50256,
-        eos_token_id=50256,
-        n_positions=128,
-    )
-    GPTJForCausalLM(config).eval().save_pretrained(folder)
-    gpt2_vocab_files(folder)
-    return folder
+    return make_gptj(tmp_path_factory.mktemp("gptj"))
 
 
 def test_gptj_generates_what_transformers_generates(gptj):

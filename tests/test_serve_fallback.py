@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pocketlm
-from checkpoints import gpt2_vocab_files
+from checkpoints import make_gptj
 from pocketlm.models import make_cache
 from pocketlm.serve.app import Service
 from pocketlm.serve.scheduler import Scheduler
@@ -21,23 +21,7 @@ PROMPTS = ["Falcons fly", "The quick brown fox", "Once upon a time there"]
 
 @pytest.fixture(scope="module")
 def gptj(tmp_path_factory):
-    from transformers import GPTJConfig, GPTJForCausalLM
-
-    folder = tmp_path_factory.mktemp("gptj")
-    torch.manual_seed(0)
-    config = GPTJConfig(
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        rotary_dim=8,
-        vocab_size=50257,
-        bos_token_id=50256,
-        eos_token_id=50256,
-        n_positions=128,
-    )
-    GPTJForCausalLM(config).eval().save_pretrained(folder)
-    gpt2_vocab_files(folder)
-    return folder
+    return make_gptj(tmp_path_factory.mktemp("gptj"))
 
 
 @pytest.fixture(scope="module")

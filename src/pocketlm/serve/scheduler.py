@@ -325,9 +325,10 @@ class Scheduler:
         positions = torch.tensor([[a.position] for a in self.rows], device=self.device)  # (B, 1)
         logits = self.model(tokens, positions, self.cache)[:, -1].float()  # (B, V)
         self.counters["steps"] += 1
-        for i, active in enumerate(self.rows):
-            if active.position == self._switch:  # this step passes LongRoPE's switch length
-                logits[i] = self._recompute(active.ids, row=i)
+        if self._switch is not None:  # LongRoPE only: not a loop per step for every model
+            for i, active in enumerate(self.rows):
+                if active.position == self._switch:  # this step passes the switch length
+                    logits[i] = self._recompute(active.ids, row=i)
         for i, active in enumerate(self.rows):
             active.position += 1
             if not active.done:

@@ -322,6 +322,8 @@ def _plan(ckpt: GGUFCheckpoint) -> list[_Planned]:
     n_layers = cfg["n_layer"] if gpt2 else cfg["num_hidden_layers"]
     dims = gguf_tables.dims(cfg)
     rows = gguf_tables.qkv_rows(cfg) if ckpt.architecture in ("gptneox", "falcon") else None
+    # Which block tensors each layer has (a MoE's dense layers differ), worked out once.
+    layer_templates = [gguf_tables.layer_templates(cfg, i, table) for i in range(n_layers)]
     plan = []
     for name, info in ckpt.tensors.items():
         if name == ROPE_FREQS and ckpt.architecture in _ROPE_FREQS_ARCHS:
@@ -333,7 +335,7 @@ def _plan(ckpt: GGUFCheckpoint) -> list[_Planned]:
         if (
             template not in table
             or (m and int(m[1]) >= n_layers)
-            or (m and template not in gguf_tables.layer_templates(cfg, int(m[1]), table))
+            or (m and template not in layer_templates[int(m[1])])
         ):
             where = f"a {n_layers}-layer {ckpt.architecture} model"
             _corrupt_tensor(ckpt, name, f"is not part of {where}")
@@ -355,8 +357,8 @@ def _plan(ckpt: GGUFCheckpoint) -> list[_Planned]:
             heads = _permuted_heads(ckpt, template)
             plan.append(_Planned(ours, info, heads, -1.0 * unit_offset, fused))
     have = {p.ours for p in plan}
-    for i in range(n_layers):
-        for template in gguf_tables.layer_templates(cfg, i, table):
+    for i, templates in enumerate(layer_templates):
+        for template in templates:
             if template in gguf_tables.FUSED_FFN:
                 continue
             ours = table[template][0].replace("{i}", str(i)).replace("{e}", "0")
