@@ -381,8 +381,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
-            return self.down_proj(self.glu(self.gate_proj(x), self.up_proj(x)))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        if self.clamp is None:  # inline, not through glu(): this runs every layer and token
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.glu(gate, up))
 
     def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -424,15 +427,14 @@ class Block(nn.Module):
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         h = self.input_layernorm(x)
+        m = self.residual_multiplier  # Granite's; at 1 no multiply (a kernel launch a step)
         if self.post_attention_layernorm is None:  # parallel residual
             attn, mlp = self.self_attn(h, positions, rope, cache), self.mlp(h)
-            return x + self._scaled(attn) + self._scaled(mlp)
-        x = x + self._scaled(self.self_attn(h, positions, rope, cache))
-        return x + self._scaled(self.mlp(self.post_attention_layernorm(x)))
-
-    def _scaled(self, y: torch.Tensor) -> torch.Tensor:
-        # Skipped at 1: a multiply per sublayer is a kernel launch per decode step.
-        return y if self.residual_multiplier == 1 else y * self.residual_multiplier
+            return x + attn + mlp if m == 1 else x + attn * m + mlp * m
+        attn = self.self_attn(h, positions, rope, cache)
+        x = x + (attn if m == 1 else attn * m)
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        return x + (mlp if m == 1 else mlp * m)
 
 
 def sparse_mlp(config: LlamaConfig) -> SparseMoE:
