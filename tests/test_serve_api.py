@@ -303,7 +303,9 @@ def test_bad_input_is_a_4xx_in_openai_format_and_the_server_keeps_serving(
 
 def test_oversized_body_unknown_route_and_still_serving(server, client, lm):
     r = httpx.post(
-        f"{server.url}/v1/completions", content=b'{"prompt": "' + b"a" * (5 << 20) + b'"}'
+        f"{server.url}/v1/completions",
+        content=b'{"prompt": "' + b"a" * (5 << 20) + b'"}',
+        headers={"Content-Type": "application/json"},
     )
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
     r = httpx.get(f"{server.url}/v1/nothing")

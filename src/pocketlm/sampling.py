@@ -96,6 +96,10 @@ class SamplingParams:
         )
 
 
+class SamplingError(PocketLMError):
+    """The logits have no distribution to draw from (NaN, or every token filtered out)."""
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise PocketLMError(message)
@@ -128,7 +132,13 @@ def _penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch
     scores = logits[where]
     out = logits.clone()
     # Dividing a positive logit and multiplying a negative one both make the token less likely.
-    out[where] = torch.where(scores < 0, scores * penalty, scores / penalty)
+    # An extreme penalty (1e-37; 5e-324 is 0 in float32; 1e308) would overflow to +-inf
+    # (0/0 to NaN), and a +inf logit turns the softmax into NaN: clamp to the largest
+    # finite values instead (a zero logit stays 0), which orders the tokens as the
+    # penalty's limit does (a +inf token always chosen, a -inf one never).
+    big = torch.finfo(out.dtype).max
+    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+    out[where] = penalised.nan_to_num(nan=0.0).clamp(-big, big)
     return out
 
 
@@ -153,7 +163,15 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
         raise ValueError(f"temperature {temperature} must be > 0 here; 0 means greedy argmax")
     if temperature == 1.0:
         return logits
-    return logits / temperature
+    out = logits / temperature
+    if temperature < 1.0 and not torch.equal(out.isfinite(), logits.isfinite()):
+        # A tiny temperature (1e-37; 5e-324 is 0 in float32) overflows the top logits to
+        # +inf, and a softmax over +inf is NaN. Shifted by the top logit first, the top
+        # stays 0 (0/0 made 0) and the rest go towards -inf: the distribution is the
+        # temperature's limit (greedy, ties shared).
+        shifted = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+        out = shifted.nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf)
+    return out
 
 
 def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -252,6 +270,11 @@ def sample(
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     cdf = probs.cumsum(dim=-1)  # (..., V)
+    total = cdf[..., -1]
+    if not bool(((total > 0) & total.isfinite()).all()):
+        # NaN logits (a model that overflowed) or no token left: there is nothing to draw
+        # from, and searchsorted would answer V, one past the vocabulary.
+        raise SamplingError("the logits give no finite distribution to sample from (NaN/inf)")
     uniform = torch.rand(
         (*cdf.shape[:-1], 1), generator=generator, device=cdf.device, dtype=cdf.dtype
     )

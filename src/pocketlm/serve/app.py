@@ -17,21 +17,31 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from pocketlm.features.hidden import embed
 from pocketlm.generate.params import GenerationParams
 from pocketlm.sampling import SamplingParams
-from pocketlm.serve import convert
+from pocketlm.serve import convert, openapi
 from pocketlm.serve.convert import Choice
+from pocketlm.serve.embedder import Embedder
+from pocketlm.serve.guard import Guard, Limits, authorized
 from pocketlm.serve.scheduler import Event, QueueFull, Scheduler
 from pocketlm.serve.scheduler import Request as EngineRequest
 from pocketlm.serve.schemas import (
@@ -58,14 +68,20 @@ class Service:
         max_queue: int = 64,  # noqa: ANN001 - pocketlm.LM
         timeout: float | None = 600.0,
         api_key: str | None = None,
-        max_body: int = 4 << 20,
+        limits: Limits = Limits(),  # noqa: B008 - frozen, shared safely
     ) -> None:
         self.lm, self.tokenizer = lm, lm.tokenizer
         # A path's last part names the model ("SmolLM2.gguf"), a hub id stays whole.
         self.name = name or (Path(lm.name).name if Path(lm.name).exists() else lm.name)
         self.vocab_size = lm.model.config.vocab_size
         self.context_length = lm.context_length
-        self.timeout, self.api_key, self.max_body = timeout, api_key, max_body
+        self.timeout, self.api_key, self.limits = timeout, api_key, limits
+        self.max_body = limits.max_body
+        # No token spells more bytes than the longest one, so a text longer than the
+        # window times that cannot fit: refused before tokenizing (which takes seconds
+        # for megabytes of text).
+        longest = max(len(lm.tokenizer.token_bytes(i)) for i in range(lm.tokenizer.vocab_size))
+        self.max_prompt_bytes = self.context_length * max(longest, 1)
         if not lm.native and max_batch > 1:
             log.info(
                 "%s runs through transformers, which decodes one sequence at a time: "
@@ -80,7 +96,21 @@ class Service:
             max_queue=max_queue,
             max_seq_len=self.context_length,
         )
+        self.embedder = Embedder(self.embed, max_queue=max_queue)
         self.created = int(time.time())
+
+    def check_prompt_bytes(self, texts: list, param: str = "prompt") -> None:
+        """Refuse a text (others: token ids) too long to fit the window, untokenized."""
+        for text in texts:
+            if isinstance(text, str) and (size := len(text.encode(errors="replace"))) > (
+                self.max_prompt_bytes
+            ):
+                raise ApiError(
+                    f"a prompt of {size:,} bytes cannot fit this model's {self.context_length} "
+                    f"tokens (the limit is {self.max_prompt_bytes:,} bytes)",
+                    param=param,
+                    code="context_length_exceeded",
+                )
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.name:
@@ -102,7 +132,7 @@ class Jobs:
 
     def __init__(self, service: Service) -> None:
         self.service = service
-        self.loop = asyncio.get_running_loop()
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by submit(), on the loop
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.requests: list[EngineRequest] = []
 
@@ -112,9 +142,12 @@ class Jobs:
             with contextlib.suppress(RuntimeError):
                 self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
 
-        self.requests.append(EngineRequest(emit=emit, timeout=self.service.timeout, **options))
+        self.requests.append(
+            EngineRequest(emit=emit, timeout=self.service.timeout, group=self, **options)
+        )
 
     def submit(self) -> None:
+        self.loop = asyncio.get_running_loop()
         try:
             self.service.scheduler.submit(self.requests)
         except QueueFull:
@@ -163,6 +196,7 @@ def _completion_jobs(service: Service, body: CompletionRequest) -> tuple[Jobs, l
         raise ApiError("best_of other than n is not supported", param="best_of")
     params = convert.sampling_params(body, vocab_size=service.vocab_size)
     stops = convert.stop_strings(body.stop)
+    service.check_prompt_bytes([body.prompt] if isinstance(body.prompt, str) else body.prompt)
     prompts = convert.prompt_ids(body.prompt, service.tokenizer, vocab_size=service.vocab_size)
     jobs = Jobs(service)
     for p, ids in enumerate(prompts):
@@ -200,6 +234,9 @@ def _chat_jobs(service: Service, body: ChatCompletionRequest) -> tuple[Jobs, int
     if body.top_logprobs and not body.logprobs:
         raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
     params = convert.sampling_params(body, vocab_size=service.vocab_size)
+    service.check_prompt_bytes(
+        ["".join(convert.message_text(m) for m in body.messages)], param="messages"
+    )
     ids, extra_stops = convert.chat_prompt(body.messages, service.tokenizer)
     stops = convert.stop_strings(body.stop) + extra_stops
     wanted = body.max_completion_tokens or body.max_tokens
@@ -355,7 +392,8 @@ async def _chat_events(
 
 async def _completions(service: Service, request: Request):  # noqa: ANN202 - JSON or a stream
     body = parse(CompletionRequest, await read_body(request, service.max_body))
-    jobs, prompts = _completion_jobs(service, body)
+    # Tokenizing megabytes of text takes seconds: off the event loop, which keeps serving.
+    jobs, prompts = await run_in_threadpool(_completion_jobs, service, body)
     jobs.submit()
     if body.stream:
         return _stream(_completion_events(service, body, jobs, prompts), jobs)
@@ -387,7 +425,8 @@ async def _completions(service: Service, request: Request):  # noqa: ANN202 - JS
 
 async def _chat(service: Service, request: Request):  # noqa: ANN202 - JSON or a stream
     body = parse(ChatCompletionRequest, await read_body(request, service.max_body))
-    jobs, prompt_tokens = _chat_jobs(service, body)
+    # The template is code from the model file: rendering (and tokenizing) off the loop.
+    jobs, prompt_tokens = await run_in_threadpool(_chat_jobs, service, body)
     jobs.submit()
     if body.stream:
         return _stream(_chat_events(service, body, jobs, prompt_tokens), jobs)
@@ -418,12 +457,10 @@ async def _embeddings(service: Service, request: Request) -> dict:
         raise ApiError(
             "dimensions is not supported: the vectors have the model's width", param="dimensions"
         )
-    batches = convert.prompt_ids(body.input, service.tokenizer, vocab_size=service.vocab_size)
-    for ids in batches:  # refuse what does not fit the window, as generation does
-        convert.token_budget(
-            prompt_tokens=len(ids) - 1, max_tokens=None, context_length=service.context_length
-        )
-    vectors = await run_in_threadpool(service.embed, batches)
+    batches = await run_in_threadpool(_embedding_ids, service, body)
+    vectors = await service.embedder.run(
+        batches, timeout=service.timeout, disconnected=request.is_disconnected
+    )
     return convert.embedding_response(
         vectors,
         model=service.name,
@@ -432,20 +469,55 @@ async def _embeddings(service: Service, request: Request) -> dict:
     )
 
 
-def _api_routes(service: Service) -> APIRouter:
+def _embedding_ids(service: Service, body: EmbeddingRequest) -> list[list[int]]:
+    """The inputs as token ids, within the caps on inputs and tokens (OpenAI's)."""
+    limits = service.limits
+    many = isinstance(body.input, list) and body.input and not isinstance(body.input[0], int)
+    if many and len(body.input) > limits.max_embedding_inputs:
+        raise ApiError(
+            f"at most {limits.max_embedding_inputs} inputs per request (got {len(body.input)})",
+            param="input",
+        )
+    if isinstance(body.input, str) or (many and isinstance(body.input[0], str)):
+        service.check_prompt_bytes(
+            [body.input] if isinstance(body.input, str) else body.input, param="input"
+        )
+    batches = convert.prompt_ids(body.input, service.tokenizer, vocab_size=service.vocab_size)
+    for ids in batches:  # refuse what does not fit the window, as generation does
+        convert.token_budget(
+            prompt_tokens=len(ids) - 1, max_tokens=None, context_length=service.context_length
+        )
+    if (total := sum(len(ids) for ids in batches)) > limits.max_embedding_tokens:
+        raise ApiError(
+            f"at most {limits.max_embedding_tokens:,} tokens per request (got {total:,})",
+            param="input",
+        )
+    return batches
+
+
+def _authorize(service: Service) -> Callable[[Request], Awaitable[None]]:
     async def authorize(request: Request) -> None:
-        if service.api_key and request.headers.get("authorization") != f"Bearer {service.api_key}":
+        if not authorized(request.headers.get("authorization"), service.api_key):
             raise ApiError(
                 "incorrect or missing API key: send 'Authorization: Bearer <key>'",
                 status=401,
                 code="invalid_api_key",
             )
 
-    router = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    return authorize
+
+
+def _api_routes(service: Service) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_authorize(service))])
 
     @router.get("/models")
     async def models() -> dict:
         return convert.models_list(service.name, created=service.created)
+
+    @router.get("/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        service.check_model(model_id)
+        return convert.models_list(service.name, created=service.created)["data"][0]
 
     @router.post("/completions")
     async def completions(request: Request):  # noqa: ANN202 - JSON or a stream
@@ -471,10 +543,21 @@ def create_app(service: Service) -> FastAPI:
         yield
         service.scheduler.stop()
 
-    app = FastAPI(
-        title="pocketlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
-    )
+    app = FastAPI(title="pocketlm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.include_router(_api_routes(service))
+    openapi.describe(app)
+    if service.limits.cors_origin:  # only the origin asked for; none by default
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[service.limits.cors_origin],
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )
+    app.add_middleware(Guard, limits=service.limits)  # the outermost: before CORS, routes
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, error: ClientDisconnect) -> Response:
+        return Response(status_code=400)  # nobody reads it: the body never came in full
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -495,7 +578,7 @@ def create_app(service: Service) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok", "model": service.name}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(_authorize(service))])
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(
             convert.prometheus(service.scheduler.snapshot()), media_type="text/plain; version=0.0.4"

@@ -90,7 +90,7 @@ def prompt_ids(prompt: str | list, tokenizer: Tokenizer, *, vocab_size: int) -> 
     return batches
 
 
-def _message_text(message: ChatMessage) -> str:
+def message_text(message: ChatMessage) -> str:
     if message.content is None:
         return ""
     if isinstance(message.content, str):
@@ -104,7 +104,7 @@ def chat_prompt(
     """(prompt ids, extra stop strings) for a conversation: the model's chat template when
     it has one, else the base-model transcript harness of `pocketlm.prompting.chat`, which stops
     before the next "User:" line."""
-    plain = [{"role": m.role, "content": _message_text(m)} for m in messages]
+    plain = [{"role": m.role, "content": message_text(m)} for m in messages]
     if tokenizer.chat_template is not None:
         for m in plain:  # templates know "system"; "developer" is OpenAI's newer name for it
             m["role"] = "system" if m["role"] == "developer" else m["role"]

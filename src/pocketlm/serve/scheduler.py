@@ -76,6 +76,9 @@ class Request:
     timeout: float | None = None  # seconds from submission
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set from any thread; the loop frees the row at its next turn
+    # The requests behind one HTTP request share a group (None: the request is its own);
+    # a free row goes to the group holding the fewest rows, so no group starves another.
+    group: object = None
 
 
 class _Active:
@@ -142,7 +145,8 @@ class Scheduler:
             0,
         )
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
-        self._shared: tuple | None = None  # (prompt ids, row, last logits, prompt logprobs)
+        # id(prompt ids) -> (prompt ids, row, last logits, prompt logprobs) of this round
+        self._shared: dict[int, tuple] = {}
         self._filling: _Active | None = None  # a request being prefilled, in row len(rows)
         self.prefill_chunk = prefill_chunk
         # LongRoPE (Phi-3): past this many tokens a row rotates with the long factors, so
@@ -176,6 +180,15 @@ class Scheduler:
     def cancel(self, request: Request) -> None:
         with self._wake:
             request.cancelled = True
+            self._wake.notify()
+
+    def cancel_all(self) -> None:
+        """Cancel every request, running or waiting (a server draining at shutdown): each
+        ends with a "cancelled" event at the loop's next turn."""
+        with self._wake:
+            held = [*self.rows, *([self._filling] if self._filling else [])]
+            for request in [*(a.request for a in held), *self._waiting]:
+                request.cancelled = True
             self._wake.notify()
 
     def snapshot(self) -> dict[str, float]:
@@ -245,7 +258,7 @@ class Scheduler:
     def _admit(self) -> None:
         """Prefill waiting requests into free rows. A long prompt goes in chunks, one per
         turn of the loop, so the rows already decoding keep streaming meanwhile."""
-        self._shared = None  # rows move between rounds: share a prefill within one only
+        self._shared = {}  # rows move between rounds: share a prefill within one only
         while len(self.rows) < self.max_batch:
             if self._filling is None:
                 self._filling = self._next_request()
@@ -271,7 +284,7 @@ class Scheduler:
             with self._wake:
                 if not self._waiting:
                     return None
-                request = self._waiting.popleft()
+                request = self._pop_fairly()
             if request.cancelled:
                 self.counters["cancelled"] += 1
                 request.emit(Event("", finish_reason="cancelled"))
@@ -286,12 +299,27 @@ class Scheduler:
                     device=self.device,
                 )
 
+    def _pop_fairly(self) -> Request:
+        """The first waiting request of the group that holds the fewest rows now: a
+        request with many rows (8 prompts x n=8) then shares the batch with a one-token
+        request sent after it instead of making it wait for all of its rows."""
+        held: dict[object, int] = {}
+        for active in [*self.rows, *([self._filling] if self._filling else [])]:
+            key = _group(active.request)
+            held[key] = held.get(key, 0) + 1
+        best = min(
+            range(len(self._waiting)), key=lambda i: (held.get(_group(self._waiting[i]), 0), i)
+        )
+        request = self._waiting[best]
+        del self._waiting[best]
+        return request
+
     def _prefill(self, active: _Active, *, row: int) -> bool:
         """Compute the next chunk of the prompt into cache row `row` (or copy the whole
         prompt from the row just prefilled with it: the n choices of one request share a
         prefill). True when the prompt is in and its first token taken."""
         ids = active.request.prompt_ids
-        shared = self._shared
+        shared = self._shared.get(id(ids))
         if active.position == 0 and shared is not None and shared[0] is ids:
             _, source, last, active.prompt_logprobs = shared
             self.cache.copy_row(source, row, len(ids))
@@ -316,7 +344,7 @@ class Scheduler:
             if end < len(ids):
                 return False
             last = logits[-1]
-            self._shared = (ids, row, last, active.prompt_logprobs)
+            self._shared[id(ids)] = (ids, row, last, active.prompt_logprobs)
         self._take(active, last, prompt_logprobs=active.prompt_logprobs)
         return True
 
@@ -332,7 +360,16 @@ class Scheduler:
         for i, active in enumerate(self.rows):
             active.position += 1
             if not active.done:
-                self._take(active, logits[i])
+                self._take_or_fail(active, logits[i])
+
+    def _take_or_fail(self, active: _Active, logits: torch.Tensor) -> None:
+        """`_take` for one row of a batch: a failure there (its sampler, its text) ends
+        that row alone, with an error event; the other rows carry on."""
+        try:
+            self._take(active, logits)
+        except Exception as error:
+            log.exception("a request failed in a decode step")
+            self._finish(active, "error", last=Event(f"generation failed: {error}"))
 
     def _recompute(self, ids: list[int], *, row: int) -> torch.Tensor:
         """Compute cache row `row` afresh for `ids` (from position 0); the last logits (V,)."""
@@ -409,3 +446,7 @@ class Scheduler:
         return (
             request.timeout is not None and time.monotonic() - request.submitted > request.timeout
         )
+
+
+def _group(request: Request) -> object:
+    return request if request.group is None else request.group

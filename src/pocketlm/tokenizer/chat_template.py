@@ -13,7 +13,9 @@ References: transformers `chat_template_utils.py` (`_compile_jinja_template`,
 
 from __future__ import annotations
 
+import contextvars
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -26,6 +28,53 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pocketlm.errors import CorruptModelError, PocketLMError
 
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+# A template is code from the model file, run on every request: it may loop (nested
+# range()s, recursive macros) or build values for far longer than any real template does.
+RENDER_SECONDS = 5.0  # the time one rendering may take
+_MAX_BUILT = 1 << 24  # items a `*` may build ("x" * 10**10 would take 10 GB)
+_deadline: contextvars.ContextVar[float] = contextvars.ContextVar("template_deadline")
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox with a time limit and a size limit. Every call a template
+    makes (a macro, a filter, range() in a nested loop, a method) passes through `call`,
+    which checks the clock; `*` and `**` pass through `call_binop`, which refuses a
+    result too large to build (Jinja's sandbox documentation suggests the same hook)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        if time.monotonic() > _deadline.get(float("inf")):
+            raise jinja2.exceptions.SecurityError(
+                f"the template took longer than {RENDER_SECONDS:g} s to render"
+            )
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and _number(left) and _number(right) and abs(right) > 1024:
+            raise jinja2.exceptions.SecurityError(
+                "the template raises a number to a power over 1024"
+            )
+        if operator == "*":
+            size = _repeat_size(left, right)
+            if size > _MAX_BUILT:
+                raise jinja2.exceptions.SecurityError(
+                    f"the template builds a value of {size:,} items (the limit is {_MAX_BUILT:,})"
+                )
+        return super().call_binop(context, operator, left, right)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _repeat_size(left: Any, right: Any) -> int:
+    """How many items `left * right` builds when one side is a sequence (else 0)."""
+    for seq, count in ((left, right), (right, left)):
+        if isinstance(seq, str | list | tuple) and isinstance(count, int):
+            return len(seq) * max(count, 0)
+    return 0
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -86,7 +135,7 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 
 def compile_template(source: str) -> jinja2.Template:
     """A chat template compiled in the sandboxed environment transformers renders it in."""
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
@@ -96,6 +145,10 @@ def compile_template(source: str) -> jinja2.Template:
     env.globals["namespace"] = _TemplateNamespace
     try:
         return env.from_string(source)
+    except RecursionError:  # nesting deep enough to exhaust the parser
+        raise CorruptModelError(
+            "the model's chat template is nested too deeply to compile"
+        ) from None
     except jinja2.TemplateSyntaxError as error:
         raise CorruptModelError(
             f"the model's chat template is not valid Jinja ({_one_line(error)})"
@@ -152,6 +205,7 @@ def render(
     tokenize=False)` renders it; `variables` (special tokens, tools...) become template
     variables, with `tools` and `documents` None unless given."""
     variables = {"tools": None, "documents": None, **variables}
+    deadline = _deadline.set(time.monotonic() + RENDER_SECONDS)
     try:
         return template.render(
             messages=_chat_messages(messages),
@@ -162,7 +216,15 @@ def render(
         raise PocketLMError(
             f"the chat template refused this conversation: {_one_line(error)}"
         ) from None
-    except (TypeError, ValueError, LookupError, ArithmeticError, AttributeError) as error:
+    except (
+        TypeError,
+        ValueError,
+        LookupError,
+        ArithmeticError,  # OverflowError, ZeroDivisionError
+        AttributeError,
+        RecursionError,  # a macro that calls itself without end
+        MemoryError,
+    ) as error:
         # The template's own Python-level slip on this input (e.g. a tool-use template
         # iterating `tools` when none are given, as transformers fails too): still the
         # template's answer to this conversation, not a pocketlm bug.
@@ -170,6 +232,8 @@ def render(
             f"the chat template failed on this conversation "
             f"({type(error).__name__}: {_one_line(error)})"
         ) from None
+    finally:
+        _deadline.reset(deadline)
 
 
 def _one_line(error: Exception) -> str:
