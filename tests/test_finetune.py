@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from checkpoints import hf_model, make_gpt2, make_llama
 from pocketlm.cli.main import main as cli
+from pocketlm.errors import PocketLMError
 from pocketlm.train import checkpoint
 from pocketlm.train.data import IGNORE, load_dataset
 from pocketlm.train.finetune import FinetuneJob, finetune
@@ -514,6 +515,21 @@ def test_a_fresh_run_does_not_discard_an_unfinished_one(
     _assert_one_line_error(capsys, f"the run 'again' fine-tunes {tiny}, not gpt2")
     assert cli(f"finetune {tiny} {corpus} --out again --resume".split()) == 0
     assert (pocketlm_home / "models/again/model.safetensors").is_file()
+
+
+def test_resume_with_other_data_is_refused_before_run_json_changes(
+    tiny, corpus, tmp_path, pocketlm_home
+):
+    first = job(tiny, corpus, "kept", tmp_path, steps=50, max_time=1e-6)
+    assert finetune(first).reason == "time"  # one step, a checkpoint
+    saved = (first.run_dir / "run.json").read_text()
+    other = tmp_path / "other.txt"
+    other.write_text("Something else entirely, and longer than one block of text.\n" * 20)
+    again = job(tiny, other, "kept", tmp_path)
+    again.resume = True
+    with pytest.raises(PocketLMError, match="changed since the checkpoint"):
+        finetune(again)
+    assert (first.run_dir / "run.json").read_text() == saved
 
 
 def test_bf16_autocast_trains_close_to_fp32(tiny, corpus, tmp_path, pocketlm_home):

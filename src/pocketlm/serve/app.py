@@ -581,7 +581,8 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/metrics", dependencies=[Depends(_authorize(service))])
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(
-            convert.prometheus(service.scheduler.snapshot()), media_type="text/plain; version=0.0.4"
+            convert.prometheus({**service.scheduler.snapshot(), **service.embedder.snapshot()}),
+            media_type="text/plain; version=0.0.4",
         )
 
     @app.get("/")

@@ -212,9 +212,11 @@ def engine_failure(reason: str | None, *, timeout: float | None) -> ApiError | N
             type="timeout_error",
             code="timeout",
         )
-    if reason in ("error", "cancelled"):
+    if reason == "error":
+        return ApiError("generation error", status=500, type="server_error")
+    if reason == "cancelled":  # the client left (nobody reads this), or the server stops
         return ApiError(
-            f"generation {reason}", status=500 if reason == "error" else 503, type="server_error"
+            "generation cancelled: the server is shutting down", status=503, type="server_error"
         )
     return None
 
@@ -441,6 +443,12 @@ METRICS = {  # name in the snapshot -> (Prometheus name, type, help)
         "Requests that failed inside the engine.",
     ),
     "prompt_tokens": ("pocketlm_prompt_tokens_total", "counter", "Prompt tokens prefilled."),
+    "embedding_requests": (
+        "pocketlm_embedding_requests_total",
+        "counter",
+        "Embedding requests accepted.",
+    ),
+    "embedding_inputs": ("pocketlm_embedding_inputs_total", "counter", "Inputs embedded."),
     "generation_tokens": ("pocketlm_generation_tokens_total", "counter", "Tokens generated."),
     "steps": ("pocketlm_decode_steps_total", "counter", "Batched decode steps run."),
     "queue_depth": ("pocketlm_queue_depth", "gauge", "Requests waiting for a batch slot."),

@@ -34,6 +34,12 @@ class Embedder:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="pocketlm-embed")
         self._lock = threading.Lock()
         self._pending = 0  # jobs waiting or running
+        self.counters = {"embedding_requests": 0, "embedding_inputs": 0}
+
+    def snapshot(self) -> dict[str, int]:
+        """Counters for /metrics."""
+        with self._lock:
+            return dict(self.counters)
 
     async def run(
         self,
@@ -52,6 +58,7 @@ class Embedder:
                     headers={"Retry-After": "1"},
                 )
             self._pending += 1
+            self.counters["embedding_requests"] += 1
         deadline = None if timeout is None else time.monotonic() + timeout
         stop = threading.Event()
         future = asyncio.get_running_loop().run_in_executor(
@@ -83,6 +90,8 @@ class Embedder:
                 if stop.is_set() or (deadline is not None and time.monotonic() > deadline):
                     raise _Stopped
                 vectors += self.embed(batches[start : start + _GROUP])
+                with self._lock:
+                    self.counters["embedding_inputs"] += len(batches[start : start + _GROUP])
             return vectors
         finally:
             with self._lock:

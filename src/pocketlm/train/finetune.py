@@ -122,9 +122,6 @@ def _finetune(
         model.requires_grad_(True)  # the loader hands out frozen inference models
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_text_atomic(
-            run_dir / RUN_FILE, json.dumps(_settings(job, block_size), indent=2) + "\n"
-        )
     extra = {"lora": asdict(job.lora) if job.lora else None}
     trainer = Trainer(
         model,
@@ -137,7 +134,9 @@ def _finetune(
         extra_state=extra,
     )
     if job.resume:
-        trainer.resume()
+        trainer.resume()  # refuses other data: before run.json is rewritten, not after
+    if world.is_main:
+        _write_settings(run_dir, job, block_size)
     reason = trainer.train(until=until)
     val_loss = trainer.val_loss
     if val_loss is None and dataset.val is not None:
@@ -188,6 +187,11 @@ def _plain_copy(source: Path, job: FinetuneJob, state: dict[str, torch.Tensor]) 
         apply_lora(model, job.lora)
     model.load_state_dict(state)
     return model
+
+
+def _write_settings(run_dir: Path, job: FinetuneJob, block_size: int) -> None:
+    text = json.dumps(_settings(job, block_size), indent=2) + "\n"
+    checkpoint.write_text_atomic(run_dir / RUN_FILE, text)
 
 
 def _settings(job: FinetuneJob, block_size: int) -> dict[str, Any]:

