@@ -52,34 +52,50 @@ _ERRORS = {  # status -> what it means, on every POST route
 }
 
 
+_MEDIA = {  # path -> what a 200 is, where it is not JSON
+    "/": ["text/html"],
+    "/metrics": ["text/plain"],
+    "/v1/completions": ["application/json", "text/event-stream"],
+    "/v1/chat/completions": ["application/json", "text/event-stream"],
+}
+
+
 def describe(app: FastAPI) -> None:
-    """Serve FastAPI's document with the request bodies and error responses added."""
+    """Serve FastAPI's document with the request bodies, media types and errors added."""
 
     def document() -> dict[str, Any]:
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
             schemas["Error"] = _ERROR
-            for path, model in BODIES.items():
-                operation = spec.get("paths", {}).get(path, {}).get("post")
-                if operation is None:
-                    continue
-                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                schemas.update(schema.pop("$defs", {}))
-                schemas[model.__name__] = schema
-                operation["requestBody"] = {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}
-                        }
-                    },
-                }
-                error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-                operation["responses"].pop("422", None)  # FastAPI's own; never sent here
-                for status, text in _ERRORS.items():
-                    operation["responses"][status] = {"description": text, "content": error}
+            for path, operations in spec.get("paths", {}).items():
+                for method, operation in operations.items():
+                    _complete(operation, path=path, post=method == "post", schemas=schemas)
             app.openapi_schema = spec
         return app.openapi_schema
 
     app.openapi = document  # type: ignore[method-assign]
+
+
+def _complete(operation: dict, *, path: str, post: bool, schemas: dict) -> None:
+    responses = operation.setdefault("responses", {})
+    responses.pop("422", None)  # FastAPI's own validation error; this server sends 400
+    if path in _MEDIA:
+        responses["200"] = {
+            "description": "OK",
+            "content": {media: {"schema": {}} for media in _MEDIA[path]},
+        }
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for status, text in _ERRORS.items():
+        if post or status in ("401", "403", "404", "408"):
+            responses[status] = {"description": text, "content": error}
+    model = BODIES.get(path) if post else None
+    if model is not None:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": ref}},
+        }
