@@ -153,8 +153,17 @@ class Connection(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        self._watch()
+
+    def _watch(self) -> None:
+        """The deadline for where the client's side of the request stands now."""
         state = self.conn.their_state
-        self._enter("headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None)
+        if state is h11.SEND_BODY:
+            self._enter("body")
+        elif state is h11.IDLE and self.conn.trailing_data[0]:  # part of a request line
+            self._enter("headers")
+        else:  # the app is answering, or nothing has come yet (uvicorn's keep-alive)
+            self._enter(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._enter(None)
@@ -186,8 +195,8 @@ class Connection(H11Protocol):
         self.transport.close()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()  # starts uvicorn's own keep-alive timer
-        self._phase = None
+        super().on_response_complete()  # starts uvicorn's keep-alive timer, reads on
+        self._watch()  # a pipelined request may be half in already
 
     def send_400_response(self, msg: str) -> None:
         """A request h11 cannot parse (a bad Content-Length, a broken request line):
