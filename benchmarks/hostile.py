@@ -413,15 +413,20 @@ def schemathesis(url: str, *, examples: int, seconds: int) -> dict:
         "--suppress-health-check", "all", "--report", "ndjson",
         "--report-ndjson-path", str(report),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    # In a scratch folder: schemathesis keeps a cache of crashes in its working directory.
+    result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=report.parent)
     summary = [line for line in result.stdout.splitlines() if line.strip()][-12:]
     cases = Counter()
     for line in report.read_text().splitlines() if report.exists() else []:
         event = json.loads(line)
         if "ScenarioFinished" in event:
-            for step in event["ScenarioFinished"].get("recorder", {}).get("checks", {}).values():
+            recorder = event["ScenarioFinished"].get("recorder", {})
+            for step in (recorder.get("checks") or {}).values():
                 for check in step:
                     cases[f"{check['name']} {check['status'].lower()}"] += 1
+            for interaction in (recorder.get("interactions") or {}).values():
+                response = interaction.get("response") or {}
+                cases[f"status {response.get('status_code', 'none')}"] += 1
             cases["scenarios"] += 1
     return {"exit_code": result.returncode, "summary": summary, "checks": dict(cases)}
 
