@@ -351,6 +351,21 @@ def test_an_empty_api_key_and_a_bad_origin_are_refused(capsys):
     assert "must be an origin" in capsys.readouterr().err
 
 
+def test_which_hosts_the_command_accepts():
+    import argparse
+
+    from pocketlm.cli import serve
+
+    def hosts(*argv):
+        parser = argparse.ArgumentParser()
+        serve.add_parser(parser.add_subparsers())
+        return serve.limits(parser.parse_args(["serve", *argv])).allowed_hosts
+
+    assert hosts() == () and hosts("--host", "::1") == ()  # loopback: its own names only
+    assert hosts("--host", "0.0.0.0") is None  # beyond it: any name, unless told
+    assert hosts("--host", "0.0.0.0", "--allowed-hosts", "Box.lan, x") == ("box.lan", "x")
+
+
 def test_model_by_id_and_openapi(live):
     r = httpx.get(f"{live.url}/v1/models/tiny", headers=AUTH)
     assert r.status_code == 200 and r.json()["id"] == "tiny"
