@@ -244,13 +244,13 @@ class Prompt:
                 self.show(chunks)
         except KeyboardInterrupt:
             self.interrupted = True
-            sys.stdout.write(RESET if s.show_probs else "")
+            sys.stdout.write(RESET if s.show_probs and common.colour_output(sys.stdout) else "")
             self.say("\n[stopped]")
             return
         self.say("")
 
     def show(self, chunks: Iterator[Chunk]) -> None:
-        paint_it = self.session.show_probs
+        paint_it = self.session.show_probs and common.colour_output(sys.stdout)
         for chunk in chunks:
             sys.stdout.write(paint(chunk) if paint_it else chunk.text)
             sys.stdout.flush()

@@ -51,10 +51,13 @@ COMMANDS = (
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     """The parser, with the full subparser of the `chosen` command only: every other
     command is a placeholder with its name and help, enough for the listing."""
+    from pocketlm import __version__
+
     parser = argparse.ArgumentParser(
         prog="pocketlm",
         description="Run GPT-2 and other open language models on your own machine.",
     )
+    parser.add_argument("--version", action="version", version=f"pocketlm {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         if command.name == chosen:
@@ -72,7 +75,19 @@ def chosen_command(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _run(sys.argv[1:] if argv is None else argv)
+    except PocketLMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # also while a subcommand's modules are still importing
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser(chosen_command(argv))
     # argparse stops filling a `words*` positional at the first option, so the prompt in
     # `pocketlm run MODEL -t 0 "prompt"` comes back as an extra: give it to the words.
@@ -84,16 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
-    try:
-        return args.handler(args) or 0
-    except PocketLMError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+    return args.handler(args) or 0
 
 
 if __name__ == "__main__":

@@ -51,6 +51,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--name", default=None, help="model id the API reports (default: the model's name)"
     )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no request log (by default one line per request on stderr: method, path, "
+        "status, time)",
+    )
     common.add_model_options(parser)
     parser.set_defaults(handler=main)
 
@@ -65,7 +71,10 @@ def is_loopback(host: str) -> bool:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket (so --port 0 can report the port it got)."""
+    """A listening socket (so --port 0 can report the port it got), opened before the
+    model loads: a port in use is reported at once, not after the load."""
+    if not 0 <= port <= 65535:
+        raise PocketLMError(f"--port {port} is not a port: use 1-65535 (0 picks a free one)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -74,8 +83,24 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as error:
         sock.close()
         raise PocketLMError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    except (socket.gaierror, UnicodeError) as error:  # a host name that does not resolve
+        sock.close()
+        raise PocketLMError(f"cannot listen on {host}:{port}: {error}") from None
     sock.listen(128)
     return sock
+
+
+def request_log(app):  # noqa: ANN001, ANN201 - an ASGI app in, one out
+    """The app with its request log: one line per request on stderr, time-stamped."""
+    from pocketlm.serve.requestlog import RequestLog, log
+
+    if not any(isinstance(h, common.StderrHandler) for h in log.handlers):
+        handler = common.StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # not again with the warnings' "INFO:" prefix
+    return RequestLog(app)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -83,8 +108,6 @@ def main(args: argparse.Namespace) -> int:
     for flag in ("max_batch", "max_queue"):
         if getattr(args, flag) < 1:
             raise PocketLMError(f"--{flag.replace('_', '-')} must be at least 1")
-    if getattr(args, "draft", None):
-        raise PocketLMError("serve batches requests instead of drafting: drop --draft")
     if args.timeout <= 0:
         raise PocketLMError("--timeout must be positive")
     try:
@@ -99,8 +122,8 @@ def main(args: argparse.Namespace) -> int:
             "listening on %s without --api-key: anyone who can reach this machine can use the model",
             args.host,
         )
-    lm = common.load_model(args.model, args)
     sock = bind(args.host, args.port)
+    lm = common.load_model(args.model, args)
     try:
         service = Service(
             lm,
@@ -118,7 +141,10 @@ def main(args: argparse.Namespace) -> int:
         f"serving {service.name} at http://{shown}:{port}/v1 (chat page: http://{shown}:{port}/)",
         flush=True,
     )
-    config = uvicorn.Config(create_app(service), log_level="warning", timeout_graceful_shutdown=2)
+    app = create_app(service)
+    if not args.quiet:
+        app = request_log(app)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
     uvicorn.Server(config).run(sockets=[sock])
     sys.stdout.flush()
     return 0
