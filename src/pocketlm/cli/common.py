@@ -339,12 +339,13 @@ def load_model(name: str | None, args: argparse.Namespace):  # -> pocketlm.LM
     return lm
 
 
-def startup_line(args: argparse.Namespace) -> str:
-    """What --stats says about start-up: threads, load time, process start to now."""
+def startup_line(args: argparse.Namespace, *, first_token_at: float | None) -> str:
+    """What --stats says about start-up: threads, load time (both recorded on `args` by
+    `load_model`), and the process's age when the first token came (`process_age()`)."""
+    first = process_age() if first_token_at is None else first_token_at
     return (
-        f"threads: {getattr(args, 'threads_used', '?')}  "
-        f"load: {getattr(args, 'load_seconds', 0.0):.2f} s  "
-        f"start to first token: {getattr(args, 'first_token_age', process_age()):.2f} s"
+        f"threads: {args.threads_used}  load: {args.load_seconds:.2f} s  "
+        f"start to first token: {first:.2f} s"
     )
 
 

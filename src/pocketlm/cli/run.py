@@ -94,20 +94,20 @@ def main(args: argparse.Namespace) -> int:
         **common.sampling_kwargs(args),
     )
     stream = shots.stream(lm, prompt, **options) if shots else lm.stream(prompt, **options)
-    stats = None
+    stats, first_token_at = None, None
     colour = args.show_probs and common.colour_output(sys.stdout)
     if args.show_probs and not colour:
         common.note_no_colour()
     for chunk in stream:
-        if stats is None and chunk.token is not None and not hasattr(args, "first_token_age"):
-            args.first_token_age = common.process_age()
+        if first_token_at is None and chunk.token is not None:
+            first_token_at = common.process_age()
         sys.stdout.write(paint(chunk) if colour else chunk.text)
         sys.stdout.flush()
         stats = chunk.stats
     sys.stdout.write("\n")
     if args.stats and stats is not None:
         print_stats(stats)
-        print(common.startup_line(args), file=sys.stderr)
+        print(common.startup_line(args, first_token_at=first_token_at), file=sys.stderr)
     return 0
 
 

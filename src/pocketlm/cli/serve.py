@@ -83,7 +83,7 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as error:
         sock.close()
         raise PocketLMError(f"cannot listen on {host}:{port}: {error.strerror}") from None
-    except (socket.gaierror, UnicodeError) as error:  # a host name that does not resolve
+    except UnicodeError as error:  # a host name no resolver can encode (e.g. too long)
         sock.close()
         raise PocketLMError(f"cannot listen on {host}:{port}: {error}") from None
     sock.listen(128)

@@ -125,12 +125,7 @@ def _finetune(
     else:
         model.requires_grad_(True)  # the loader hands out frozen inference models
     if world.is_main:
-        if not job.resume:
-            _clear_earlier_run(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_text_atomic(
-            run_dir / RUN_FILE, json.dumps(_settings(job, block_size), indent=2) + "\n"
-        )
+        _start_run_dir(job, run_dir, block_size=block_size)
     extra = {"lora": asdict(job.lora) if job.lora else None}
     trainer = Trainer(
         model,
@@ -259,6 +254,16 @@ def _check_run_dir(job: FinetuneJob, run_dir: Path) -> None:
             f"{run_dir} holds the checkpoints of an earlier run for '{Path(job.out).name}': "
             "pass --resume to continue it, or --overwrite to start again"
         )
+
+
+def _start_run_dir(job: FinetuneJob, run_dir: Path, *, block_size: int) -> None:
+    """The run folder with this run's settings; a fresh run clears an earlier one first."""
+    if not job.resume:
+        _clear_earlier_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_text_atomic(
+        run_dir / RUN_FILE, json.dumps(_settings(job, block_size), indent=2) + "\n"
+    )
 
 
 def _clear_earlier_run(run_dir: Path) -> None:
