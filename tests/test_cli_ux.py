@@ -168,14 +168,16 @@ def test_devices_this_torch_cannot_use(capsys, device, message):
     assert message in one_line_error(capsys, code)
 
 
-def test_the_port_is_checked_before_the_model_loads(capsys):
-    code = main(["serve", "no-such-model-anywhere", "--port", "70000"])
+def test_the_port_is_checked_before_the_model_loads(capsys, tmp_path):
+    not_a_model = tmp_path / "config.json"  # resolves (a quick look) but cannot load
+    not_a_model.write_text("{}")
+    code = main(["serve", str(tmp_path), "--port", "70000"])
     assert "--port 70000 is not a port" in one_line_error(capsys, code)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        code = main(["serve", "no-such-model-anywhere", "--port", str(port)])
+        code = main(["serve", str(tmp_path), "--port", str(port)])
         assert f"cannot listen on 127.0.0.1:{port}" in one_line_error(capsys, code)
 
 
@@ -232,6 +234,12 @@ def test_a_failed_overwrite_keeps_the_earlier_run(capsys, tiny, tmp_path, pocket
     code = main([*argv, "--run-dir", str(run_dir), "--threads", "1"])
     assert "expected an array of" in one_line_error(capsys, code)
     assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
+    (tmp_path / "corpus.txt").write_text("Alice was beginning to get very tired. " * 20)
+    argv[2] = str(tmp_path / "corpus.txt")
+    code = main([*argv, "--run-dir", str(run_dir), "--steps", "1", "--block-size", "16"])
+    assert code == 0, capsys.readouterr().err
+    assert "earlier" not in (run_dir / "metrics.jsonl").read_text()
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []
 
 
 # -- files -----------------------------------------------------------------------------------

