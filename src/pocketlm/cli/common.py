@@ -79,8 +79,9 @@ def add_compile_option(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="decode through torch.compile: faster tokens, but compiling costs time at every "
-        "start (about a minute the first time, ~10-20 s from the disk cache after), so it "
-        "pays for long answers and chats, not for a short one-shot run (docs/compile.md)",
+        "start (a minute or more the first time for a model, about a quarter of that from "
+        "the disk cache after), so it pays for long answers (hundreds of tokens) and long "
+        "chats, not for a short one-shot run (docs/compile.md)",
     )
 
 

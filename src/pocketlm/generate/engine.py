@@ -133,9 +133,9 @@ class Engine:
         self.draft, self.lookahead = draft, lookahead
 
     def compile(self) -> None:
-        """Decode through torch.compile from now on, and compile now (tens of seconds the
-        first time for a model, seconds once inductor has it on disk), not during the
-        first answer."""
+        """Decode through torch.compile from now on, and compile now (a minute or more the
+        first time for a model, about a quarter of that once inductor has it on disk), not
+        during the first answer. It pays for long answers only (docs/compile.md)."""
         if self.decode_step is None:
             self.decode_step = CompiledDecode(self.model)
             self.session().sequence.warm_up()
