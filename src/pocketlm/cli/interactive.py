@@ -287,6 +287,7 @@ class Prompt:
             f"prompt tokens {stats.prompt_tokens} ({stats.prefilled_tokens} computed, the rest "
             f"from the cache)  new tokens {stats.new_tokens}  time to first token "
             f"{stats.time_to_first_token * 1000:.0f} ms  speed {stats.tokens_per_second:.1f} tokens/s"
+            f"  threads {self.args.threads_used}  model load {self.args.load_seconds:.2f} s"
         )
 
     def cmd_set(self, text: str) -> None:
