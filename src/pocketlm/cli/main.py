@@ -9,7 +9,9 @@ Ctrl-C exits 130. Nothing here knows how models work.
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from typing import NamedTuple
 
 from pocketlm.errors import PocketLMError
@@ -75,16 +77,48 @@ def chosen_command(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _run(sys.argv[1:] if argv is None else argv)
-    except PocketLMError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # also while a subcommand's modules are still importing
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+    with CtrlC() as ctrl_c:
+        try:
+            return _run(sys.argv[1:] if argv is None else argv)
+        except PocketLMError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # also while a subcommand's modules are still importing
+            print(file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            return 0
+        except Exception:
+            # A Ctrl-C that cut an import short (torch importing numpy...) can leave a
+            # half-made module that fails later in its own way: still the user's Ctrl-C.
+            if not ctrl_c.pressed:
+                raise
+            print(file=sys.stderr)
+            return 130
+
+
+class CtrlC:
+    """While the command runs, Ctrl-C raises KeyboardInterrupt as usual and is also
+    remembered (`pressed`). Only where Python's own handler is in place, in the main
+    thread; the handler before is put back afterwards."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._before = None
+
+    def __enter__(self) -> "CtrlC":
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._before = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._before is not None:
+            signal.signal(signal.SIGINT, self._before)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
 
 
 def _run(argv: list[str]) -> int:
