@@ -2,10 +2,12 @@
 `python -m pocketlm`, --version, Ctrl-C while starting, colour only on a terminal, names
 that resolve the same everywhere, devices and ports checked before loading, a failed
 `finetune --overwrite` that keeps the earlier run, `.json` training data, output files
-that respect the umask, the pull bar and the server's request log.
+that respect the umask and the pull bar.
 
-The checks that need a real process share as few invocations as they can (one `run`,
-one `serve`, one Ctrl-C probe); the rest call `main` in-process with a tiny GPT-2."""
+The checks that need a real process share the invocations that other tests make already
+(tests/test_cli_run.py's `run` checks POCKETLM_THREADS, the --stats start-up line and
+--show-probs in a pipe; tests/test_serve_cli.py's `python -m pocketlm serve` the request
+log); the one process of its own is the Ctrl-C probe. The rest call `main` in-process."""
 
 import hashlib
 import io
@@ -17,8 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import zipfile
 
 import pytest
@@ -46,32 +46,6 @@ def one_line_error(capsys, code: int) -> str:
     assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err
     return err
-
-
-# -- one real `run`: python -m, POCKETLM_THREADS, --stats start-up, --show-probs in a pipe --
-
-
-def test_python_m_run_in_a_pipe_with_threads_from_the_environment(tiny):
-    expected = pocketlm.load(tiny).generate("Hello there", max_tokens=4, temperature=0).text
-    result = subprocess.run(
-        [sys.executable, "-m", "pocketlm", "run", tiny, "Hello there", "-n", "4", "-t", "0"]
-        + ["--stats", "--show-probs"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**ENV, "POCKETLM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == expected + "\n"  # no colour codes into the pipe
-    assert "\033[" not in result.stdout + result.stderr
-    assert "--show-probs colours the text on a terminal only" in result.stderr
-    startup = re.search(
-        r"threads: 1 \(POCKETLM_THREADS\)  load: ([\d.]+) s  start to first token: ([\d.]+) s",
-        result.stderr,
-    )
-    assert startup, result.stderr
-    load, first = float(startup[1]), float(startup[2])
-    assert 0 < load < first  # the process started before the load began (importing torch...)
 
 
 # -- threads --------------------------------------------------------------------------------
@@ -279,7 +253,7 @@ def test_pull_unpacks_with_a_progress_bar(pocketlm_home, tmp_path):
     assert "unpacking model.gguf: 100%" in out.getvalue() and "3.15M/3.15M" in out.getvalue()
 
 
-# -- processes: Ctrl-C while starting, the server's request log -------------------------------
+# -- processes: Ctrl-C while starting ---------------------------------------------------------
 
 # Starts the command line as the console script does, saying when pocketlm's code has
 # begun (before that, a Ctrl-C lands in Python's own start-up, which is not ours).
@@ -304,27 +278,6 @@ def test_ctrl_c_while_starting_is_quiet(tiny, delays):
         assert process.returncode in (130, 0), (delay, err)  # 0: it had finished already
 
 
-def test_the_server_logs_each_request(tiny):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pocketlm", "serve", tiny, "--port", "0", "--threads", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
-    try:
-        line = process.stdout.readline()
-        url = re.search(r"at (http://\S+)/v1 ", line)[1]
-        with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as response:
-            assert response.status == 200
-        with pytest.raises(urllib.error.HTTPError):
-            urllib.request.urlopen(f"{url}/no-such-page", timeout=30)
-    finally:
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=30)
-    assert re.search(r"\d\d:\d\d:\d\d GET /v1/models 200 \d+ ms\n", err), err
-    assert re.search(r"GET /no-such-page 404 \d+ ms\n", err), err
-
-
 def test_serve_quiet_is_an_option():
+    # the log itself: tests/test_serve_cli.py, in the one real server process
     assert build_parser("serve").parse_args(["serve", "--quiet"]).quiet
