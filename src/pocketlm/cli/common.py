@@ -191,9 +191,9 @@ def choose_threads(requested: int | None) -> Threads:
 
     Why not simply every core (llama.cpp's and Ollama's default): decoding splits each
     token's matrix products across the threads and waits for the slowest, so one thread
-    that shares its core with another program stalls the others at every layer. On a
-    2-core machine with one core busy, 2 threads fell to 0.5-11 tok/s where 1 thread kept
-    20-111 (docs/threads.md has the figures). The count is taken once, at start-up.
+    that shares its core with another program stalls the others at every layer. On the
+    busy 2-core development machine, 2 threads decoded at 0.6-1.3 tok/s where 1 thread
+    kept 15-21 (docs/threads.md has the figures). The count is taken once, at start-up.
     """
     if requested is not None:
         return Threads(_at_least_one(requested, "--threads"), "--threads")
@@ -259,10 +259,12 @@ def busy_cpus(samples: int = 5, interval: float = 0.002) -> int:
 
 
 def use_threads(args: argparse.Namespace) -> Threads:
-    """Set torch's thread count from the options (before any work); the choice."""
+    """Set torch's thread count from the options (before any work); the choice. Chosen
+    once per command: a model loaded later (chat's /load) keeps it, as this process's
+    own threads, still spinning after an answer, would otherwise count as busy."""
     import torch
 
-    threads = choose_threads(getattr(args, "threads", None))
+    threads = getattr(args, "threads_used", None) or choose_threads(getattr(args, "threads", None))
     torch.set_num_threads(threads.count)
     args.threads_used = threads
     return threads
@@ -292,6 +294,9 @@ def check_device(device: str | None) -> None:
         )
 
 
+_IMPORTED = time.perf_counter()  # process_age's fallback where there is no /proc
+
+
 def process_age() -> float:
     """Seconds since this process started (the interpreter's start, where /proc says;
     else since pocketlm's command line was imported)."""
@@ -304,9 +309,6 @@ def process_age() -> float:
         return now - started_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return time.perf_counter() - _IMPORTED
-
-
-_IMPORTED = time.perf_counter()
 
 
 def load_model(name: str | None, args: argparse.Namespace):  # -> pocketlm.LM
