@@ -7,6 +7,7 @@ each time). `POCKETLM_TEST_GGUF` points at another copy of the same file.
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,17 @@ def smollm2_transformers(smollm2_gguf):
         smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
     )
     return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A command run in-process sets torch's thread count (`--threads`, or its load-aware
+    default): put it back, so no later test runs with another count."""
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch else None
+    yield
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 end in one line on stderr and a non-zero exit, never a traceback."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,17 +40,27 @@ def test_run_prints_the_continuation_and_stats(capsys, tiny):
 
 
 def test_prompt_from_stdin_in_a_real_process(tiny):
+    """Also: POCKETLM_THREADS, --stats' start-up line, and --show-probs in a pipe."""
     expected = pocketlm.load(tiny).generate("Hello from a pipe\n", max_tokens=6, temperature=0).text
     result = subprocess.run(
-        [POCKETLM, "run", tiny, "-n", "6", "-t", "0"],
+        [POCKETLM, "run", tiny, "-n", "6", "-t", "0", "--stats", "--show-probs"],
         input="Hello from a pipe\n",
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "POCKETLM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout == expected + "\n"
+    assert result.stdout == expected + "\n"  # no colour codes into the pipe
+    assert "\033[" not in result.stderr
+    assert "--show-probs colours the text on a terminal only" in result.stderr
+    startup = re.search(
+        r"threads: 1 \(POCKETLM_THREADS\)  load: ([\d.]+) s  start to first token: ([\d.]+) s",
+        result.stderr,
+    )
+    assert startup, result.stderr
+    # the process started before the load began (Python, importing torch...)
+    assert 0 < float(startup[1]) < float(startup[2])
 
 
 @pytest.mark.parametrize(

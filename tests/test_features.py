@@ -160,8 +160,11 @@ def test_generate_with_logprobs_carries_top_alternatives(gpt2):
     expected = hf_logprobs(hf, prompt + out.tokens)
     for i, (token, top) in enumerate(zip(out.tokens, out.top_logprobs, strict=True)):
         values, top_ids = expected[len(prompt) - 1 + i].topk(3)
-        assert [t for t, _ in top] == top_ids.tolist() and top[0][0] == token  # greedy
-        torch.testing.assert_close(torch.tensor([v for _, v in top]), values, atol=1e-4, rtol=0)
+        assert [t.token for t in top] == top_ids.tolist() and top[0].token == token  # greedy
+        assert [t.text for t in top] == [lm.tokenizer.decode([t]) for t in top_ids.tolist()]
+        torch.testing.assert_close(
+            torch.tensor([t.logprob for t in top]), values, atol=1e-4, rtol=0
+        )
     assert lm.generate("The quick brown", max_tokens=2, temperature=0).top_logprobs == []
 
 

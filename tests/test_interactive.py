@@ -4,6 +4,7 @@ pseudo-terminal (pexpect), typing lines, pressing Ctrl-C and Ctrl-D, reading the
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def test_streamed_answer_ctrl_c_stops_it_and_a_second_ctrl_c_leaves(scripted, tm
     stats = type_line(child, "/stats")
     tokens = len(Tokenizer.gpt2().encode("tick\ntack tick"))
     assert f"prompt tokens {tokens} " in stats and "new tokens 3" in stats
+    assert re.search(r"threads \d+ \(.*\)  model load [\d.]+ s", stats), stats
     child.sendline("tick \\")
     child.expect_exact("... ")
     child.sendline("tack tick")

@@ -1,8 +1,8 @@
 """`pocketlm serve` as a user runs it, and the real SmolLM2-135M-Instruct behind the API.
 
 - The command: a subprocess on a free loopback port (--port 0, the URL read from its first
-  line) answering the `openai` client, stopped by Ctrl-C; the warning for a non-loopback
-  address without a key; bad flags as one-line errors.
+  line) answering the `openai` client, logging each request on stderr, stopped by Ctrl-C;
+  the warning for a non-loopback address without a key; bad flags as one-line errors.
 - SmolLM2 through its chat template (server in a thread, to load the model once):
   replies equal `pocketlm.LM.generate` on the template's prompt ids, and concurrent
   greedy requests equal the same requests served one at a time.
@@ -10,10 +10,13 @@
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -37,7 +40,7 @@ MESSAGES = [
 def test_the_command_serves_the_openai_client_and_stops_on_ctrl_c(tmp_path):
     folder = make_gpt2(tmp_path / "tiny-model")
     process = subprocess.Popen(
-        [sys.executable, "-m", "pocketlm.cli.main", "serve", str(folder), "--port", "0"],
+        [sys.executable, "-m", "pocketlm", "serve", str(folder), "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -58,11 +61,17 @@ def test_the_command_serves_the_openai_client_and_stops_on_ctrl_c(tmp_path):
         )
         expected = pocketlm.load(folder).generate("The dog", max_tokens=5, temperature=0.0)
         assert r.choices[0].text == expected.text
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(url.removesuffix("/v1") + "/no-such-page", timeout=30)
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(timeout=30)
     assert code == 130  # the CLI's exit code for Ctrl-C, after a graceful shutdown
-    assert "Traceback" not in process.stderr.read()
+    err = process.stderr.read()
+    assert "Traceback" not in err
+    # the request log: one line per request, method, path, status, time
+    assert re.search(r"^\d\d:\d\d:\d\d POST /v1/completions 200 \d+ ms$", err, re.M), err
+    assert re.search(r"^\d\d:\d\d:\d\d GET /no-such-page 404 \d+ ms$", err, re.M), err
 
 
 def test_warns_beyond_loopback_without_a_key_and_refuses_bad_flags(tmp_path, caplog, capsys):
@@ -73,8 +82,9 @@ def test_warns_beyond_loopback_without_a_key_and_refuses_bad_flags(tmp_path, cap
     assert err.splitlines()[-1].startswith("error: no such file") and "Traceback" not in err
     assert cli(["serve", "--max-batch", "0"]) == 1
     assert capsys.readouterr().err == "error: --max-batch must be at least 1\n"
-    assert cli(["serve", "--draft", "x"]) == 1
-    assert "drop --draft" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # serve batches requests instead of drafting
+        cli(["serve", "--draft", "x"])
+    assert "unrecognized arguments: --draft" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -27,3 +27,24 @@ def sessions_dir() -> Path:
 
 def history_file() -> Path:
     return home() / "history"
+
+
+def umask() -> int:
+    """This process's umask (read from /proc where it can be, so nothing changes it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # the only portable way to read it is to set it...
+    os.umask(mask)  # ...and put it back
+    return mask
+
+
+def as_umask_allows(path: str | Path, *, folder: bool = False) -> None:
+    """Give a file from `tempfile.mkstemp` (made 0600) or a folder from `mkdtemp` (0700)
+    the permissions that `open` or `mkdir` would have given it (0666 or 0777 less the
+    umask), before it is renamed into place as an output the user asked for."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask())

@@ -40,9 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
-    )
+    common.add_threads_option(parser)
     parser.add_argument(
         "--json", default=None, metavar="FILE", help="also write the results as JSON"
     )
@@ -51,9 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    # torch and the engine load here, not at the top: the CLI starts without them
-    import torch
-
+    # the engine loads here, not at the top: the CLI starts without torch
     from pocketlm.api import load
     from pocketlm.generate.benchmark import measure, memory_bandwidth
 
@@ -68,21 +64,17 @@ def main(args: argparse.Namespace) -> int:
     ):
         if value < 1:
             raise PocketLMError(f"--{name}-tokens must be at least 1 (got {value})")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise PocketLMError(f"--threads must be at least 1 (got {args.threads})")
-        torch.set_num_threads(args.threads)
+    threads = common.use_threads(args)
     bandwidth = memory_bandwidth()
-    print(
-        f"read bandwidth {bandwidth:.1f} GB/s, {torch.get_num_threads()} threads", file=sys.stderr
-    )
+    print(f"read bandwidth {bandwidth:.1f} GB/s, threads: {threads}", file=sys.stderr)
     results = []
     for mode in modes:
         lm = load(args.model, offline=args.offline, **MODES[mode.removesuffix(COMPILED)])
         m = measure(lm.model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                     prefill_tokens=args.prefill_tokens, compile=mode.endswith(COMPILED))  # fmt: skip
         bound = bandwidth * 1e9 / m.bytes_per_token
-        results.append({"model": lm.name, "mode": mode, **m.as_dict(), "bound_tok_s": bound})
+        results.append({"model": lm.name, "mode": mode, **m.as_dict(), "bound_tok_s": bound,
+                        "threads": threads.count})  # fmt: skip
         print(
             f"{lm.name} {mode:12} decode {m.decode_tok_s:6.1f} tok/s ({m.decode_tok_s / bound:4.0%} of the "
             f"{bound:.0f} tok/s bound)  prefill {m.prefill_tok_s:6.0f} tok/s  TTFT {m.ttft_ms:5.0f} ms  "

@@ -29,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--show-probs", action="store_true", help="colour each token by its probability"
     )
-    common.add_model_options(parser)
+    common.add_model_options(parser, draft=True)
     common.add_compile_option(parser)
     common.add_sampling_options(parser)
     parser.set_defaults(handler=main)

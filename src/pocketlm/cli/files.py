@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pocketlm.errors import PocketLMError
+from pocketlm.paths import as_umask_allows
 
 
 def read_text(path: str | Path) -> str:
@@ -45,6 +46,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     try:
         with os.fdopen(fd, "wb") as file:
             write(file)
+        as_umask_allows(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -47,6 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_training_options(parser)
     group = parser.add_argument_group("model")
     group.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    common.add_threads_option(group)
     group.add_argument("--offline", action="store_true", help="never touch the network")
     parser.set_defaults(handler=main)
 
@@ -205,9 +206,10 @@ def build_job(args: argparse.Namespace) -> FinetuneJob:
 class ProgressBar:
     """The live bar; samples and checkpoints are printed above it."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: object = None) -> None:
         self.bar = None
         self.val_loss: float | None = None
+        self.threads = threads  # shown once training starts (common.Threads)
 
     def __call__(self, event: dict) -> None:
         from tqdm import tqdm
@@ -215,6 +217,8 @@ class ProgressBar:
         kind = event["kind"]
         if kind == "step":
             if self.bar is None:
+                if self.threads is not None:
+                    self._write(f"threads: {self.threads}")
                 self.bar = tqdm(
                     total=event["total"],
                     initial=event["step"] - 1,
@@ -250,8 +254,10 @@ def main(args: argparse.Namespace) -> int:
 
     common.setup_logging()
     job = build_job(args)
+    common.check_device(args.device)
+    threads = common.use_threads(args)
     main_process = os.environ.get("RANK", "0") == "0"  # torchrun: one bar, on rank 0
-    bar = ProgressBar() if main_process else None
+    bar = ProgressBar(threads) if main_process else None
     try:
         result = finetune(job, on_event=bar)
     finally:

@@ -244,13 +244,13 @@ class Prompt:
                 self.show(chunks)
         except KeyboardInterrupt:
             self.interrupted = True
-            sys.stdout.write(RESET if s.show_probs else "")
+            sys.stdout.write(RESET if s.show_probs and common.colour_output(sys.stdout) else "")
             self.say("\n[stopped]")
             return
         self.say("")
 
     def show(self, chunks: Iterator[Chunk]) -> None:
-        paint_it = self.session.show_probs
+        paint_it = self.session.show_probs and common.colour_output(sys.stdout)
         for chunk in chunks:
             sys.stdout.write(paint(chunk) if paint_it else chunk.text)
             sys.stdout.flush()
@@ -287,6 +287,7 @@ class Prompt:
             f"prompt tokens {stats.prompt_tokens} ({stats.prefilled_tokens} computed, the rest "
             f"from the cache)  new tokens {stats.new_tokens}  time to first token "
             f"{stats.time_to_first_token * 1000:.0f} ms  speed {stats.tokens_per_second:.1f} tokens/s"
+            f"  threads {self.args.threads_used}  model load {self.args.load_seconds:.2f} s"
         )
 
     def cmd_set(self, text: str) -> None:

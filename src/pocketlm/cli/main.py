@@ -9,7 +9,9 @@ Ctrl-C exits 130. Nothing here knows how models work.
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from typing import NamedTuple
 
 from pocketlm.errors import PocketLMError
@@ -51,10 +53,13 @@ COMMANDS = (
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     """The parser, with the full subparser of the `chosen` command only: every other
     command is a placeholder with its name and help, enough for the listing."""
+    from pocketlm import __version__
+
     parser = argparse.ArgumentParser(
         prog="pocketlm",
         description="Run GPT-2 and other open language models on your own machine.",
     )
+    parser.add_argument("--version", action="version", version=f"pocketlm {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         if command.name == chosen:
@@ -72,7 +77,51 @@ def chosen_command(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    with CtrlC() as ctrl_c:
+        try:
+            return _run(sys.argv[1:] if argv is None else argv)
+        except PocketLMError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # also while a subcommand's modules are still importing
+            print(file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            return 0
+        except Exception:
+            # A Ctrl-C that cut an import short (torch importing numpy...) can leave a
+            # half-made module that fails later in its own way: still the user's Ctrl-C.
+            if not ctrl_c.pressed:
+                raise
+            print(file=sys.stderr)
+            return 130
+
+
+class CtrlC:
+    """While the command runs, Ctrl-C raises KeyboardInterrupt as usual and is also
+    remembered (`pressed`). Only where Python's own handler is in place, in the main
+    thread; the handler before is put back afterwards."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._before = None
+
+    def __enter__(self) -> "CtrlC":
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._before = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._before is not None:
+            signal.signal(signal.SIGINT, self._before)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser(chosen_command(argv))
     # argparse stops filling a `words*` positional at the first option, so the prompt in
     # `pocketlm run MODEL -t 0 "prompt"` comes back as an extra: give it to the words.
@@ -84,16 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
-    try:
-        return args.handler(args) or 0
-    except PocketLMError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+    return args.handler(args) or 0
 
 
 if __name__ == "__main__":

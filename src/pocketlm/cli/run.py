@@ -29,7 +29,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="a LoRA adapter folder (from `finetune --lora --adapter-only`) to apply",
     )
     parser.add_argument(
-        "--stats", action="store_true", help="print tokens, time to first token and tokens/s"
+        "--stats",
+        action="store_true",
+        help="print tokens, tokens/s, time to first token, threads, load time and the "
+        "time from start to the first token",
     )
     parser.add_argument(
         "--no-truncate",
@@ -51,7 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--show-probs", action="store_true", help="colour each token by its probability"
     )
-    common.add_model_options(parser)
+    common.add_model_options(parser, draft=True)
     common.add_compile_option(parser)
     common.add_sampling_options(parser)
     parser.set_defaults(handler=main)
@@ -91,14 +94,20 @@ def main(args: argparse.Namespace) -> int:
         **common.sampling_kwargs(args),
     )
     stream = shots.stream(lm, prompt, **options) if shots else lm.stream(prompt, **options)
-    stats = None
+    stats, first_token_at = None, None
+    colour = args.show_probs and common.colour_output(sys.stdout)
+    if args.show_probs and not colour:
+        common.note_no_colour()
     for chunk in stream:
-        sys.stdout.write(paint(chunk) if args.show_probs else chunk.text)
+        if first_token_at is None and chunk.token is not None:
+            first_token_at = common.process_age()
+        sys.stdout.write(paint(chunk) if colour else chunk.text)
         sys.stdout.flush()
         stats = chunk.stats
     sys.stdout.write("\n")
     if args.stats and stats is not None:
         print_stats(stats)
+        print(common.startup_line(args, first_token_at=first_token_at), file=sys.stderr)
     return 0
 
 

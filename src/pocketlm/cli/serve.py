@@ -73,6 +73,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--name", default=None, help="model id the API reports (default: the model's name)"
     )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no request log (by default one line per request on stderr: method, path, "
+        "status, time)",
+    )
     common.add_model_options(parser)
     parser.set_defaults(handler=main)
 
@@ -87,7 +93,10 @@ def is_loopback(host: str) -> bool:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket (so --port 0 can report the port it got)."""
+    """A listening socket (so --port 0 can report the port it got), opened before the
+    model loads: a port in use is reported at once, not after the load."""
+    if not 0 <= port <= 65535:
+        raise PocketLMError(f"--port {port} is not a port: use 1-65535 (0 picks a free one)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
     # and without it every keep-alive response after the first waits ~40 ms (Nagle and
@@ -99,6 +108,9 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as error:
         sock.close()
         raise PocketLMError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    except UnicodeError as error:  # a host name no resolver can encode (e.g. too long)
+        sock.close()
+        raise PocketLMError(f"cannot listen on {host}:{port}: {error}") from None
     sock.listen(128)
     return sock
 
@@ -114,13 +126,24 @@ def limits(args: argparse.Namespace) -> Limits:
     return Limits(allowed_hosts=names if check else None, cors_origin=args.cors_origin)
 
 
+def request_log(app):  # noqa: ANN001, ANN201 - an ASGI app in, one out
+    """The app with its request log: one line per request on stderr, time-stamped."""
+    from pocketlm.serve.requestlog import RequestLog, log
+
+    if not any(isinstance(h, common.StderrHandler) for h in log.handlers):
+        handler = common.StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # not again with the warnings' "INFO:" prefix
+    return RequestLog(app)
+
+
 def main(args: argparse.Namespace) -> int:
     common.setup_logging()
     for flag in ("max_batch", "max_queue"):
         if getattr(args, flag) < 1:
             raise PocketLMError(f"--{flag.replace('_', '-')} must be at least 1")
-    if getattr(args, "draft", None):
-        raise PocketLMError("serve batches requests instead of drafting: drop --draft")
     if args.timeout <= 0:
         raise PocketLMError("--timeout must be positive")
     if args.api_key is not None and not args.api_key.strip():
@@ -130,6 +153,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         from pocketlm.serve import guard
         from pocketlm.serve.app import Service, create_app
+        from pocketlm.weights import sources
     except ImportError as error:
         raise PocketLMError(f"serving needs {error.name}: pip install 'pocketlm[serve]'") from None
     log = logging.getLogger("pocketlm")
@@ -138,8 +162,11 @@ def main(args: argparse.Namespace) -> int:
             "listening on %s without --api-key: anyone who can reach this machine can use the model",
             args.host,
         )
-    lm = common.load_model(args.model, args)
+    # The order is the cost: a model that is not there (a quick look), then the port,
+    # then the load (seconds to minutes), so no mistake waits for the load to be told.
+    sources.resolve(args.model, offline=args.offline)
     sock = bind(args.host, args.port)
+    lm = common.load_model(args.model, args)
     try:
         service = Service(
             lm,
@@ -158,9 +185,10 @@ def main(args: argparse.Namespace) -> int:
         f"serving {service.name} at http://{shown}:{port}/v1 (chat page: http://{shown}:{port}/)",
         flush=True,
     )
-    server = guard.server(
-        create_app(service), limits=service.limits, cancel_all=service.scheduler.cancel_all
-    )
+    app = create_app(service)
+    if not args.quiet:
+        app = request_log(app)
+    server = guard.server(app, limits=service.limits, cancel_all=service.scheduler.cancel_all)
     server.run(sockets=[sock])
     sys.stdout.flush()
     return 0

@@ -50,8 +50,8 @@ class CompiledDecode:
         self.calls = 0
         self._lock = threading.Lock()
         log.info(
-            "compiling the decode step (about a minute the first time for a model, seconds "
-            "once cached)"
+            "compiling the decode step (a minute or more the first time for a model, about a "
+            "quarter of that once cached): it pays for long answers only"
         )
 
     @staticmethod

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from torch import nn
 
@@ -48,6 +49,14 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+class TopLogprob(NamedTuple):
+    """One of the most likely tokens at a position: its id, log-probability and text."""
+
+    token: int
+    logprob: float
+    text: str
+
+
 @dataclass
 class Completion:
     """A whole generation: its text, why it ended, what it cost."""
@@ -58,11 +67,12 @@ class Completion:
     stats: Stats
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # with logprobs=k (k >= 0)
-    # With logprobs=k: the k most likely (id, logprob) at each generated token.
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # With logprobs=k: the k most likely (id, logprob, text) at each generated token.
+    top_logprobs: list[list[TopLogprob]] = field(default_factory=list)
 
     @classmethod
-    def collect(cls, chunks: Iterator[Chunk]) -> Completion:
+    def collect(cls, chunks: Iterator[Chunk], tokenizer: Tokenizer) -> Completion:
+        """The whole of a stream; `tokenizer` names the alternatives in top_logprobs."""
         pieces: list[str] = []
         tokens, logprobs, top = [], [], []
         last = Chunk("")
@@ -72,7 +82,9 @@ class Completion:
                 tokens.append(last.token)
                 if last.logprob is not None:
                     logprobs.append(last.logprob)
-                    top.append(last.top_logprobs)
+                    top.append(
+                        [TopLogprob(t, lp, tokenizer.decode([t])) for t, lp in last.top_logprobs]
+                    )
         stats = last.stats or Stats()
         usage = Usage(stats.prompt_tokens, stats.new_tokens)
         return cls(
@@ -121,9 +133,9 @@ class Engine:
         self.draft, self.lookahead = draft, lookahead
 
     def compile(self) -> None:
-        """Decode through torch.compile from now on, and compile now (tens of seconds the
-        first time for a model, seconds once inductor has it on disk), not during the
-        first answer."""
+        """Decode through torch.compile from now on, and compile now (a minute or more the
+        first time for a model, about a quarter of that once inductor has it on disk), not
+        during the first answer. It pays for long answers only (docs/compile.md)."""
         if self.decode_step is None:
             self.decode_step = CompiledDecode(self.model)
             self.session().sequence.warm_up()
@@ -192,7 +204,7 @@ class Session:
 
     def generate(self, prompt: str | Seq[int], **options: object) -> Completion:
         """As `Engine.generate`, in this session's cache."""
-        return Completion.collect(self.stream(prompt, **options))
+        return Completion.collect(self.stream(prompt, **options), self.engine.tokenizer)
 
     def run(self, ids: list[int], params: GenerationParams) -> Iterator[Chunk]:
         """Generate after prompt `ids` with checked `params` (the caller checked both)."""

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from pocketlm.errors import PocketLMError
+from pocketlm.paths import as_umask_allows
 
 STATE = "state.pt"
 LATEST = "latest"
@@ -45,6 +46,7 @@ def save(run_dir: Path, state: dict[str, Any], *, step: int, keep: int = 1) -> P
             torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
+        as_umask_allows(work, folder=True)
         if final.exists():  # the same step saved twice (Ctrl-C right after a save)
             shutil.rmtree(final)
         os.replace(work, final)
@@ -84,6 +86,7 @@ def write_text_atomic(path: Path, text: str) -> None:
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
+        as_umask_allows(tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

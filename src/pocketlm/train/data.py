@@ -6,7 +6,8 @@ DATA is one of
   - a `.jsonl` file: one JSON object a line, either {"text": ...} or
     {"prompt": ..., "completion": ...}; for the latter the loss is taken on the completion
     only (the prompt's labels are -100, as `transformers` and PyTorch's cross-entropy
-    `ignore_index` expect).
+    `ignore_index` expect);
+  - a `.json` file: one array of such objects (as `datasets` and many exports write them).
 
 Documents are tokenized, each followed by the end-of-text token, concatenated and cut into
 blocks of `block_size` tokens (the last block padded with end-of-text tokens whose labels
@@ -31,6 +32,7 @@ from pocketlm.tokenizer import Tokenizer
 IGNORE = -100  # label of a token the loss skips (prompt tokens, padding)
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl",)
+JSON_SUFFIXES = (".json",)
 _BINARY_SNIFF = 8192
 
 
@@ -78,11 +80,11 @@ def read_documents(path: Path) -> list[Document]:
             p
             for p in path.rglob("*")
             if p.is_file()
-            and p.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES
+            and p.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES + JSON_SUFFIXES
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         if not files:
-            raise PocketLMError(f"{path} holds no .txt, .md or .jsonl files to train on")
+            raise PocketLMError(f"{path} holds no .txt, .md, .jsonl or .json files to train on")
         docs = [doc for file in files for doc in _read_file(file)]
     elif path.is_file():
         docs = _read_file(path)
@@ -109,7 +111,29 @@ def _read_file(file: Path) -> list[Document]:
     text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the text
     if file.suffix.lower() in JSONL_SUFFIXES:
         return _parse_jsonl(text, file)
+    if file.suffix.lower() in JSON_SUFFIXES:
+        return _parse_json_array(text, file)
     return [Document(text)]
+
+
+def _parse_json_array(text: str, file: Path) -> list[Document]:
+    """A .json file is an array of records, never text to train on character by character."""
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PocketLMError(
+            f"{file}:{error.lineno}: not valid JSON ({error.msg}); a .json file must hold one "
+            'array of {"text": ...} objects (or use .jsonl, one object a line)'
+        ) from None
+    if not isinstance(records, list):
+        raise PocketLMError(
+            f'{file}: expected an array of {{"text": ...}} objects, got a JSON '
+            f"{'object' if isinstance(records, dict) else 'value'}; "
+            "a plain text file should end in .txt"
+        )
+    if not records:
+        raise PocketLMError(f"{file} is an empty array: no records to train on")
+    return [_document(record, where=f"{file}: record {i}") for i, record in enumerate(records)]
 
 
 def _parse_jsonl(text: str, file: Path) -> list[Document]:

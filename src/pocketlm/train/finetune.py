@@ -70,8 +70,12 @@ def finetune(
     run_dir = run_dir_for(job)
     if job.resume:
         job = _resumed_job(job, run_dir)
+    # Everything that can be checked is checked before anything is loaded or deleted:
+    # an earlier run is cleared only once the model and the data have loaded.
     _check_output(job)
     _check_run_dir(job, run_dir)
+    if not Path(job.data).expanduser().exists():
+        raise PocketLMError(f"training data {job.data} does not exist")
     device = job.device or ("cuda" if torch.cuda.is_available() else "cpu")
     world = distributed.setup(device)
     try:
@@ -121,7 +125,7 @@ def _finetune(
     else:
         model.requires_grad_(True)  # the loader hands out frozen inference models
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        _start_run_dir(job, run_dir)
     extra = {"lora": asdict(job.lora) if job.lora else None}
     trainer = Trainer(
         model,
@@ -257,10 +261,28 @@ def _check_run_dir(job: FinetuneJob, run_dir: Path) -> None:
             f"{run_dir} holds the checkpoints of an earlier run for '{Path(job.out).name}': "
             "pass --resume to continue it, or --overwrite to start again"
         )
-    if os.environ.get("RANK", "0") == "0":  # torchrun: one process clears it
-        shutil.rmtree(checkpoint.checkpoints_dir(run_dir), ignore_errors=True)
-        for name in (METRICS, PLOT):
-            (run_dir / name).unlink(missing_ok=True)
+
+
+def _start_run_dir(job: FinetuneJob, run_dir: Path) -> None:
+    """The run folder; a fresh run clears an earlier one first (its settings are written
+    once a resumed run's checkpoint has been accepted: `_write_settings`)."""
+    if not job.resume:
+        _clear_earlier_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _clear_earlier_run(run_dir: Path) -> None:
+    """Take an earlier run's checkpoints, metrics and plot away (--overwrite, checked
+    already): each is first renamed into one hidden folder, then that is deleted, so a
+    crash in between leaves no half-deleted checkpoint that `--resume` would pick up."""
+    old = [run_dir / name for name in (checkpoint.checkpoints_dir(run_dir).name, METRICS, PLOT)]
+    old = [path for path in old if path.exists()]
+    if not old:
+        return
+    trash = Path(tempfile.mkdtemp(prefix=".old-", dir=run_dir))
+    for path in old:
+        os.replace(path, trash / path.name)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _write_adapter(job: FinetuneJob, model: torch.nn.Module, *, base: str) -> Path:
@@ -270,6 +292,7 @@ def _write_adapter(job: FinetuneJob, model: torch.nn.Module, *, base: str) -> Pa
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
         save_adapter(model, work, config=job.lora, base=base)
+        paths.as_umask_allows(work, folder=True)
         if out.exists():
             old = out.with_name(f".old-{out.name}")
             os.replace(out, old)

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pocketlm import paths
 from pocketlm.train.checkpoint import write_text_atomic
 
 METRICS = "metrics.jsonl"
@@ -71,5 +72,6 @@ def plot_losses(run_dir: Path) -> Path | None:
     fd, tmp = tempfile.mkstemp(prefix=".loss-", suffix=".png", dir=run_dir)
     os.close(fd)
     figure.savefig(tmp)
+    paths.as_umask_allows(tmp)
     os.replace(tmp, path)
     return path

