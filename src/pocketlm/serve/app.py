@@ -32,6 +32,7 @@ from pocketlm.generate.params import GenerationParams
 from pocketlm.sampling import SamplingParams
 from pocketlm.serve import convert
 from pocketlm.serve.convert import Choice
+from pocketlm.serve.prefix_cache import DEFAULT_BUDGET
 from pocketlm.serve.scheduler import Event, QueueFull, Scheduler
 from pocketlm.serve.scheduler import Request as EngineRequest
 from pocketlm.serve.schemas import (
@@ -59,6 +60,7 @@ class Service:
         timeout: float | None = 600.0,
         api_key: str | None = None,
         max_body: int = 4 << 20,
+        cache_ram: int = DEFAULT_BUDGET,
     ) -> None:
         self.lm, self.tokenizer = lm, lm.tokenizer
         # A path's last part names the model ("SmolLM2.gguf"), a hub id stays whole.
@@ -79,6 +81,7 @@ class Service:
             max_batch=max_batch,
             max_queue=max_queue,
             max_seq_len=self.context_length,
+            cache_ram=cache_ram,
         )
         self.created = int(time.time())
 
