@@ -417,7 +417,7 @@ def test_a_shared_prefix_is_a_prefix_cache_hit_in_metrics(server, client):
     """The second prompt starting like the first reuses its whole blocks (serve/prefix_cache.py;
     outputs with the cache on and off: tests/test_prefix_cache.py)."""
     before = server.metrics()
-    system = "You are a terse assistant who answers every question in a single word. " * 3
+    system = "You are a terse assistant who answers every question in a single word. " * 6
     for question in ("Why?", "How?"):
         client.completions.create(
             model=MODEL, prompt=system + question, max_tokens=2, temperature=0
