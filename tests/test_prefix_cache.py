@@ -143,20 +143,21 @@ def _cache(rows=4, slots=128):
 
 
 def test_blocks_round_trip_into_another_row():
-    """A held prefix lands in another row slot for slot; whole blocks only, and never the
-    prompt's last token (computed for its logits)."""
+    """A held prefix lands in another row slot for slot: whole blocks are held, and all
+    of them but the prompt's last token (computed for its logits) reused."""
     cache, prefix = _cache(), PrefixCache(budget=1 << 20)
     ids = list(range(100, 170))  # 70 tokens: 4 whole blocks
     prefix.store(ids, cache, 0)
     assert prefix.stats()["prefix_cache_blocks"] == 4
     assert prefix.load(ids[:66] + [1], cache, 2) == 64
-    assert prefix.load(ids[:64], cache, 3) == 48  # the 64th token is the prompt's last
+    assert prefix.load(ids[:64], cache, 3) == 63  # the 64th token is the prompt's last
     for t in (*cache.k, *cache.v):
-        assert torch.equal(t[2, :, :64], t[0, :, :64]) and torch.equal(t[3, :, :48], t[0, :, :48])
+        assert torch.equal(t[2, :, :64], t[0, :, :64]) and torch.equal(t[3, :, :63], t[0, :, :63])
+        assert not torch.equal(t[3, :, 63], t[0, :, 63])
     assert prefix.load([5] + ids, cache, 1) == 0  # a block's key is its whole prefix
     stats = prefix.stats()
     assert (stats["prefix_cache_hits"], stats["prefix_cache_misses"]) == (2, 1)
-    assert stats["prefix_cache_reused_tokens"] == 64 + 48
+    assert stats["prefix_cache_reused_tokens"] == 64 + 63
 
 
 def test_least_recently_used_leaves_are_evicted_under_the_budget():

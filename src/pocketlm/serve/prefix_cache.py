@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pocketlm.generate.sequence import reusable_prefix
 from pocketlm.models.cache import KVCache
 
 BLOCK = 16  # tokens a block holds: a hit reuses whole blocks, so at most 15 are recomputed
@@ -71,19 +72,20 @@ class PrefixCache:
     def load(self, ids: Sequence[int], cache: KVCache, row: int) -> int:
         """Copy the longest held prefix of prompt `ids` into cache row `row`; return how many
         tokens it covers (0: none held; never the whole prompt, whose last token is computed
-        for its logits)."""
+        for its logits: a prompt held whole reuses all but its last token)."""
         # A prompt past LongRoPE's switch is rotated with its long factors, the held
         # prefixes with its short ones: nothing held is of use to it.
         long = self.switch is not None and len(ids) > self.switch
-        chain = [] if long else self._chain(ids, len(ids) - 1)  # the last token: for its logits
-        n = len(chain) * self.block
+        chain = [] if long else self._chain(ids, len(ids))
+        # as a Session reuses its own cache: all but the last token, computed for its logits
+        n = reusable_prefix(ids[: len(chain) * self.block], ids)
         if n == 0:
             self.counters["misses"] += 1
             return 0
         self.counters["hits"] += 1
         self.counters["reused_tokens"] += n
         self._touch(chain)
-        kv = torch.cat([b.kv for b in chain], dim=2)  # (2L, H, n, D)
+        kv = torch.cat([b.kv for b in chain], dim=2)[:, :, :n]  # (2L, H, n, D)
         cache.ensure(row + 1, n)
         layers = len(cache.k)
         for i, (k, v) in enumerate(zip(cache.k, cache.v, strict=True)):
