@@ -107,6 +107,18 @@ def test_a_chats_second_turn_reuses_the_first_turn_and_its_answer(lm):
     assert counts["prefix_cache_reused_tokens"] == held // BLOCK * BLOCK > len(first)
 
 
+def test_a_small_budget_evicts_and_the_outputs_stay_the_same(lm):
+    """Room for 4 blocks: each request's blocks push older ones out, never past the
+    budget, and every request still gets the tokens it gets with the cache off."""
+    greedy = SamplingParams(temperature=0.0)
+    off, _ = serve(lm, [PROMPTS, PROMPTS[::-1]], cache_ram=0, params=greedy)
+    budget = 4 * _block_bytes(lm)
+    on, counts = serve(lm, [PROMPTS, PROMPTS[::-1]], cache_ram=budget, params=greedy)
+    assert on == off
+    assert counts["prefix_cache_evicted_blocks"] > 0 and counts["prefix_cache_hits"] > 0
+    assert counts["prefix_cache_bytes"] <= budget
+
+
 def test_prompt_logprobs_are_computed_whole(lm):
     """A request for the prompt's log-probabilities needs every position's logits: it
     bypasses the cache (neither hit nor miss) and gets the same numbers."""
