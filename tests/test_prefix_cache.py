@@ -204,7 +204,7 @@ def test_cache_ram_sizes(text, size):
     assert ram_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["lots", "-1GB", ""])
+@pytest.mark.parametrize("text", ["lots", "-1GB", "", "512B"])
 def test_bad_cache_ram_is_one_line(text):
     with pytest.raises(argparse.ArgumentTypeError, match="size|negative"):
         ram_size(text)

@@ -68,7 +68,10 @@ _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 def ram_size(text: str) -> int:
     """Bytes from '512MB', '2GB', '1.5G', '0' or '300' (MB), binary units as llama.cpp's."""
-    number = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number = text.strip().upper()
+    for suffix in ("IB", "B"):  # after a unit only: "512B" is not 512 MB
+        if number.endswith(suffix) and number[: -len(suffix)][-1:] in ("K", "M", "G"):
+            number = number.removesuffix(suffix)
     unit = number[-1:] if number[-1:] in ("K", "M", "G") else ""
     try:
         value = float(number.removesuffix(unit))
