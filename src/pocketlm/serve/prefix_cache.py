@@ -22,7 +22,9 @@ Which models: a token's keys and values depend only on the tokens before it and 
 position. Sliding-window models (Mistral, Gemma 2/3, GPT-OSS) keep every slot (the window is
 a mask over positions), so a cached prefix is exact for them too. LongRoPE (Phi-3) rotates a
 sequence longer than its switch length with other frequencies: only prefixes of sequences
-within it are stored, and only prompts within it reuse them.
+within it are stored, and only prompts within it reuse them. The KV a hit copies is what
+the request would compute up to rounding (a matrix product's sums depend on how many rows
+it takes, as with the scheduler's chunked prefill): docs/prefix_cache.md measures it.
 Knows nothing of sampling, batching or HTTP. (vLLM's automatic prefix caching; SGLang's
 RadixAttention, Zheng et al. 2024; mlx-lm's LRUPromptCache; llama.cpp's --cache-ram.)
 """
@@ -37,7 +39,7 @@ import torch
 from pocketlm.generate.sequence import reusable_prefix
 from pocketlm.models.cache import KVCache
 
-BLOCK = 16  # tokens a block holds: a hit reuses whole blocks, so at most 15 are recomputed
+BLOCK = 16  # tokens a block holds: a hit reuses whole blocks, so < 16 held ones are recomputed
 DEFAULT_BUDGET = 1 << 30  # bytes (1 GiB): SmolLM2-135M's fp32 KV of ~23k tokens, an 8B's bf16 ~8k
 
 
