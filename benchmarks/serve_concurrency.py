@@ -5,6 +5,9 @@ Starts `pocketlm serve MODEL --port 0 --max-batch 16` (or the largest client cou
 for each client count runs that many threads at once, each streaming one completion of
 --tokens new tokens (greedy, EOS suppressed with logit_bias so every request runs its
 full length), and reports total generated tokens / wall time. One warm-up request first.
+Then the time to first token of a ~2,000-token prompt, cold, and again with a new question
+after the same prefix (warm: the prefix cache holds it; benchmarks/prefix_cache.py has the
+full comparison, with the cache off too).
 The ratio between counts is the figure of merit (continuous batching shares each decode
 step); absolute speeds depend on the machine and its load.
 
@@ -95,6 +98,18 @@ def run_level(
     return total, time.perf_counter() - start
 
 
+def prefix_ttft(client: openai.OpenAI) -> None:
+    """Print the time to first token with a new ~2,000-token prefix, cold then warm."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from prefix_cache import document, first_token
+
+    prefix = document(int(time.time()), 1800)
+    cold, _, n = first_token(client, prefix + "Question: the first word?\nAnswer:", tokens=4)
+    warm, _, _ = first_token(client, prefix + "Question: the last word?\nAnswer:", tokens=4)
+    print(f"time to first token, {n}-token prompt: cold {cold:.2f} s, warm {warm:.2f} s "
+          f"({warm / cold:.2f} of cold: the shared prefix from the prefix cache)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -143,6 +158,7 @@ def main() -> None:
                     f"({speed / base:.1f}x one client)",
                     flush=True,
                 )
+            prefix_ttft(client)
         finally:
             process.terminate()
             threading.Thread(target=process.wait, daemon=True).start()

@@ -413,3 +413,19 @@ def test_client_leaving_a_plain_request_frees_its_row(server):
     while server.metrics()["pocketlm_kv_cache_bytes"] > 0:
         assert time.monotonic() < deadline, "the KV cache was not given back"
         time.sleep(0.05)
+
+
+def test_a_shared_prefix_is_a_prefix_cache_hit_in_metrics(server, client):
+    """The second prompt starting like the first reuses its whole blocks (serve/prefix_cache.py;
+    outputs with the cache on and off: tests/test_prefix_cache.py)."""
+    before = server.metrics()
+    system = "You are a terse assistant who answers every question in a single word. " * 6
+    for question in ("Why?", "How?"):
+        client.completions.create(
+            model=MODEL, prompt=system + question, max_tokens=2, temperature=0
+        )
+    after = server.metrics()
+    gained = {k: after[k] - before[k] for k in after if k.startswith("pocketlm_prefix_cache")}
+    assert gained["pocketlm_prefix_cache_hits_total"] >= 1
+    assert gained["pocketlm_prefix_cache_reused_tokens_total"] >= 32
+    assert after["pocketlm_prefix_cache_bytes"] > 0

@@ -71,6 +71,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--timeout", type=float, default=600.0, help="seconds a request may take (default 600)"
     )
     parser.add_argument(
+        "--cache-ram",
+        type=ram_size,
+        default=None,
+        metavar="SIZE",
+        help="memory for the prompt cache shared across requests, e.g. 512MB or 2GB (a plain "
+        "number is MB; default 1GB; 0 turns it off)",
+    )
+    parser.add_argument(
         "--name", default=None, help="model id the API reports (default: the model's name)"
     )
     parser.add_argument(
@@ -81,6 +89,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     common.add_model_options(parser)
     parser.set_defaults(handler=main)
+
+
+_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def ram_size(text: str) -> int:
+    """Bytes from '512MB', '2GB', '1.5G', '0' or '300' (MB), binary units as llama.cpp's."""
+    number = text.strip().upper()
+    for suffix in ("IB", "B"):  # after a unit only: "512B" is not 512 MB
+        if number.endswith(suffix) and number[: -len(suffix)][-1:] in ("K", "M", "G"):
+            number = number.removesuffix(suffix)
+    unit = number[-1:] if number[-1:] in ("K", "M", "G") else ""
+    try:
+        value = float(number.removesuffix(unit))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size such as 512MB or 2GB") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a memory size cannot be negative")
+    return int(value * _UNITS[unit])
 
 
 def is_loopback(host: str) -> bool:
@@ -176,6 +203,7 @@ def main(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             api_key=args.api_key,
             limits=limits(args),
+            **({} if args.cache_ram is None else {"cache_ram": args.cache_ram}),
         )
     except ValueError as error:
         raise PocketLMError(f"cannot serve this model: {error}") from None

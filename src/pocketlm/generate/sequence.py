@@ -73,9 +73,7 @@ class Sequence:
             raise ValueError("prefill needs at least one token")
         if len(ids) > self.context_length:
             raise ValueError(f"{len(ids)} tokens exceed the context length {self.context_length}")
-        reuse = _common_prefix(self.tokens, ids)
-        if reuse == len(ids):
-            reuse -= 1  # recompute the last token to get its logits
+        reuse = reusable_prefix(self.tokens, ids)
         self.tokens = list(ids[:reuse])
         return self._forward(list(ids[reuse:]))
 
@@ -138,10 +136,13 @@ class Sequence:
         return logits[0].float()  # (T or 1, V)
 
 
-def _common_prefix(a: Seq[int], b: Seq[int]) -> int:
+def reusable_prefix(held: Seq[int], ids: Seq[int]) -> int:
+    """How many of prompt `ids`' first tokens a cache holding `held` can keep: their
+    common prefix, less the prompt's last token, which is always computed again for its
+    logits. (A session's own cache here; the server's prefix cache, serve/prefix_cache.py.)"""
     n = 0
-    for x, y in zip(a, b, strict=False):
+    for x, y in zip(held, ids, strict=False):
         if x != y:
             break
         n += 1
-    return n
+    return min(n, len(ids) - 1)

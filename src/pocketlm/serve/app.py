@@ -42,6 +42,7 @@ from pocketlm.serve import convert, openapi
 from pocketlm.serve.convert import Choice
 from pocketlm.serve.embedder import Embedder
 from pocketlm.serve.guard import Guard, Limits, authorized
+from pocketlm.serve.prefix_cache import DEFAULT_BUDGET
 from pocketlm.serve.scheduler import Event, QueueFull, Scheduler
 from pocketlm.serve.scheduler import Request as EngineRequest
 from pocketlm.serve.schemas import (
@@ -69,6 +70,7 @@ class Service:
         timeout: float | None = 600.0,
         api_key: str | None = None,
         limits: Limits = Limits(),  # noqa: B008 - frozen, shared safely
+        cache_ram: int = DEFAULT_BUDGET,
     ) -> None:
         self.lm, self.tokenizer = lm, lm.tokenizer
         # A path's last part names the model ("SmolLM2.gguf"), a hub id stays whole.
@@ -95,6 +97,7 @@ class Service:
             max_batch=max_batch,
             max_queue=max_queue,
             max_seq_len=self.context_length,
+            cache_ram=cache_ram,
         )
         self.embedder = Embedder(self.embed, max_queue=max_queue)
         self.created = int(time.time())

@@ -460,6 +460,37 @@ METRICS = {  # name in the snapshot -> (Prometheus name, type, help)
         "gauge",
         "Tokens generated per second, last 10 s.",
     ),
+    # the prefix cache (serve/prefix_cache.py), when it is on
+    "prefix_cache_hits": (
+        "pocketlm_prefix_cache_hits_total",
+        "counter",
+        "Prompts that reused a cached prefix.",
+    ),
+    "prefix_cache_misses": (
+        "pocketlm_prefix_cache_misses_total",
+        "counter",
+        "Prompts that found no cached prefix.",
+    ),
+    "prefix_cache_reused_tokens": (
+        "pocketlm_prefix_cache_reused_tokens_total",
+        "counter",
+        "Prompt tokens copied from the prefix cache instead of computed.",
+    ),
+    "prefix_cache_evicted_blocks": (
+        "pocketlm_prefix_cache_evicted_blocks_total",
+        "counter",
+        "Prefix cache blocks evicted to stay within --cache-ram.",
+    ),
+    "prefix_cache_bytes": (
+        "pocketlm_prefix_cache_bytes",
+        "gauge",
+        "Bytes of keys and values the prefix cache holds.",
+    ),
+    "prefix_cache_blocks": (
+        "pocketlm_prefix_cache_blocks",
+        "gauge",
+        "Token blocks the prefix cache holds.",
+    ),
 }
 
 

@@ -4,7 +4,8 @@ A background thread owns the model. The cache has `max_batch` rows; the requests
 generated sit in rows 0..k-1 (kept contiguous, so a decode step is one forward over the
 first k rows, each at its own position). Between steps the loop admits waiting requests
 (each prefilled alone, B=1, into the next free row through a one-row view of the cache;
-a long prompt in chunks, one per step, so the others keep streaming),
+a long prompt in chunks, one per step, so the others keep streaming; a prefix that an
+earlier request computed comes from the prefix cache, serve/prefix_cache.py),
 and drops finished, cancelled and timed-out ones at once: the last row moves into the
 hole. The scheduler owns batching only: each request turns its logits into tokens and text
 with the engine's own `Sampler` and `TextStream` (pocketlm.generate.request), exactly as
@@ -31,6 +32,7 @@ from torch import nn
 from pocketlm.generate.params import GenerationParams
 from pocketlm.generate.request import Sampler, TextStream
 from pocketlm.models import make_cache
+from pocketlm.serve.prefix_cache import DEFAULT_BUDGET, make_prefix_cache
 from pocketlm.tokenizer import Tokenizer
 
 log = logging.getLogger("pocketlm.serve")
@@ -101,6 +103,7 @@ class _Active:
         self.last_token = -1
         self.generated = 0
         self.done = False
+        self.finish_reason: str | None = None
         self.ids = list(request.prompt_ids)  # the prompt and the tokens taken so far
 
 
@@ -116,6 +119,7 @@ class Scheduler:
         max_queue: int = 64,
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
+        cache_ram: int = DEFAULT_BUDGET,
     ) -> None:
         if getattr(model, "make_cache", None) is not None and max_batch != 1:
             # transformers' own cache holds one sequence (weights/fallback.py)
@@ -152,6 +156,8 @@ class Scheduler:
         # LongRoPE (Phi-3): past this many tokens a row rotates with the long factors, so
         # a row that crosses it is recomputed from its first token (as generate.sequence).
         self._switch: int | None = getattr(model.config, "rope_switch_length", None)
+        # Prompt prefixes shared across requests, within `cache_ram` bytes (0: none).
+        self.prefix = make_prefix_cache(self.cache, budget=cache_ram, switch=self._switch)
 
     # -- the caller's side (any thread) --
 
@@ -206,6 +212,7 @@ class Scheduler:
                 "max_batch": self.max_batch,
                 "kv_cache_bytes": self.cache.nbytes,
                 "tokens_per_second": window / span if span else 0.0,
+                **(self.prefix.stats() if self.prefix is not None else {}),
             }
 
     # -- the scheduler thread --
@@ -325,6 +332,10 @@ class Scheduler:
             self.cache.copy_row(source, row, len(ids))
             active.position = len(ids)
         else:
+            # What the prefix cache holds of the prompt is copied, not computed (but prompt
+            # logprobs need every position's logits: such a prompt is computed whole).
+            if active.position == 0 and self.prefix and not active.request.prompt_logprobs:
+                active.position = self.prefix.load(ids, self.cache, row)
             start, end = active.position, min(len(ids), active.position + self.prefill_chunk)
             if self._switch is not None and 0 < start <= self._switch < end:
                 start = 0  # the chunks before were rotated with LongRoPE's short factors
@@ -343,6 +354,8 @@ class Scheduler:
                 active.prompt_logprobs += lp.gather(1, targets[:, None])[:, 0].tolist()
             if end < len(ids):
                 return False
+            if self.prefix is not None:
+                self.prefix.store(ids, self.cache, row)
             last = logits[-1]
             self._shared[id(ids)] = (ids, row, last, active.prompt_logprobs)
         self._take(active, last, prompt_logprobs=active.prompt_logprobs)
@@ -404,7 +417,7 @@ class Scheduler:
         event.finish_reason = reason
         event.prompt_tokens = len(active.request.prompt_ids)
         event.completion_tokens = active.generated
-        active.done = True
+        active.done, active.finish_reason = True, reason
         self.counters[_COUNTER[reason]] += 1
         active.request.emit(event)
 
@@ -419,6 +432,7 @@ class Scheduler:
             elif not active.done and self._expired(active.request):
                 self._finish(active, "timeout")
             if active.done:
+                self._keep(active, row=i)
                 self._free(i)
         filling = self._filling
         if filling is not None and filling.request.cancelled:
@@ -429,6 +443,12 @@ class Scheduler:
             self._filling = None
         elif filling is not None and filling_row != len(self.rows):
             self._move(filling_row, len(self.rows), filling.position)
+
+    def _keep(self, active: _Active, *, row: int) -> None:
+        """Hand a finished row's tokens to the prefix cache: a chat's next turn resends this
+        prompt and answer. Not a row whose step failed (its cache may be half written)."""
+        if self.prefix is not None and active.finish_reason != "error":
+            self.prefix.store(active.ids[: active.position], self.cache, row)
 
     def _free(self, row: int) -> None:
         last = len(self.rows) - 1
