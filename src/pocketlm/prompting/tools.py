@@ -55,7 +55,9 @@ def tool_format(template: str | None) -> ToolFormat:
         return DEFAULT
     if "[TOOL_CALLS]" in template:
         return MISTRAL_ARGS if "[ARGS]" in template else MISTRAL
-    if "<tool_call>" in template:
+    # Hermes writes JSON in the tag; GLM, Qwen3-Coder and others write XML-like arguments.
+    json_in_tag = re.search(r'<tool_call>[^<]{0,120}?\\?"name\\?"', template)
+    if json_in_tag and "<arg_key>" not in template and "<function=" not in template:
         return HERMES
     if '"parameters"' in template and "<|start_header_id|>" in template:
         return LLAMA3
@@ -87,12 +89,37 @@ def chat_messages(
     return out, {}
 
 
+def render(
+    render_chat: Callable[..., str],
+    messages: Sequence[Mapping[str, Any]],
+    fmt: ToolFormat,
+    tools: Sequence[Mapping] | None,
+) -> str:
+    """The prompt of a conversation with tools (`render_chat`: `Tokenizer.render_chat`).
+    A template that refuses system messages (Gemma's) gets the default tool section at
+    the top of the first user message instead."""
+    chat, variables = chat_messages(messages, fmt, tools)
+    try:
+        return render_chat(chat, add_generation_prompt=True, **variables)
+    except PocketLMError:
+        if fmt.in_template or not tools or any(m["role"] == "system" for m in messages):
+            raise
+    section, first = (
+        chat[0]["content"],
+        next(i for i, m in enumerate(chat) if i and m["role"] == "user"),
+    )
+    chat = chat[1:]
+    chat[first - 1] = {**chat[first - 1], "content": f"{section}\n\n{chat[first - 1]['content']}"}
+    return render_chat(chat, add_generation_prompt=True, **variables)
+
+
 def _template_message(message: Mapping[str, Any], fmt: ToolFormat) -> dict:
     """A message as templates read it: call arguments as objects; Mistral's templates
     insist on 9-character ids, so ids are mapped to 9 characters there."""
     out = dict(message)
     short = _mistral_id if fmt in (MISTRAL, MISTRAL_ARGS) else (lambda i: i)
     if message.get("tool_calls"):
+        out["content"] = message.get("content") or ""  # templates add it to strings
         calls = []
         for call in message["tool_calls"]:
             function = call["function"]
