@@ -370,3 +370,57 @@ def test_special_tokens_in_the_grammar_are_tokens():
     )
     assert "<[5]>" in lark and '"[TOOL_CALLS]"' not in lark
     Grammar.lark(lark)  # valid for llguidance
+
+
+# -- the wire side (pocketlm.serve.tools), on hand-made replies --
+
+
+def _tooling():
+    from pocketlm.serve.tools import Tooling
+
+    return Tooling(tools.DEFAULT, TOOLS, "auto", True, grammar=None)
+
+
+def test_a_reply_with_calls_is_an_openai_message():
+    from pocketlm.serve.tools import message
+
+    text = CASES["hermes"][1]
+    got, finish = message(text, "stop", _tooling())
+    assert (
+        finish == "tool_calls" and got["content"] == "Let me look." and got["role"] == "assistant"
+    )
+    assert [(c["type"], c["function"]["name"]) for c in got["tool_calls"]] == [
+        ("function", "get_weather")
+    ] * 2
+    assert json.loads(got["tool_calls"][1]["function"]["arguments"]) == TOKYO
+    only_calls, _ = message(_hermes("now", {}), "stop", _tooling())
+    assert only_calls["content"] is None  # OpenAI's null when the reply is only calls
+    assert message("Hello.", "stop", _tooling()) == (
+        {"role": "assistant", "content": "Hello.", "refusal": None},
+        "stop",
+    )
+    assert message(_hermes("now", {}), "length", _tooling())[1] == "length"
+
+
+def test_streamed_deltas_join_to_the_message():
+    from pocketlm.serve.tools import DeltaStream, message
+
+    text = CASES["hermes"][1]
+    stream, deltas = DeltaStream(_tooling()), []
+    for at in range(0, len(text), 3):
+        deltas += stream.deltas(text[at : at + 3], None)
+    deltas += stream.deltas("", "stop")
+    assert deltas[-1] == {"finish_reason": "tool_calls"}
+    content = "".join(d.get("content", "") for d in deltas)
+    joined = {}
+    for d in deltas:
+        for piece in d.get("tool_calls", []):
+            entry = joined.setdefault(piece["index"], {"name": None, "arguments": ""})
+            entry["name"] = piece["function"].get("name", entry["name"])
+            entry["arguments"] += piece["function"]["arguments"]
+    whole, _ = message(text, "stop", _tooling())
+    assert content == whole["content"]
+    assert [joined[i] for i in sorted(joined)] == [
+        {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+        for c in whole["tool_calls"]
+    ]
