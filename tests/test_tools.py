@@ -364,12 +364,16 @@ def test_grammar_holds_calls_to_the_schemas(gpt2, fmt, choice, parallel, text, a
         assert content == "" and found and all(json.loads(c.arguments) is not None for c in found)
 
 
-def test_special_tokens_in_the_grammar_are_tokens():
-    lark = tools.tool_grammar(
-        tools.MISTRAL, TOOLS, choice="auto", parallel=True, special={"[TOOL_CALLS]": 5}.get
-    )
-    assert "<[5]>" in lark and '"[TOOL_CALLS]"' not in lark
-    Grammar.lark(lark)  # valid for llguidance
+@pytest.mark.parametrize("fmt", [tools.MISTRAL, tools.MISTRAL_ARGS, tools.HERMES])
+def test_special_tokens_in_the_grammar_are_tokens(fmt):
+    """Where a tag is a special token of the vocabulary it is written by id (`<[id]>`):
+    its text would tokenize differently."""
+    special = {"[TOOL_CALLS]": 5, "[ARGS]": 6, "<tool_call>": 7, "</tool_call>": 8}.get
+    for choice in ("auto", "required"):
+        lark = tools.tool_grammar(fmt, TOOLS, choice=choice, parallel=True, special=special)
+        assert "<[5]>" in lark or "<[7]>" in lark
+        assert not any(f'"{tag}"' in lark for tag in ("[TOOL_CALLS]", "[ARGS]", "<tool_call>"))
+        Grammar.lark(lark)  # valid for llguidance
 
 
 # -- the wire side (pocketlm.serve.tools), on hand-made replies --

@@ -218,12 +218,14 @@ def tool_grammar(
         rules.append(f"call: {tc} ({alternatives})")
         calls = "call+" if parallel else "call"
     elif fmt.end is not None:  # Hermes and the default: tagged blocks
-        trigger = json.dumps(fmt.triggers[0])
-        rules.append(f'body: "\\n" {call_json} "\\n" {json.dumps(fmt.end)}')
+        trigger = _literal(fmt.triggers[0], special)
+        rules.append(f'body: "\\n" {call_json} "\\n" {_literal(fmt.end, special)}')
         rules.append(f"call: {trigger} body")
         more = ' ("\\n" call)*' if parallel else ""
         calls = f"call{more}"
-        if choice == "auto":  # text, then maybe calls: the text ends where the tag starts
+        if choice == "auto" and special(fmt.triggers[0]) is not None:
+            calls = f"TEXT call{more}"  # a special token never occurs inside text
+        elif choice == "auto":  # text, then maybe calls: the text ends where the tag starts
             rules.append(f"head[lazy]: ANY {trigger}")
             rules.append(r"ANY: /(.|\n)*/")
             calls = f"head body{more}"
