@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException
 
 from pocketlm.features.hidden import embed
+from pocketlm.generate.constraint import Grammar
 from pocketlm.generate.params import GenerationParams
 from pocketlm.sampling import SamplingParams
 from pocketlm.serve import convert
@@ -189,12 +190,7 @@ def _completion_jobs(service: Service, body: CompletionRequest) -> tuple[Jobs, l
 
 def _chat_jobs(service: Service, body: ChatCompletionRequest) -> tuple[Jobs, int]:
     service.check_model(body.model)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise ApiError(
-            "response_format json_object/json_schema is not supported: pocketlm has no "
-            "constrained decoding to guarantee it",
-            param="response_format",
-        )
+    grammar = convert.response_grammar(body.response_format)
     if body.tools:
         raise ApiError("tools (function calling) are not supported", param="tools")
     if body.top_logprobs and not body.logprobs:
@@ -219,6 +215,7 @@ def _chat_jobs(service: Service, body: ChatCompletionRequest) -> tuple[Jobs, int
                 max_tokens=budget,
                 stop=stops,
                 logprobs=logprobs,
+                grammar=grammar,
             ),
         )
     return jobs, len(ids)
@@ -231,10 +228,13 @@ def _params(
     max_tokens: int,
     stop: list[str],
     logprobs: int | None,
+    grammar: Grammar | None = None,
 ) -> GenerationParams:
     """One choice's engine params: each part was checked against the wire request."""
     sampling = dataclasses.replace(sampling, seed=seed)
-    return GenerationParams(sampling, max_tokens=max_tokens, stop=tuple(stop), logprobs=logprobs)
+    return GenerationParams(
+        sampling, max_tokens=max_tokens, stop=tuple(stop), logprobs=logprobs, grammar=grammar
+    )
 
 
 async def _collect(jobs: Jobs, request: Request, count: int) -> list[Choice]:
