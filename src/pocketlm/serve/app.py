@@ -192,16 +192,18 @@ def _chat_jobs(
     service: Service, body: ChatCompletionRequest
 ) -> tuple[Jobs, int, tools.Tooling | None]:
     service.check_model(body.model)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise ApiError(
-            "response_format json_object/json_schema is not supported: pocketlm has no "
-            "constrained decoding to guarantee it",
-            param="response_format",
-        )
+    grammar = convert.response_grammar(body.response_format)
     if body.top_logprobs and not body.logprobs:
         raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
     params = convert.sampling_params(body, vocab_size=service.vocab_size)
     tooling = tools.tooling(body, service.tokenizer)
+    if tooling and grammar:
+        raise ApiError(
+            "response_format json_object/json_schema and tools cannot be combined: a reply "
+            "is either JSON text or tool calls",
+            param="response_format",
+        )
+    grammar = tooling.grammar if tooling else grammar
     ids, extra_stops = convert.chat_prompt(
         body.messages, service.tokenizer, tools=tooling and tooling.tools
     )
@@ -223,7 +225,7 @@ def _chat_jobs(
                 max_tokens=budget,
                 stop=stops,
                 logprobs=logprobs,
-                grammar=tooling and tooling.grammar,
+                grammar=grammar,
             ),
         )
     return jobs, len(ids), tooling

@@ -17,12 +17,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pocketlm.errors import PocketLMError
+from pocketlm.generate.constraint import Grammar
 from pocketlm.prompting.chat import Harness, Turn
 from pocketlm.prompting.tools import DEFAULT, chat_messages, tool_format
 from pocketlm.prompting.tools import render as render_tools
 from pocketlm.sampling import SamplingParams
 from pocketlm.serve.scheduler import Event
-from pocketlm.serve.schemas import ApiError, ChatCompletionRequest, ChatMessage, CompletionRequest
+from pocketlm.serve.schemas import (
+    ApiError,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ResponseFormat,
+)
 from pocketlm.serve.tools import plain_messages
 from pocketlm.tokenizer import Tokenizer
 
@@ -54,6 +61,24 @@ def sampling_params(
     except PocketLMError as error:
         raise ApiError(str(error)) from None
     return params
+
+
+def response_grammar(response_format: ResponseFormat | None) -> Grammar | None:
+    """The grammar a chat request's response_format asks for: any JSON object, or JSON
+    valid under the given schema (an unusable schema is a 400 naming what it uses)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return Grammar.json_object()
+    spec = response_format.json_schema
+    if spec is None or spec.schema_ is None:
+        raise ApiError(
+            "response_format json_schema needs json_schema.schema", param="response_format"
+        )
+    try:
+        return Grammar.json_schema(spec.schema_)
+    except PocketLMError as error:
+        raise ApiError(str(error), param="response_format") from None
 
 
 def _default(value, fallback):  # noqa: ANN001, ANN202 - a typed `or` that keeps 0

@@ -132,8 +132,19 @@ class NamedToolChoice(_Wire):
     function: FunctionName
 
 
+class JsonSchemaFormat(_Wire):
+    """response_format.json_schema: the schema the answer must follow (OpenAI's Structured
+    Outputs; `strict` is always honoured: the output is constrained to the schema)."""
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")  # (BaseModel has .schema)
+    strict: bool | None = None
+
+
 class ResponseFormat(_Wire):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(_Sampling):
