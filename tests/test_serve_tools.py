@@ -116,7 +116,7 @@ def test_parallel_tool_calls(client):
     assert len(calls) == 1 and finish == "tool_calls" and valid(calls)
 
 
-@pytest.mark.parametrize("seed", [3, 4, 5])
+@pytest.mark.parametrize("seed", [4, 5])  # text then a call (cut short), text alone
 def test_auto_gives_text_or_valid_calls_streamed_as_not(client, seed):
     content, calls, finish = ask(client, tool_choice="auto", seed=seed)
     assert valid(calls, finish=finish) and (calls or content)
