@@ -128,6 +128,22 @@ def test_auto_gives_text_or_valid_calls_streamed_as_not(client, seed, calls_tool
     assert [c[1:] for c in streamed[1]] == [c[1:] for c in calls]
 
 
+def test_n_choices_each_call_on_their_own(client):
+    """n=2 in one batch: each choice its own grammar state and parser; choice 1 is what
+    seed + 1 gives alone (the server's rule for n)."""
+    options = dict(tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=60)
+    both = client.chat.completions.create(model=MODEL, messages=ASK, n=2, seed=7, **options)
+    alone = ask(client, seed=8, **options)
+    for choice in both.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        calls = choice.message.tool_calls
+        assert len(calls) == 1 and valid(
+            [(c.id, c.function.name, c.function.arguments) for c in calls]
+        )
+    second = both.choices[1].message.tool_calls[0].function
+    assert [(second.name, second.arguments)] == [c[1:] for c in alone[1]]
+
+
 def test_none_gives_text_and_no_calls(client):
     for stream in (False, True):
         content, calls, finish = ask(client, tool_choice="none", stream=stream, max_tokens=12)

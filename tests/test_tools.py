@@ -428,3 +428,20 @@ def test_streamed_deltas_join_to_the_message():
         {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
         for c in whole["tool_calls"]
     ]
+
+
+def test_a_base_model_gets_the_section_in_its_transcript(gpt2):
+    """No chat template (GPT-2): the section opens the transcript harness, the earlier call
+    is the assistant's line and its result the user's next line."""
+    from pocketlm.serve.convert import chat_prompt
+    from pocketlm.serve.schemas import ChatMessage
+
+    messages = [ChatMessage.model_validate(m) for m in CONVERSATION[1:]]
+    ids, stops = chat_prompt(messages, gpt2, tools=[WEATHER])
+    text = gpt2.decode(ids)
+    assert text.startswith("# Tools\n") and stops == ("\nUser:",)
+    assert '\nAssistant: <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"' in text
+    assert text.endswith(
+        '\nUser: <tool_response>\n{"name": "get_weather", "content": '
+        '"{\\"temp\\": 21}"}\n</tool_response>\nAssistant:'
+    )
