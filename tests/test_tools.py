@@ -101,6 +101,12 @@ CASES = {
         "",
         calls(("get_weather", TOKYO), ("now", {})),
     ),
+    "hermes-broken-json": (  # an unconstrained model's slip: the call ends at its tag
+        tools.HERMES,
+        '<tool_call>{"name": "now", "arguments": {"a": 1}, oops}</tool_call> Done.',
+        "Done.",
+        calls(("now", {"a": 1})),
+    ),
     "text-with-lookalikes": (
         tools.HERMES,
         "Use <b>, <tool or <tool_cal; [TOOL] {not a call}.",

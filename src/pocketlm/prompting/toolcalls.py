@@ -193,8 +193,11 @@ class ToolCallParser:
         else:
             call.name = call.name or scan.name
             call.args_start, call.args_end, call.end = scan.args_start, scan.args_end, scan.end
-            if scan.bad:
-                call.end = len(text)
+            if scan.bad:  # not JSON after all: the call ends at the end tag, if any
+                at = text.find(self.fmt.end) if self.fmt.end else -1
+                if at < 0 and self.fmt.end and not final:
+                    return False  # wait for it
+                call.end = at if at >= 0 else len(text)
         self._emit(call, text)
         done = call.end is not None and call.end >= 0
         if not done and not final:
