@@ -16,7 +16,9 @@ import jsonschema
 import pydantic
 import pytest
 
+from pocketlm.cli.interactive import parse_setting
 from pocketlm.errors import PocketLMError
+from pocketlm.generate.engine import Engine
 from pocketlm.serve.convert import chat_prompt
 from pocketlm.serve.schemas import ChatMessage
 from test_serve_api import Server
@@ -129,14 +131,13 @@ def test_parse_with_a_pydantic_model_and_json_object(client):
 
 
 def test_eight_concurrent_constrained_requests_each_get_their_solo_answer(lm, client):
-    roles = [["admin", "user"], ["guest"], ["cat", "dog"], ["red", "blue", "green"]]
+    moods = [["happy", "sad"], ["calm"], ["cat", "dog"], ["red", "blue", "green"]]
     schemas = []
-    for i in range(8):  # eight different schemas: other enums, other bounds, other keys
-        schema = json.loads(json.dumps(PERSON if i % 2 else SCORES))
-        if i % 2:
-            schema["properties"]["role"]["enum"] = roles[i // 2]
-        else:
-            schema["properties"]["stars"]["maximum"] = 2 + i // 2
+    for i in range(8):  # eight different schemas: other enums, other bounds
+        schema = json.loads(json.dumps(SCORES))
+        schema["properties"]["stars"]["maximum"] = 2 + i % 4
+        schema["properties"]["mood"] = {"enum": moods[i // 2]}
+        schema["required"] = [*schema["required"], "mood"][i % 2 :]  # some without "score"
         schemas.append(schema)
     question = "Fill in the form."
 
@@ -144,13 +145,13 @@ def test_eight_concurrent_constrained_requests_each_get_their_solo_answer(lm, cl
         # greedy: a batched step rounds a hair apart from a B=1 one, which may move a
         # sampled token at a near tie, never a clear argmax
         return ask(client, question, response_format=json_schema_format(schemas[i]),
-                   temperature=0, max_tokens=60).choices[0].message.content  # fmt: skip
+                   temperature=0, max_tokens=40).choices[0].message.content  # fmt: skip
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(served, range(8)))
     ids, _ = chat_prompt([ChatMessage(role="user", content=question)], lm.tokenizer)
     for i, answer in enumerate(answers):
-        solo = lm.generate(ids, schema=schemas[i], temperature=0, max_tokens=60)
+        solo = lm.generate(ids, schema=schemas[i], temperature=0, max_tokens=40)
         assert answer == solo.text
         jsonschema.validate(json.loads(answer), schemas[i])
 
@@ -160,6 +161,29 @@ def test_python_api_refuses_unsupported_schemas_before_generating(lm):
         lm.generate("x", schema={"type": "array", "uniqueItems": True})
     with pytest.raises(PocketLMError, match="either schema or grammar"):
         lm.generate("x", schema={"type": "object"}, grammar='root ::= "a"')
+
+
+def test_speculative_decoding_keeps_to_the_grammar(lm):
+    """The draft's proposals are masked and the state rolled back to verify them: greedy
+    output equals plain constrained greedy; sampled output validates."""
+    prompt = lm.tokenizer.render_chat([{"role": "user", "content": "Rate the movie Up."}])
+    plain = lm.generate(prompt, schema=SCORES, temperature=0, max_tokens=30)
+    engine = Engine(lm.model, lm.tokenizer)  # the session's shared `lm` keeps no draft
+    engine.use_draft(Engine(lm.model, lm.tokenizer), lookahead=3)
+    greedy = engine.generate(prompt, schema=SCORES, temperature=0, max_tokens=30)
+    assert greedy.text == plain.text and greedy.finish_reason == "stop"
+    assert greedy.stats.draft_accepted == greedy.stats.draft_proposed > 0  # its own draft
+    sampled = engine.generate(prompt, schema=SCORES, temperature=1.0, seed=5, max_tokens=30)
+    jsonschema.validate(json.loads(sampled.text), SCORES)
+
+
+def test_interactive_set_schema_reads_the_file(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps(SCORES))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert parse_setting("schema", str(tmp_path / "s.json")) == SCORES
+    assert parse_setting("schema", "none") is None
+    with pytest.raises(PocketLMError, match="a JSON schema is a JSON object"):
+        parse_setting("schema", str(tmp_path / "list.json"))
 
 
 def pocketlm_run(*argv):
@@ -174,7 +198,7 @@ def pocketlm_run(*argv):
 
 def test_cli_json_schema_and_grammar_flags(smollm2_gguf, tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(SCORES))
-    (tmp_path / "g.gbnf").write_text('root ::= ("yes" | "no") "."')
+    (tmp_path / "g.gbnf").write_text('root ::= ("yes" | "no") "."')  # 2 tokens
     (tmp_path / "bad.json").write_text('{"type": "object", "not": {}}')
     model = str(smollm2_gguf)
     with ThreadPoolExecutor(2) as pool:
