@@ -64,10 +64,6 @@ def tool_format(template: str | None) -> ToolFormat:
     return DEFAULT
 
 
-def function_names(tools: Sequence[Mapping[str, Any]]) -> list[str]:
-    return [t["function"]["name"] for t in tools]
-
-
 # -- the prompt --
 
 
@@ -102,14 +98,13 @@ def render(
     try:
         return render_chat(chat, add_generation_prompt=True, **variables)
     except PocketLMError:
-        if fmt.in_template or not tools or any(m["role"] == "system" for m in messages):
+        users = [i for i, m in enumerate(chat) if i and m["role"] == "user"]
+        ours = not fmt.in_template and tools and not any(m["role"] == "system" for m in messages)
+        if not (ours and users):  # the refusal is not about our system turn
             raise
-    section, first = (
-        chat[0]["content"],
-        next(i for i, m in enumerate(chat) if i and m["role"] == "user"),
-    )
-    chat = chat[1:]
-    chat[first - 1] = {**chat[first - 1], "content": f"{section}\n\n{chat[first - 1]['content']}"}
+    section, chat = chat[0]["content"], chat[1:]
+    first = users[0] - 1
+    chat[first] = {**chat[first], "content": f"{section}\n\n{chat[first]['content']}"}
     return render_chat(chat, add_generation_prompt=True, **variables)
 
 

@@ -14,6 +14,7 @@ The formats, the prompt and the grammar are `pocketlm.prompting.tools`; the pars
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pocketlm.errors import PocketLMError
@@ -75,7 +76,9 @@ def tooling(body: ChatCompletionRequest, tokenizer: Tokenizer) -> Tooling | None
     return Tooling(fmt, tools, name, body.parallel_tool_calls, grammar)
 
 
-def _special(tokenizer: Tokenizer):  # noqa: ANN202 - str -> int | None
+def _special(tokenizer: Tokenizer) -> Callable[[str], int | None]:
+    """The id of a tag that is one special token of the vocabulary, else None."""
+
     def special(text: str) -> int | None:
         token = tokenizer.token_to_id(text)
         return token if token is not None and token in tokenizer.special_ids else None
