@@ -273,8 +273,9 @@ BAD = [
     ("chat/completions", b'{"messages": [{"role": "wizard", "content": "x"}]}', "role"),
     (
         "chat/completions",
-        b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}',
-        "response_format",
+        b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": '
+        b'"json_schema", "json_schema": {"schema": {"type": "array", "uniqueItems": true}}}}',
+        "uniqueItems",
     ),
     ("embeddings", b'{"input": 3}', "input"),
     (

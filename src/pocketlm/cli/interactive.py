@@ -28,6 +28,7 @@ from typing import Any
 
 from pocketlm import paths
 from pocketlm.cli import common
+from pocketlm.cli.structured import read_schema, structured_options
 from pocketlm.errors import PocketLMError
 from pocketlm.generate.stream import Chunk, Stats
 from pocketlm.prompting.chat import Conversation, Harness
@@ -46,7 +47,8 @@ SAMPLING = {
 HELP = """\
 /set NAME VALUE   change a setting: temperature, top_k, top_p, min_p, repetition_penalty,
                   presence_penalty, frequency_penalty, seed (or none), logit_bias ID:BIAS,...,
-                  max_tokens, stop TEXT (or none), system TEXT (chat)
+                  max_tokens, stop TEXT (or none), system TEXT (chat),
+                  schema FILE (answers are JSON valid under it; none: free text)
 /show             the model card and the current settings
 /mode MODE        chat (keeps a conversation) or completion (continues your text)
 /save NAME        save this session (model, settings, conversation)
@@ -116,6 +118,7 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     settings = {k: v for k, v in common.sampling_kwargs(args).items() if k in SAMPLING}
     settings.update(seed=args.seed, logit_bias=common.parse_logit_bias(args.logit_bias))
     settings.update(max_tokens=args.max_tokens, stop=[common.unescape(s) for s in args.stop])
+    settings.update(structured_options(args))  # --json-schema, --json, --grammar
     return settings
 
 
@@ -367,8 +370,12 @@ def parse_setting(name: str, value: str) -> Any:
         return {} if off else common.parse_logit_bias(value)
     elif name == "stop":
         return [] if off else [common.unescape(value)]
+    elif name == "schema":
+        return None if off else read_schema(value)
     else:
-        names = ", ".join([*SAMPLING, "seed", "logit_bias", "max_tokens", "stop", "system"])
+        names = ", ".join(
+            [*SAMPLING, "seed", "logit_bias", "max_tokens", "stop", "system", "schema"]
+        )
         raise PocketLMError(f"unknown setting {name!r}; settings are: {names}")
     try:
         return kind(value)
@@ -385,6 +392,8 @@ def check_settings(settings: dict[str, Any], *, lm: Any) -> None:
 def format_value(value: Any) -> str:
     if isinstance(value, list):
         return ", ".join(repr(v) for v in value) or "(none)"
+    if isinstance(value, dict) and any(isinstance(k, str) for k in value):  # a JSON schema
+        return json.dumps(value)
     if isinstance(value, dict):
         return ",".join(f"{k}:{v}" for k, v in value.items()) or "(none)"
     return "(none)" if value is None else str(value)

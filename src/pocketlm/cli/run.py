@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from pocketlm.cli import common
+from pocketlm.cli.structured import add_structured_options, structured_options
 from pocketlm.errors import PocketLMError
 
 
@@ -57,6 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     common.add_model_options(parser, draft=True)
     common.add_compile_option(parser)
     common.add_sampling_options(parser)
+    add_structured_options(parser)
     parser.set_defaults(handler=main)
 
 
@@ -85,6 +87,7 @@ def main(args: argparse.Namespace) -> int:
     from pocketlm.cli.interactive import few_shot_from_args, paint
 
     shots = few_shot_from_args(args)  # None without --examples; a bad file fails before loading
+    structured = structured_options(args)  # likewise a bad schema or grammar
     lm = common.load_model(model_name, args)
     options = dict(
         max_tokens=args.max_tokens,
@@ -92,6 +95,7 @@ def main(args: argparse.Namespace) -> int:
         truncate=not args.no_truncate,
         logprobs=0 if args.show_probs else None,  # colouring needs each token's
         **common.sampling_kwargs(args),
+        **structured,
     )
     stream = shots.stream(lm, prompt, **options) if shots else lm.stream(prompt, **options)
     stats, first_token_at = None, None

@@ -174,7 +174,9 @@ class Engine:
         """Yield text pieces as they are generated; the last carries the finish reason and
         the statistics. Options: max_tokens, stop, logprobs, truncate, and the sampling
         options of SamplingParams (temperature, top_k, top_p, min_p, repetition_penalty,
-        presence_penalty, frequency_penalty, logit_bias, seed); checked here, at the call."""
+        presence_penalty, frequency_penalty, logit_bias, seed), and `schema` (a JSON schema
+        dict or pydantic model class) or `grammar` (a generate.constraint.Grammar, or Lark /
+        GBNF text) that the output must follow; checked here, at the call."""
         return self.session().stream(prompt, **options)
 
     def generate(self, prompt: str | Seq[int], **options: object) -> Completion:
@@ -225,9 +227,12 @@ class Session:
             self._busy.release()
 
     def _steps(self, ids: list[int], params: GenerationParams, stats: Stats) -> Iterator[Step]:
-        eos = self.engine.tokenizer.eos_ids
+        tokenizer = self.engine.tokenizer
+        eos = tokenizer.eos_ids
         if self.draft is None:
-            return generate_tokens(self.sequence, ids, params, eos_ids=eos, stats=stats)
+            return generate_tokens(
+                self.sequence, ids, params, eos_ids=eos, stats=stats, tokenizer=tokenizer
+            )
         return speculative_tokens(
             self.sequence,
             self.draft,
@@ -236,4 +241,5 @@ class Session:
             eos_ids=eos,
             stats=stats,
             lookahead=self.engine.lookahead,
+            tokenizer=tokenizer,
         )

@@ -2,7 +2,9 @@
 
 `GenerationParams` is the one description of a request below the entry points: the
 sampling parameters (pocketlm.sampling), how many tokens, where to stop, whether to report
-log-probabilities. Python callers give keyword options; `from_options` turns them into
+log-probabilities, and a grammar the output must follow (pocketlm.generate.constraint:
+`schema=` a JSON schema dict or pydantic model class, or `grammar=` a Grammar or the text
+of a Lark / GBNF grammar). Python callers give keyword options; `from_options` turns them into
 params or fails at the call with one line that names a misspelt option and the nearest
 valid one -- never later, at the first token. The server builds params from its wire
 request (pocketlm.serve.convert) and the scheduler never sees an option by name.
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from pocketlm.errors import PocketLMError
 from pocketlm.generate import MAX_TOKENS
+from pocketlm.generate.constraint import Grammar
 from pocketlm.sampling import SamplingParams
 
 
@@ -31,6 +34,7 @@ class GenerationParams:
     # None: no log-probabilities; 0: each token's own; k: and the k most likely alternatives
     logprobs: int | None = None
     truncate: bool = True  # a prompt longer than the window loses its start (else an error)
+    grammar: Grammar | None = None  # the output must match it (constrained decoding)
 
     @classmethod
     def from_options(cls, options: Mapping[str, object], *, vocab_size: int) -> GenerationParams:
@@ -38,8 +42,11 @@ class GenerationParams:
         the fields of SamplingParams); a PocketLMError names the first bad one."""
         check_names(options)
         own = {name: options[name] for name in _OWN if options.get(name) is not None}
-        sampling = {k: v for k, v in options.items() if k not in _OWN and v is not None}
-        params = cls(sampling=SamplingParams(**sampling), **own)
+        sampling = {
+            k: v for k, v in options.items() if k not in (*_OWN, *_GRAMMAR) and v is not None
+        }
+        grammar = grammar_option(options.get("schema"), options.get("grammar"))
+        params = cls(sampling=SamplingParams(**sampling), grammar=grammar, **own)
         params.sampling.validate(vocab_size=vocab_size)
         return params.checked(vocab_size=vocab_size)
 
@@ -59,7 +66,24 @@ class GenerationParams:
 
 
 _OWN = ("max_tokens", "stop", "logprobs", "truncate")
-OPTIONS = (*_OWN, *(f.name for f in fields(SamplingParams)))
+_GRAMMAR = ("schema", "grammar")
+OPTIONS = (*_OWN, *_GRAMMAR, *(f.name for f in fields(SamplingParams)))
+
+
+def grammar_option(schema: object, grammar: object) -> Grammar | None:
+    """The Grammar of the `schema` option (a JSON schema dict or pydantic model class) or
+    the `grammar` option (a Grammar, or a Lark / GBNF grammar's text); at most one."""
+    if schema is not None and grammar is not None:
+        raise PocketLMError("give either schema or grammar, not both")
+    if schema is not None:
+        return Grammar.json_schema(schema)
+    if grammar is None or isinstance(grammar, Grammar):
+        return grammar
+    if isinstance(grammar, str):
+        return Grammar.from_file_text(grammar)
+    raise PocketLMError(
+        f"grammar must be a Grammar or a grammar's text (got {type(grammar).__name__})"
+    )
 
 
 def check_names(options: Mapping[str, object]) -> None:

@@ -4,9 +4,11 @@ Two small objects, used by every entry point -- single-sequence generation (and 
 and few-shot), speculative decoding and the server's batched scheduler -- so a request
 gives the same tokens and text whichever way it runs:
   - `Sampler`: the sampling parameters, the request's own random generator (seeded, or
-    from os.urandom: never a stream another request also draws from), the penalty counts
-    and the prompt mask; `step(logits)` picks the next token and reports it as a `Step`
-    (log-probabilities only when the request asked for them).
+    from os.urandom: never a stream another request also draws from), the penalty counts,
+    the prompt mask and, for a constrained request, its grammar state (whose mask comes
+    first, before bias, penalties, temperature and filters); `step(logits)` picks the next
+    token and reports it as a `Step` (log-probabilities only when the request asked for
+    them; `final` once the grammar is complete).
   - `TextStream`: the streaming detokenizer, the stop-string matcher and end-of-text;
     `feed(step)` gives the `Chunk` of text that token adds, with the finish reason on the
     chunk that ends the request.
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pocketlm.generate.constraint import GrammarState
 from pocketlm.generate.params import GenerationParams
 from pocketlm.generate.stops import StopMatcher
 from pocketlm.sampling import make_generator, process_logits, prompt_mask, sample
@@ -36,6 +39,7 @@ class Step:
     token: int
     logprob: float | None = None  # log-probability under the model (before sampling filters)
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # (id, logprob)
+    final: bool = False  # the request's grammar is complete: only end-of-text may follow
 
 
 @dataclass
@@ -95,6 +99,7 @@ class Sampler:
         *,
         vocab_size: int,
         device: torch.device | str,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         self.params = params.sampling
         self.logprobs = params.logprobs
@@ -104,11 +109,19 @@ class Sampler:
         self.prompt_mask = prompt_mask(
             self.params, prompt_ids, vocab_size=vocab_size, device=device
         )
+        self.grammar: GrammarState | None = None
+        if params.grammar is not None:
+            if tokenizer is None:
+                raise ValueError("a constrained request needs the tokenizer")
+            self.grammar = params.grammar.bind(tokenizer, vocab_size=vocab_size).start()
 
     def filter(self, logits: torch.Tensor, *, counts: torch.Tensor | None = None) -> torch.Tensor:
-        """The logits after bias, penalties, temperature and the filters (`counts`: other
-        counts than this request's, for a speculative draft looking ahead)."""
+        """The logits after the grammar's mask, bias, penalties, temperature and the
+        filters (`counts`: other counts than this request's, for a speculative draft
+        looking ahead; the grammar is where its state stands)."""
         counts = self.counts if counts is None else counts
+        if self.grammar is not None:
+            logits = self.grammar.apply(logits)
         return process_logits(logits, self.params, counts=counts, prompt_mask=self.prompt_mask)
 
     def draw(self, filtered: torch.Tensor) -> int:
@@ -122,13 +135,15 @@ class Sampler:
         return self.describe(logits, token)
 
     def accept(self, token: int) -> None:
-        """Count `token` as generated (for the penalties)."""
+        """Count `token` as generated (for the penalties) and move the grammar past it."""
         self.counts[token] += 1
+        if self.grammar is not None:
+            self.grammar.accept(token)
 
     def describe(self, logits: torch.Tensor, token: int) -> Step:
         """The step for `token` drawn from raw `logits`, with the log-probabilities the
         request asked for."""
-        step = Step(token)
+        step = Step(token, final=self.grammar is not None and self.grammar.done)
         if self.logprobs is not None:
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             step.logprob = float(logprobs[token])
@@ -150,15 +165,15 @@ class TextStream:
     def feed(self, step: Step, *, last: bool = False) -> Chunk:
         """The chunk `step`'s token adds; its finish reason is set when the request ends
         here: at end-of-text (the token is not part of the text), a stop string, or
-        `last` (the max_tokens-th token)."""
+        `last` (the max_tokens-th token) or `step.final` (the grammar is complete)."""
         if step.token in self.eos_ids:
             return self.finish("stop")
         text, stopped = self.matcher.feed(self.decoder.feed(step.token))
         chunk = Chunk(text, step.token, step.logprob, top_logprobs=step.top_logprobs)
         if stopped:
             chunk.finish_reason = "stop"
-        elif last:
-            end = self.finish("length")
+        elif last or step.final:
+            end = self.finish("stop" if step.final else "length")
             chunk.text, chunk.finish_reason = chunk.text + end.text, end.finish_reason
         return chunk
 

@@ -10,7 +10,10 @@ Greedy is the limit of that rule: keep x while it is the target's argmax, so gre
 is the target's own greedy output token for token.
 
 Penalties and biases are applied per position with the counts as they stand at that
-position, so every sampling option keeps its meaning. Knows nothing of text or HTTP;
+position, so every sampling option keeps its meaning. A constrained request's grammar
+masks the draft's proposals and the target's rows alike, each at the position it stands
+for (the state walks through the proposals, then rolls back to verify them), so p and q
+are both the masked distributions and the output is the target's constrained one. Knows nothing of text or HTTP;
 both models must share a tokenizer (the caller checks).
 """
 
@@ -42,12 +45,19 @@ def speculative_tokens(
     eos_ids: Iterable[int] = (),
     stats: Stats | None = None,
     lookahead: int = LOOKAHEAD,
+    tokenizer: Tokenizer | None = None,
 ) -> Iterator[Step]:
     """Like `generate_tokens`, with `draft` proposing `lookahead` tokens per round."""
     stats = stats if stats is not None else Stats()
     stats.prompt_tokens = len(prompt_ids)
     eos, max_tokens = frozenset(eos_ids), params.max_tokens
-    sampler = Sampler(params, prompt_ids, vocab_size=target.vocab_size, device=target.device)
+    sampler = Sampler(
+        params,
+        prompt_ids,
+        vocab_size=target.vocab_size,
+        device=target.device,
+        tokenizer=tokenizer,
+    )
     started = time.perf_counter()
     first = target.prefill(prompt_ids)[None]  # (1, V): the first token's distribution
     stats.prefilled_tokens = target.last_prefill_size
@@ -70,8 +80,9 @@ def speculative_tokens(
             stats.draft_accepted += agreed
             sampler.accept(token)
             stats.record_token(started)
-            yield sampler.describe(row, token)
-            if token in eos or stats.new_tokens >= max_tokens:
+            step = sampler.describe(row, token)
+            yield step
+            if token in eos or step.final or stats.new_tokens >= max_tokens:
                 return
             text.append(token)
             if not agreed:
@@ -90,15 +101,22 @@ def _propose(
         return [], []
     logits = draft.prefill(text)  # computes only what the draft's cache lacks
     counts = sampler.counts.clone()
+    grammar = sampler.grammar
     proposals, rows = [], []
     for i in range(k):
-        filtered = sampler.filter(logits, counts=counts)
+        filtered = sampler.filter(logits, counts=counts)  # masked where the grammar stands
         token = sampler.draw(filtered)
         proposals.append(token)
         rows.append(filtered)
         counts[token] += 1
+        if grammar is not None:
+            grammar.accept(token)
+            if grammar.done:  # nothing but end-of-text may follow: propose no further
+                break
         if i < k - 1:
             logits = draft.step(token)
+    if grammar is not None:
+        grammar.rollback(len(proposals))  # the verifier walks them again
     return proposals, rows
 
 

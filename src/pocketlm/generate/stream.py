@@ -17,6 +17,7 @@ from dataclasses import replace
 from pocketlm.generate.params import GenerationParams
 from pocketlm.generate.request import Chunk, Sampler, Stats, Step, TextStream
 from pocketlm.generate.sequence import Sequence
+from pocketlm.tokenizer import Tokenizer
 
 
 def generate_tokens(
@@ -26,13 +27,17 @@ def generate_tokens(
     *,
     eos_ids: Iterable[int] = (),
     stats: Stats | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> Iterator[Step]:
     """Prefill the prompt, then sample up to `params.max_tokens` tokens, stopping after
-    an end-of-text token."""
+    an end-of-text token or when the request's grammar is complete (a constrained
+    request needs the `tokenizer`)."""
     stats = stats if stats is not None else Stats()
     stats.prompt_tokens = len(prompt_ids)
     eos = frozenset(eos_ids)
-    sampler = Sampler(params, prompt_ids, vocab_size=seq.vocab_size, device=seq.device)
+    sampler = Sampler(
+        params, prompt_ids, vocab_size=seq.vocab_size, device=seq.device, tokenizer=tokenizer
+    )
     started = time.perf_counter()
     logits = seq.prefill(prompt_ids)
     stats.prefilled_tokens = seq.last_prefill_size
@@ -40,7 +45,7 @@ def generate_tokens(
         step = sampler.step(logits)
         stats.record_token(started)
         yield step
-        if step.token in eos or i == params.max_tokens - 1:
+        if step.token in eos or step.final or i == params.max_tokens - 1:
             return
         logits = seq.step(step.token)
 

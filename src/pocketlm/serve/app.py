@@ -36,9 +36,10 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from pocketlm.features.hidden import embed
+from pocketlm.generate.constraint import Grammar
 from pocketlm.generate.params import GenerationParams
 from pocketlm.sampling import SamplingParams
-from pocketlm.serve import convert, openapi
+from pocketlm.serve import convert, openapi, tools
 from pocketlm.serve.convert import Choice
 from pocketlm.serve.embedder import Embedder
 from pocketlm.serve.guard import Guard, Limits, authorized
@@ -224,23 +225,28 @@ def _completion_jobs(service: Service, body: CompletionRequest) -> tuple[Jobs, l
     return jobs, prompts
 
 
-def _chat_jobs(service: Service, body: ChatCompletionRequest) -> tuple[Jobs, int]:
+def _chat_jobs(
+    service: Service, body: ChatCompletionRequest
+) -> tuple[Jobs, int, tools.Tooling | None]:
     service.check_model(body.model)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise ApiError(
-            "response_format json_object/json_schema is not supported: pocketlm has no "
-            "constrained decoding to guarantee it",
-            param="response_format",
-        )
-    if body.tools:
-        raise ApiError("tools (function calling) are not supported", param="tools")
+    grammar = convert.response_grammar(body.response_format)
     if body.top_logprobs and not body.logprobs:
         raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
     params = convert.sampling_params(body, vocab_size=service.vocab_size)
     service.check_prompt_bytes(
         ["".join(convert.message_text(m) for m in body.messages)], param="messages"
     )
-    ids, extra_stops = convert.chat_prompt(body.messages, service.tokenizer)
+    tooling = tools.tooling(body, service.tokenizer)
+    if tooling and grammar:
+        raise ApiError(
+            "response_format json_object/json_schema and tools cannot be combined: a reply "
+            "is either JSON text or tool calls",
+            param="response_format",
+        )
+    grammar = tooling.grammar if tooling else grammar
+    ids, extra_stops = convert.chat_prompt(
+        body.messages, service.tokenizer, tools=tooling and tooling.tools
+    )
     stops = convert.stop_strings(body.stop) + extra_stops
     wanted = body.max_completion_tokens or body.max_tokens
     name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
@@ -259,9 +265,10 @@ def _chat_jobs(service: Service, body: ChatCompletionRequest) -> tuple[Jobs, int
                 max_tokens=budget,
                 stop=stops,
                 logprobs=logprobs,
+                grammar=grammar,
             ),
         )
-    return jobs, len(ids)
+    return jobs, len(ids), tooling
 
 
 def _params(
@@ -271,10 +278,13 @@ def _params(
     max_tokens: int,
     stop: list[str],
     logprobs: int | None,
+    grammar: Grammar | None = None,
 ) -> GenerationParams:
     """One choice's engine params: each part was checked against the wire request."""
     sampling = dataclasses.replace(sampling, seed=seed)
-    return GenerationParams(sampling, max_tokens=max_tokens, stop=tuple(stop), logprobs=logprobs)
+    return GenerationParams(
+        sampling, max_tokens=max_tokens, stop=tuple(stop), logprobs=logprobs, grammar=grammar
+    )
 
 
 async def _collect(jobs: Jobs, request: Request, count: int) -> list[Choice]:
@@ -355,7 +365,11 @@ async def _completion_events(
 
 
 async def _chat_events(
-    service: Service, body: ChatCompletionRequest, jobs: Jobs, prompt_tokens: int
+    service: Service,
+    body: ChatCompletionRequest,
+    jobs: Jobs,
+    prompt_tokens: int,
+    tooling: tools.Tooling | None,
 ) -> AsyncIterator[bytes]:
     include = bool(body.stream_options and body.stream_options.include_usage)
     meta = dict(
@@ -371,6 +385,7 @@ async def _chat_events(
             )
         )
     completion_tokens = 0
+    streams = [tools.DeltaStream(tooling) for _ in range(body.n)] if tooling else None
     async for index, event in jobs.events():
         _check(event, jobs)
         if not event.text and event.finish_reason is None and not body.logprobs:
@@ -378,10 +393,16 @@ async def _chat_events(
         one = Choice(index)
         one.add(event)
         logprobs = convert.chat_logprobs(one, service.tokenizer) if body.logprobs else None
-        delta = convert.chat_delta(
-            index, content=event.text or None, logprobs=logprobs, finish_reason=event.finish_reason
-        )
-        yield convert.sse(convert.chat_chunk(**meta, choices=[delta]))
+        if streams:  # content and tool-call pieces (none while a tag may be starting)
+            deltas = streams[index].deltas(event.text, event.finish_reason)
+        else:
+            deltas = [{"content": event.text or None, "finish_reason": event.finish_reason}]
+        if logprobs and not deltas:
+            deltas = [{}]  # the token's logprobs still go out
+        for delta in deltas:  # the logprobs ride on the first chunk
+            delta = convert.chat_delta(index, logprobs=logprobs, **delta)
+            yield convert.sse(convert.chat_chunk(**meta, choices=[delta]))
+            logprobs = None
         completion_tokens += event.completion_tokens
     if include:
         meta["include_usage"] = False
@@ -429,20 +450,22 @@ async def _completions(service: Service, request: Request):  # noqa: ANN202 - JS
 async def _chat(service: Service, request: Request):  # noqa: ANN202 - JSON or a stream
     body = parse(ChatCompletionRequest, await read_body(request, service.max_body))
     # The template is code from the model file: rendering (and tokenizing) off the loop.
-    jobs, prompt_tokens = await run_in_threadpool(_chat_jobs, service, body)
+    jobs, prompt_tokens, tooling = await run_in_threadpool(_chat_jobs, service, body)
     jobs.submit()
     if body.stream:
-        return _stream(_chat_events(service, body, jobs, prompt_tokens), jobs)
+        return _stream(_chat_events(service, body, jobs, prompt_tokens, tooling), jobs)
     choices = await _collect(jobs, request, body.n)
-    out = [
-        convert.chat_choice(
-            c.index,
-            "".join(c.text),
-            finish_reason=c.finish_reason,
-            logprobs=convert.chat_logprobs(c, service.tokenizer) if body.logprobs else None,
+    out = []
+    for c in choices:
+        message, finish = None, c.finish_reason
+        if tooling:
+            message, finish = tools.message("".join(c.text), c.finish_reason, tooling)
+        logprobs = convert.chat_logprobs(c, service.tokenizer) if body.logprobs else None
+        out.append(
+            convert.chat_choice(
+                c.index, "".join(c.text), finish_reason=finish, logprobs=logprobs, message=message
+            )
         )
-        for c in choices
-    ]
     usage = convert.usage(prompt_tokens, sum(c.completion_tokens for c in choices))
     return convert.chat_response(
         id=f"chatcmpl-{uuid.uuid4().hex}",

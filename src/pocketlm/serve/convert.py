@@ -17,10 +17,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pocketlm.errors import PocketLMError
+from pocketlm.generate.constraint import Grammar
 from pocketlm.prompting.chat import Harness, Turn
+from pocketlm.prompting.tools import DEFAULT, chat_messages, tool_format
+from pocketlm.prompting.tools import render as render_tools
 from pocketlm.sampling import SamplingParams
 from pocketlm.serve.scheduler import Event
-from pocketlm.serve.schemas import ApiError, ChatCompletionRequest, ChatMessage, CompletionRequest
+from pocketlm.serve.schemas import (
+    ApiError,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ResponseFormat,
+)
+from pocketlm.serve.tools import plain_messages
 from pocketlm.tokenizer import Tokenizer
 
 # -- requests -> engine ----------------------------------------------------------------------
@@ -51,6 +61,24 @@ def sampling_params(
     except PocketLMError as error:
         raise ApiError(str(error)) from None
     return params
+
+
+def response_grammar(response_format: ResponseFormat | None) -> Grammar | None:
+    """The grammar a chat request's response_format asks for: any JSON object, or JSON
+    valid under the given schema (an unusable schema is a 400 naming what it uses)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return Grammar.json_object()
+    spec = response_format.json_schema
+    if spec is None or spec.schema_ is None:
+        raise ApiError(
+            "response_format json_schema needs json_schema.schema", param="response_format"
+        )
+    try:
+        return Grammar.json_schema(spec.schema_)
+    except PocketLMError as error:
+        raise ApiError(str(error), param="response_format") from None
 
 
 def _default(value, fallback):  # noqa: ANN001, ANN202 - a typed `or` that keeps 0
@@ -99,20 +127,28 @@ def message_text(message: ChatMessage) -> str:
 
 
 def chat_prompt(
-    messages: Sequence[ChatMessage], tokenizer: Tokenizer
+    messages: Sequence[ChatMessage], tokenizer: Tokenizer, *, tools: Sequence[dict] | None = None
 ) -> tuple[list[int], tuple[str, ...]]:
     """(prompt ids, extra stop strings) for a conversation: the model's chat template when
     it has one, else the base-model transcript harness of `pocketlm.prompting.chat`, which stops
-    before the next "User:" line."""
-    plain = [{"role": m.role, "content": message_text(m)} for m in messages]
-    if tokenizer.chat_template is not None:
-        for m in plain:  # templates know "system"; "developer" is OpenAI's newer name for it
-            m["role"] = "system" if m["role"] == "developer" else m["role"]
-        try:
-            text = tokenizer.render_chat(plain, add_generation_prompt=True)
-        except PocketLMError as error:
-            raise ApiError(str(error), param="messages") from None
-        return tokenizer.encode(text, add_bos=False), ()
+    before the next "User:" line. `tools` (wire definitions) are offered in the prompt;
+    earlier tool calls and results render either way (`pocketlm.prompting.tools`)."""
+    plain = plain_messages(list(messages))
+    fmt = tool_format(tokenizer.chat_template)
+    with_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in plain)
+    try:
+        if tokenizer.chat_template is not None:
+            for m in plain:  # templates know "system"; "developer" is OpenAI's newer name for it
+                m["role"] = "system" if m["role"] == "developer" else m["role"]
+            if with_tools:
+                text = render_tools(tokenizer.render_chat, plain, fmt, tools)
+            else:
+                text = tokenizer.render_chat(plain, add_generation_prompt=True)
+            return tokenizer.encode(text, add_bos=False), ()
+        plain, _ = chat_messages(plain, DEFAULT, tools)  # calls and results as plain turns
+    except PocketLMError as error:
+        raise ApiError(str(error), param="messages") from None
+    plain = [{"role": m["role"], "content": m["content"] or ""} for m in plain]
     harness = Harness()
     system, turns, message = transcript_turns(plain)
     text = harness.render(system=system, turns=turns, message=message)
@@ -334,8 +370,16 @@ def chat_response(*, id: str, created: int, model: str, choices: list[dict], usa
     }
 
 
-def chat_choice(index: int, text: str, *, logprobs: dict | None, finish_reason: str | None) -> dict:
-    message = {"role": "assistant", "content": text, "refusal": None}
+def chat_choice(
+    index: int,
+    text: str,
+    *,
+    logprobs: dict | None,
+    finish_reason: str | None,
+    message: dict | None = None,
+) -> dict:
+    """A choice of a chat.completion (`message`: one with tool calls, instead of `text`)."""
+    message = message or {"role": "assistant", "content": text, "refusal": None}
     return {
         "index": index,
         "message": message,
@@ -374,12 +418,15 @@ def chat_delta(
     role: str | None = None,
     logprobs: dict | None = None,
     finish_reason: str | None = None,
+    tool_calls: list[dict] | None = None,
 ) -> dict:
     delta = {}
     if role is not None:
         delta["role"] = role
     if content is not None:
         delta["content"] = content
+    if tool_calls is not None:
+        delta["tool_calls"] = tool_calls
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 

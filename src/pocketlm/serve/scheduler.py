@@ -10,7 +10,9 @@ and drops finished, cancelled and timed-out ones at once: the last row moves int
 hole. The scheduler owns batching only: each request turns its logits into tokens and text
 with the engine's own `Sampler` and `TextStream` (pocketlm.generate.request), exactly as
 `lm.generate` does, so a seeded or greedy request gives the same tokens whether it runs
-through the Python API, alone on the server or in a crowd.
+through the Python API, alone on the server or in a crowd. A constrained request's row
+has its own grammar state (in its Sampler); the next masks of those rows are computed on a
+worker thread while the forward pass runs (llguidance releases the GIL).
 
 Results leave through a per-request `emit(Event)` callback, called on the scheduler thread.
 Knows nothing of HTTP or the wire format. (vLLM's scheduler and Orca, Yu et al. 2022,
@@ -24,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -92,7 +95,11 @@ class _Active:
     ) -> None:
         self.request = request
         self.sampler = Sampler(
-            request.params, request.prompt_ids, vocab_size=vocab_size, device=device
+            request.params,
+            request.prompt_ids,
+            vocab_size=vocab_size,
+            device=device,
+            tokenizer=tokenizer,
         )
         self.text = TextStream(tokenizer, request.params.stop)
         self.position = 0  # tokens in the cache row
@@ -158,6 +165,9 @@ class Scheduler:
         self._switch: int | None = getattr(model.config, "rope_switch_length", None)
         # Prompt prefixes shared across requests, within `cache_ram` bytes (0: none).
         self.prefix = make_prefix_cache(self.cache, budget=cache_ram, switch=self._switch)
+        # Constrained rows' masks: computed beside the forward pass (False: after it).
+        self.overlap_masks = True
+        self._mask_worker: ThreadPoolExecutor | None = None
 
     # -- the caller's side (any thread) --
 
@@ -172,6 +182,8 @@ class Scheduler:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._mask_worker is not None:
+            self._mask_worker.shutdown(wait=False)
 
     def submit(self, requests: list[Request]) -> None:
         """Queue requests (all or none); QueueFull when they would pass the bound."""
@@ -364,7 +376,10 @@ class Scheduler:
     def _decode(self) -> None:
         tokens = torch.tensor([[a.last_token] for a in self.rows], device=self.device)  # (B, 1)
         positions = torch.tensor([[a.position] for a in self.rows], device=self.device)  # (B, 1)
+        masks = self._masks_ahead()
         logits = self.model(tokens, positions, self.cache)[:, -1].float()  # (B, V)
+        if masks is not None:
+            masks.result()  # raises what a row's grammar raised: the step fails its rows
         self.counters["steps"] += 1
         if self._switch is not None:  # LongRoPE only: not a loop per step for every model
             for i, active in enumerate(self.rows):
@@ -383,6 +398,15 @@ class Scheduler:
         except Exception as error:
             log.exception("a request failed in a decode step")
             self._finish(active, "error", last=Event(f"generation failed: {error}"))
+
+    def _masks_ahead(self) -> Future | None:
+        """Start computing the constrained rows' next masks on the worker thread."""
+        states = [a.sampler.grammar for a in self.rows if a.sampler.grammar is not None]
+        if not states or not self.overlap_masks:
+            return None  # (not overlapped: each row's mask is computed when it samples)
+        if self._mask_worker is None:
+            self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="pocketlm-masks")
+        return self._mask_worker.submit(lambda: [state.mask() for state in states])
 
     def _recompute(self, ids: list[int], *, row: int) -> torch.Tensor:
         """Compute cache row `row` afresh for `ids` (from position 0); the last logits (V,)."""

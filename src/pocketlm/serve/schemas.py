@@ -92,14 +92,59 @@ class TextPart(_Wire):
     text: str
 
 
+class FunctionCall(_Wire):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Wire):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
+
+
+class FunctionDefinition(_Wire):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(_Wire):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Wire):
+    name: str
+
+
+class NamedToolChoice(_Wire):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JsonSchemaFormat(_Wire):
+    """response_format.json_schema: the schema the answer must follow (OpenAI's Structured
+    Outputs; `strict` is always honoured: the output is constrained to the schema)."""
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")  # (BaseModel has .schema)
+    strict: bool | None = None
 
 
 class ResponseFormat(_Wire):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(_Sampling):
@@ -110,7 +155,9 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[dict] | None = None  # accepted only to refuse it clearly (no tool calling)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class EmbeddingRequest(_Wire):
@@ -123,7 +170,7 @@ class EmbeddingRequest(_Wire):
     user: str | None = None
 
 
-_TAGS = {"str", "int", "float", "bool", "TextPart"}
+_TAGS = {"str", "int", "float", "bool", "TextPart", "NamedToolChoice"}
 
 
 def parse(model: type[BaseModel], body: bytes) -> BaseModel:

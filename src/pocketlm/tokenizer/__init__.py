@@ -28,7 +28,7 @@ from tokenizers import Tokenizer as Backend
 from pocketlm.errors import PocketLMError
 from pocketlm.tokenizer.chat_template import compile_template as _compile_template
 from pocketlm.tokenizer.chat_template import render as render_template
-from pocketlm.tokenizer.common import Parts
+from pocketlm.tokenizer.common import Parts, special_texts
 from pocketlm.tokenizer.decoding import StreamDecoder, strips_leading_space, token_bytes_table
 from pocketlm.tokenizer.folder import gpt2_backend, read_folder
 from pocketlm.tokenizer.gguf import read_metadata
@@ -60,6 +60,8 @@ class Tokenizer:
         # Named special tokens (bos_token, eos_token...) as chat templates see them.
         self.special_tokens = dict(special_tokens or {})
         self._bytes = token_bytes_table(backend)
+        # Ids of the special added tokens (<|im_end|>...): markup, never part of plain text.
+        self.special_ids = frozenset(special_texts(backend))
         # SentencePiece decoding drops the prefix space of the first word, as HF does.
         self._strip_leading_space = strips_leading_space(backend)
         self.vocab_size = len(self._bytes)

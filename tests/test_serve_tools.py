@@ -1,0 +1,227 @@
+"""Tool calling through `pocketlm serve` on 127.0.0.1 with the official `openai` client and
+the embedded default model (SmolLM2-135M-Instruct, whose template has no tools: the default
+`<tool_call>` format). Each tool_choice mode, streamed and not: the calls' arguments
+validate (`jsonschema`), and the streamed deltas reassemble to the non-streamed reply of
+the same seed. A tool result goes back as a `role: "tool"` message; bad requests are 400s.
+"""
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from test_serve_api import MODEL, Server
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city now.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 12},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "unit", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+CONVERT = {
+    "type": "function",
+    "function": {
+        "name": "convert",
+        "description": "Convert an amount of money.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "amount": {"type": "number", "minimum": 0, "maximum": 1000},
+                "to": {"enum": ["EUR", "USD", "JPY"]},
+            },
+            "required": ["amount", "to"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOLS = [WEATHER, CONVERT]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+ASK = [{"role": "user", "content": "What is the weather in Paris for the next 3 days?"}]
+NAMED = {"type": "function", "function": {"name": "convert"}}
+
+
+@pytest.fixture(scope="module")
+def client(smollm2_stored):
+    server = Server(smollm2_stored, max_batch=4, timeout=120)
+    yield server.client()
+    server.close()
+
+
+def ask(client, *, stream=False, seed=1, **options):
+    # One call unless a test asks for more: a 135M model given room for several calls
+    # goes on making them until max_tokens.
+    options = {
+        "model": MODEL,
+        "messages": ASK,
+        "tools": TOOLS,
+        "max_tokens": 60,
+        "parallel_tool_calls": False,
+        **options,
+    }
+    if not stream:
+        choice = client.chat.completions.create(seed=seed, **options).choices[0]
+        calls = [
+            (c.id, c.function.name, c.function.arguments) for c in choice.message.tool_calls or []
+        ]
+        return choice.message.content, calls, choice.finish_reason
+    content, calls, finish = [], {}, None
+    for chunk in client.chat.completions.create(seed=seed, stream=True, **options):
+        delta = chunk.choices[0].delta
+        content.append(delta.content or "")
+        for piece in delta.tool_calls or []:
+            if piece.id is not None:  # the first piece of a call: id, name
+                assert piece.index == len(calls) and piece.type == "function"
+                calls[piece.index] = [piece.id, piece.function.name, ""]
+            calls[piece.index][2] += piece.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    return "".join(content) or None, [tuple(c) for c in calls.values()], finish
+
+
+def valid(calls, names=tuple(SCHEMAS), *, finish="tool_calls"):
+    """Every call names a tool and its arguments validate (but the last call of a reply
+    cut short by max_tokens, which may be cut too)."""
+    for call_id, name, arguments in calls if finish != "length" else calls[:-1]:
+        assert call_id.startswith("call_") and name in names
+        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+    return True
+
+
+@pytest.mark.parametrize(("choice", "seed"), [("required", 1), ("named", 2)])
+def test_required_and_named_give_valid_calls_streamed_as_not(client, choice, seed):
+    tool_choice = NAMED if choice == "named" else "required"
+    content, calls, finish = ask(client, tool_choice=tool_choice, seed=seed)
+    names = ("convert",) if choice == "named" else tuple(SCHEMAS)
+    assert content is None and finish == "tool_calls" and valid(calls, names)
+    assert len(calls) == 1  # parallel_tool_calls false (ask's default)
+    streamed = ask(client, tool_choice=tool_choice, seed=seed, stream=True)
+    assert streamed[0] is None and streamed[2] == "tool_calls"
+    assert [c[1:] for c in streamed[1]] == [c[1:] for c in calls]  # ids are new each time
+
+
+def test_parallel_tool_calls_true_allows_several(client):
+    _, calls, finish = ask(client, tool_choice="required", parallel_tool_calls=True, seed=2)
+    assert len(calls) >= 2 and valid(calls, finish=finish)
+
+
+# These seeds take each branch of auto with SmolLM2: some text, then a call that the
+# grammar holds to the schema once "<tool_call>" is written; text alone.
+@pytest.mark.parametrize(("seed", "calls_tool"), [(4, True), (5, False)])
+def test_auto_gives_text_or_valid_calls_streamed_as_not(client, seed, calls_tool):
+    content, calls, finish = ask(client, tool_choice="auto", seed=seed, max_tokens=100)
+    assert content and bool(calls) == calls_tool and valid(calls)
+    assert finish == ("tool_calls" if calls_tool else "stop")
+    streamed = ask(client, tool_choice="auto", seed=seed, max_tokens=100, stream=True)
+    assert (streamed[0], streamed[2]) == (content, finish)
+    assert [c[1:] for c in streamed[1]] == [c[1:] for c in calls]
+
+
+def test_n_choices_each_call_on_their_own(client):
+    """n=2 in one batch: each choice its own grammar state and parser; choice 1 is what
+    seed + 1 gives alone (the server's rule for n)."""
+    options = dict(tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=60)
+    both = client.chat.completions.create(model=MODEL, messages=ASK, n=2, seed=7, **options)
+    alone = ask(client, seed=8, **options)
+    for choice in both.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        calls = choice.message.tool_calls
+        assert len(calls) == 1 and valid(
+            [(c.id, c.function.name, c.function.arguments) for c in calls]
+        )
+    second = both.choices[1].message.tool_calls[0].function
+    assert [(second.name, second.arguments)] == [c[1:] for c in alone[1]]
+
+
+def test_none_gives_text_and_no_calls(client):
+    for stream in (False, True):
+        content, calls, finish = ask(client, tool_choice="none", stream=stream, max_tokens=12)
+        assert calls == [] and content and finish in ("stop", "length")
+
+
+def test_a_tool_result_goes_back_to_the_model(client):
+    _, calls, _ = ask(client, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call_id, name, arguments = calls[0]
+    messages = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": name, "arguments": arguments},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call_id, "content": '{"sky": "sunny", "max": 24}'},
+    ]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=16, seed=0
+    ).choices[0]
+    assert reply.message.content and not reply.message.tool_calls
+
+
+@pytest.mark.parametrize(
+    ("options", "param", "message"),
+    [
+        (
+            {"tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+            "'nope'",
+        ),
+        ({"tools": None, "tool_choice": "required"}, "tool_choice", "needs tools"),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "string"}},
+                    }
+                ]
+            },
+            "tools.0.function.parameters",
+            "type object",
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {
+                                "type": "object",
+                                "properties": {"x": {"type": "array", "uniqueItems": True}},
+                            },
+                        },
+                    }
+                ]
+            },
+            "tools",
+            "uniqueItems",
+        ),
+        ({"tools": [WEATHER, WEATHER]}, "tools", "two tools"),
+    ],
+    ids=["unknown-name", "no-tools", "not-an-object", "unsupported-keyword", "duplicate"],
+)
+def test_bad_tool_requests_are_400s(client, options, param, message):
+    options = {"model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": 4, **options}
+    if options["tools"] is None:
+        del options["tools"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(**options)
+    body = caught.value.body
+    assert body["type"] == "invalid_request_error" and body["param"] == param
+    assert message in body["message"] and "\n" not in body["message"]
