@@ -261,7 +261,7 @@ BAD = [
     ("completions", b'{"model": "tiny", "prompt": "x", "max_tokens": "5"}', "max_tokens"),
     ("completions", b'{"model": "tiny", "prompt": 5}', "prompt"),
     ("completions", b'{"model": "nope", "prompt": "x"}', "does not exist"),
-    ("completions", json.dumps({"prompt": "hello " * 1100}).encode(), "context length"),
+    ("completions", json.dumps({"prompt": "hello " * 1100}).encode(), "context is 1,024"),
     ("completions", b'{"prompt": "x", "max_tokens": 1000000}', "max_tokens can be at most"),
     ("completions", b'{"prompt": "x", "n": -1}', "n"),
     ("completions", b'{"prompt": "\xff\xfe"}', "UTF-8"),

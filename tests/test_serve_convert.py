@@ -115,11 +115,26 @@ def test_stop_strings_seeds_and_token_budget():
     assert convert.choice_seed(None, 1) is None
     assert convert.token_budget(prompt_tokens=10, max_tokens=None, context_length=16) == 6
     assert convert.token_budget(prompt_tokens=10, max_tokens=6, context_length=16) == 6
-    with pytest.raises(ApiError, match="at most 6 \\(got 7\\)") as info:
+    with pytest.raises(
+        ApiError, match="max_tokens is 7, but the prompt has 10 tokens.* at most 6"
+    ) as info:
         convert.token_budget(prompt_tokens=10, max_tokens=7, context_length=16)
     assert info.value.code == "context_length_exceeded"
-    with pytest.raises(ApiError, match="the prompt is 16 tokens"):
+    with pytest.raises(ApiError, match="prompt has 16 tokens; this model's context is 16, "):
         convert.token_budget(prompt_tokens=16, max_tokens=None, context_length=16)
+    with pytest.raises(ApiError, match="prompt has 40,012 tokens; this model's context is 8,192 "):
+        convert.token_budget(prompt_tokens=40012, max_tokens=None, context_length=8192)
+
+
+def test_truncate_prompt_only_when_asked():
+    ids = list(range(10))
+    assert convert.truncate_prompt(ids, None, max_tokens=4, context_length=8) == ids
+    assert convert.truncate_prompt(ids, 3, max_tokens=4, context_length=8) == [7, 8, 9]
+    assert convert.truncate_prompt(ids, 30, max_tokens=4, context_length=8) == ids
+    assert convert.truncate_prompt(ids, -1, max_tokens=5, context_length=8) == [7, 8, 9]
+    assert convert.truncate_prompt(ids, -1, max_tokens=None, context_length=8) == ids[-7:]
+    with pytest.raises(ApiError, match="at least 1"):
+        convert.truncate_prompt(ids, 0, max_tokens=None, context_length=8)
 
 
 def test_prompt_ids_take_every_prompt_form(gpt2):

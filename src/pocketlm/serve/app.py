@@ -11,8 +11,6 @@ Knows nothing of how tokens are computed.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -43,9 +41,10 @@ from pocketlm.serve import convert, openapi, tools
 from pocketlm.serve.convert import Choice
 from pocketlm.serve.embedder import Embedder
 from pocketlm.serve.guard import Guard, Limits, authorized
+from pocketlm.serve.jobs import Jobs, read_body
+from pocketlm.serve.jobs import collect as _collect
 from pocketlm.serve.prefix_cache import DEFAULT_BUDGET
-from pocketlm.serve.scheduler import Event, QueueFull, Scheduler
-from pocketlm.serve.scheduler import Request as EngineRequest
+from pocketlm.serve.scheduler import Event, Scheduler
 from pocketlm.serve.schemas import (
     ApiError,
     ChatCompletionRequest,
@@ -131,67 +130,6 @@ class Service:
         return [v.tolist() for v in vectors]
 
 
-class Jobs:
-    """The engine requests (one per choice) behind one HTTP request, and their events."""
-
-    def __init__(self, service: Service) -> None:
-        self.service = service
-        self.loop: asyncio.AbstractEventLoop | None = None  # set by submit(), on the loop
-        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        self.requests: list[EngineRequest] = []
-
-    def add(self, index: int, **options: object) -> None:
-        def emit(event: Event) -> None:
-            # RuntimeError: the event loop has closed, the server is shutting down.
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
-
-        self.requests.append(
-            EngineRequest(emit=emit, timeout=self.service.timeout, group=self, **options)
-        )
-
-    def submit(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        try:
-            self.service.scheduler.submit(self.requests)
-        except QueueFull:
-            raise ApiError(
-                "the server is busy: too many requests are waiting; retry shortly",
-                status=429,
-                type="rate_limit_error",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
-            ) from None
-
-    async def events(self) -> AsyncIterator[tuple[int, Event]]:
-        remaining = len(self.requests)
-        while remaining:
-            index, event = await self.queue.get()
-            if event.finish_reason is not None:
-                remaining -= 1
-            yield index, event
-
-    def cancel(self) -> None:
-        for request in self.requests:
-            self.service.scheduler.cancel(request)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        raise ApiError(
-            f"the request body is larger than the server's limit of {limit} bytes", status=413
-        )
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise ApiError(
-                f"the request body is larger than the server's limit of {limit} bytes", status=413
-            )
-    return bytes(body)
-
-
 def _completion_jobs(service: Service, body: CompletionRequest) -> tuple[Jobs, list[list[int]]]:
     service.check_model(body.model)
     if body.suffix:
@@ -200,8 +138,17 @@ def _completion_jobs(service: Service, body: CompletionRequest) -> tuple[Jobs, l
         raise ApiError("best_of other than n is not supported", param="best_of")
     params = convert.sampling_params(body, vocab_size=service.vocab_size)
     stops = convert.stop_strings(body.stop)
-    service.check_prompt_bytes([body.prompt] if isinstance(body.prompt, str) else body.prompt)
-    prompts = convert.prompt_ids(body.prompt, service.tokenizer, vocab_size=service.vocab_size)
+    if body.truncate_prompt_tokens is None:  # else a long prompt is cut, not refused
+        service.check_prompt_bytes([body.prompt] if isinstance(body.prompt, str) else body.prompt)
+    prompts = [
+        convert.truncate_prompt(
+            ids,
+            body.truncate_prompt_tokens,
+            max_tokens=body.max_tokens,
+            context_length=service.context_length,
+        )
+        for ids in convert.prompt_ids(body.prompt, service.tokenizer, vocab_size=service.vocab_size)
+    ]
     jobs = Jobs(service)
     for p, ids in enumerate(prompts):
         budget = convert.token_budget(
@@ -233,9 +180,10 @@ def _chat_jobs(
     if body.top_logprobs and not body.logprobs:
         raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
     params = convert.sampling_params(body, vocab_size=service.vocab_size)
-    service.check_prompt_bytes(
-        ["".join(convert.message_text(m) for m in body.messages)], param="messages"
-    )
+    if body.truncate_prompt_tokens is None:  # else a long prompt is cut, not refused
+        service.check_prompt_bytes(
+            ["".join(convert.message_text(m) for m in body.messages)], param="messages"
+        )
     tooling = tools.tooling(body, service.tokenizer)
     if tooling and grammar:
         raise ApiError(
@@ -250,6 +198,9 @@ def _chat_jobs(
     stops = convert.stop_strings(body.stop) + extra_stops
     wanted = body.max_completion_tokens or body.max_tokens
     name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    ids = convert.truncate_prompt(
+        ids, body.truncate_prompt_tokens, max_tokens=wanted, context_length=service.context_length
+    )
     budget = convert.token_budget(
         prompt_tokens=len(ids), max_tokens=wanted, context_length=service.context_length, param=name
     )
@@ -285,22 +236,6 @@ def _params(
     return GenerationParams(
         sampling, max_tokens=max_tokens, stop=tuple(stop), logprobs=logprobs, grammar=grammar
     )
-
-
-async def _collect(jobs: Jobs, request: Request, count: int) -> list[Choice]:
-    """Wait for every choice to finish; cancel them if the client goes away meanwhile."""
-    choices = [Choice(i) for i in range(count)]
-    try:
-        async for index, event in jobs.events():
-            choices[index].add(event)
-            if await request.is_disconnected():
-                break
-    finally:
-        jobs.cancel()
-    for choice in choices:
-        if failure := convert.engine_failure(choice.finish_reason, timeout=jobs.service.timeout):
-            raise failure
-    return choices
 
 
 def _stream(events: AsyncIterator[bytes], jobs: Jobs) -> StreamingResponse:
@@ -504,11 +439,22 @@ def _embedding_ids(service: Service, body: EmbeddingRequest) -> list[list[int]]:
             f"at most {limits.max_embedding_inputs} inputs per request (got {len(body.input)})",
             param="input",
         )
-    if isinstance(body.input, str) or (many and isinstance(body.input[0], str)):
+    strings = isinstance(body.input, str) or (many and isinstance(body.input[0], str))
+    if strings and body.truncate_prompt_tokens is None:  # else cut, not refused
         service.check_prompt_bytes(
             [body.input] if isinstance(body.input, str) else body.input, param="input"
         )
-    batches = convert.prompt_ids(body.input, service.tokenizer, vocab_size=service.vocab_size)
+    # An embedding takes no new token, so -1 keeps a whole window (truncate_prompt keeps
+    # room for one new token in the window it is given).
+    batches = [
+        convert.truncate_prompt(
+            ids,
+            body.truncate_prompt_tokens,
+            max_tokens=None,
+            context_length=service.context_length + 1,
+        )
+        for ids in convert.prompt_ids(body.input, service.tokenizer, vocab_size=service.vocab_size)
+    ]
     for ids in batches:  # refuse what does not fit the window, as generation does
         convert.token_budget(
             prompt_tokens=len(ids) - 1, max_tokens=None, context_length=service.context_length

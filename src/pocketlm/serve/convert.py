@@ -181,16 +181,26 @@ def transcript_turns(messages: list[dict]) -> tuple[str | None, list[Turn], str]
     return system, turns, talk[-1]["content"]
 
 
+TRUNCATE_HINT = "shorten it, or send truncate_prompt_tokens to keep only its last tokens"
+
+
 def token_budget(
-    *, prompt_tokens: int, max_tokens: int | None, context_length: int, param: str = "max_tokens"
+    *,
+    prompt_tokens: int,
+    max_tokens: int | None,
+    context_length: int,
+    param: str = "max_tokens",
+    hint: str = TRUNCATE_HINT,
 ) -> int:
     """New tokens allowed: `max_tokens`, or all the room left when None. The prompt plus
-    the budget must fit the context window (OpenAI refuses rather than truncates)."""
+    the budget must fit the context window: a request that does not is refused with the
+    numbers, never cut quietly (`truncate_prompt` is the opt-in)."""
     room = context_length - prompt_tokens
     if room < 1:
+        full = "" if room < 0 else ", which leaves no room for a reply"
         raise ApiError(
-            f"this model's maximum context length is {context_length} tokens, but the prompt "
-            f"is {prompt_tokens} tokens",
+            f"prompt has {prompt_tokens:,} tokens; this model's context is "
+            f"{context_length:,}{full} ({hint})",
             param="messages" if param != "max_tokens" else "prompt",
             code="context_length_exceeded",
         )
@@ -198,12 +208,30 @@ def token_budget(
         return room
     if max_tokens > room:
         raise ApiError(
-            f"this model's maximum context length is {context_length} tokens; the prompt is "
-            f"{prompt_tokens} tokens, so {param} can be at most {room} (got {max_tokens})",
+            f"{param} is {max_tokens:,}, but the prompt has {prompt_tokens:,} tokens and this "
+            f"model's context is {context_length:,}: {param} can be at most {room:,}",
             param=param,
             code="context_length_exceeded",
         )
     return max_tokens
+
+
+def truncate_prompt(
+    ids: list[int], keep: int | None, *, max_tokens: int | None, context_length: int
+) -> list[int]:
+    """The prompt as a request that opted into truncation asked (vLLM's
+    `truncate_prompt_tokens`): its last `keep` tokens; -1 keeps as many as leave room for
+    `max_tokens` (one new token when None). None: the prompt unchanged."""
+    if keep is None:
+        return ids
+    if keep == 0:
+        raise ApiError(
+            "truncate_prompt_tokens must be at least 1, or -1 for as many as fit",
+            param="truncate_prompt_tokens",
+        )
+    if keep == -1:
+        keep = context_length - (max_tokens or 1)
+    return ids[-keep:] if 0 < keep < len(ids) else ids
 
 
 # -- engine events -> a choice ---------------------------------------------------------------

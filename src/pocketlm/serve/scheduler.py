@@ -68,6 +68,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # on the last event: tokens sampled in all
     prompt_logprobs: list[float | None] | None = None  # on the first event, when asked
+    stop_sequence: str | None = None  # on the last event: the stop string that ended it
 
 
 @dataclass(eq=False)
@@ -441,6 +442,7 @@ class Scheduler:
         event.finish_reason = reason
         event.prompt_tokens = len(active.request.prompt_ids)
         event.completion_tokens = active.generated
+        event.stop_sequence = active.text.matcher.matched
         active.done, active.finish_reason = True, reason
         self.counters[_COUNTER[reason]] += 1
         active.request.emit(event)

@@ -74,6 +74,9 @@ class _Sampling(_Wire):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Opt-in: keep only the prompt's last k tokens (-1: as many as fit), as vLLM does.
+    # Without it a prompt longer than the context is refused, never cut.
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
 
 
 class CompletionRequest(_Sampling):
@@ -168,6 +171,7 @@ class EmbeddingRequest(_Wire):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
 
 
 _TAGS = {"str", "int", "float", "bool", "TextPart", "NamedToolChoice"}

@@ -1,0 +1,533 @@
+"""Ollama's API on the same engine: /api/generate, /api/chat, /api/embed, /api/tags,
+/api/show, /api/ps and /api/version, so programs written for Ollama work unchanged.
+
+A request becomes the same engine requests as on the OpenAI routes (`jobs.Jobs` on the
+server's scheduler, `convert.sampling_params`, `convert.chat_prompt`,
+`convert.token_budget`); answers and the NDJSON stream lines are shaped as Ollama's
+docs/api.md describes them and the official `ollama` Python client reads them. Failures
+are Ollama's `{"error": "..."}` with the HTTP status; a failure after a stream has begun is
+an `{"error": ...}` line. Where pocketlm differs on purpose: a prompt longer than the
+context (`num_ctx`, at most the model's) is refused with the numbers unless the request
+sends `"truncate": true` -- Ollama cuts it quietly; `keep_alive` is accepted and has no
+effect (the server holds its one model until it stops). Knows nothing of how tokens are
+computed. (ollama `api/types.go`, `server/routes.go`.)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import Field, field_validator
+
+from pocketlm.generate.params import GenerationParams
+from pocketlm.sampling import SamplingParams
+from pocketlm.serve import convert
+from pocketlm.serve.jobs import Jobs, Served, read_body
+from pocketlm.serve.schemas import ApiError, ChatMessage, _Wire, parse
+from pocketlm.weights.card import ModelCard, describe, human_count
+
+TRUNCATE_HINT = 'shorten it, or send "truncate": true to keep only its last tokens'
+
+# -- wire schemas (ollama api/types.go) -------------------------------------------------------
+
+
+class Options(_Wire):
+    """The model options pocketlm honours; the runner's (num_gpu, num_thread, use_mmap...)
+    are ignored, as they mean nothing here."""
+
+    temperature: float | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    seed: int | None = None
+    num_predict: int | None = Field(default=None, ge=-2)
+    num_ctx: int | None = Field(default=None, ge=1)
+    stop: list[str] | None = None
+    repeat_penalty: float | None = Field(default=None, gt=0)
+    repeat_last_n: int | None = None  # accepted: pocketlm's penalty covers the whole text
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    mirostat: int | None = None  # refused unless 0 (off)
+    typical_p: float | None = None  # refused unless 1 (off)
+
+
+class _Optioned(_Wire):
+    model: str | None = None
+    options: Options = Options()
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: object) -> object:
+        return {} if value is None else value
+
+
+class _Generating(_Optioned):
+    format: str | dict | None = None
+    stream: bool | None = None  # Ollama streams unless told `false`
+    keep_alive: float | str | None = None
+    think: bool | str | None = None
+    logprobs: bool = False
+    # pocketlm's opt-in: keep the prompt's last tokens when it does not fit the context.
+    truncate: bool = False
+
+
+class GenerateRequest(_Generating):
+    prompt: str = ""
+    system: str | None = None
+    context: list[int] | None = None
+    raw: bool = False
+    suffix: str | None = None
+    template: str | None = None
+    images: list[str] | None = None
+
+
+class Message(_Wire):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[str] | None = None
+    tool_calls: list[dict] | None = None
+    thinking: str | None = None
+
+
+class ChatRequest(_Generating):
+    messages: list[Message] = []
+    tools: list[dict] | None = None
+
+
+class EmbedRequest(_Optioned):
+    input: str | list[str]
+    truncate: bool = False  # Ollama's default is true; pocketlm never cuts unasked
+    keep_alive: float | str | None = None
+    dimensions: int | None = Field(default=None, ge=1)
+
+
+class ShowRequest(_Wire):
+    model: str | None = None
+    name: str | None = None  # the older clients' field
+    verbose: bool = False
+
+
+# -- requests -> engine -------------------------------------------------------------------------
+
+
+def model_name(service: Served, model: str | None) -> None:
+    """Refuse another model; Ollama clients may add the default tag, ":latest"."""
+    service.check_model(model.removesuffix(":latest") if model else model)
+
+
+def refuse_unsupported(body: _Generating) -> None:
+    """A clear 400 for what pocketlm cannot do yet, rather than quietly ignoring it."""
+    if body.format not in (None, ""):
+        raise ApiError(
+            'format (structured outputs: "json" or a JSON schema) is not supported yet: '
+            "pocketlm has no constrained decoding to guarantee it"
+        )
+    if body.think not in (None, False):
+        raise ApiError(f"'{body.model}' does not support thinking")
+    if body.logprobs:
+        raise ApiError("logprobs are not supported on the Ollama API; use /v1/chat/completions")
+    options = body.options
+    if options.mirostat:
+        raise ApiError("mirostat sampling is not supported; use temperature, top_k and top_p")
+    if options.typical_p not in (None, 1.0):
+        raise ApiError("typical_p sampling is not supported; use temperature, top_k and top_p")
+    if options.num_predict == 0:
+        raise ApiError("num_predict must be positive, or -1 for as many as fit")
+    if any(not s for s in options.stop or ()):
+        raise ApiError("stop sequences must not be empty strings")
+
+
+def sampling_params(options: Options, *, vocab_size: int) -> SamplingParams:
+    """SamplingParams from Ollama's options, with Ollama's defaults (temperature 0.8,
+    top_k 40, top_p 0.9); a negative seed is Ollama's "random"."""
+    knobs = dict(
+        temperature=_default(options.temperature, 0.8),
+        top_k=_default(options.top_k, 40),
+        top_p=_default(options.top_p, 0.9),
+        min_p=options.min_p,
+        repetition_penalty=options.repeat_penalty,
+        presence_penalty=options.presence_penalty,
+        frequency_penalty=options.frequency_penalty,
+        logit_bias=None,
+        seed=options.seed if options.seed is not None and options.seed >= 0 else None,
+    )
+    return convert.sampling_params(_Knobs(**knobs), vocab_size=vocab_size)
+
+
+class _Knobs(_Wire):
+    """The sampling fields `convert.sampling_params` reads, under OpenAI's names."""
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+
+
+def _default(value, fallback):  # noqa: ANN001, ANN202 - a typed `or` that keeps 0
+    return fallback if value is None else value
+
+
+def fit(
+    ids: list[int], options: Options, *, truncate: bool, context_length: int
+) -> tuple[list[int], int]:
+    """(prompt ids, new-token budget) within the window: `num_ctx` when it is smaller than
+    the model's context. A prompt that does not fit is refused unless `truncate`."""
+    window = min(options.num_ctx or context_length, context_length)
+    wanted = options.num_predict if options.num_predict and options.num_predict > 0 else None
+    if truncate:
+        ids = convert.truncate_prompt(ids, -1, max_tokens=wanted, context_length=window)
+    budget = convert.token_budget(
+        prompt_tokens=len(ids),
+        max_tokens=wanted,
+        context_length=window,
+        param="num_predict",
+        hint=TRUNCATE_HINT,
+    )
+    return ids, budget
+
+
+def generate_prompt(body: GenerateRequest, service: Served) -> tuple[list[int], tuple[str, ...]]:
+    """(prompt ids, extra stops) for /api/generate: the model's chat template around the
+    prompt (and system), as Ollama applies it, unless `raw` or the model has none; after
+    the `context` a previous answer returned."""
+    tokenizer = service.tokenizer
+    if body.suffix:
+        raise ApiError("suffix (fill-in-the-middle) is not supported")
+    if body.template:
+        raise ApiError("template is not supported: the model's own chat template is used")
+    if body.images:
+        raise ApiError(f"'{service.name}' does not support images")
+    extra: tuple[str, ...] = ()
+    if body.raw or tokenizer.chat_template is None:
+        text = f"{body.system}\n\n{body.prompt}" if body.system and not body.raw else body.prompt
+        ids = tokenizer.encode(text, add_bos=None if not body.context else False)
+    else:
+        messages = [ChatMessage(role="user", content=body.prompt)]
+        if body.system:
+            messages.insert(0, ChatMessage(role="system", content=body.system))
+        ids, extra = convert.chat_prompt(messages, tokenizer)
+    if body.context:
+        convert.prompt_ids(body.context, tokenizer, vocab_size=service.vocab_size)  # checks ids
+        ids = list(body.context) + ids
+    return ids, extra
+
+
+def chat_messages(body: ChatRequest, service: Served) -> list[ChatMessage]:
+    if body.tools:
+        raise ApiError("tools (function calling) are not supported yet")
+    for m in body.messages:
+        if m.images:
+            raise ApiError(f"'{service.name}' does not support images")
+        if m.tool_calls:
+            raise ApiError("tool calls are not supported yet")
+    return [ChatMessage(role=m.role, content=m.content) for m in body.messages]
+
+
+def params(
+    options: Options, *, extra_stops: tuple[str, ...], budget: int, vocab_size: int
+) -> GenerationParams:
+    return GenerationParams(
+        sampling_params(options, vocab_size=vocab_size),
+        max_tokens=budget,
+        stop=(*(options.stop or ()), *extra_stops),
+    )
+
+
+# -- engine -> answers --------------------------------------------------------------------------
+
+
+def now() -> str:
+    """RFC 3339 time in UTC, as Ollama stamps `created_at`."""
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class Clock:
+    """Ollama's durations (nanoseconds): from the request to its first token (the prompt's
+    evaluation, queueing included) and from there to the end."""
+
+    def __init__(self) -> None:
+        self.start = self.first = time.perf_counter_ns()
+
+    def tick(self, count: int) -> None:
+        if count == 0:
+            self.first = time.perf_counter_ns()
+
+    def totals(self, *, prompt_tokens: int, tokens: int) -> dict:
+        end = time.perf_counter_ns()
+        return {
+            "total_duration": end - self.start,
+            "load_duration": 0,
+            "prompt_eval_count": prompt_tokens,
+            "prompt_eval_duration": self.first - self.start,
+            "eval_count": tokens,
+            "eval_duration": end - self.first,
+        }
+
+
+def done_reason(finish_reason: str | None) -> str:
+    return "length" if finish_reason == "length" else "stop"
+
+
+def ndjson(data: dict) -> bytes:
+    return (json.dumps(data, ensure_ascii=False) + "\n").encode()
+
+
+def normalized(vector: list[float]) -> list[float]:
+    """Unit length, as Ollama's /api/embed returns its vectors."""
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
+
+
+def details(card: ModelCard) -> dict:
+    return {
+        "parent_model": "",
+        "format": "gguf" if card.path.suffix == ".gguf" else "safetensors",
+        "family": card.architecture,
+        "families": [card.architecture],
+        "parameter_size": human_count(card.parameters),
+        "quantization_level": card.quantization.upper(),
+    }
+
+
+def model_info(card: ModelCard, *, context_length: int) -> dict:
+    """GGUF-style keys, as Ollama reports them; clients read `<arch>.context_length`."""
+    arch = card.architecture
+    return {
+        "general.architecture": arch,
+        "general.parameter_count": card.parameters,
+        f"{arch}.context_length": context_length,
+        f"{arch}.embedding_length": card.width,
+        f"{arch}.block_count": card.layers,
+        f"{arch}.attention.head_count": card.heads,
+        f"{arch}.attention.head_count_kv": card.kv_heads,
+        f"{arch}.vocab_size": card.vocab,
+    }
+
+
+def held_bytes(model) -> int:  # noqa: ANN001 - a torch module
+    """Bytes the model's weights hold in memory (quantized ones as stored)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# -- routes ---------------------------------------------------------------------------------------
+
+Route = Callable[[Request], Awaitable[object]]
+
+
+def router(service: Served) -> APIRouter:
+    """The /api routes; with --api-key they want 'Authorization: Bearer <key>' too."""
+    router = APIRouter(prefix="/api")
+
+    def route(handler: Route) -> Route:
+        @functools.wraps(handler)
+        async def answer(request: Request) -> object:
+            try:
+                key = service.api_key
+                if key and request.headers.get("authorization") != f"Bearer {key}":
+                    raise ApiError("incorrect or missing API key", status=401)
+                return await handler(request)
+            except ApiError as error:
+                return JSONResponse(
+                    {"error": error.message}, status_code=error.status, headers=error.headers
+                )
+
+        return answer
+
+    @functools.cache
+    def card() -> ModelCard:
+        return describe(service.lm.path, name=service.name)
+
+    router.post("/generate", response_model=None)(route(functools.partial(_generate, service)))
+    router.post("/chat", response_model=None)(route(functools.partial(_chat, service)))
+    router.post("/embed", response_model=None)(route(functools.partial(_embed, service)))
+
+    @router.get("/version")
+    async def version() -> dict:
+        return {"version": metadata.version("pocketlm")}
+
+    @router.get("/tags", response_model=None)
+    @route
+    async def tags(request: Request) -> dict:
+        entry = {"name": service.name, "model": service.name, "modified_at": _mtime(card())}
+        return {"models": [{**entry, "size": card().file_size, "details": details(card())}]}
+
+    @router.get("/ps", response_model=None)
+    @route
+    async def ps(request: Request) -> dict:
+        size = held_bytes(service.lm.model)
+        on_gpu = service.scheduler.device.type != "cpu"
+        entry = {"name": service.name, "model": service.name, "size": size}
+        entry |= {"size_vram": size if on_gpu else 0, "details": details(card())}
+        return {"models": [{**entry, "context_length": service.context_length}]}
+
+    @router.post("/show", response_model=None)
+    @route
+    async def show(request: Request) -> dict:
+        body = parse(ShowRequest, await read_body(request, service.max_body))
+        model_name(service, body.model or body.name)
+        return {
+            "modelfile": f"# pocketlm serves this model as loaded\nFROM {card().path}\n",
+            "parameters": "",
+            "template": service.tokenizer.chat_template or "",
+            "details": details(card()),
+            "model_info": model_info(card(), context_length=service.context_length),
+            "capabilities": ["completion"],
+            "modified_at": _mtime(card()),
+        }
+
+    return router
+
+
+def _mtime(card: ModelCard) -> str:
+    stamp = card.path.stat().st_mtime
+    return datetime.fromtimestamp(stamp, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _loaded(service: Served, **fields: object) -> dict:
+    """The answer to a request with nothing to generate: Ollama's way to load a model."""
+    return {
+        "model": service.name,
+        "created_at": now(),
+        **fields,
+        "done": True,
+        "done_reason": "load",
+    }
+
+
+async def _generate(service: Served, request: Request) -> object:
+    body = parse(GenerateRequest, await read_body(request, service.max_body))
+    model_name(service, body.model)
+    refuse_unsupported(body)
+    if not body.prompt and not body.context:
+        return _loaded(service, response="")
+    ids, extra = generate_prompt(body, service)
+    return await _run(service, request, body, ids, extra, chat=False)
+
+
+async def _chat(service: Served, request: Request) -> object:
+    body = parse(ChatRequest, await read_body(request, service.max_body))
+    model_name(service, body.model)
+    refuse_unsupported(body)
+    messages = chat_messages(body, service)
+    if not messages:
+        return _loaded(service, message={"role": "assistant", "content": ""})
+    ids, extra = convert.chat_prompt(messages, service.tokenizer)
+    return await _run(service, request, body, ids, extra, chat=True)
+
+
+async def _run(
+    service: Served,
+    request: Request,
+    body: _Generating,
+    ids: list[int],
+    extra: tuple[str, ...],
+    *,
+    chat: bool,
+) -> object:
+    """Generate for /api/generate (`chat` False: text in "response", the token ids in
+    "context") or /api/chat (text in "message"); one JSON answer or an NDJSON stream."""
+    ids, budget = fit(
+        ids, body.options, truncate=body.truncate, context_length=service.context_length
+    )
+    jobs = Jobs(service)
+    jobs.add(
+        0,
+        prompt_ids=ids,
+        params=params(
+            body.options, extra_stops=extra, budget=budget, vocab_size=service.vocab_size
+        ),
+    )
+    clock = Clock()
+    jobs.submit()
+
+    def piece(text: str) -> dict:
+        if chat:
+            return {"message": {"role": "assistant", "content": text}}
+        return {"response": text}
+
+    def last(choice: convert.Choice) -> dict:
+        extra = {} if chat else {"context": ids + choice.tokens}
+        totals = clock.totals(prompt_tokens=len(ids), tokens=choice.completion_tokens)
+        return {"done_reason": done_reason(choice.finish_reason), **extra, **totals}
+
+    meta = {"model": service.name}
+    if body.stream is False:
+        choice = await _gather(jobs, request, clock)
+        return {**meta, "created_at": now(), **piece("".join(choice.text)), "done": True,
+                **last(choice)}  # fmt: skip
+
+    async def lines() -> AsyncIterator[bytes]:
+        choice = convert.Choice(0)
+        try:
+            async for _, event in jobs.events():
+                clock.tick(len(choice.tokens))
+                choice.add(event)
+                if failure := convert.engine_failure(event.finish_reason, timeout=service.timeout):
+                    raise failure
+                if event.text:
+                    yield ndjson({**meta, "created_at": now(), **piece(event.text), "done": False})
+            yield ndjson({**meta, "created_at": now(), **piece(""), "done": True, **last(choice)})
+        except ApiError as error:  # after the headers went out: an error line, then stop
+            yield ndjson({"error": error.message})
+        finally:
+            jobs.cancel()
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+async def _gather(jobs: Jobs, request: Request, clock: Clock) -> convert.Choice:
+    """The one choice, timed; cancelled if the client goes away meanwhile."""
+    choice = convert.Choice(0)
+    try:
+        async for _, event in jobs.events():
+            clock.tick(len(choice.tokens))
+            choice.add(event)
+            if await request.is_disconnected():
+                break
+    finally:
+        jobs.cancel()
+    if failure := convert.engine_failure(choice.finish_reason, timeout=jobs.service.timeout):
+        raise failure
+    return choice
+
+
+async def _embed(service: Served, request: Request) -> dict:
+    body = parse(EmbedRequest, await read_body(request, service.max_body))
+    model_name(service, body.model)
+    if body.dimensions is not None:
+        raise ApiError("dimensions is not supported: the vectors have the model's width")
+    started = time.perf_counter_ns()
+    batches = convert.prompt_ids(body.input, service.tokenizer, vocab_size=service.vocab_size)
+    window = min(body.options.num_ctx or service.context_length, service.context_length)
+    for i, ids in enumerate(batches):
+        if body.truncate:
+            batches[i] = ids = ids[-window:]
+        if len(ids) > window:  # refused with the numbers, as generation is
+            raise ApiError(
+                f"input {i} has {len(ids):,} tokens; this model's context is {window:,} "
+                f"({TRUNCATE_HINT})"
+            )
+    vectors = await run_in_threadpool(service.embed, batches)
+    return {
+        "model": service.name,
+        "embeddings": [normalized(v) for v in vectors],
+        "total_duration": time.perf_counter_ns() - started,
+        "load_duration": 0,
+        "prompt_eval_count": sum(len(ids) for ids in batches),
+    }
