@@ -37,7 +37,7 @@ from pocketlm.features.hidden import embed
 from pocketlm.generate.constraint import Grammar
 from pocketlm.generate.params import GenerationParams
 from pocketlm.sampling import SamplingParams
-from pocketlm.serve import convert, openapi, tools
+from pocketlm.serve import anthropic, convert, ollama, openapi, tokens, tools
 from pocketlm.serve.convert import Choice
 from pocketlm.serve.embedder import Embedder
 from pocketlm.serve.guard import Guard, Limits, authorized
@@ -517,6 +517,8 @@ def create_app(service: Service) -> FastAPI:
 
     app = FastAPI(title="pocketlm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.include_router(_api_routes(service))
+    for api in (ollama, anthropic, tokens):  # the other APIs it speaks, on the same engine
+        app.include_router(api.router(service))
     openapi.describe(app)
     if service.limits.cors_origin:  # only the origin asked for; none by default
         app.add_middleware(

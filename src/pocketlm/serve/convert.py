@@ -250,6 +250,7 @@ class Choice:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
     def add(self, event: Event) -> None:
         self.text.append(event.text)
@@ -260,7 +261,7 @@ class Choice:
         if event.prompt_logprobs is not None:
             self.prompt_logprobs = event.prompt_logprobs
         if event.finish_reason is not None:
-            self.finish_reason = event.finish_reason
+            self.finish_reason, self.stop_sequence = event.finish_reason, event.stop_sequence
             self.prompt_tokens, self.completion_tokens = (
                 event.prompt_tokens,
                 event.completion_tokens,

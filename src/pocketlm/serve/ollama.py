@@ -333,33 +333,42 @@ Route = Callable[[Request], Awaitable[object]]
 def router(service: Served) -> APIRouter:
     """The /api routes; with --api-key they want 'Authorization: Bearer <key>' too."""
     router = APIRouter(prefix="/api")
-
-    def route(handler: Route) -> Route:
-        @functools.wraps(handler)
-        async def answer(request: Request) -> object:
-            try:
-                key = service.api_key
-                if key and request.headers.get("authorization") != f"Bearer {key}":
-                    raise ApiError("incorrect or missing API key", status=401)
-                return await handler(request)
-            except ApiError as error:
-                return JSONResponse(
-                    {"error": error.message}, status_code=error.status, headers=error.headers
-                )
-
-        return answer
-
-    @functools.cache
-    def card() -> ModelCard:
-        return describe(service.lm.path, name=service.name)
-
-    router.post("/generate", response_model=None)(route(functools.partial(_generate, service)))
-    router.post("/chat", response_model=None)(route(functools.partial(_chat, service)))
-    router.post("/embed", response_model=None)(route(functools.partial(_embed, service)))
+    route = functools.partial(_answering_errors, service)
+    for path, handler in (("/generate", _generate), ("/chat", _chat), ("/embed", _embed)):
+        router.post(path, response_model=None)(route(functools.partial(handler, service)))
 
     @router.get("/version")
     async def version() -> dict:
         return {"version": metadata.version("pocketlm")}
+
+    _model_routes(router, service, route)
+    return router
+
+
+def _answering_errors(service: Served, handler: Route) -> Route:
+    """`handler` behind the API key, its ApiErrors answered in Ollama's shape."""
+
+    @functools.wraps(handler)
+    async def answer(request: Request) -> object:
+        try:
+            key = service.api_key
+            if key and request.headers.get("authorization") != f"Bearer {key}":
+                raise ApiError("incorrect or missing API key", status=401)
+            return await handler(request)
+        except ApiError as error:
+            return JSONResponse(
+                {"error": error.message}, status_code=error.status, headers=error.headers
+            )
+
+    return answer
+
+
+def _model_routes(router: APIRouter, service: Served, route: Callable[[Route], Route]) -> None:
+    """/api/tags, /api/ps and /api/show: the one model, from its card (read once)."""
+
+    @functools.cache
+    def card() -> ModelCard:
+        return describe(service.lm.path, name=service.name)
 
     @router.get("/tags", response_model=None)
     @route
@@ -390,8 +399,6 @@ def router(service: Served) -> APIRouter:
             "capabilities": ["completion"],
             "modified_at": _mtime(card()),
         }
-
-    return router
 
 
 def _mtime(card: ModelCard) -> str:
@@ -440,8 +447,7 @@ async def _run(
     *,
     chat: bool,
 ) -> object:
-    """Generate for /api/generate (`chat` False: text in "response", the token ids in
-    "context") or /api/chat (text in "message"); one JSON answer or an NDJSON stream."""
+    """Generate for /api/generate or /api/chat: one JSON answer or an NDJSON stream."""
     ids, budget = fit(
         ids, body.options, truncate=body.truncate, context_length=service.context_length
     )
@@ -453,42 +459,52 @@ async def _run(
             body.options, extra_stops=extra, budget=budget, vocab_size=service.vocab_size
         ),
     )
-    clock = Clock()
+    answer = _Answer(service.name, ids, chat=chat)
     jobs.submit()
-
-    def piece(text: str) -> dict:
-        if chat:
-            return {"message": {"role": "assistant", "content": text}}
-        return {"response": text}
-
-    def last(choice: convert.Choice) -> dict:
-        extra = {} if chat else {"context": ids + choice.tokens}
-        totals = clock.totals(prompt_tokens=len(ids), tokens=choice.completion_tokens)
-        return {"done_reason": done_reason(choice.finish_reason), **extra, **totals}
-
-    meta = {"model": service.name}
     if body.stream is False:
-        choice = await _gather(jobs, request, clock)
-        return {**meta, "created_at": now(), **piece("".join(choice.text)), "done": True,
-                **last(choice)}  # fmt: skip
+        choice = await _gather(jobs, request, answer.clock)
+        return answer.line("".join(choice.text), last=choice)
+    return StreamingResponse(_lines(jobs, answer), media_type="application/x-ndjson")
 
-    async def lines() -> AsyncIterator[bytes]:
-        choice = convert.Choice(0)
-        try:
-            async for _, event in jobs.events():
-                clock.tick(len(choice.tokens))
-                choice.add(event)
-                if failure := convert.engine_failure(event.finish_reason, timeout=service.timeout):
-                    raise failure
-                if event.text:
-                    yield ndjson({**meta, "created_at": now(), **piece(event.text), "done": False})
-            yield ndjson({**meta, "created_at": now(), **piece(""), "done": True, **last(choice)})
-        except ApiError as error:  # after the headers went out: an error line, then stop
-            yield ndjson({"error": error.message})
-        finally:
-            jobs.cancel()
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+class _Answer:
+    """The lines of one answer: /api/generate's text in "response" and the conversation's
+    token ids in "context" on the last line, /api/chat's in "message"."""
+
+    def __init__(self, model: str, ids: list[int], *, chat: bool) -> None:
+        self.model, self.ids, self.chat = model, ids, chat
+        self.clock = Clock()
+
+    def line(self, text: str, *, last: convert.Choice | None = None) -> dict:
+        line = {"model": self.model, "created_at": now()}
+        if self.chat:
+            line["message"] = {"role": "assistant", "content": text}
+        else:
+            line["response"] = text
+        line["done"] = last is not None
+        if last is not None:
+            line["done_reason"] = done_reason(last.finish_reason)
+            if not self.chat:
+                line["context"] = self.ids + last.tokens
+            line |= self.clock.totals(prompt_tokens=len(self.ids), tokens=last.completion_tokens)
+        return line
+
+
+async def _lines(jobs: Jobs, answer: _Answer) -> AsyncIterator[bytes]:
+    choice = convert.Choice(0)
+    try:
+        async for _, event in jobs.events():
+            answer.clock.tick(len(choice.tokens))
+            choice.add(event)
+            if failure := convert.engine_failure(event.finish_reason, timeout=jobs.service.timeout):
+                raise failure
+            if event.text:
+                yield ndjson(answer.line(event.text))
+        yield ndjson(answer.line("", last=choice))
+    except ApiError as error:  # after the headers went out: an error line, then stop
+        yield ndjson({"error": error.message})
+    finally:
+        jobs.cancel()
 
 
 async def _gather(jobs: Jobs, request: Request, clock: Clock) -> convert.Choice:
