@@ -18,6 +18,10 @@ import pytest
 
 import pocketlm
 from checkpoints import make_gpt2
+from pocketlm.sampling import SamplingParams
+from pocketlm.serve import anthropic as anthropic_api
+from pocketlm.serve import ollama as ollama_api
+from pocketlm.serve.schemas import ApiError, parse
 from test_serve_api import Server
 
 MODEL = "tiny"
@@ -71,6 +75,8 @@ def test_ollama_generate_and_chat_streamed_and_not(lm, olla):
     assert (r.response, r.done, r.done_reason) == (expected.text, True, "length")
     assert (r.prompt_eval_count, r.eval_count) == (len(ids), 8)
     assert list(r.context) == ids + expected.tokens and r.total_duration > 0
+    more = olla.generate(model=MODEL, prompt=" And", context=r.context, raw=True, options=options)
+    assert more.response == greedy(lm, r.context + lm.tokenizer.encode(" And"), 8).text
     parts = list(
         olla.generate(
             model=MODEL, prompt="The dog", system="Be brief.", options=options, stream=True
@@ -305,3 +311,47 @@ def test_openai_over_context_is_refused_unless_truncation_is_asked(lm, server):
         match=f"prompt has {len(rendered(lm, ('user', prompt)))} tokens; this model's context is 64",
     ):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}])
+
+
+# -- the pure conversions ------------------------------------------------------------------
+
+
+def test_ollama_options_become_engine_params():
+    options = ollama_api.Options
+    assert ollama_api.sampling_params(options(), vocab_size=100) == SamplingParams(
+        temperature=0.8, top_k=40, top_p=0.9
+    )
+    assert ollama_api.sampling_params(options(seed=-1, temperature=0), vocab_size=100) == (
+        SamplingParams(temperature=0.0, top_k=40, top_p=0.9)
+    )
+    ids = list(range(10))
+    with pytest.raises(ApiError, match="prompt has 10 tokens; this model's context is 8 "):
+        ollama_api.fit(ids, options(num_ctx=8), truncate=False, context_length=64)
+    assert ollama_api.fit(ids, options(num_ctx=8), truncate=True, context_length=64) == (ids[3:], 1)
+    assert ollama_api.fit(ids, options(num_predict=5), truncate=True, context_length=12) == (
+        ids[3:],
+        5,
+    )
+    assert ollama_api.fit(ids, options(num_ctx=999), truncate=False, context_length=16) == (ids, 6)
+    body = parse(ollama_api.ChatRequest, b'{"model": "m", "options": null}')
+    assert body.options == options() and body.stream is None
+    for bad in ({"format": "json"}, {"think": True}, {"options": {"mirostat": 2}}):
+        with pytest.raises(ApiError, match="not supported|does not support"):
+            ollama_api.refuse_unsupported(ollama_api.ChatRequest(**bad))
+
+
+def test_anthropic_stop_reasons_errors_and_content_blocks():
+    stop_reason = anthropic_api.stop_reason
+    assert stop_reason("stop", None, ["###"]) == ("end_turn", None)  # end-of-text
+    assert stop_reason("stop", "\nUser:", ["###"]) == ("end_turn", None)  # the harness's turn
+    assert stop_reason("stop", "###", ["###"]) == ("stop_sequence", "###")
+    assert stop_reason("length", None, None) == ("max_tokens", None)
+    assert anthropic_api.error_body(ApiError("busy", status=429)) == {
+        "type": "error",
+        "error": {"type": "rate_limit_error", "message": "busy"},
+    }
+    assert anthropic_api.error_body(ApiError("x", status=504))["error"]["type"] == "api_error"
+    blocks = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    assert anthropic_api.text_of(blocks, where="messages.0") == "ab"
+    with pytest.raises(ApiError, match="messages.0.content.1: only text content blocks"):
+        anthropic_api.text_of([blocks[0], {"type": "image"}], where="messages.0")
