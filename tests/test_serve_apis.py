@@ -118,9 +118,7 @@ def test_ollama_options_seed_stop_and_limits(lm, olla, server):
     ) as info:
         olla.generate(model=MODEL, prompt=long, raw=True)
     assert info.value.status_code == 400
-    with pytest.raises(
-        ollama.ResponseError, match=f"prompt has {len(ids)} tokens; this model's context is 8 "
-    ):
+    with pytest.raises(ollama.ResponseError, match=f"prompt has {len(ids)} tokens; num_ctx is 8 "):
         olla.generate(model=MODEL, prompt="Once upon", options={"num_ctx": 8})
     with pytest.raises(
         ollama.ResponseError, match=f"num_predict is 100, .* at most {64 - len(ids)}"
@@ -325,7 +323,7 @@ def test_ollama_options_become_engine_params():
         SamplingParams(temperature=0.0, top_k=40, top_p=0.9)
     )
     ids = list(range(10))
-    with pytest.raises(ApiError, match="prompt has 10 tokens; this model's context is 8 "):
+    with pytest.raises(ApiError, match="prompt has 10 tokens; num_ctx is 8 "):
         ollama_api.fit(ids, options(num_ctx=8), truncate=False, context_length=64)
     assert ollama_api.fit(ids, options(num_ctx=8), truncate=True, context_length=64) == (ids[3:], 1)
     assert ollama_api.fit(ids, options(num_predict=5), truncate=True, context_length=12) == (

@@ -191,16 +191,17 @@ def token_budget(
     context_length: int,
     param: str = "max_tokens",
     hint: str = TRUNCATE_HINT,
+    window: str = "this model's context",
 ) -> int:
     """New tokens allowed: `max_tokens`, or all the room left when None. The prompt plus
-    the budget must fit the context window: a request that does not is refused with the
-    numbers, never cut quietly (`truncate_prompt` is the opt-in)."""
+    the budget must fit the context window (called `window` in the messages): a request
+    that does not is refused with the numbers, never cut quietly (`truncate_prompt` is
+    the opt-in)."""
     room = context_length - prompt_tokens
     if room < 1:
         full = "" if room < 0 else ", which leaves no room for a reply"
         raise ApiError(
-            f"prompt has {prompt_tokens:,} tokens; this model's context is "
-            f"{context_length:,}{full} ({hint})",
+            f"prompt has {prompt_tokens:,} tokens; {window} is {context_length:,}{full} ({hint})",
             param="messages" if param != "max_tokens" else "prompt",
             code="context_length_exceeded",
         )
@@ -208,8 +209,8 @@ def token_budget(
         return room
     if max_tokens > room:
         raise ApiError(
-            f"{param} is {max_tokens:,}, but the prompt has {prompt_tokens:,} tokens and this "
-            f"model's context is {context_length:,}: {param} can be at most {room:,}",
+            f"{param} is {max_tokens:,}, but the prompt has {prompt_tokens:,} tokens and "
+            f"{window} is {context_length:,}: {param} can be at most {room:,}",
             param=param,
             code="context_length_exceeded",
         )

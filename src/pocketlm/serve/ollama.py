@@ -93,7 +93,7 @@ class GenerateRequest(_Generating):
 
 class Message(_Wire):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
+    content: str | None = None
     images: list[str] | None = None
     tool_calls: list[dict] | None = None
     thinking: str | None = None
@@ -197,6 +197,7 @@ def fit(
         context_length=window,
         param="num_predict",
         hint=TRUNCATE_HINT,
+        window="this model's context" if window == context_length else "num_ctx",
     )
     return ids, budget
 
@@ -235,7 +236,7 @@ def chat_messages(body: ChatRequest, service: Served) -> list[ChatMessage]:
             raise ApiError(f"'{service.name}' does not support images")
         if m.tool_calls:
             raise ApiError("tool calls are not supported yet")
-    return [ChatMessage(role=m.role, content=m.content) for m in body.messages]
+    return [ChatMessage(role=m.role, content=m.content or "") for m in body.messages]
 
 
 def params(
