@@ -29,7 +29,7 @@ from pydantic import Field
 from pocketlm.generate.params import GenerationParams
 from pocketlm.serve import convert
 from pocketlm.serve.jobs import Jobs, Served, collect, read_body
-from pocketlm.serve.schemas import ApiError, ChatMessage, _Wire, parse
+from pocketlm.serve.schemas import ApiError, ChatMessage, SamplingKnobs, _Wire, parse
 
 # HTTP status -> Anthropic's error type
 ERROR_TYPES = {
@@ -129,25 +129,10 @@ def generation_params(
     if any(not s for s in stops):
         raise ApiError("stop_sequences must not be empty strings")
     sampling = convert.sampling_params(
-        _Knobs(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k),
+        SamplingKnobs(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k),
         vocab_size=vocab_size,
     )
     return GenerationParams(sampling, max_tokens=budget, stop=(*stops, *extra_stops))
-
-
-class _Knobs(_Wire):
-    """The sampling fields `convert.sampling_params` reads; Anthropic's default
-    temperature is 1, as OpenAI's."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
 
 
 # -- engine -> answers --------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pocketlm.serve.schemas import (
     ChatMessage,
     CompletionRequest,
     ResponseFormat,
+    SamplingKnobs,
 )
 from pocketlm.serve.tools import plain_messages
 from pocketlm.tokenizer import Tokenizer
@@ -37,7 +38,7 @@ from pocketlm.tokenizer import Tokenizer
 
 
 def sampling_params(
-    request: CompletionRequest | ChatCompletionRequest, *, vocab_size: int
+    request: CompletionRequest | ChatCompletionRequest | SamplingKnobs, *, vocab_size: int
 ) -> SamplingParams:
     """SamplingParams from a request. OpenAI's defaults: temperature 1, top_p 1."""
     bias = {}

@@ -33,7 +33,7 @@ from pocketlm.generate.params import GenerationParams
 from pocketlm.sampling import SamplingParams
 from pocketlm.serve import convert
 from pocketlm.serve.jobs import Jobs, Served, read_body
-from pocketlm.serve.schemas import ApiError, ChatMessage, _Wire, parse
+from pocketlm.serve.schemas import ApiError, ChatMessage, SamplingKnobs, _Wire, parse
 from pocketlm.weights.card import ModelCard, describe, human_count
 
 TRUNCATE_HINT = 'shorten it, or send "truncate": true to keep only its last tokens'
@@ -161,21 +161,7 @@ def sampling_params(options: Options, *, vocab_size: int) -> SamplingParams:
         logit_bias=None,
         seed=options.seed if options.seed is not None and options.seed >= 0 else None,
     )
-    return convert.sampling_params(_Knobs(**knobs), vocab_size=vocab_size)
-
-
-class _Knobs(_Wire):
-    """The sampling fields `convert.sampling_params` reads, under OpenAI's names."""
-
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    return convert.sampling_params(SamplingKnobs(**knobs), vocab_size=vocab_size)
 
 
 def _default(value, fallback):  # noqa: ANN001, ANN202 - a typed `or` that keeps 0

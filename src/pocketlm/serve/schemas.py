@@ -79,6 +79,22 @@ class _Sampling(_Wire):
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
 
 
+class SamplingKnobs(_Wire):
+    """The sampling options under OpenAI's names, unchecked: what the other APIs the server
+    speaks (Ollama's, Anthropic's) map their own options onto for
+    `convert.sampling_params`, which checks them."""
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+
+
 class CompletionRequest(_Sampling):
     """POST /v1/completions. A prompt is text, a list of texts, token ids or lists of ids."""
 
