@@ -153,6 +153,8 @@ def test_ollama_embed_tags_show_ps_version(lm, olla, server):
     with pytest.raises(ollama.ResponseError, match="has 71 tokens; this model.s context is 64"):
         olla.embed(model=MODEL, input="hello " * 70)
     assert len(olla.embed(model=MODEL, input="hello " * 70, truncate=True).embeddings) == 1
+    legacy = olla.embeddings(model=MODEL, prompt="The dog").embedding  # the older route
+    assert legacy == pytest.approx(reference.data[1].embedding, abs=1e-6)
     (listed,) = olla.list().models
     assert listed.model == MODEL and listed.details.family == "gpt2"
     assert listed.details.parameter_size == pocketlm.weights.card.human_count(

@@ -111,6 +111,13 @@ class EmbedRequest(_Optioned):
     dimensions: int | None = Field(default=None, ge=1)
 
 
+class EmbeddingsRequest(_Optioned):
+    """The older /api/embeddings."""
+
+    prompt: str = ""
+    keep_alive: float | str | None = None
+
+
 class ShowRequest(_Wire):
     model: str | None = None
     name: str | None = None  # the older clients' field
@@ -321,7 +328,8 @@ def router(service: Served) -> APIRouter:
     """The /api routes; with --api-key they want 'Authorization: Bearer <key>' too."""
     router = APIRouter(prefix="/api")
     route = functools.partial(_answering_errors, service)
-    for path, handler in (("/generate", _generate), ("/chat", _chat), ("/embed", _embed)):
+    posts = {"/generate": _generate, "/chat": _chat, "/embed": _embed, "/embeddings": _embeddings}
+    for path, handler in posts.items():
         router.post(path, response_model=None)(route(functools.partial(handler, service)))
 
     @router.get("/version")
@@ -516,17 +524,9 @@ async def _embed(service: Served, request: Request) -> dict:
     if body.dimensions is not None:
         raise ApiError("dimensions is not supported: the vectors have the model's width")
     started = time.perf_counter_ns()
-    batches = convert.prompt_ids(body.input, service.tokenizer, vocab_size=service.vocab_size)
-    window = min(body.options.num_ctx or service.context_length, service.context_length)
-    for i, ids in enumerate(batches):
-        if body.truncate:
-            batches[i] = ids = ids[-window:]
-        if len(ids) > window:  # refused with the numbers, as generation is
-            raise ApiError(
-                f"input {i} has {len(ids):,} tokens; this model's context is {window:,} "
-                f"({TRUNCATE_HINT})"
-            )
-    vectors = await run_in_threadpool(service.embed, batches)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    batches = embedding_ids(texts, service, options=body.options, truncate=body.truncate)
+    vectors = await run_in_threadpool(service.embed, batches) if batches else []
     return {
         "model": service.name,
         "embeddings": [normalized(v) for v in vectors],
@@ -534,3 +534,34 @@ async def _embed(service: Served, request: Request) -> dict:
         "load_duration": 0,
         "prompt_eval_count": sum(len(ids) for ids in batches),
     }
+
+
+async def _embeddings(service: Served, request: Request) -> dict:
+    """The older /api/embeddings: one prompt, its vector as the model gives it."""
+    body = parse(EmbeddingsRequest, await read_body(request, service.max_body))
+    model_name(service, body.model)
+    if not body.prompt:
+        return {"embedding": []}
+    batches = embedding_ids([body.prompt], service, options=body.options, truncate=False)
+    (vector,) = await run_in_threadpool(service.embed, batches)
+    return {"embedding": vector}
+
+
+def embedding_ids(
+    texts: list[str], service: Served, *, options: Options, truncate: bool
+) -> list[list[int]]:
+    """Each text's ids within the window (`num_ctx`, at most the model's context): an input
+    that does not fit is refused with the numbers unless `truncate` keeps its last tokens."""
+    if any(not text for text in texts):
+        raise ApiError("an input to embed is empty")
+    batches = service.tokenizer.encode_batch(texts)
+    window = min(options.num_ctx or service.context_length, service.context_length)
+    name = "this model's context" if window == service.context_length else "num_ctx"
+    for i, ids in enumerate(batches):
+        if truncate:
+            batches[i] = ids = ids[-window:]
+        if len(ids) > window:
+            raise ApiError(
+                f"input {i} has {len(ids):,} tokens; {name} is {window:,} ({TRUNCATE_HINT})"
+            )
+    return batches
