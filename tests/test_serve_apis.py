@@ -355,3 +355,24 @@ def test_anthropic_stop_reasons_errors_and_content_blocks():
     assert anthropic_api.text_of(blocks, where="messages.0") == "ab"
     with pytest.raises(ApiError, match="messages.0.content.1: only text content blocks"):
         anthropic_api.text_of([blocks[0], {"type": "image"}], where="messages.0")
+
+
+def test_a_failure_after_the_stream_began_is_an_error_line_or_event(olla, claude, server):
+    server.service.timeout = 0.0  # every request is past its time limit when it is admitted
+    try:
+        with pytest.raises(ollama.ResponseError, match="longer than the server's limit"):
+            list(olla.generate(model=MODEL, prompt="x", stream=True))
+        with pytest.raises(ollama.ResponseError, match="longer than the server's limit") as info:
+            olla.chat(model=MODEL, messages=[{"role": "user", "content": "x"}], stream=False)
+        assert info.value.status_code == 504
+        with pytest.raises(anthropic.APIStatusError, match="longer than the server's limit"):
+            list(
+                claude.messages.create(
+                    model=MODEL,
+                    max_tokens=2,
+                    messages=[{"role": "user", "content": "x"}],
+                    stream=True,
+                )
+            )
+    finally:
+        server.service.timeout = 60
