@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field
 
@@ -207,7 +208,7 @@ def router(service: Served) -> APIRouter:
     async def count_tokens(request: Request) -> dict:
         body = parse(CountTokensRequest, await read_body(request, service.max_body))
         service.check_model(body.model)
-        ids, _ = prompt(body, service)
+        ids, _ = await run_in_threadpool(prompt, body, service)
         return {"input_tokens": len(ids)}
 
     return router
@@ -225,7 +226,8 @@ def _authorize(service: Served, request: Request) -> None:
 async def _messages(service: Served, request: Request) -> object:
     body = parse(MessagesRequest, await read_body(request, service.max_body))
     service.check_model(body.model)
-    ids, extra = prompt(body, service)
+    # The template is code from the model file: rendered (and tokenized) off the loop.
+    ids, extra = await run_in_threadpool(prompt, body, service)
     budget = convert.token_budget(
         prompt_tokens=len(ids),
         max_tokens=body.max_tokens,

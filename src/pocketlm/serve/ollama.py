@@ -418,7 +418,8 @@ async def _generate(service: Served, request: Request) -> object:
     refuse_unsupported(body)
     if not body.prompt and not body.context:
         return _loaded(service, response="")
-    ids, extra = generate_prompt(body, service)
+    # The template is code from the model file: rendered (and tokenized) off the loop.
+    ids, extra = await run_in_threadpool(generate_prompt, body, service)
     return await _run(service, request, body, ids, extra, chat=False)
 
 
@@ -429,7 +430,7 @@ async def _chat(service: Served, request: Request) -> object:
     messages = chat_messages(body, service)
     if not messages:
         return _loaded(service, message={"role": "assistant", "content": ""})
-    ids, extra = convert.chat_prompt(messages, service.tokenizer)
+    ids, extra = await run_in_threadpool(convert.chat_prompt, messages, service.tokenizer)
     return await _run(service, request, body, ids, extra, chat=True)
 
 
@@ -525,7 +526,11 @@ async def _embed(service: Served, request: Request) -> dict:
         raise ApiError("dimensions is not supported: the vectors have the model's width")
     started = time.perf_counter_ns()
     texts = [body.input] if isinstance(body.input, str) else body.input
-    batches = embedding_ids(texts, service, options=body.options, truncate=body.truncate)
+    batches = await run_in_threadpool(
+        functools.partial(embedding_ids, options=body.options, truncate=body.truncate),
+        texts,
+        service,
+    )
     vectors = await run_in_threadpool(service.embed, batches) if batches else []
     return {
         "model": service.name,
@@ -542,7 +547,11 @@ async def _embeddings(service: Served, request: Request) -> dict:
     model_name(service, body.model)
     if not body.prompt:
         return {"embedding": []}
-    batches = embedding_ids([body.prompt], service, options=body.options, truncate=False)
+    batches = await run_in_threadpool(
+        functools.partial(embedding_ids, options=body.options, truncate=False),
+        [body.prompt],
+        service,
+    )
     (vector,) = await run_in_threadpool(service.embed, batches)
     return {"embedding": vector}
 

@@ -14,6 +14,7 @@ Knows nothing of how tokens are computed beyond the tokenizer.
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import Field
 
 from pocketlm.serve import convert
@@ -81,7 +82,7 @@ def router(service: Served) -> APIRouter:
     async def tokenize_route(request: Request) -> dict:
         body = parse(TokenizeRequest, await read_body(request, service.max_body))
         service.check_model(body.model)
-        return tokenize(body, service)
+        return await run_in_threadpool(tokenize, body, service)  # megabytes take seconds
 
     @router.post("/detokenize")
     async def detokenize_route(request: Request) -> dict:
