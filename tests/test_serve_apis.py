@@ -376,3 +376,16 @@ def test_a_failure_after_the_stream_began_is_an_error_line_or_event(olla, claude
             )
     finally:
         server.service.timeout = 60
+
+
+def test_api_key_guards_ollama_and_tokenize_too(server):
+    server.service.api_key = "sesame"
+    try:
+        with pytest.raises(ollama.ResponseError, match="API key") as info:
+            ollama.Client(host=server.url).list()
+        assert info.value.status_code == 401
+        keyed = ollama.Client(host=server.url, headers={"Authorization": "Bearer sesame"})
+        assert keyed.list().models[0].model == MODEL
+        assert httpx.post(f"{server.url}/tokenize", json={"content": "x"}).status_code == 401
+    finally:
+        server.service.api_key = None
