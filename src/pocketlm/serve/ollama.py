@@ -140,7 +140,7 @@ def refuse_unsupported(body: _Generating) -> None:
             "pocketlm has no constrained decoding to guarantee it"
         )
     if body.think not in (None, False):
-        raise ApiError(f"'{body.model}' does not support thinking")
+        raise ApiError("this model does not support thinking")
     if body.logprobs:
         raise ApiError("logprobs are not supported on the Ollama API; use /v1/chat/completions")
     options = body.options
