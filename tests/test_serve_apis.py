@@ -21,6 +21,7 @@ from checkpoints import make_gpt2
 from pocketlm.sampling import SamplingParams
 from pocketlm.serve import anthropic as anthropic_api
 from pocketlm.serve import ollama as ollama_api
+from pocketlm.serve import ollama_schemas
 from pocketlm.serve.schemas import ApiError, parse
 from test_serve_api import Server
 
@@ -317,7 +318,7 @@ def test_openai_over_context_is_refused_unless_truncation_is_asked(lm, server):
 
 
 def test_ollama_options_become_engine_params():
-    options = ollama_api.Options
+    options = ollama_schemas.Options
     assert ollama_api.sampling_params(options(), vocab_size=100) == SamplingParams(
         temperature=0.8, top_k=40, top_p=0.9
     )
@@ -333,11 +334,11 @@ def test_ollama_options_become_engine_params():
         5,
     )
     assert ollama_api.fit(ids, options(num_ctx=999), truncate=False, context_length=16) == (ids, 6)
-    body = parse(ollama_api.ChatRequest, b'{"model": "m", "options": null}')
+    body = parse(ollama_schemas.ChatRequest, b'{"model": "m", "options": null}')
     assert body.options == options() and body.stream is None
     for bad in ({"format": "json"}, {"think": True}, {"options": {"mirostat": 2}}):
         with pytest.raises(ApiError, match="not supported|does not support"):
-            ollama_api.refuse_unsupported(ollama_api.ChatRequest(**bad))
+            ollama_api.refuse_unsupported(ollama_schemas.ChatRequest(**bad))
 
 
 def test_anthropic_stop_reasons_errors_and_content_blocks():
