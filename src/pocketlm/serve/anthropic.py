@@ -29,6 +29,7 @@ from pydantic import Field
 
 from pocketlm.generate.params import GenerationParams
 from pocketlm.serve import convert
+from pocketlm.serve.guard import authorized
 from pocketlm.serve.jobs import Jobs, Served, collect, read_body
 from pocketlm.serve.schemas import ApiError, ChatMessage, SamplingKnobs, _Wire, parse
 
@@ -100,6 +101,9 @@ def prompt(body: CountTokensRequest, service: Served) -> tuple[list[int], tuple[
     over the system prompt and messages; a last assistant message is continued."""
     if body.tools:
         raise ApiError("tools (tool use) are not supported yet")
+    texts = [text_of(m.content, where=f"messages.{i}") for i, m in enumerate(body.messages)]
+    # too many bytes to fit: refused before rendering and tokenizing
+    service.check_prompt_bytes(["".join(texts)], param="messages")
     messages = []
     if body.system:
         messages.append(ChatMessage(role="system", content=text_of(body.system, where="system")))
@@ -215,10 +219,9 @@ def router(service: Served) -> APIRouter:
 
 
 def _authorize(service: Served, request: Request) -> None:
-    key = service.api_key
-    if key and key not in (
-        request.headers.get("x-api-key"),
-        request.headers.get("authorization", "").removeprefix("Bearer "),
+    key, given = service.api_key, request.headers.get("x-api-key")
+    if not authorized(request.headers.get("authorization"), key) and not (
+        given is not None and authorized(f"Bearer {given}", key)
     ):
         raise ApiError("incorrect or missing API key: send it in 'x-api-key'", status=401)
 

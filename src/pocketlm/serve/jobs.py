@@ -38,7 +38,11 @@ class Served(Protocol):
 
     def check_model(self, model: str | None) -> None: ...
 
+    embedder: Any  # pocketlm.serve.embedder.Embedder: embeddings, queued and capped
+
     def embed(self, batches: list[list[int]]) -> list[list[float]]: ...
+
+    def check_prompt_bytes(self, texts: list, param: str = "prompt") -> None: ...
 
 
 class Jobs:

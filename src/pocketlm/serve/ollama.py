@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pocketlm.generate.params import GenerationParams
 from pocketlm.sampling import SamplingParams
 from pocketlm.serve import convert
+from pocketlm.serve.guard import authorized
 from pocketlm.serve.jobs import Jobs, Served, read_body
 from pocketlm.serve.ollama_schemas import (
     ChatRequest,
@@ -267,8 +268,7 @@ def _answering_errors(service: Served, handler: Route) -> Route:
     @functools.wraps(handler)
     async def answer(request: Request) -> object:
         try:
-            key = service.api_key
-            if key and request.headers.get("authorization") != f"Bearer {key}":
+            if not authorized(request.headers.get("authorization"), service.api_key):
                 raise ApiError("incorrect or missing API key", status=401)
             return await handler(request)
         except ApiError as error:
@@ -339,6 +339,8 @@ async def _generate(service: Served, request: Request) -> object:
     refuse_unsupported(body)
     if not body.prompt and not body.context:
         return _loaded(service, response="")
+    if not body.truncate:  # too many bytes to fit: refused before tokenizing
+        service.check_prompt_bytes([body.prompt])
     # The template is code from the model file: rendered (and tokenized) off the loop.
     ids, extra = await run_in_threadpool(generate_prompt, body, service)
     return await _run(service, request, body, ids, extra, chat=False)
@@ -351,6 +353,8 @@ async def _chat(service: Served, request: Request) -> object:
     messages = chat_messages(body, service)
     if not messages:
         return _loaded(service, message={"role": "assistant", "content": ""})
+    if not body.truncate:  # too many bytes to fit: refused before tokenizing
+        service.check_prompt_bytes(["".join(m.content for m in messages)], param="messages")
     ids, extra = await run_in_threadpool(convert.chat_prompt, messages, service.tokenizer)
     return await _run(service, request, body, ids, extra, chat=True)
 
@@ -452,7 +456,7 @@ async def _embed(service: Served, request: Request) -> dict:
         texts,
         service,
     )
-    vectors = await run_in_threadpool(service.embed, batches) if batches else []
+    vectors = await _vectors(service, request, batches) if batches else []
     return {
         "model": service.name,
         "embeddings": [normalized(v) for v in vectors],
@@ -473,8 +477,18 @@ async def _embeddings(service: Served, request: Request) -> dict:
         [body.prompt],
         service,
     )
-    (vector,) = await run_in_threadpool(service.embed, batches)
+    (vector,) = await _vectors(service, request, batches)
     return {"embedding": vector}
+
+
+async def _vectors(
+    service: Served, request: Request, batches: list[list[int]]
+) -> list[list[float]]:
+    """The vectors, through the server's embeddings queue (its caps, time limit and
+    cancellation when the client goes away)."""
+    return await service.embedder.run(
+        batches, timeout=service.timeout, disconnected=request.is_disconnected
+    )
 
 
 def embedding_ids(
@@ -484,6 +498,8 @@ def embedding_ids(
     that does not fit is refused with the numbers unless `truncate` keeps its last tokens."""
     if any(not text for text in texts):
         raise ApiError("an input to embed is empty")
+    if not truncate:  # too many bytes to fit: refused before tokenizing
+        service.check_prompt_bytes(texts, param="input")
     batches = service.tokenizer.encode_batch(texts)
     window = min(options.num_ctx or service.context_length, service.context_length)
     name = "this model's context" if window == service.context_length else "num_ctx"
