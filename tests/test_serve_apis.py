@@ -7,6 +7,7 @@ template. Expected outputs come from `pocketlm.LM.generate` (the B=1 path, itsel
 against transformers) on the prompt the template renders, and from the OpenAI routes
 (checked in test_serve_api.py) for embeddings."""
 
+import json
 import math
 from importlib import metadata
 
@@ -137,8 +138,6 @@ def test_ollama_options_seed_stop_and_limits(lm, olla, server):
     cut = httpx.post(f"{server.url}/api/generate", json=body, timeout=60).json()
     full = lm.tokenizer.encode(long)
     assert cut["prompt_eval_count"] == 60 and cut["response"] == greedy(lm, full[-60:], 4).text
-    with pytest.raises(ollama.ResponseError, match="not supported yet"):
-        olla.generate(model=MODEL, prompt="x", format="json")
     with pytest.raises(ollama.ResponseError, match="does not exist") as info:
         olla.generate(model="llama3", prompt="x")
     assert info.value.status_code == 404
@@ -336,7 +335,7 @@ def test_ollama_options_become_engine_params():
     assert ollama_api.fit(ids, options(num_ctx=999), truncate=False, context_length=16) == (ids, 6)
     body = parse(ollama_schemas.ChatRequest, b'{"model": "m", "options": null}')
     assert body.options == options() and body.stream is None
-    for bad in ({"format": "json"}, {"think": True}, {"options": {"mirostat": 2}}):
+    for bad in ({"think": True}, {"options": {"mirostat": 2}}):
         with pytest.raises(ApiError, match="not supported|does not support"):
             ollama_api.refuse_unsupported(ollama_schemas.ChatRequest(**bad))
 
@@ -390,3 +389,43 @@ def test_api_key_guards_ollama_and_tokenize_too(server):
         assert httpx.post(f"{server.url}/tokenize", json={"content": "x"}).status_code == 401
     finally:
         server.service.api_key = None
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["ok", "n"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_outputs_through_ollama_format_and_anthropic_output_config(
+    lm, olla, claude, server
+):
+    ids = rendered(lm, ("user", "Answer in JSON."))
+    expected = greedy(lm, ids, 24, schema=SCHEMA)
+    assert expected.finish_reason == "stop" and set(json.loads(expected.text)) == {"ok", "n"}
+    options = {"temperature": 0, "num_predict": 24}
+    r = olla.chat(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Answer in JSON."}],
+        format=SCHEMA,
+        options=options,
+    )
+    assert r.message.content == expected.text and r.done_reason == "stop"
+    anything = olla.generate(model=MODEL, prompt="Answer in JSON.", format="json", options=options)
+    assert anything.response == greedy(lm, ids, 24, schema={"type": "object"}).text
+    m = claude.messages.create(
+        model=MODEL,
+        max_tokens=24,
+        extra_body={"temperature": 0},
+        messages=[{"role": "user", "content": "Answer in JSON."}],
+        output_config={"format": {"type": "json_schema", "schema": SCHEMA}},
+    )
+    assert m.content[0].text == expected.text and m.stop_reason == "end_turn"
+    bad = httpx.post(
+        f"{server.url}/api/generate",
+        timeout=30,
+        json={"model": MODEL, "prompt": "x", "format": "yaml", "stream": False},
+    )
+    assert bad.status_code == 400 and "format must be" in bad.json()["error"]

@@ -9,7 +9,8 @@ message_delta, message_stop. `stop_reason` is end_turn (the model ended its turn
 max_tokens, or stop_sequence (with the `stop_sequence` that matched). Failures come in
 Anthropic's shape, {"type": "error", "error": {"type", "message"}}; a failure after a
 stream has begun is an `error` event. A last assistant message is continued (Anthropic's
-"prefill"). Tools are refused with a clear 400 until the engine has tool calling.
+"prefill"). `output_config.format` (a JSON schema) is enforced by the engine's
+constrained decoding. Tools are refused with a clear 400 until the engine has tool calling.
 Knows nothing of how tokens are computed. (docs.anthropic.com: Messages, Streaming
 Messages, Errors.)
 """
@@ -27,6 +28,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field
 
+from pocketlm.errors import PocketLMError
+from pocketlm.generate.constraint import Grammar
 from pocketlm.generate.params import GenerationParams
 from pocketlm.serve import convert
 from pocketlm.serve.guard import authorized
@@ -75,7 +78,8 @@ class MessagesRequest(CountTokensRequest):
     metadata: dict | None = None
     tool_choice: dict | None = None
     thinking: dict | None = None
-    output_config: dict | None = None  # {"format": ...} (structured outputs) is refused
+    # {"format": {"type": "json_schema", "schema": {...}}}: structured outputs
+    output_config: dict | None = None
 
 
 # -- requests -> engine -------------------------------------------------------------------------
@@ -123,11 +127,6 @@ def prompt(body: CountTokensRequest, service: Served) -> tuple[list[int], tuple[
 def generation_params(
     body: MessagesRequest, *, budget: int, extra_stops: tuple[str, ...], vocab_size: int
 ) -> GenerationParams:
-    if body.output_config and body.output_config.get("format"):
-        raise ApiError(
-            "output_config.format (structured outputs) is not supported yet: pocketlm has no "
-            "constrained decoding to guarantee it"
-        )
     if body.thinking and body.thinking.get("type") == "enabled":
         raise ApiError("thinking is not supported by this model")
     stops = tuple(body.stop_sequences or ())
@@ -137,7 +136,25 @@ def generation_params(
         SamplingKnobs(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k),
         vocab_size=vocab_size,
     )
-    return GenerationParams(sampling, max_tokens=budget, stop=(*stops, *extra_stops))
+    grammar = output_grammar((body.output_config or {}).get("format"))
+    return GenerationParams(
+        sampling, max_tokens=budget, stop=(*stops, *extra_stops), grammar=grammar
+    )
+
+
+def output_grammar(format: object) -> Grammar | None:
+    """The grammar of `output_config.format`, {"type": "json_schema", "schema": {...}}: JSON
+    valid under the schema (one the constraint cannot enforce is a 400 naming what it uses)."""
+    if format is None:
+        return None
+    if not (isinstance(format, dict) and format.get("type") == "json_schema"):
+        raise ApiError('output_config.format must be {"type": "json_schema", "schema": {...}}')
+    if not isinstance(format.get("schema"), dict):
+        raise ApiError("output_config.format.schema must be a JSON schema (an object)")
+    try:
+        return Grammar.json_schema(format["schema"])
+    except PocketLMError as error:
+        raise ApiError(f"output_config.format: {error}") from None
 
 
 # -- engine -> answers --------------------------------------------------------------------------

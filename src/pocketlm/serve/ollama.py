@@ -8,7 +8,8 @@ docs/api.md describes them and the official `ollama` Python client reads them. F
 are Ollama's `{"error": "..."}` with the HTTP status; a failure after a stream has begun is
 an `{"error": ...}` line. Where pocketlm differs on purpose: a prompt longer than the
 context (`num_ctx`, at most the model's) is refused with the numbers unless the request
-sends `"truncate": true` -- Ollama cuts it quietly; `keep_alive` is accepted and has no
+sends `"truncate": true` -- Ollama cuts it quietly; `format` ("json" or a JSON schema)
+is enforced by the engine's constrained decoding; `keep_alive` is accepted and has no
 effect (the server holds its one model until it stops). Knows nothing of how tokens are
 computed. Wire schemas in `ollama_schemas.py`. (ollama `server/routes.go`.)
 """
@@ -27,6 +28,8 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from pocketlm.errors import PocketLMError
+from pocketlm.generate.constraint import Grammar
 from pocketlm.generate.params import GenerationParams
 from pocketlm.sampling import SamplingParams
 from pocketlm.serve import convert
@@ -56,11 +59,6 @@ def model_name(service: Served, model: str | None) -> None:
 
 def refuse_unsupported(body: _Generating) -> None:
     """A clear 400 for what pocketlm cannot do yet, rather than quietly ignoring it."""
-    if body.format not in (None, ""):
-        raise ApiError(
-            'format (structured outputs: "json" or a JSON schema) is not supported yet: '
-            "pocketlm has no constrained decoding to guarantee it"
-        )
     if body.think not in (None, False):
         raise ApiError("this model does not support thinking")
     if body.logprobs:
@@ -154,13 +152,34 @@ def chat_messages(body: ChatRequest, service: Served) -> list[ChatMessage]:
     return [ChatMessage(role=m.role, content=m.content or "") for m in body.messages]
 
 
+def format_grammar(format: str | dict | None) -> Grammar | None:
+    """The grammar Ollama's `format` asks for: "json" (any JSON object) or JSON valid under
+    a JSON schema; a schema the constraint cannot enforce is a 400 naming what it uses."""
+    if format in (None, ""):
+        return None
+    if format == "json":
+        return Grammar.json_object()
+    if not isinstance(format, dict):
+        raise ApiError(f'format must be "json" or a JSON schema (got {format!r})')
+    try:
+        return Grammar.json_schema(format)
+    except PocketLMError as error:
+        raise ApiError(f"format: {error}") from None
+
+
 def params(
-    options: Options, *, extra_stops: tuple[str, ...], budget: int, vocab_size: int
+    options: Options,
+    *,
+    extra_stops: tuple[str, ...],
+    budget: int,
+    vocab_size: int,
+    grammar: Grammar | None = None,
 ) -> GenerationParams:
     return GenerationParams(
         sampling_params(options, vocab_size=vocab_size),
         max_tokens=budget,
         stop=(*(options.stop or ()), *extra_stops),
+        grammar=grammar,
     )
 
 
@@ -377,7 +396,11 @@ async def _run(
         0,
         prompt_ids=ids,
         params=params(
-            body.options, extra_stops=extra, budget=budget, vocab_size=service.vocab_size
+            body.options,
+            extra_stops=extra,
+            budget=budget,
+            vocab_size=service.vocab_size,
+            grammar=format_grammar(body.format),
         ),
     )
     answer = _Answer(service.name, ids, chat=chat)
