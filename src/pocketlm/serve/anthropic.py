@@ -10,7 +10,8 @@ max_tokens, or stop_sequence (with the `stop_sequence` that matched). Failures c
 Anthropic's shape, {"type": "error", "error": {"type", "message"}}; a failure after a
 stream has begun is an `error` event. A last assistant message is continued (Anthropic's
 "prefill"). `output_config.format` (a JSON schema) is enforced by the engine's
-constrained decoding. Tools are refused with a clear 400 until the engine has tool calling.
+constrained decoding. Tools are refused with a clear 400 for now: the engine's tool calling
+(serve/tools.py, on the OpenAI route) is not mapped to Anthropic's tool_use blocks yet.
 Knows nothing of how tokens are computed. (docs.anthropic.com: Messages, Streaming
 Messages, Errors.)
 """
