@@ -36,25 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)"
     )
-    parser.add_argument(
-        "--api-key",
-        default=None,
-        help="require 'Authorization: Bearer KEY' on /v1 routes and /metrics",
-    )
-    parser.add_argument(
-        "--allowed-hosts",
-        default=None,
-        metavar="NAMES",
-        help="comma-separated host names to accept in the Host header besides localhost and "
-        "loopback addresses (default: only those when bound to loopback; any name otherwise)",
-    )
-    parser.add_argument(
-        "--cors-origin",
-        default=None,
-        metavar="ORIGIN",
-        help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API "
-        "(default: no cross-origin access)",
-    )
+    _add_access_options(parser)
     parser.add_argument(
         "--max-batch",
         type=int,
@@ -89,6 +71,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     common.add_model_options(parser)
     parser.set_defaults(handler=main)
+
+
+def _add_access_options(parser: argparse.ArgumentParser) -> None:
+    """Who may call the server: its key, the Host names it answers, the web origins."""
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 routes and /metrics",
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated host names to accept in the Host header besides localhost and "
+        "loopback addresses (default: only those when bound to loopback; any name otherwise)",
+    )
+    parser.add_argument(
+        "--cors-origin",
+        default=None,
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API "
+        "(default: no cross-origin access)",
+    )
 
 
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
