@@ -12,6 +12,11 @@ machine's load falls on all of them alike:
     Scheduler's worker thread beside the forward pass (the default);
   - json, inline: the same, each row's mask computed when it samples (overlap off).
 The median over rounds is reported; the target is json at most 10% slower than free at 1.
+Then, as a figure that the machine's load moves less: what the constraint adds to one
+token's sampling (mask, apply, accept) against the same Sampler unconstrained, on real
+logits, interleaved token by token, beside the time of one decode step; with one torch
+thread and with --threads (on an overloaded machine, torch splitting a 49k-logit
+elementwise op over 2 threads costs milliseconds of waiting, free or constrained alike).
 
     PYTHONPATH=src python benchmarks/structured.py [--gguf PATH] [--rounds 3] [--dtype fp32]
 """
@@ -29,6 +34,7 @@ import torch
 
 import pocketlm
 from pocketlm.generate.params import GenerationParams
+from pocketlm.generate.request import Sampler
 from pocketlm.sampling import SamplingParams
 from pocketlm.serve.scheduler import Event, Request, Scheduler
 
@@ -71,6 +77,29 @@ def run_round(
     for _ in requests:
         done.acquire()
     return sum(counts), time.perf_counter() - start
+
+
+def sampling_cost(lm, prompt: list[int], *, steps: int = 200) -> tuple[float, float, float]:
+    """Median seconds of one token's sampling, unconstrained and under SCHEMA (the tokens
+    the constrained sampler picks are fed to both), and of one decode step."""
+    session = lm.session()
+    logits = session.sequence.prefill(prompt)
+    free = Sampler(lm.params(temperature=0.7, seed=0), prompt, vocab_size=lm.vocab_size,
+                   device="cpu")  # fmt: skip
+    constrained = Sampler(lm.params(temperature=0.7, seed=0, schema=SCHEMA), prompt,
+                          vocab_size=lm.vocab_size, device="cpu", tokenizer=lm.tokenizer)  # fmt: skip
+    times: dict[str, list[float]] = {"free": [], "json": [], "step": []}
+    for _ in range(steps):
+        start = time.perf_counter()
+        free.step(logits)
+        middle = time.perf_counter()
+        token = constrained.step(logits).token
+        end = time.perf_counter()
+        logits = session.sequence.step(token)
+        times["free"].append(middle - start)
+        times["json"].append(end - middle)
+        times["step"].append(time.perf_counter() - end)
+    return tuple(statistics.median(t) for t in times.values())
 
 
 def main() -> None:
@@ -123,6 +152,13 @@ def main() -> None:
     for n in levels:
         free, json_, inline = (statistics.median(results[(n, v)]) for v in variants)
         print(f"| {n} | {free:.1f} | {json_:.1f} | {inline:.1f} | {json_ / free:.2f} |")
+    for threads in sorted({1, args.threads}):
+        torch.set_num_threads(threads)
+        free, json_, step = sampling_cost(lm, prompt)
+        print(f"\n{threads} thread(s): one token's sampling {free * 1e6:.0f} us free, "
+              f"{json_ * 1e6:.0f} us under the schema (+{(json_ - free) * 1e6:.0f} us); one "
+              f"decode step {step * 1e3:.1f} ms: the constraint adds "
+              f"{(json_ - free) / (step + free):.1%} to a token at batch 1")  # fmt: skip
 
 
 if __name__ == "__main__":
