@@ -34,6 +34,7 @@ def add_structured_options(parser: argparse.ArgumentParser) -> None:
 def structured_options(args: argparse.Namespace) -> dict[str, Any]:
     """{"schema": ...} or {"grammar": ...} from the flags (empty without them), checked."""
     from pocketlm.generate.params import grammar_option  # the engine: only once chosen
+
     if getattr(args, "json", False):
         options: dict[str, Any] = {"schema": {"type": "object"}}
     elif getattr(args, "json_schema", None):
