@@ -163,11 +163,25 @@ def test_python_api_refuses_unsupported_schemas_before_generating(lm):
         lm.generate("x", schema={"type": "object"}, grammar='root ::= "a"')
 
 
-def test_speculative_decoding_keeps_to_the_grammar(lm):
+RATE = [{"role": "user", "content": "Rate the movie Up."}]
+
+
+@pytest.fixture(scope="module")
+def greedy_scores(lm):
+    """A greedy constrained answer through the plain B=1 path."""
+    return lm.generate(lm.tokenizer.render_chat(RATE), schema=SCORES, temperature=0, max_tokens=30)
+
+
+def test_stop_strings_still_cut_a_constrained_answer(lm, greedy_scores):
+    prompt = lm.tokenizer.render_chat(RATE)
+    cut = lm.generate(prompt, schema=SCORES, temperature=0, max_tokens=30, stop=[","])
+    assert cut.text == greedy_scores.text.split(",")[0] and cut.finish_reason == "stop"
+
+
+def test_speculative_decoding_keeps_to_the_grammar(lm, greedy_scores):
     """The draft's proposals are masked and the state rolled back to verify them: greedy
     output equals plain constrained greedy; sampled output validates."""
-    prompt = lm.tokenizer.render_chat([{"role": "user", "content": "Rate the movie Up."}])
-    plain = lm.generate(prompt, schema=SCORES, temperature=0, max_tokens=30)
+    prompt, plain = lm.tokenizer.render_chat(RATE), greedy_scores
     engine = Engine(lm.model, lm.tokenizer)  # the session's shared `lm` keeps no draft
     engine.use_draft(Engine(lm.model, lm.tokenizer), lookahead=3)
     greedy = engine.generate(prompt, schema=SCORES, temperature=0, max_tokens=30)
