@@ -330,20 +330,17 @@ def test_bad_content_length_is_a_json_400(live):
 
 def test_keep_alive_requests_are_not_delayed_by_nagle(live):
     assert bind("127.0.0.1", 0).proto == socket.IPPROTO_TCP
+    # With Nagle's algorithm each keep-alive response after the first waits for a delayed
+    # ACK (~40 ms: 44 ms against 7.6 ms in curl): the accepted sockets must say NODELAY.
     with httpx.Client() as client:
-        times = []
-        for _ in range(11):
-            start = time.perf_counter()
-            client.get(f"{live.url}/health")
-            times.append(time.perf_counter() - start)
+        for _ in range(3):
+            assert client.get(f"{live.url}/health").status_code == 200
         sockets = [
             c.transport.get_extra_info("socket") for c in live.uvicorn.server_state.connections
         ]
         assert sockets and all(
             s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets
         )
-    # With Nagle's algorithm each response after the first waits for a delayed ACK (~40 ms).
-    assert sorted(times[1:])[5] < 0.035, times
 
 
 def test_an_empty_api_key_and_a_bad_origin_are_refused(capsys):
