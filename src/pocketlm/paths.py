@@ -21,6 +21,11 @@ def model_store() -> Path:
     return home() / "models"
 
 
+def runs_dir() -> Path:
+    """Fine-tune runs (`pocketlm finetune --out NAME`): runs/NAME holds the checkpoint."""
+    return home() / "runs"
+
+
 def sessions_dir() -> Path:
     return home() / "sessions"
 

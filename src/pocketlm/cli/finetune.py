@@ -42,6 +42,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="continue the run of --out from its last checkpoint, with its saved settings (only --max-time may change)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model NAME")
+    parser.add_argument(
+        "--export-dtype",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="dtype of the exported weights (default fp32; bf16 halves the folder)",
+    )
     _add_lora_options(parser)
     _add_length_options(parser)
     _add_training_options(parser)
@@ -155,6 +161,8 @@ def parse_duration(text: str | None) -> float | None:
 
 def build_job(args: argparse.Namespace) -> FinetuneJob:
     # pocketlm.train loads torch: imported here, not at the top, so the CLI starts at once
+    import torch
+
     from pocketlm.train.finetune import FinetuneJob
     from pocketlm.train.lora import LoRAConfig
     from pocketlm.train.trainer import TrainConfig
@@ -200,6 +208,9 @@ def build_job(args: argparse.Namespace) -> FinetuneJob:
         device=args.device,
         offline=args.offline,
         run_dir=args.run_dir,
+        export_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            args.export_dtype
+        ],
     )
 
 

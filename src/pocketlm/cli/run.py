@@ -1,4 +1,8 @@
-"""`pocketlm run [MODEL] [PROMPT]`: stream a continuation of PROMPT (or of stdin).
+"""`pocketlm run [MODEL] [PROMPT]`: stream the model's answer to PROMPT (or to stdin).
+
+What PROMPT means follows the model, as `ollama run` does: an instruct model (one with a
+chat template) answers it as one chat turn; a base model continues it. `--raw` continues
+the text as written with any model, and few-shot prompts (`--examples`) are always raw.
 
 With one argument, it is a model when it names one (a path, a stored or known name, an
 org/repo id) and otherwise the prompt for the default model. Printing only.
@@ -53,6 +57,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="few-shot template with {input} and {output} (default 'Q: {input}\\nA: {output}')",
     )
     parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="continue the prompt as written, even with an instruct model (which otherwise "
+        "answers it as a chat turn)",
+    )
+    parser.add_argument(
+        "--system", default=None, metavar="TEXT", help="system prompt of an instruct model's turn"
+    )
+    parser.add_argument(
         "--show-probs", action="store_true", help="colour each token by its probability"
     )
     common.add_model_options(parser, draft=True)
@@ -81,23 +94,24 @@ def main(args: argparse.Namespace) -> int:
     if prompt is None:
         from pocketlm.cli.interactive import run_interactive
 
-        return run_interactive(model_name, args)
+        return run_interactive(model_name, args, mode="completion" if args.raw else None)
     if not prompt.strip():
         raise PocketLMError("the prompt is empty: give some text to continue")
     from pocketlm.cli.interactive import few_shot_from_args, paint
 
     shots = few_shot_from_args(args)  # None without --examples; a bad file fails before loading
     structured = structured_options(args)  # likewise a bad schema or grammar
+    if args.system is not None and (args.raw or shots):
+        raise PocketLMError("--system is for a chat turn: drop it, or drop --raw / --examples")
     lm = common.load_model(model_name, args)
     options = dict(
         max_tokens=args.max_tokens,
         stop=[common.unescape(s) for s in args.stop],
-        truncate=not args.no_truncate,
         logprobs=0 if args.show_probs else None,  # colouring needs each token's
         **common.sampling_kwargs(args),
         **structured,
     )
-    stream = shots.stream(lm, prompt, **options) if shots else lm.stream(prompt, **options)
+    stream = open_stream(lm, prompt, args, shots=shots, options=options)
     stats, first_token_at = None, None
     colour = args.show_probs and common.colour_output(sys.stdout)
     if args.show_probs and not colour:
@@ -113,6 +127,23 @@ def main(args: argparse.Namespace) -> int:
         print_stats(stats)
         print(common.startup_line(args, first_token_at=first_token_at), file=sys.stderr)
     return 0
+
+
+def open_stream(lm, prompt: str, args: argparse.Namespace, *, shots, options: dict):
+    """The chunks of the answer: a chat turn for an instruct model (unless --raw), else
+    the prompt continued as written (few-shot prompts always are)."""
+    if shots is not None:
+        return shots.stream(lm, prompt, truncate=not args.no_truncate, **options)
+    if args.raw or lm.tokenizer.chat_template is None:
+        if args.system is not None:
+            raise PocketLMError(
+                f"{lm.name} has no chat template, so there is no system prompt: drop --system"
+            )
+        return lm.stream(prompt, truncate=not args.no_truncate, **options)
+    from pocketlm.prompting.chat import Conversation
+
+    # A chat turn is never cut from the left: a truncated template would garble the turn.
+    return Conversation(lm, system=args.system).send(prompt, **options)
 
 
 def print_stats(stats) -> None:

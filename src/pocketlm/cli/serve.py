@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from pocketlm.cli import common
 from pocketlm.errors import PocketLMError
+from pocketlm.serve import DEFAULT_MAX_TOKENS
 
 if TYPE_CHECKING:
     from pocketlm.serve.guard import Limits
@@ -51,6 +52,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds a request may take (default 600)"
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        metavar="N",
+        help="new tokens for a request that does not say max_tokens "
+        f"(default {DEFAULT_MAX_TOKENS}; a legacy /v1/completions request: 16, as OpenAI's)",
     )
     parser.add_argument(
         "--cache-ram",
@@ -173,7 +182,7 @@ def request_log(app):  # noqa: ANN001, ANN201 - an ASGI app in, one out
 
 def main(args: argparse.Namespace) -> int:
     common.setup_logging()
-    for flag in ("max_batch", "max_queue"):
+    for flag in ("max_batch", "max_queue", "max_tokens"):
         if getattr(args, flag) < 1:
             raise PocketLMError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.timeout <= 0:
@@ -209,6 +218,7 @@ def main(args: argparse.Namespace) -> int:
             api_key=args.api_key,
             limits=limits(args),
             **({} if args.cache_ram is None else {"cache_ram": args.cache_ram}),
+            max_tokens=args.max_tokens,
         )
     except ValueError as error:
         raise PocketLMError(f"cannot serve this model: {error}") from None

@@ -37,7 +37,7 @@ from pocketlm.features.hidden import embed
 from pocketlm.generate.constraint import Grammar
 from pocketlm.generate.params import GenerationParams
 from pocketlm.sampling import SamplingParams
-from pocketlm.serve import anthropic, convert, ollama, openapi, tokens, tools
+from pocketlm.serve import DEFAULT_MAX_TOKENS, anthropic, convert, ollama, openapi, tokens, tools
 from pocketlm.serve.convert import Choice
 from pocketlm.serve.embedder import Embedder
 from pocketlm.serve.guard import Guard, Limits, authorized
@@ -71,6 +71,7 @@ class Service:
         api_key: str | None = None,
         limits: Limits = Limits(),  # noqa: B008 - frozen, shared safely
         cache_ram: int = DEFAULT_BUDGET,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> None:
         self.lm, self.tokenizer = lm, lm.tokenizer
         # A path's last part names the model ("SmolLM2.gguf"), a hub id stays whole.
@@ -84,6 +85,7 @@ class Service:
         # for megabytes of text).
         longest = max(len(lm.tokenizer.token_bytes(i)) for i in range(lm.tokenizer.vocab_size))
         self.max_prompt_bytes = self.context_length * max(longest, 1)
+        self.max_tokens = max_tokens  # for a request that does not say max_tokens
         if not lm.native and max_batch > 1:
             log.info(
                 "%s runs through transformers, which decodes one sequence at a time: "
@@ -155,6 +157,7 @@ def _completion_jobs(service: Service, body: CompletionRequest) -> tuple[Jobs, l
             prompt_tokens=len(ids),
             max_tokens=body.max_tokens,
             context_length=service.context_length,
+            default=service.max_tokens,
         )
         for i in range(body.n):
             jobs.add(
@@ -202,7 +205,11 @@ def _chat_jobs(
         ids, body.truncate_prompt_tokens, max_tokens=wanted, context_length=service.context_length
     )
     budget = convert.token_budget(
-        prompt_tokens=len(ids), max_tokens=wanted, context_length=service.context_length, param=name
+        prompt_tokens=len(ids),
+        max_tokens=wanted,
+        context_length=service.context_length,
+        param=name,
+        default=service.max_tokens,
     )
     jobs = Jobs(service)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None

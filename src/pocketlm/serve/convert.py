@@ -193,8 +193,10 @@ def token_budget(
     param: str = "max_tokens",
     hint: str = TRUNCATE_HINT,
     window: str = "this model's context",
+    default: int | None = None,
 ) -> int:
-    """New tokens allowed: `max_tokens`, or all the room left when None. The prompt plus
+    """New tokens allowed: `max_tokens`; when None, the server's `default` cut to the room
+    left (all the room left when that is None too). The prompt plus
     the budget must fit the context window (called `window` in the messages): a request
     that does not is refused with the numbers, never cut quietly (`truncate_prompt` is
     the opt-in)."""
@@ -207,7 +209,9 @@ def token_budget(
             code="context_length_exceeded",
         )
     if max_tokens is None:
-        return room
+        # Not the whole window: a client that leaves max_tokens out would otherwise wait
+        # for thousands of tokens (llama.cpp and Ollama cap it too).
+        return room if default is None else min(default, room)
     if max_tokens > room:
         raise ApiError(
             f"{param} is {max_tokens:,}, but the prompt has {prompt_tokens:,} tokens and "

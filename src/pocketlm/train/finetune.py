@@ -45,6 +45,9 @@ class FinetuneJob:
     device: str | None = None
     offline: bool = False
     run_dir: Path | None = None
+    # The exported weights' dtype: training runs in fp32, but bf16 halves the folder (and
+    # is how most checkpoints on the hub are stored).
+    export_dtype: torch.dtype = torch.float32
 
 
 @dataclass
@@ -60,7 +63,7 @@ class FinetuneResult:
 def run_dir_for(job: FinetuneJob) -> Path:
     if job.run_dir is not None:
         return Path(job.run_dir)
-    return paths.home() / "runs" / Path(job.out).name
+    return paths.runs_dir() / Path(job.out).name
 
 
 def finetune(
@@ -180,6 +183,7 @@ def _save_result(
         base=str(job.model),
         overwrite=job.overwrite,
         extra={"steps": trainer.step, "lora": lora, "val_loss": val_loss},
+        dtype=job.export_dtype,
     )
 
 
@@ -238,6 +242,7 @@ def _resumed_job(job: FinetuneJob, run_dir: Path) -> FinetuneJob:
         device=job.device,
         offline=job.offline,
         run_dir=run_dir,
+        export_dtype=job.export_dtype,  # how to write the result is not a training setting
     )
 
 
