@@ -114,6 +114,11 @@ def test_stop_strings_seeds_and_token_budget():
     assert [convert.choice_seed(5, i) for i in range(3)] == [5, 6, 7]
     assert convert.choice_seed(None, 1) is None
     assert convert.token_budget(prompt_tokens=10, max_tokens=None, context_length=16) == 6
+    # The server's default when the request says nothing, cut to the room left.
+    budget = dict(prompt_tokens=10, max_tokens=None, context_length=16)
+    assert convert.token_budget(**budget, default=4) == 4
+    assert convert.token_budget(**budget, default=512) == 6
+    assert convert.token_budget(**{**budget, "max_tokens": 5}, default=4) == 5
     assert convert.token_budget(prompt_tokens=10, max_tokens=6, context_length=16) == 6
     with pytest.raises(
         ApiError, match="max_tokens is 7, but the prompt has 10 tokens.* at most 6"

@@ -97,13 +97,20 @@ def main(args: argparse.Namespace) -> int:
         return run_interactive(model_name, args, mode="completion" if args.raw else None)
     if not prompt.strip():
         raise PocketLMError("the prompt is empty: give some text to continue")
-    from pocketlm.cli.interactive import few_shot_from_args, paint
+    from pocketlm.cli.interactive import few_shot_from_args
 
     shots = few_shot_from_args(args)  # None without --examples; a bad file fails before loading
     structured = structured_options(args)  # likewise a bad schema or grammar
     if args.system is not None and (args.raw or shots):
         raise PocketLMError("--system is for a chat turn: drop it, or drop --raw / --examples")
     lm = common.load_model(model_name, args)
+    return answer(lm, prompt, args, shots=shots)
+
+
+def answer(lm, prompt: str, args: argparse.Namespace, *, shots=None) -> int:  # noqa: ANN001
+    """Stream the answer to `prompt` from the loaded `lm` to stdout, as the options say."""
+    from pocketlm.cli.interactive import paint
+
     options = dict(
         max_tokens=args.max_tokens,
         stop=[common.unescape(s) for s in args.stop],
