@@ -1,7 +1,8 @@
 """The chat page in headless Chromium (Debian's), driven over the DevTools protocol on a
 pipe (--remote-debugging-pipe: NUL-separated JSON on fds 3 and 4, no websocket library):
 type a message, press Enter, watch the reply arrive in several pieces, compare it with the
-greedy reply the API gives, save a screenshot under test-artifacts/, start over."""
+greedy reply the API gives, save a screenshot under test-artifacts/, start over; stop a
+reply as it streams; an error leaves no empty reply bubble."""
 
 import base64
 import json
@@ -116,6 +117,19 @@ class DevTools:
         os.close(self._from_browser)
 
 
+def type_and_press_enter(browser: DevTools, text: str) -> None:
+    browser.call("Input.insertText", text=text)
+    for kind in ("keyDown", "keyUp"):
+        browser.call(
+            "Input.dispatchKeyEvent",
+            type=kind,
+            key="Enter",
+            code="Enter",
+            windowsVirtualKeyCode=13,
+            text="\r" if kind == "keyDown" else "",
+        )
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from checkpoints import make_gpt2
@@ -148,16 +162,7 @@ def test_chat_page_streams_a_reply(server, tmp_path):
             new MutationObserver(() => { window.pieces += 1; }).observe(
                 document.getElementById('log'), {subtree: true, childList: true, characterData: true});
             document.getElementById('input').focus(); })()""")
-        browser.call("Input.insertText", text="Hello there")
-        for kind in ("keyDown", "keyUp"):
-            browser.call(
-                "Input.dispatchKeyEvent",
-                type=kind,
-                key="Enter",
-                code="Enter",
-                windowsVirtualKeyCode=13,
-                text="\r" if kind == "keyDown" else "",
-            )
+        type_and_press_enter(browser, "Hello there")
         browser.wait_for(
             "document.querySelector('.assistant') && document.querySelector('.assistant').dataset.state === 'done'"
         )
@@ -175,3 +180,52 @@ def test_chat_page_streams_a_reply(server, tmp_path):
     finally:
         browser.close()
     assert (ARTIFACTS / "serve_chat_page.png").stat().st_size > 1000
+
+
+def test_stop_keeps_the_words_so_far_and_an_error_leaves_no_empty_bubble(server, tmp_path):
+    browser = DevTools(server.url + "/", tmp_path / "profile")
+    try:
+        browser.attach_to_page()
+        browser.wait_for("document.getElementById('model')?.textContent")
+        # An error: more new tokens than the 512-token window leaves. It is said, and no
+        # empty reply bubble is left behind; the message is marked as not answered.
+        browser.js("""(() => { const t = document.getElementById('temperature'); t.value = '0';
+            t.dispatchEvent(new Event('input'));
+            document.getElementById('max-tokens').value = '100000';
+            document.getElementById('input').focus(); })()""")
+        type_and_press_enter(browser, "Hello there")
+        error = browser.wait_for("document.querySelector('.error')?.textContent")
+        assert "maximum context length is 512 tokens" in error
+        assert browser.js("document.querySelectorAll('.assistant').length") == 0
+        assert browser.js("document.querySelector('.user').classList.contains('unsent')")
+        assert browser.js("document.getElementById('stop').hidden && messages.length === 0")
+        # Stop, pressed as the first words arrive: they stay as the reply, the conversation
+        # goes on from them, and Send is back.
+        browser.js("""(() => { document.getElementById('max-tokens').value = '400';
+            new MutationObserver(() => {
+                const reply = document.querySelector('.assistant');
+                if (reply && reply.textContent && !document.getElementById('stop').hidden)
+                    document.getElementById('stop').click();
+            }).observe(document.getElementById('log'),
+                       {subtree: true, childList: true, characterData: true});
+            document.getElementById('input').focus(); })()""")
+        type_and_press_enter(browser, "Hello there")
+        browser.wait_for("document.querySelector('.assistant')?.dataset.state === 'stopped'")
+        shown = browser.js("document.querySelector('.assistant').textContent")
+        full = server.service.lm.generate(
+            Harness().render(system=None, turns=[], message="Hello there"),
+            max_tokens=400,
+            temperature=0.0,
+            stop=["\nUser:"],
+        ).text
+        assert shown and full.startswith(shown) and len(shown) < len(full)
+        assert browser.js("messages.map((m) => m.role + ':' + m.content)") == [
+            "user:Hello there",
+            "assistant:" + shown,
+        ]
+        assert browser.js(
+            "document.getElementById('stop').hidden && !document.getElementById('send').disabled"
+        )
+        assert browser.js("document.querySelectorAll('.error').length") == 1  # only the first
+    finally:
+        browser.close()
