@@ -41,6 +41,7 @@ COMMANDS = (
     Command("models", "models", "list the model names pocketlm knows (pull or run them by name)"),
     Command("rm", "rm", "remove a model from pocketlm's store"),
     Command("finetune", "finetune", "fine-tune a model on your own text (full or LoRA)"),
+    Command("export", "export", "write a model as a GGUF file (for llama.cpp and Ollama)"),
     Command("score", "score", "per-token log-probabilities of a text, with top-k alternatives"),
     Command("perplexity", "perplexity", "perplexity of a text file (sliding window)"),
     Command("embed", "embed", "hidden states / embeddings of texts, from any layer"),

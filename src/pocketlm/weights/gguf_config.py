@@ -116,7 +116,7 @@ _GRANITE_KEYS = {
 }
 
 
-def _required_keys(arch: str) -> dict[str, str]:
+def required_keys(arch: str) -> dict[str, str]:
     """HF config key -> GGUF key under "{arch}." of the values a file must give."""
     if arch == "gpt2":
         return _GPT2_CONFIG_KEYS
@@ -130,7 +130,7 @@ def _required_keys(arch: str) -> dict[str, str]:
 
 def _llama_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> dict[str, Any]:
     cfg: dict[str, Any] = {"model_type": _MODEL_TYPES.get(arch, arch)}
-    cfg.update({hf: meta.get(f"{arch}.{key}") for hf, key in _required_keys(arch).items()})
+    cfg.update({hf: meta.get(f"{arch}.{key}") for hf, key in required_keys(arch).items()})
     heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
     cfg["num_key_value_heads"] = meta.get(f"{arch}.attention.head_count_kv", heads)
     default_head_dim = hidden // heads if _is_int(heads) and _is_int(hidden) else None
@@ -198,7 +198,7 @@ def _granite_multipliers(meta: dict[str, Any], *, head_dim: Any) -> dict[str, An
 def _neox_config(arch: str, meta: dict[str, Any], *, tensors: TensorTable) -> dict[str, Any]:
     """GPT-NeoX and Falcon: hidden / heads is the head size, q/k/v one fused tensor."""
     cfg: dict[str, Any] = {"model_type": _MODEL_TYPES.get(arch, arch)}
-    cfg.update({hf: meta.get(f"{arch}.{key}") for hf, key in _required_keys(arch).items()})
+    cfg.update({hf: meta.get(f"{arch}.{key}") for hf, key in required_keys(arch).items()})
     heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
     cfg["head_dim"] = hidden // heads if _is_int(heads) and _is_int(hidden) else None
     cfg["rope_theta"] = meta.get(f"{arch}.rope.freq_base", 10000.0)
@@ -417,7 +417,7 @@ def gguf_config(
         config = _neox_config(arch, meta, tensors=tensors)
     else:
         config = _llama_config(arch, meta, tensors=tensors)
-    required = _required_keys(arch)
+    required = required_keys(arch)
     if config["model_type"] in _MOE_TYPES:  # no defaults for the experts either
         local = config["model_type"] in ("mixtral", "gpt_oss")
         experts = "num_local_experts" if local else "num_experts"
