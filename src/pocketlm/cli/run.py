@@ -104,10 +104,12 @@ def main(args: argparse.Namespace) -> int:
     if args.system is not None and (args.raw or shots):
         raise PocketLMError("--system is for a chat turn: drop it, or drop --raw / --examples")
     lm = common.load_model(model_name, args)
-    return answer(lm, prompt, args, shots=shots)
+    return answer(lm, prompt, args, shots=shots, structured=structured)
 
 
-def answer(lm, prompt: str, args: argparse.Namespace, *, shots=None) -> int:  # noqa: ANN001
+def answer(  # noqa: ANN001
+    lm, prompt: str, args: argparse.Namespace, *, shots=None, structured: dict | None = None
+) -> int:
     """Stream the answer to `prompt` from the loaded `lm` to stdout, as the options say."""
     from pocketlm.cli.interactive import paint
 
@@ -116,7 +118,7 @@ def answer(lm, prompt: str, args: argparse.Namespace, *, shots=None) -> int:  # 
         stop=[common.unescape(s) for s in args.stop],
         logprobs=0 if args.show_probs else None,  # colouring needs each token's
         **common.sampling_kwargs(args),
-        **structured,
+        **(structured or {}),
     )
     stream = open_stream(lm, prompt, args, shots=shots, options=options)
     stats, first_token_at = None, None
