@@ -195,7 +195,7 @@ def test_stop_keeps_the_words_so_far_and_an_error_leaves_no_empty_bubble(server,
             document.getElementById('input').focus(); })()""")
         type_and_press_enter(browser, "Hello there")
         error = browser.wait_for("document.querySelector('.error')?.textContent")
-        assert "maximum context length is 512 tokens" in error
+        assert "this model's context is 512" in error
         assert browser.js("document.querySelectorAll('.assistant').length") == 0
         assert browser.js("document.querySelector('.user').classList.contains('unsent')")
         assert browser.js("document.getElementById('stop').hidden && messages.length === 0")

@@ -29,6 +29,7 @@ from pocketlm.serve.app import Service, create_app
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 POCKETLM = str(Path(sys.executable).with_name("pocketlm"))
+LOCAL = "http://127.0.0.1"  # a Host the server accepts (TestClient's own is "testserver")
 
 
 def code_blocks(language: str = "") -> list[str]:
@@ -113,12 +114,14 @@ def tiny_lm(tmp_path_factory):
 def test_a_request_without_max_tokens_gets_the_servers_default(tiny_lm):
     never_end = {"logit_bias": {"50256": -100}, "temperature": 0}  # random weights: no EOS
     chat = {"messages": [{"role": "user", "content": "Hi"}], **never_end}
-    with TestClient(create_app(Service(tiny_lm, name="tiny"))) as client:
+    with TestClient(create_app(Service(tiny_lm, name="tiny")), base_url=LOCAL) as client:
         reply = client.post("/v1/chat/completions", json=chat).json()
         assert reply["usage"]["completion_tokens"] == DEFAULT_MAX_TOKENS == 512
         assert reply["choices"][0]["finish_reason"] == "length"
     expected = tiny_lm.generate("The dog", max_tokens=5, temperature=0, logit_bias={50256: -100})
-    with TestClient(create_app(Service(tiny_lm, name="tiny", max_tokens=5))) as client:
+    with TestClient(
+        create_app(Service(tiny_lm, name="tiny", max_tokens=5)), base_url=LOCAL
+    ) as client:
         assert client.post("/v1/chat/completions", json=chat).json()["usage"] == {
             "prompt_tokens": reply["usage"]["prompt_tokens"],
             "completion_tokens": 5,
