@@ -78,13 +78,14 @@ def test_outputs_equal_with_the_cache_on_and_off(lm, params):
     on, counts = serve(lm, batches, cache_ram=1 << 20, params=params)
     assert on == off
     # The first prompt misses; the other three of the first batch reuse the whole blocks
-    # they share with it (80, 32, 80 tokens); then PROMPTS[1] its 80 again, and the long
-    # prompt the 80 of SYSTEM -- except past the LongRoPE switch, where it misses.
+    # they share with it (80, 32, 80 tokens); then PROMPTS[1], held whole (its tail too),
+    # all but its last token (81), and the long prompt the 80 of SYSTEM -- except past
+    # the LongRoPE switch, where it misses.
     longrope = lm.model.config.rope_switch_length is not None
     assert counts["prefix_cache_misses"] == 1 + longrope
     assert counts["prefix_cache_hits"] == 5 - longrope
-    assert counts["prefix_cache_reused_tokens"] == 80 + 32 + 80 + 80 + (0 if longrope else 80)
-    assert counts["prefix_cache_bytes"] == counts["prefix_cache_blocks"] * _block_bytes(lm)
+    assert counts["prefix_cache_reused_tokens"] == 80 + 32 + 80 + 81 + (0 if longrope else 80)
+    assert counts["prefix_cache_bytes"] % (_block_bytes(lm) // BLOCK) == 0  # partial tails
     assert (
         counts["prompt_tokens"]
         == sum(map(len, [*PROMPTS, *batches[1]])) - counts["prefix_cache_reused_tokens"]
@@ -155,21 +156,25 @@ def _cache(rows=4, slots=128):
 
 
 def test_blocks_round_trip_into_another_row():
-    """A held prefix lands in another row slot for slot: whole blocks are held, and all
-    of them but the prompt's last token (computed for its logits) reused."""
+    """A held prefix lands in another row slot for slot: whole blocks and the tail (a
+    partial block) are held, and all of them but the prompt's last token (computed for its
+    logits) reused; a partial block only serves a prompt that ends where it does."""
     cache, prefix = _cache(), PrefixCache(budget=1 << 20)
-    ids = list(range(100, 170))  # 70 tokens: 4 whole blocks
+    ids = list(range(100, 170))  # 70 tokens: 4 whole blocks and a tail of 6
     prefix.store(ids, cache, 0)
-    assert prefix.stats()["prefix_cache_blocks"] == 4
-    assert prefix.load(ids[:66] + [1], cache, 2) == 64
+    assert prefix.stats()["prefix_cache_blocks"] == 5
+    assert prefix.stats()["prefix_cache_bytes"] == 70 * 2 * 2 * 2 * 4 * 4
+    assert prefix.load(ids[:66] + [1], cache, 2) == 64  # another tail: whole blocks only
     assert prefix.load(ids[:64], cache, 3) == 63  # the 64th token is the prompt's last
+    assert prefix.load(ids, cache, 1) == 69  # held whole, its tail too
     for t in (*cache.k, *cache.v):
         assert torch.equal(t[2, :, :64], t[0, :, :64]) and torch.equal(t[3, :, :63], t[0, :, :63])
         assert not torch.equal(t[3, :, 63], t[0, :, 63])
+        assert torch.equal(t[1, :, :69], t[0, :, :69])
     assert prefix.load([5] + ids, cache, 1) == 0  # a block's key is its whole prefix
     stats = prefix.stats()
-    assert (stats["prefix_cache_hits"], stats["prefix_cache_misses"]) == (2, 1)
-    assert stats["prefix_cache_reused_tokens"] == 64 + 63
+    assert (stats["prefix_cache_hits"], stats["prefix_cache_misses"]) == (3, 1)
+    assert stats["prefix_cache_reused_tokens"] == 64 + 63 + 69
 
 
 def test_least_recently_used_leaves_are_evicted_under_the_budget():
@@ -189,6 +194,14 @@ def test_least_recently_used_leaves_are_evicted_under_the_budget():
     # a1 was used before b's blocks, so it went first, then b's leaf b2; b1 stays
     assert prefix.load(a + [0], cache, 2) == 0
     assert prefix.load(b + [0], cache, 2) == 16
+    # A tail is a leaf, more recent than nothing before it: making room for d's 26 tokens
+    # drops c's tail first, then c2 (a block with a tail after it is no leaf until then).
+    c_tail = c + [7, 8, 9]
+    prefix.store(c_tail, cache, 3)  # c's tail (3 tokens): b1 goes to make room
+    assert prefix.load(c_tail, cache, 2) == len(c_tail) - 1
+    prefix.store(list(range(400, 426)), cache, 0)  # c's tail goes, then c2
+    assert prefix.load(c_tail, cache, 2) == 16
+    assert prefix.stats()["prefix_cache_bytes"] <= 3 * block_bytes
     # A prefix longer than the whole budget keeps what fits of it, from its start.
     prefix.store(list(range(300, 380)), cache, 0)
     assert prefix.stats()["prefix_cache_blocks"] == 3
@@ -236,6 +249,8 @@ def test_smollm2_gives_the_same_tokens_on_and_off(smollm2_lm):
             scheduler.stop()
         got.append([(r.tokens, [e.logprob for e in r.events if e.token is not None]) for r in runs])
     (off_a, off_b), (on_a, on_b) = got
-    assert on_a == off_a and on_b[0] == off_b[0]  # the cold prompt is computed as before
+    # (with the cache on, even a cold prompt's last token is computed in a call of its own)
+    assert on_a[0] == off_a[0] and on_b[0] == off_b[0]
+    assert on_a[1] == pytest.approx(off_a[1], abs=1e-4)
     assert on_b[1] == pytest.approx(off_b[1], abs=1e-4)
     assert counts["prefix_cache_reused_tokens"] == len(shared) // BLOCK * BLOCK

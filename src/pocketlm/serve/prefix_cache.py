@@ -78,9 +78,9 @@ class PrefixCache:
         # A prompt past LongRoPE's switch is rotated with its long factors, the held
         # prefixes with its short ones: nothing held is of use to it.
         long = self.switch is not None and len(ids) > self.switch
-        chain = [] if long else self._chain(ids, len(ids))
+        chain = [] if long else self._chain(ids)
         # as a Session reuses its own cache: all but the last token, computed for its logits
-        n = reusable_prefix(ids[: len(chain) * self.block], ids)
+        n = reusable_prefix(ids[: _tokens(chain)], ids)
         if n == 0:
             self.counters["misses"] += 1
             return 0
@@ -96,34 +96,38 @@ class PrefixCache:
         return n
 
     def store(self, ids: Sequence[int], cache: KVCache, row: int) -> None:
-        """Hold the KV of `ids` (the tokens cache row `row` holds, from slot 0), in whole
-        blocks; the blocks already held are only touched. Blocks that would not fit in the
-        budget beside this prefix are not stored."""
+        """Hold the KV of `ids` (the tokens cache row `row` holds, from slot 0): its whole
+        blocks and its tail (a partial block, a leaf); the blocks already held are only
+        touched, never replaced (the first stored wins, so a prompt sent again finds the KV
+        its first run loaded or computed). What would not fit in the budget beside this
+        prefix is not stored."""
         if self.switch is not None and len(ids) > self.switch:
             return  # rotated with LongRoPE's long factors (see the module docstring)
-        whole = len(ids) // self.block * self.block
-        chain = self._chain(ids, whole)
-        start = len(chain) * self.block
-        per_block = _block_bytes(cache, self.block)
-        new = min((whole - start) // self.block, self.budget // per_block - len(chain))
-        if new > 0:
+        chain = self._chain(ids)
+        start = _tokens(chain)
+        per_token = _block_bytes(cache, 1)
+        # the blocks to add, (first, end) slots, as far as the whole prefix fits the budget
+        spans = [(a, min(a + self.block, len(ids))) for a in range(start, len(ids), self.block)]
+        spans = [(a, b) for a, b in spans if b * per_token <= self.budget]
+        if spans:
+            end = spans[-1][1]
             self._touch(chain)  # so that making room evicts other prefixes first
-            self._evict(self.budget - new * per_block, keep={b.id for b in chain})
-            kv = torch.stack([t[row, :, start : start + new * self.block]
-                              for t in (*cache.k, *cache.v)])  # (2L, H, T, D)  # fmt: skip
+            self._evict(self.budget - (end - start) * per_token, keep={b.id for b in chain})
+            kv = torch.stack([t[row, :, start:end] for t in (*cache.k, *cache.v)])  # (2L, H, T, D)
             parent = chain[-1] if chain else None
-            for j in range(new):
-                a = start + j * self.block
+            for a, b in spans:
                 # a copy of its own, so that evicting the block frees its memory
-                block = kv[:, :, a - start : a - start + self.block].clone()  # (2L, H, BLOCK, D)
-                parent = self._add(tuple(ids[a : a + self.block]), parent, block)
+                block = kv[:, :, a - start : b - start].clone()  # (2L, H, <= BLOCK, D)
+                parent = self._add(tuple(ids[a:b]), parent, block)
                 chain.append(parent)
         self._touch(chain)
 
-    def _chain(self, ids: Sequence[int], n: int) -> list[_Block]:
-        """The held blocks that spell `ids`' first whole blocks within n tokens, first first."""
+    def _chain(self, ids: Sequence[int]) -> list[_Block]:
+        """The held blocks that spell `ids`' start, first first: whole blocks, and the
+        prompt's tail when it is held as a partial block (a held partial block is of use
+        only to a prompt that ends exactly there)."""
         chain: list[_Block] = []
-        for a in range(0, n - self.block + 1, self.block):
+        for a in range(0, len(ids), self.block):
             block = self._blocks.get((chain[-1].id if chain else 0, tuple(ids[a : a + self.block])))
             if block is None:
                 break
@@ -157,6 +161,11 @@ class PrefixCache:
             if victim.parent is not None:
                 victim.parent.children -= 1
             self.counters["evicted_blocks"] += 1
+
+
+def _tokens(chain: list[_Block]) -> int:
+    """Tokens a chain of blocks spells (its last one may be partial)."""
+    return sum(len(b.key[1]) for b in chain)
 
 
 def _block_bytes(cache: KVCache, block: int) -> int:

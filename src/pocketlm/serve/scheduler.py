@@ -294,7 +294,9 @@ class Scheduler:
                 active.request.emit(Event(f"prefill failed: {error}", finish_reason="error"))
                 continue
             if not done:
-                return
+                if active.position < len(active.request.prompt_ids) - 1:
+                    return  # more chunks: the next turn, after a decode step
+                continue  # only the last token is left (_prefill computes it alone): now
             self._filling = None
             if not active.done:  # it may have finished on its first token
                 self.rows.append(active)
@@ -349,7 +351,14 @@ class Scheduler:
             # logprobs need every position's logits: such a prompt is computed whole).
             if active.position == 0 and self.prefix and not active.request.prompt_logprobs:
                 active.position = self.prefix.load(ids, self.cache, row)
-            start, end = active.position, min(len(ids), active.position + self.prefill_chunk)
+            # With the prefix cache on, the prompt's last token is computed in a forward of
+            # its own, after the rest (in chunks), whether the rest was loaded or computed:
+            # its logits then come from the same kind of call cold and warm, so a request
+            # sent again gets the very same logits (a quantized model's kernels round
+            # differently with the number of rows; docs/prefix_cache.md).
+            split = self.prefix is not None and not active.request.prompt_logprobs
+            start, stop = active.position, len(ids) - 1 if split else len(ids)
+            end = min(stop, start + self.prefill_chunk) if start < stop else len(ids)
             if self._switch is not None and 0 < start <= self._switch < end:
                 start = 0  # the chunks before were rotated with LongRoPE's short factors
                 active.prompt_logprobs = [None] if active.request.prompt_logprobs else None
