@@ -254,3 +254,32 @@ def test_smollm2_gives_the_same_tokens_on_and_off(smollm2_lm):
     assert on_a[1] == pytest.approx(off_a[1], abs=1e-4)
     assert on_b[1] == pytest.approx(off_b[1], abs=1e-4)
     assert counts["prefix_cache_reused_tokens"] == len(shared) // BLOCK * BLOCK
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, top_k=40, seed=3)],
+    ids=["greedy", "seeded"],
+)
+def test_smollm2_as_stored_repeats_a_request_exactly(smollm2_stored, params):
+    """The default model as stored (Q4_1; its kernels round differently with the number of
+    rows a product takes): the same request sent twice, the second held whole in the cache
+    (its tail too), gets the very same tokens and log-probabilities -- the last prompt token
+    is computed in a call of its own both times, on the KV the first run computed."""
+    lm = smollm2_stored
+    ids = lm.tokenizer.encode("The harbour master kept a ledger of ships. " * 3 + "The first ship")
+    assert len(ids) % BLOCK  # a tail to hold as a partial block
+    scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=2, cache_ram=1 << 26)
+    scheduler.start()
+    try:
+        runs = []
+        for _ in range(2):
+            run = Run(ids, max_tokens=16, params=params, logprobs=0)
+            scheduler.submit([run.request])
+            runs.append(run.wait())
+        counts = scheduler.snapshot()
+    finally:
+        scheduler.stop()
+    first, second = ([(e.token, e.logprob) for e in r.events if e.token is not None] for r in runs)
+    assert len(first) == 16 and second == first
+    assert counts["prefix_cache_reused_tokens"] == len(ids) - 1

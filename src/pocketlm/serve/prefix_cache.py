@@ -6,12 +6,25 @@ cache row and prefills only the rest.
 Prefixes are held in blocks of BLOCK tokens. A block is keyed by its tokens and by the block
 before it, so it stands for the whole prefix up to its end (a chain, as vLLM's automatic
 prefix caching hashes its blocks; the key is exact, no hash is trusted), and holds that
-block's keys and values in every layer. A lookup walks the prompt's blocks down the chain;
+block's keys and values in every layer. A sequence's tail (fewer than BLOCK tokens) is held
+too, as a partial block keyed the same way; it never has a block after it, and serves only
+a prompt that ends where it does. A lookup walks the prompt's blocks down the chain;
 the matched blocks' KV is copied into the request's row. The engine's rows are contiguous
 (models/cache.py measures why not a block table), so the store keeps copies of its own and
 a hit costs one copy of the prefix -- milliseconds, against seconds to compute it on a CPU.
 The prompt's last token is always computed again, for its logits, as a chat `Session` does
-in its own cache (generate.sequence.reusable_prefix).
+in its own cache (generate.sequence.reusable_prefix). A block once held is never replaced
+(the first stored wins): a storing request only touches the blocks it finds.
+
+Exactness: the scheduler computes a prompt's last token in a call of its own whenever this
+cache is on, cold or warm. A prompt sent again is then held whole (its tail too): every slot
+it loads is the slot its first run left, and its last token is computed by the same call on
+the same KV, so it gets the very same logits -- the same tokens for the same seed, on a
+quantized model too. A prompt that extends a held one (a chat's next turn) computes its rest
+in another split than a cold run would; on a quantized model, whose kernels round
+differently with the rows a product takes, its logits may then differ in the low bits (fp32
+agrees to ~1e-5; llama.cpp documents the same of its cache_prompt). `--cache-ram 0` turns
+the cache off.
 
 Memory: the blocks are held under a budget in bytes (`pocketlm serve --cache-ram`) and
 evicted least recently used first. A lookup or a store touches a chain from its last block
@@ -24,7 +37,8 @@ a mask over positions), so a cached prefix is exact for them too. LongRoPE (Phi-
 sequence longer than its switch length with other frequencies: only prefixes of sequences
 within it are stored, and only prompts within it reuse them. The KV a hit copies is what
 the request would compute up to rounding (a matrix product's sums depend on how many rows
-it takes, as with the scheduler's chunked prefill): docs/prefix_cache.md measures it.
+it takes, as with the scheduler's chunked prefill) and exactly what the first run of the
+same prompt computed: docs/prefix_cache.md measures it.
 Knows nothing of sampling, batching or HTTP. (vLLM's automatic prefix caching; SGLang's
 RadixAttention, Zheng et al. 2024; mlx-lm's LRUPromptCache; llama.cpp's --cache-ram.)
 """
