@@ -115,9 +115,10 @@ def test_parallel_tool_calls_true_allows_several(client):
     assert len(calls) >= 2 and valid(calls, finish=finish)
 
 
-# These seeds take each branch of auto with SmolLM2: some text, then a call that the
+# These seeds take each branch of auto with SmolLM2 (as the prefix cache computes a
+# prompt: its last token alone): some text, then a call that the
 # grammar holds to the schema once "<tool_call>" is written; text alone.
-@pytest.mark.parametrize(("seed", "calls_tool"), [(4, True), (5, False)])
+@pytest.mark.parametrize(("seed", "calls_tool"), [(58, True), (5, False)])
 def test_auto_gives_text_or_valid_calls_streamed_as_not(client, seed, calls_tool):
     content, calls, finish = ask(client, tool_choice="auto", seed=seed, max_tokens=100)
     assert content and bool(calls) == calls_tool and valid(calls)
