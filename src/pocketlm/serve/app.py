@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -40,8 +40,8 @@ from pocketlm.sampling import SamplingParams
 from pocketlm.serve import DEFAULT_MAX_TOKENS, anthropic, convert, ollama, openapi, tokens, tools
 from pocketlm.serve.convert import Choice
 from pocketlm.serve.embedder import Embedder
-from pocketlm.serve.guard import Guard, Limits, authorized
-from pocketlm.serve.jobs import Jobs, read_body
+from pocketlm.serve.guard import Guard, Limits
+from pocketlm.serve.jobs import Jobs, read_body, require_key
 from pocketlm.serve.jobs import collect as _collect
 from pocketlm.serve.prefix_cache import DEFAULT_BUDGET
 from pocketlm.serve.scheduler import Event, Scheduler
@@ -474,20 +474,8 @@ def _embedding_ids(service: Service, body: EmbeddingRequest) -> list[list[int]]:
     return batches
 
 
-def _authorize(service: Service) -> Callable[[Request], Awaitable[None]]:
-    async def authorize(request: Request) -> None:
-        if not authorized(request.headers.get("authorization"), service.api_key):
-            raise ApiError(
-                "incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                status=401,
-                code="invalid_api_key",
-            )
-
-    return authorize
-
-
 def _api_routes(service: Service) -> APIRouter:
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_authorize(service))])
+    router = APIRouter(prefix="/v1", dependencies=[Depends(require_key(service))])
 
     @router.get("/models")
     async def models() -> dict:
@@ -559,7 +547,7 @@ def create_app(service: Service) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok", "model": service.name}
 
-    @app.get("/metrics", dependencies=[Depends(_authorize(service))])
+    @app.get("/metrics", dependencies=[Depends(require_key(service))])
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(
             convert.prometheus({**service.scheduler.snapshot(), **service.embedder.snapshot()}),

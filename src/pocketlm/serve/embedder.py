@@ -50,13 +50,7 @@ class Embedder:
     ) -> list[list[float]]:
         with self._lock:
             if self._pending >= self.max_queue:
-                raise ApiError(
-                    "the server is busy: too many embedding requests are waiting; retry shortly",
-                    status=429,
-                    type="rate_limit_error",
-                    code="rate_limit_exceeded",
-                    headers={"Retry-After": "1"},
-                )
+                raise ApiError.busy("too many embedding requests are waiting")
             self._pending += 1
             self.counters["embedding_requests"] += 1
         deadline = None if timeout is None else time.monotonic() + timeout

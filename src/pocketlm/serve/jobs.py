@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from fastapi import Request
 
 from pocketlm.serve import convert
 from pocketlm.serve.convert import Choice
+from pocketlm.serve.guard import authorized
 from pocketlm.serve.scheduler import Event, QueueFull, Scheduler
 from pocketlm.serve.scheduler import Request as EngineRequest
 from pocketlm.serve.schemas import ApiError
@@ -69,13 +70,7 @@ class Jobs:
         try:
             self.service.scheduler.submit(self.requests)
         except QueueFull:
-            raise ApiError(
-                "the server is busy: too many requests are waiting; retry shortly",
-                status=429,
-                type="rate_limit_error",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
-            ) from None
+            raise ApiError.busy("too many requests are waiting") from None
 
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
         remaining = len(self.requests)
@@ -120,3 +115,17 @@ async def collect(jobs: Jobs, request: Request, count: int) -> list[Choice]:
         if failure := convert.engine_failure(choice.finish_reason, timeout=jobs.service.timeout):
             raise failure
     return choices
+
+
+def require_key(service: Served) -> Callable[[Request], Awaitable[None]]:
+    """A route dependency: the request must carry the server's API key (when it has one)."""
+
+    async def authorize(request: Request) -> None:
+        if not authorized(request.headers.get("authorization"), service.api_key):
+            raise ApiError(
+                "incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                status=401,
+                code="invalid_api_key",
+            )
+
+    return authorize

@@ -32,6 +32,17 @@ class ApiError(Exception):
         self.message, self.status, self.type = message, status, type
         self.param, self.code, self.headers = param, code, headers or {}
 
+    @classmethod
+    def busy(cls, why: str) -> ApiError:
+        """A 429 that asks the client to retry shortly: `why` the server is busy."""
+        return cls(
+            f"the server is busy: {why}; retry shortly",
+            status=429,
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": "1"},
+        )
+
     def body(self) -> dict:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 

@@ -18,8 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import Field
 
 from pocketlm.serve import convert
-from pocketlm.serve.guard import authorized
-from pocketlm.serve.jobs import Served, read_body
+from pocketlm.serve.jobs import Served, read_body, require_key
 from pocketlm.serve.schemas import ApiError, ChatMessage, _Wire, parse
 
 
@@ -69,15 +68,7 @@ def _piece(raw: bytes) -> str | list[int]:
 
 
 def router(service: Served) -> APIRouter:
-    async def authorize(request: Request) -> None:
-        if not authorized(request.headers.get("authorization"), service.api_key):
-            raise ApiError(
-                "incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                status=401,
-                code="invalid_api_key",
-            )
-
-    router = APIRouter(dependencies=[Depends(authorize)])
+    router = APIRouter(dependencies=[Depends(require_key(service))])
 
     @router.post("/tokenize")
     async def tokenize_route(request: Request) -> dict:
