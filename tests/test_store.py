@@ -307,7 +307,8 @@ def test_list_shows_store_and_hf_cache_models(pocketlm_home, tmp_path, capsys, m
 def test_rm_removes_and_unknown_is_one_line(pocketlm_home, capsys):
     make_tiny_gpt2(paths.model_store() / "finetuned")
     assert main(["rm", "finetuned"]) == 0
-    assert capsys.readouterr().out.strip() == "removed finetuned"
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("removed finetuned (") and out.endswith("B)"), out  # and the size
     assert main(["rm", "finetuned"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("error: no model 'finetuned'")

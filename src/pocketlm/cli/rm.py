@@ -42,7 +42,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"removed the run folder {run} ({human_bytes(_remove_tree(run))})")
         return 0
     folder = paths.model_store() / args.name
-    size = _size(folder) if folder.is_dir() else 0
+    linked = folder.is_symlink()  # a model linked in by hand: only the link goes
+    size = _size(folder) if folder.is_dir() and not linked else 0
     try:
         store.remove(args.name)
     except ModelNotFoundError as error:
@@ -57,7 +58,9 @@ def main(args: argparse.Namespace) -> int:
                 f"Face cache: remove it with `hf cache rm model/{repo_id}`"
             ) from error
         raise
-    freed = f"removed {args.name} ({human_bytes(size)})"
+    freed = f"removed {args.name} " + (
+        "(a link: the files it named are kept)" if linked else f"({human_bytes(size)})"
+    )
     if has_run:
         freed += f" and its run folder {run} ({human_bytes(_remove_tree(run))})"
     print(freed)
