@@ -15,23 +15,31 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 import pocketlm
 from checkpoints import hf_model, make_gpt2
 from pocketlm.cli.serve import bind
 from pocketlm.prompting.chat import Harness
+from pocketlm.serve import guard
 from pocketlm.serve.app import Service, create_app
 
 MODEL = "tiny"
 
 
 class Server:
+    """`pocketlm serve`'s server (its connection deadlines, its drain) on a thread."""
+
     def __init__(self, lm, **options):
         self.service = Service(lm, name=MODEL, **options)
         sock = bind("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(self.service), log_level="warning"))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.uvicorn = guard.server(
+            create_app(self.service),
+            limits=self.service.limits,
+            cancel_all=self.service.scheduler.cancel_all,
+        )
+        self.uvicorn.config.install_signal_handlers = False  # a thread: no signals
         self.thread = threading.Thread(
             target=self.uvicorn.run, kwargs={"sockets": [sock]}, daemon=True
         )

@@ -16,10 +16,11 @@ import pytest
 from starlette.testclient import TestClient
 
 import pocketlm
+import test_serve_api
 from checkpoints import make_gpt2
 from pocketlm.cli.serve import bind
 from pocketlm.serve.app import Service, create_app
-from pocketlm.serve.guard import Limits, authorized, host_allowed, server
+from pocketlm.serve.guard import Limits, authorized, host_allowed
 from pocketlm.tokenizer import chat_template
 
 KEY = "sk-test"
@@ -45,27 +46,7 @@ LIMITS = Limits(
 )
 
 
-class Server:
-    def __init__(self, lm, **options):
-        self.service = Service(lm, name="tiny", **options)
-        sock = bind("127.0.0.1", 0)
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.uvicorn = server(
-            create_app(self.service),
-            limits=self.service.limits,
-            cancel_all=self.service.scheduler.cancel_all,
-        )
-        self.uvicorn.config.install_signal_handlers = False  # a thread: no signals
-        self.thread = threading.Thread(
-            target=self.uvicorn.run, kwargs={"sockets": [sock]}, daemon=True
-        )
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.uvicorn.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-
+class Server(test_serve_api.Server):
     def post(self, route, body, timeout=60):
         return httpx.post(f"{self.url}/v1/{route}", json=body, headers=AUTH, timeout=timeout)
 

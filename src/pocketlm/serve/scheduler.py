@@ -349,14 +349,14 @@ class Scheduler:
         else:
             # What the prefix cache holds of the prompt is copied, not computed (but prompt
             # logprobs need every position's logits: such a prompt is computed whole).
-            if active.position == 0 and self.prefix and not active.request.prompt_logprobs:
+            split = self.prefix is not None and not active.request.prompt_logprobs
+            if active.position == 0 and split:
                 active.position = self.prefix.load(ids, self.cache, row)
             # With the prefix cache on, the prompt's last token is computed in a forward of
             # its own, after the rest (in chunks), whether the rest was loaded or computed:
             # its logits then come from the same kind of call cold and warm, so a request
             # sent again gets the very same logits (a quantized model's kernels round
             # differently with the number of rows; docs/prefix_cache.md).
-            split = self.prefix is not None and not active.request.prompt_logprobs
             start, stop = active.position, len(ids) - 1 if split else len(ids)
             end = min(stop, start + self.prefill_chunk) if start < stop else len(ids)
             if self._switch is not None and 0 < start <= self._switch < end:
