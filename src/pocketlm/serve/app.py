@@ -184,9 +184,7 @@ def _chat_jobs(
         raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
     params = convert.sampling_params(body, vocab_size=service.vocab_size)
     if body.truncate_prompt_tokens is None:  # else a long prompt is cut, not refused
-        service.check_prompt_bytes(
-            ["".join(convert.message_text(m) for m in body.messages)], param="messages"
-        )
+        service.check_prompt_bytes(["".join(m.text or "" for m in body.messages)], param="messages")
     tooling = tools.tooling(body, service.tokenizer)
     if tooling and grammar:
         raise ApiError(

@@ -119,14 +119,6 @@ def prompt_ids(prompt: str | list, tokenizer: Tokenizer, *, vocab_size: int) -> 
     return batches
 
 
-def message_text(message: ChatMessage) -> str:
-    if message.content is None:
-        return ""
-    if isinstance(message.content, str):
-        return message.content
-    return "".join(part.text for part in message.content)
-
-
 def chat_prompt(
     messages: Sequence[ChatMessage], tokenizer: Tokenizer, *, tools: Sequence[dict] | None = None
 ) -> tuple[list[int], tuple[str, ...]]:

@@ -140,6 +140,13 @@ class ChatMessage(_Wire):
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool result: the call it answers
 
+    @property
+    def text(self) -> str | None:
+        """The content as one text (its text parts joined); None when there is none."""
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content
+
 
 class FunctionDefinition(_Wire):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")

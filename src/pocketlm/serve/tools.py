@@ -90,10 +90,7 @@ def plain_messages(messages: list[ChatMessage]) -> list[dict]:
     """Wire messages as plain dicts, tool calls and results included."""
     out = []
     for m in messages:
-        content = m.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        plain = {"role": m.role, "content": content}
+        plain = {"role": m.role, "content": m.text}
         if m.tool_calls:
             plain["tool_calls"] = [c.model_dump() for c in m.tool_calls]
         if m.tool_call_id is not None:
