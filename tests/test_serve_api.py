@@ -22,6 +22,7 @@ from pocketlm.cli.serve import bind
 from pocketlm.prompting.chat import Harness
 from pocketlm.serve import guard
 from pocketlm.serve.app import Service, create_app
+from pocketlm.serve.fleet import Fleet
 
 MODEL = "tiny"
 
@@ -31,13 +32,12 @@ class Server:
 
     def __init__(self, lm, **options):
         self.service = Service(lm, name=MODEL, **options)
+        self.fleet = Fleet.of(self.service)  # the server-wide settings: its API key
         sock = bind("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.uvicorn = guard.server(
-            create_app(self.service),
-            limits=self.service.limits,
-            cancel_all=self.service.scheduler.cancel_all,
+            create_app(self.fleet), limits=self.fleet.limits, cancel_all=self.fleet.cancel_all
         )
         self.uvicorn.config.install_signal_handlers = False  # a thread: no signals
         self.thread = threading.Thread(
@@ -241,13 +241,13 @@ def test_errors_surface_as_openai_exceptions(server, client):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="x", logit_bias={"99999999": 1})
     service = server.service
-    service.api_key = "sesame"
+    server.fleet.api_key = "sesame"
     try:
         with pytest.raises(openai.AuthenticationError):
             client.models.list()
         assert server.client(api_key="sesame").models.list().data[0].id == MODEL
     finally:
-        service.api_key = None
+        server.fleet.api_key = None
     service.scheduler.max_queue = 0
     try:
         with pytest.raises(openai.RateLimitError) as info:

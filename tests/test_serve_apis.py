@@ -237,7 +237,7 @@ def test_anthropic_prefill_errors_and_api_key(lm, claude, server):
             messages=[{"role": "user", "content": "x"}],
             tools=[{"name": "f", "input_schema": {"type": "object"}}],
         )
-    server.service.api_key = "sesame"
+    server.fleet.api_key = "sesame"
     try:
         with pytest.raises(anthropic.AuthenticationError) as info:
             claude.messages.create(
@@ -252,7 +252,7 @@ def test_anthropic_prefill_errors_and_api_key(lm, claude, server):
             == 2
         )
     finally:
-        server.service.api_key = None
+        server.fleet.api_key = None
 
 
 # -- tokenize / detokenize, and OpenAI's truncation opt-in ----------------------------------
@@ -379,7 +379,7 @@ def test_a_failure_after_the_stream_began_is_an_error_line_or_event(olla, claude
 
 
 def test_api_key_guards_ollama_and_tokenize_too(server):
-    server.service.api_key = "sesame"
+    server.fleet.api_key = "sesame"
     try:
         with pytest.raises(ollama.ResponseError, match="API key") as info:
             ollama.Client(host=server.url).list()
@@ -388,7 +388,7 @@ def test_api_key_guards_ollama_and_tokenize_too(server):
         assert keyed.list().models[0].model == MODEL
         assert httpx.post(f"{server.url}/tokenize", json={"content": "x"}).status_code == 401
     finally:
-        server.service.api_key = None
+        server.fleet.api_key = None
 
 
 SCHEMA = {

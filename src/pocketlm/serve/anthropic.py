@@ -33,6 +33,7 @@ from pocketlm.errors import PocketLMError
 from pocketlm.generate.constraint import Grammar
 from pocketlm.generate.params import GenerationParams
 from pocketlm.serve import convert
+from pocketlm.serve.fleet import Fleet
 from pocketlm.serve.guard import authorized
 from pocketlm.serve.jobs import Jobs, Served, collect, read_body
 from pocketlm.serve.schemas import ApiError, ChatMessage, SamplingKnobs, _Wire, parse
@@ -205,7 +206,7 @@ def event(name: str, data: dict) -> bytes:
 Route = Callable[[Request], Awaitable[object]]
 
 
-def router(service: Served) -> APIRouter:
+def router(fleet: Fleet) -> APIRouter:
     """/v1/messages and /v1/messages/count_tokens; with --api-key they want the key in
     `x-api-key` (Anthropic's header) or as 'Authorization: Bearer <key>'."""
     router = APIRouter(prefix="/v1/messages")
@@ -214,7 +215,7 @@ def router(service: Served) -> APIRouter:
         @functools.wraps(handler)
         async def answer(request: Request) -> object:
             try:
-                _authorize(service, request)
+                _authorize(fleet, request)
                 return await handler(request)
             except ApiError as error:
                 return JSONResponse(
@@ -223,30 +224,30 @@ def router(service: Served) -> APIRouter:
 
         return answer
 
-    router.post("", response_model=None)(route(functools.partial(_messages, service)))
+    router.post("", response_model=None)(route(functools.partial(_messages, fleet)))
 
     @router.post("/count_tokens", response_model=None)
     @route
     async def count_tokens(request: Request) -> dict:
-        body = parse(CountTokensRequest, await read_body(request, service.max_body))
-        service.check_model(body.model)
+        body = parse(CountTokensRequest, await read_body(request, fleet.max_body))
+        service, _adapter = await fleet.acquire(request, body.model)
         ids, _ = await run_in_threadpool(prompt, body, service)
         return {"input_tokens": len(ids)}
 
     return router
 
 
-def _authorize(service: Served, request: Request) -> None:
-    key, given = service.api_key, request.headers.get("x-api-key")
+def _authorize(fleet: Fleet, request: Request) -> None:
+    key, given = fleet.api_key, request.headers.get("x-api-key")
     if not authorized(request.headers.get("authorization"), key) and not (
         given is not None and authorized(f"Bearer {given}", key)
     ):
         raise ApiError("incorrect or missing API key: send it in 'x-api-key'", status=401)
 
 
-async def _messages(service: Served, request: Request) -> object:
-    body = parse(MessagesRequest, await read_body(request, service.max_body))
-    service.check_model(body.model)
+async def _messages(fleet: Fleet, request: Request) -> object:
+    body = parse(MessagesRequest, await read_body(request, fleet.max_body))
+    service, _adapter = await fleet.acquire(request, body.model)
     # The template is code from the model file: rendered (and tokenized) off the loop.
     ids, extra = await run_in_threadpool(prompt, body, service)
     budget = convert.token_budget(

@@ -40,6 +40,7 @@ from pocketlm.sampling import SamplingParams
 from pocketlm.serve import DEFAULT_MAX_TOKENS, anthropic, convert, ollama, openapi, tokens, tools
 from pocketlm.serve.convert import Choice
 from pocketlm.serve.embedder import Embedder
+from pocketlm.serve.fleet import Fleet, Leases
 from pocketlm.serve.guard import Guard, Limits
 from pocketlm.serve.jobs import Jobs, read_body, require_key
 from pocketlm.serve.jobs import collect as _collect
@@ -117,23 +118,18 @@ class Service:
                     code="context_length_exceeded",
                 )
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.name:
-            raise ApiError(
-                f"the model '{model}' does not exist; this server runs '{self.name}'",
-                status=404,
-                param="model",
-                code="model_not_found",
-            )
-
     def embed(self, batches: list[list[int]]) -> list[list[float]]:
         """Mean of the last layer's hidden states over each input's tokens."""
         vectors = embed(self.lm.model, batches, layer=-1, pool="mean").vectors
         return [v.tolist() for v in vectors]
 
+    def close(self) -> None:
+        """Stop its scheduler and embedding threads: the model is unloading."""
+        self.scheduler.stop()
+        self.embedder.close()
+
 
 def _completion_jobs(service: Service, body: CompletionRequest) -> tuple[Jobs, list[list[int]]]:
-    service.check_model(body.model)
     if body.suffix:
         raise ApiError("suffix (fill-in-the-middle) is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -178,7 +174,6 @@ def _completion_jobs(service: Service, body: CompletionRequest) -> tuple[Jobs, l
 def _chat_jobs(
     service: Service, body: ChatCompletionRequest
 ) -> tuple[Jobs, int, tools.Tooling | None]:
-    service.check_model(body.model)
     grammar = convert.response_grammar(body.response_format)
     if body.top_logprobs and not body.logprobs:
         raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
@@ -354,8 +349,9 @@ async def _chat_events(
     yield convert.sse("[DONE]")
 
 
-async def _completions(service: Service, request: Request):  # noqa: ANN202 - JSON or a stream
-    body = parse(CompletionRequest, await read_body(request, service.max_body))
+async def _completions(fleet: Fleet, request: Request):  # noqa: ANN202 - JSON or a stream
+    body = parse(CompletionRequest, await read_body(request, fleet.max_body))
+    service, _adapter = await fleet.acquire(request, body.model)
     # Tokenizing megabytes of text takes seconds: off the event loop, which keeps serving.
     jobs, prompts = await run_in_threadpool(_completion_jobs, service, body)
     jobs.submit()
@@ -387,8 +383,9 @@ async def _completions(service: Service, request: Request):  # noqa: ANN202 - JS
     )
 
 
-async def _chat(service: Service, request: Request):  # noqa: ANN202 - JSON or a stream
-    body = parse(ChatCompletionRequest, await read_body(request, service.max_body))
+async def _chat(fleet: Fleet, request: Request):  # noqa: ANN202 - JSON or a stream
+    body = parse(ChatCompletionRequest, await read_body(request, fleet.max_body))
+    service, _adapter = await fleet.acquire(request, body.model)
     # The template is code from the model file: rendering (and tokenizing) off the loop.
     jobs, prompt_tokens, tooling = await run_in_threadpool(_chat_jobs, service, body)
     jobs.submit()
@@ -416,9 +413,9 @@ async def _chat(service: Service, request: Request):  # noqa: ANN202 - JSON or a
     )
 
 
-async def _embeddings(service: Service, request: Request) -> dict:
-    body = parse(EmbeddingRequest, await read_body(request, service.max_body))
-    service.check_model(body.model)
+async def _embeddings(fleet: Fleet, request: Request) -> dict:
+    body = parse(EmbeddingRequest, await read_body(request, fleet.max_body))
+    service, _adapter = await fleet.acquire(request, body.model)
     if body.dimensions is not None:
         raise ApiError(
             "dimensions is not supported: the vectors have the model's width", param="dimensions"
@@ -472,55 +469,62 @@ def _embedding_ids(service: Service, body: EmbeddingRequest) -> list[list[int]]:
     return batches
 
 
-def _api_routes(service: Service) -> APIRouter:
-    router = APIRouter(prefix="/v1", dependencies=[Depends(require_key(service))])
+def _api_routes(fleet: Fleet) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(require_key(fleet))])
+
+    def entry(name: str) -> dict:
+        loaded = fleet.loaded.get(name)
+        created = loaded.service.created if loaded else fleet.created
+        return convert.model_entry(name, created=created, loaded=loaded is not None)
 
     @router.get("/models")
-    async def models() -> dict:
-        return convert.models_list(service.name, created=service.created)
+    async def models() -> dict:  # every model it can serve; `loaded`: in memory now
+        return {"object": "list", "data": [entry(name) for name in fleet.specs]}
 
     @router.get("/models/{model_id:path}")
     async def model(model_id: str) -> dict:
-        service.check_model(model_id)
-        return convert.models_list(service.name, created=service.created)["data"][0]
+        return entry(fleet.resolve(model_id)[0].name)
 
     @router.post("/completions")
     async def completions(request: Request):  # noqa: ANN202 - JSON or a stream
-        return await _completions(service, request)
+        return await _completions(fleet, request)
 
     @router.post("/chat/completions")
     async def chat(request: Request):  # noqa: ANN202 - JSON or a stream
-        return await _chat(service, request)
+        return await _chat(fleet, request)
 
     @router.post("/embeddings")
     async def embeddings(request: Request) -> dict:
-        return await _embeddings(service, request)
+        return await _embeddings(fleet, request)
 
     return router
 
 
-def create_app(service: Service) -> FastAPI:
-    """The ASGI app; starts the scheduler thread on startup and stops it on shutdown."""
+def create_app(served: Service | Fleet) -> FastAPI:
+    """The ASGI app for one model (a Service) or several (a Fleet); starts the models'
+    scheduler threads on startup and stops them on shutdown."""
+    fleet = served if isinstance(served, Fleet) else Fleet.of(served)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service.scheduler.start()
+        fleet.start()
         yield
-        service.scheduler.stop()
+        fleet.stop()
 
     app = FastAPI(title="pocketlm", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.include_router(_api_routes(service))
+    app.include_router(_api_routes(fleet))
     for api in (ollama, anthropic, tokens):  # the other APIs it speaks, on the same engine
-        app.include_router(api.router(service))
+        app.include_router(api.router(fleet))
     openapi.describe(app)
-    if service.limits.cors_origin:  # only the origin asked for; none by default
+    app.add_middleware(Leases, fleet=fleet)  # holds each request's model until it is answered
+    if fleet.limits.cors_origin:  # only the origin asked for; none by default
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=[service.limits.cors_origin],
+            allow_origins=[fleet.limits.cors_origin],
             allow_methods=["GET", "POST"],
             allow_headers=["authorization", "content-type"],
         )
-    app.add_middleware(Guard, limits=service.limits)  # the outermost: before CORS, routes
+    app.add_middleware(Guard, limits=fleet.limits)  # the outermost: before CORS, routes
 
     @app.exception_handler(ClientDisconnect)
     async def client_left(request: Request, error: ClientDisconnect) -> Response:
@@ -543,14 +547,19 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": service.name}
+        return {"status": "ok", "model": fleet.default, "loaded": [*fleet.loaded]}
 
-    @app.get("/metrics", dependencies=[Depends(require_key(service))])
+    @app.get("/metrics", dependencies=[Depends(require_key(fleet))])
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(
-            convert.prometheus({**service.scheduler.snapshot(), **service.embedder.snapshot()}),
-            media_type="text/plain; version=0.0.4",
-        )
+        snapshots = {
+            name: {**e.service.scheduler.snapshot(), **e.service.embedder.snapshot()}
+            for name, e in fleet.loaded.items()
+        }
+        if len(fleet.specs) == 1:  # one model: its series, unlabelled
+            text = convert.prometheus(snapshots.get(fleet.default, {}))
+        else:  # several: a series per loaded model, labelled with its name
+            text = convert.prometheus_by_model(snapshots)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/")
     async def page() -> HTMLResponse:

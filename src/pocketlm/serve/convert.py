@@ -482,10 +482,14 @@ def embedding_response(
     }
 
 
-def models_list(name: str, *, created: int) -> dict:
+def model_entry(name: str, *, created: int, loaded: bool) -> dict:
+    """A model in /v1/models; `loaded` (pocketlm's own field): in memory now."""
     return {
-        "object": "list",
-        "data": [{"id": name, "object": "model", "created": created, "owned_by": "pocketlm"}],
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "pocketlm",
+        "loaded": loaded,
     }
 
 
@@ -570,13 +574,22 @@ METRICS = {  # name in the snapshot -> (Prometheus name, type, help)
 
 def prometheus(snapshot: dict[str, float]) -> str:
     """Prometheus text exposition format (version 0.0.4) of a scheduler snapshot."""
+    return _exposition({"": snapshot})
+
+
+def prometheus_by_model(snapshots: dict[str, dict[str, float]]) -> str:
+    """The same with a series per model, labelled `model="<name>"`."""
+    labels = {n: n.replace("\\", "\\\\").replace('"', '\\"') for n in snapshots}
+    return _exposition({f'{{model="{labels[n]}"}}': s for n, s in snapshots.items()})
+
+
+def _exposition(series: dict[str, dict[str, float]]) -> str:
     lines = []
     for key, (name, kind, help_text) in METRICS.items():
-        if key in snapshot:
-            value = snapshot[key]
-            lines += [
-                f"# HELP {name} {help_text}",
-                f"# TYPE {name} {kind}",
-                f"{name} {value:.6g}" if isinstance(value, float) else f"{name} {value}",
-            ]
+        samples = [(label, s[key]) for label, s in series.items() if key in s]
+        if samples:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for label, value in samples:
+            shown = f"{value:.6g}" if isinstance(value, float) else f"{value}"
+            lines.append(f"{name}{label} {shown}")
     return "\n".join(lines) + "\n"

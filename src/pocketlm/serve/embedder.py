@@ -41,6 +41,10 @@ class Embedder:
         with self._lock:
             return dict(self.counters)
 
+    def close(self) -> None:
+        """Stop the worker thread (the model is unloading); jobs not started are dropped."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     async def run(
         self,
         batches: list[list[int]],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import Request
 
@@ -22,10 +22,14 @@ from pocketlm.serve.scheduler import Request as EngineRequest
 from pocketlm.serve.schemas import ApiError
 from pocketlm.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from pocketlm.serve.fleet import Fleet
+
 
 class Served(Protocol):
-    """The server's `Service` (pocketlm.serve.app), as the jobs and each API's routes
-    see it: the loaded model, its scheduler and the server's limits."""
+    """A loaded model's `Service` (pocketlm.serve.app), as the jobs and each API's routes
+    see it: the model, its scheduler and its limits (the server-wide ones, the API key and
+    the body's size, are the `Fleet`'s)."""
 
     lm: Any  # pocketlm.LM
     tokenizer: Tokenizer
@@ -34,10 +38,6 @@ class Served(Protocol):
     context_length: int
     scheduler: Scheduler
     timeout: float | None
-    api_key: str | None
-    max_body: int
-
-    def check_model(self, model: str | None) -> None: ...
 
     embedder: Any  # pocketlm.serve.embedder.Embedder: embeddings, queued and capped
 
@@ -117,11 +117,11 @@ async def collect(jobs: Jobs, request: Request, count: int) -> list[Choice]:
     return choices
 
 
-def require_key(service: Served) -> Callable[[Request], Awaitable[None]]:
+def require_key(fleet: Fleet) -> Callable[[Request], Awaitable[None]]:
     """A route dependency: the request must carry the server's API key (when it has one)."""
 
     async def authorize(request: Request) -> None:
-        if not authorized(request.headers.get("authorization"), service.api_key):
+        if not authorized(request.headers.get("authorization"), fleet.api_key):
             raise ApiError(
                 "incorrect or missing API key: send 'Authorization: Bearer <key>'",
                 status=401,

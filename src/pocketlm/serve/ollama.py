@@ -9,8 +9,8 @@ are Ollama's `{"error": "..."}` with the HTTP status; a failure after a stream h
 an `{"error": ...}` line. Where pocketlm differs on purpose: a prompt longer than the
 context (`num_ctx`, at most the model's) is refused with the numbers unless the request
 sends `"truncate": true` -- Ollama cuts it quietly; `format` ("json" or a JSON schema)
-is enforced by the engine's constrained decoding; `keep_alive` is accepted and has no
-effect (the server holds its one model until it stops). Knows nothing of how tokens are
+is enforced by the engine's constrained decoding. `keep_alive` sets how long the model
+stays loaded once idle, as Ollama's does (serve/fleet.py). Knows nothing of how tokens are
 computed. Wire schemas in `ollama_schemas.py`. (ollama `server/routes.go`.)
 """
 
@@ -33,6 +33,7 @@ from pocketlm.generate.constraint import Grammar
 from pocketlm.generate.params import GenerationParams
 from pocketlm.sampling import SamplingParams
 from pocketlm.serve import convert
+from pocketlm.serve.fleet import Fleet
 from pocketlm.serve.guard import authorized
 from pocketlm.serve.jobs import Jobs, Served, read_body
 from pocketlm.serve.ollama_schemas import (
@@ -50,11 +51,6 @@ from pocketlm.weights.card import ModelCard, describe, human_count
 TRUNCATE_HINT = 'shorten it, or send "truncate": true to keep only its last tokens'
 
 # -- requests -> engine -------------------------------------------------------------------------
-
-
-def model_name(service: Served, model: str | None) -> None:
-    """Refuse another model; Ollama clients may add the default tag, ":latest"."""
-    service.check_model(model.removesuffix(":latest") if model else model)
 
 
 def refuse_unsupported(body: _Generating) -> None:
@@ -254,40 +250,34 @@ def model_info(card: ModelCard, *, context_length: int) -> dict:
     }
 
 
-def held_bytes(model) -> int:  # noqa: ANN001 - a torch module
-    """Bytes the model's weights hold in memory (quantized ones as stored)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 # -- routes ---------------------------------------------------------------------------------------
 
 Route = Callable[[Request], Awaitable[object]]
 
 
-def router(service: Served) -> APIRouter:
+def router(fleet: Fleet) -> APIRouter:
     """The /api routes; with --api-key they want 'Authorization: Bearer <key>' too."""
     router = APIRouter(prefix="/api")
-    route = functools.partial(_answering_errors, service)
+    route = functools.partial(_answering_errors, fleet)
     posts = {"/generate": _generate, "/chat": _chat, "/embed": _embed, "/embeddings": _embeddings}
     for path, handler in posts.items():
-        router.post(path, response_model=None)(route(functools.partial(handler, service)))
+        router.post(path, response_model=None)(route(functools.partial(handler, fleet)))
 
     @router.get("/version")
     async def version() -> dict:
         return {"version": metadata.version("pocketlm")}
 
-    _model_routes(router, service, route)
+    _model_routes(router, fleet, route)
     return router
 
 
-def _answering_errors(service: Served, handler: Route) -> Route:
+def _answering_errors(fleet: Fleet, handler: Route) -> Route:
     """`handler` behind the API key, its ApiErrors answered in Ollama's shape."""
 
     @functools.wraps(handler)
     async def answer(request: Request) -> object:
         try:
-            if not authorized(request.headers.get("authorization"), service.api_key):
+            if not authorized(request.headers.get("authorization"), fleet.api_key):
                 raise ApiError("incorrect or missing API key", status=401)
             return await handler(request)
         except ApiError as error:
@@ -298,41 +288,53 @@ def _answering_errors(service: Served, handler: Route) -> Route:
     return answer
 
 
-def _model_routes(router: APIRouter, service: Served, route: Callable[[Route], Route]) -> None:
-    """/api/tags, /api/ps and /api/show: the one model, from its card (read once)."""
+def _model_routes(router: APIRouter, fleet: Fleet, route: Callable[[Route], Route]) -> None:
+    """/api/tags (every model it can serve), /api/ps (those loaded now) and /api/show,
+    from each model's card (read once)."""
 
     @functools.cache
-    def card() -> ModelCard:
-        return describe(service.lm.path, name=service.name)
+    def card(name: str) -> ModelCard:
+        return describe(fleet.specs[name].path, name=name)
 
     @router.get("/tags", response_model=None)
     @route
     async def tags(request: Request) -> dict:
-        entry = {"name": service.name, "model": service.name, "modified_at": _mtime(card())}
-        return {"models": [{**entry, "size": card().file_size, "details": details(card())}]}
+        models = []
+        for name in fleet.specs:
+            entry = {"name": name, "model": name, "modified_at": _mtime(card(name))}
+            models.append({**entry, "size": card(name).file_size, "details": details(card(name))})
+        return {"models": models}
 
     @router.get("/ps", response_model=None)
     @route
     async def ps(request: Request) -> dict:
-        size = held_bytes(service.lm.model)
-        on_gpu = service.scheduler.device.type != "cpu"
-        entry = {"name": service.name, "model": service.name, "size": size}
-        entry |= {"size_vram": size if on_gpu else 0, "details": details(card())}
-        return {"models": [{**entry, "context_length": service.context_length}]}
+        models = []
+        for name, loaded in fleet.loaded.items():
+            service, size = loaded.service, loaded.size
+            on_gpu = service.scheduler.device.type != "cpu"
+            entry = {"name": name, "model": name, "size": size, "size_vram": size if on_gpu else 0}
+            entry |= {"details": details(card(name)), "context_length": service.context_length}
+            # When it unloads if nothing uses it meanwhile (None: never, or in use now).
+            at = fleet.expires_at(loaded)
+            expires = at and datetime.fromtimestamp(at, timezone.utc)
+            entry["expires_at"] = expires and expires.isoformat().replace("+00:00", "Z")
+            models.append({**entry, "requests": loaded.users})
+        return {"models": models}
 
     @router.post("/show", response_model=None)
     @route
     async def show(request: Request) -> dict:
-        body = parse(ShowRequest, await read_body(request, service.max_body))
-        model_name(service, body.model or body.name)
+        body = parse(ShowRequest, await read_body(request, fleet.max_body))
+        service, _adapter = await fleet.acquire(request, body.model or body.name)
+        info = card(service.name)
         return {
-            "modelfile": f"# pocketlm serves this model as loaded\nFROM {card().path}\n",
+            "modelfile": f"# pocketlm serves this model as loaded\nFROM {info.path}\n",
             "parameters": "",
             "template": service.tokenizer.chat_template or "",
-            "details": details(card()),
-            "model_info": model_info(card(), context_length=service.context_length),
+            "details": details(info),
+            "model_info": model_info(info, context_length=service.context_length),
             "capabilities": ["completion"],
-            "modified_at": _mtime(card()),
+            "modified_at": _mtime(info),
         }
 
 
@@ -352,9 +354,9 @@ def _loaded(service: Served, **fields: object) -> dict:
     }
 
 
-async def _generate(service: Served, request: Request) -> object:
-    body = parse(GenerateRequest, await read_body(request, service.max_body))
-    model_name(service, body.model)
+async def _generate(fleet: Fleet, request: Request) -> object:
+    body = parse(GenerateRequest, await read_body(request, fleet.max_body))
+    service, _adapter = await fleet.acquire(request, body.model, keep_alive=body.keep_alive)
     refuse_unsupported(body)
     if not body.prompt and not body.context:
         return _loaded(service, response="")
@@ -365,9 +367,9 @@ async def _generate(service: Served, request: Request) -> object:
     return await _run(service, request, body, ids, extra, chat=False)
 
 
-async def _chat(service: Served, request: Request) -> object:
-    body = parse(ChatRequest, await read_body(request, service.max_body))
-    model_name(service, body.model)
+async def _chat(fleet: Fleet, request: Request) -> object:
+    body = parse(ChatRequest, await read_body(request, fleet.max_body))
+    service, _adapter = await fleet.acquire(request, body.model, keep_alive=body.keep_alive)
     refuse_unsupported(body)
     messages = chat_messages(body, service)
     if not messages:
@@ -467,9 +469,9 @@ async def _gather(jobs: Jobs, request: Request, clock: Clock) -> convert.Choice:
     return choice
 
 
-async def _embed(service: Served, request: Request) -> dict:
-    body = parse(EmbedRequest, await read_body(request, service.max_body))
-    model_name(service, body.model)
+async def _embed(fleet: Fleet, request: Request) -> dict:
+    body = parse(EmbedRequest, await read_body(request, fleet.max_body))
+    service, _adapter = await fleet.acquire(request, body.model, keep_alive=body.keep_alive)
     if body.dimensions is not None:
         raise ApiError("dimensions is not supported: the vectors have the model's width")
     started = time.perf_counter_ns()
@@ -489,10 +491,10 @@ async def _embed(service: Served, request: Request) -> dict:
     }
 
 
-async def _embeddings(service: Served, request: Request) -> dict:
+async def _embeddings(fleet: Fleet, request: Request) -> dict:
     """The older /api/embeddings: one prompt, its vector as the model gives it."""
-    body = parse(EmbeddingsRequest, await read_body(request, service.max_body))
-    model_name(service, body.model)
+    body = parse(EmbeddingsRequest, await read_body(request, fleet.max_body))
+    service, _adapter = await fleet.acquire(request, body.model, keep_alive=body.keep_alive)
     if not body.prompt:
         return {"embedding": []}
     batches = await run_in_threadpool(

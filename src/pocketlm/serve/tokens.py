@@ -18,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import Field
 
 from pocketlm.serve import convert
+from pocketlm.serve.fleet import Fleet
 from pocketlm.serve.jobs import Served, read_body, require_key
 from pocketlm.serve.schemas import ApiError, ChatMessage, _Wire, parse
 
@@ -67,19 +68,19 @@ def _piece(raw: bytes) -> str | list[int]:
         return list(raw)
 
 
-def router(service: Served) -> APIRouter:
-    router = APIRouter(dependencies=[Depends(require_key(service))])
+def router(fleet: Fleet) -> APIRouter:
+    router = APIRouter(dependencies=[Depends(require_key(fleet))])
 
     @router.post("/tokenize")
     async def tokenize_route(request: Request) -> dict:
-        body = parse(TokenizeRequest, await read_body(request, service.max_body))
-        service.check_model(body.model)
+        body = parse(TokenizeRequest, await read_body(request, fleet.max_body))
+        service, _adapter = await fleet.acquire(request, body.model)
         return await run_in_threadpool(tokenize, body, service)  # megabytes take seconds
 
     @router.post("/detokenize")
     async def detokenize_route(request: Request) -> dict:
-        body = parse(DetokenizeRequest, await read_body(request, service.max_body))
-        service.check_model(body.model)
+        body = parse(DetokenizeRequest, await read_body(request, fleet.max_body))
+        service, _adapter = await fleet.acquire(request, body.model)
         if any(not 0 <= i < service.vocab_size for i in body.tokens):
             raise ApiError(f"token ids must be in 0..{service.vocab_size - 1}", param="tokens")
         text = service.tokenizer.decode(body.tokens)
