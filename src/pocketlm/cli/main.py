@@ -47,6 +47,11 @@ COMMANDS = (
     Command("embed", "embed", "hidden states / embeddings of texts, from any layer"),
     Command("probs", "probs", "the text coloured by each token's probability (HTML or PNG)"),
     Command("serve", "serve", "serve a model over an OpenAI-compatible HTTP API, with a chat page"),
+    Command(
+        "ps",
+        "ps",
+        "list the models a running server has loaded, their memory, when they unload",
+    ),
     Command("bench", "bench", "measure decode/prefill speed and the memory-bandwidth bound"),
 )
 

@@ -1,7 +1,9 @@
-"""`pocketlm serve [MODEL]`: serve a model over an OpenAI-compatible HTTP API (and a chat
-page at /), with continuous batching (a model running through transformers answers one
-request at a time, in turn). Parsing and printing only; the server is
-`pocketlm.serve.app`, run by uvicorn.
+"""`pocketlm serve [MODEL ...]`: serve models over an OpenAI-compatible HTTP API (and
+Ollama's and Anthropic's, and a chat page at /), with continuous batching (a model running
+through transformers answers one request at a time, in turn). The first model loads at
+start; others (more MODELs, --models-dir) when a request names them, and unload when
+idle (--keep-alive) or to make room (--models-ram). Parsing and printing only; the server
+is `pocketlm.serve.app` and `pocketlm.serve.fleet`, run by uvicorn.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import ipaddress
 import logging
 import socket
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from pocketlm.cli import common
 from pocketlm.errors import PocketLMError
 from pocketlm.serve import DEFAULT_MAX_TOKENS
 
 if TYPE_CHECKING:
+    from pocketlm.serve.fleet import Fleet, Spec
     from pocketlm.serve.guard import Limits
 
 
@@ -26,9 +30,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API, with a chat page",
         description="Serve MODEL (default: the embedded SmolLM2-135M) at http://HOST:PORT/v1 "
-        "for the openai client and other programs; a chat page is at http://HOST:PORT/.",
+        "for the openai client and other programs; a chat page is at http://HOST:PORT/. "
+        "With several models (more MODELs, --models-dir), a request's `model` picks one "
+        "(none: the first); the first loads at start, the others on first use.",
     )
-    parser.add_argument("model", nargs="?", default=None, help="model name, folder or .gguf file")
+    parser.add_argument(
+        "model",
+        nargs="*",
+        default=[],
+        help="model names, folders or .gguf files (each served under its name: a folder's "
+        "or file's last part)",
+    )
     parser.add_argument(
         "--host",
         default="127.0.0.1",
@@ -61,6 +73,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="new tokens for a request that does not say max_tokens "
         f"(default {DEFAULT_MAX_TOKENS}; a legacy /v1/completions request: 16, as OpenAI's)",
     )
+    _add_fleet_options(parser)
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no request log (by default one line per request on stderr: method, path, "
+        "status, time)",
+    )
+    common.add_model_options(parser)
+    parser.set_defaults(handler=main)
+
+
+def _add_fleet_options(parser: argparse.ArgumentParser) -> None:
+    """The models' names and memory; with several, where more are, how long an idle one
+    stays loaded, how much they may hold together."""
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="model id the API reports for the first model (default: its name)",
+    )
     parser.add_argument(
         "--cache-ram",
         type=ram_size,
@@ -70,16 +101,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "number is MB; default 1GB; 0 turns it off)",
     )
     parser.add_argument(
-        "--name", default=None, help="model id the API reports (default: the model's name)"
+        "--models-dir",
+        default=None,
+        metavar="DIR",
+        help="also serve every model in DIR (each .gguf file and model folder, by its name)",
     )
     parser.add_argument(
-        "--quiet",
-        action="store_true",
-        help="no request log (by default one line per request on stderr: method, path, "
-        "status, time)",
+        "--keep-alive",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="unload a model idle this long (default: 300 with several models, never with one; "
+        "negative: never); Ollama's per-request keep_alive overrides it",
     )
-    common.add_model_options(parser)
-    parser.set_defaults(handler=main)
+    parser.add_argument(
+        "--models-ram",
+        type=ram_size,
+        default=None,
+        metavar="SIZE",
+        help="memory all loaded models' weights may take together, e.g. 8GB; loading one "
+        "more unloads the least recently used idle ones (default: no limit)",
+    )
 
 
 def _add_access_options(parser: argparse.ArgumentParser) -> None:
@@ -193,8 +235,7 @@ def main(args: argparse.Namespace) -> int:
         raise PocketLMError("--cors-origin must be an origin such as http://localhost:3000")
     try:
         from pocketlm.serve import guard
-        from pocketlm.serve.app import Service, create_app
-        from pocketlm.weights import sources
+        from pocketlm.serve.app import create_app
     except ImportError as error:
         raise PocketLMError(f"serving needs {error.name}: pip install 'pocketlm[serve]'") from None
     log = logging.getLogger("pocketlm")
@@ -205,33 +246,84 @@ def main(args: argparse.Namespace) -> int:
         )
     # The order is the cost: a model that is not there (a quick look), then the port,
     # then the load (seconds to minutes), so no mistake waits for the load to be told.
-    sources.resolve(args.model, offline=args.offline)
+    models = find_models(args)
     sock = bind(args.host, args.port)
-    lm = common.load_model(args.model, args)
-    try:
-        service = Service(
-            lm,
-            name=args.name,
-            max_batch=args.max_batch,
-            max_queue=args.max_queue,
-            timeout=args.timeout,
-            api_key=args.api_key,
-            limits=limits(args),
-            **({} if args.cache_ram is None else {"cache_ram": args.cache_ram}),
-            max_tokens=args.max_tokens,
-        )
-    except ValueError as error:
-        raise PocketLMError(f"cannot serve this model: {error}") from None
+    server = load_models(args, models)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
+    others = [name for name in server.specs if name != server.default]
+    also = f" (also {', '.join(others)}, loaded on first use)" if others else ""
     print(
-        f"serving {service.name} at http://{shown}:{port}/v1 (chat page: http://{shown}:{port}/)",
+        f"serving {server.default}{also} at http://{shown}:{port}/v1 "
+        f"(chat page: http://{shown}:{port}/)",
         flush=True,
     )
-    app = create_app(service)
+    app = create_app(server)
     if not args.quiet:
         app = request_log(app)
-    server = guard.server(app, limits=service.limits, cancel_all=service.scheduler.cancel_all)
-    server.run(sockets=[sock])
+    guard.server(app, limits=server.limits, cancel_all=server.cancel_all).run(sockets=[sock])
     sys.stdout.flush()
     return 0
+
+
+class Models(NamedTuple):
+    """The models named on the command line (None: the default), their checkpoints, and
+    those in --models-dir."""
+
+    given: list[str | None]
+    paths: list[Path]
+    in_dir: list[Spec]
+
+
+def find_models(args: argparse.Namespace) -> Models:
+    """Where each model to serve is (a quick look, or a download for a hub id)."""
+    from pocketlm.serve.fleet import models_in
+    from pocketlm.weights import sources
+
+    given = args.model or ([] if args.models_dir else [None])
+    paths = [sources.resolve(model, offline=args.offline) for model in given]
+    return Models(given, paths, models_in(Path(args.models_dir)) if args.models_dir else [])
+
+
+def load_models(args: argparse.Namespace, models: Models) -> Fleet:
+    """The models to serve: the first loaded now, the others (more MODELs, --models-dir)
+    when a request names them, each with the same options."""
+    from pocketlm.serve.app import Service
+    from pocketlm.serve.fleet import KEEP_ALIVE, Fleet, Spec, estimate, served_name
+
+    options = dict(
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        timeout=args.timeout,
+        api_key=args.api_key,
+        limits=limits(args),
+        **({} if args.cache_ram is None else {"cache_ram": args.cache_ram}),
+        max_tokens=args.max_tokens,
+    )
+
+    def service(lm, name: str | None) -> Service:  # noqa: ANN001 - pocketlm.LM
+        try:
+            return Service(lm, name=name, **options)
+        except ValueError as error:
+            raise PocketLMError(f"cannot serve this model: {error}") from None
+
+    given, in_dir = models.given, models.in_dir
+    source, name = (given[0], None) if given else (str(in_dir[0].path), in_dir[0].name)
+    first = service(common.load_model(source, args), args.name or name)
+    specs = [Spec(first.name, Path(first.lm.path))]
+    specs += [Spec(served_name(m), p) for m, p in zip(given[1:], models.paths[1:], strict=True)]
+    specs += [s for s in in_dir if s.path not in {t.path for t in specs}]  # given twice: once
+    keep_alive = args.keep_alive
+    if keep_alive is None:  # one model stays, as it always did; several take turns
+        keep_alive = KEEP_ALIVE if len(specs) > 1 else -1
+    server = Fleet(
+        specs,
+        load=lambda spec: service(common.load_model(str(spec.path), args), spec.name),
+        keep_alive=None if keep_alive < 0 else keep_alive,
+        budget=args.models_ram,
+        estimate=lambda spec: estimate(spec.path, dtype=args.dtype, quantize=args.quantize),
+        api_key=args.api_key,
+        limits=options["limits"],
+    )
+    server.add(first)
+    return server

@@ -18,7 +18,6 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
-from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -40,7 +39,7 @@ from pocketlm.sampling import SamplingParams
 from pocketlm.serve import DEFAULT_MAX_TOKENS, anthropic, convert, ollama, openapi, tokens, tools
 from pocketlm.serve.convert import Choice
 from pocketlm.serve.embedder import Embedder
-from pocketlm.serve.fleet import Fleet, Leases
+from pocketlm.serve.fleet import Fleet, Leases, served_name
 from pocketlm.serve.guard import Guard, Limits
 from pocketlm.serve.jobs import Jobs, read_body, require_key
 from pocketlm.serve.jobs import collect as _collect
@@ -75,8 +74,7 @@ class Service:
         max_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> None:
         self.lm, self.tokenizer = lm, lm.tokenizer
-        # A path's last part names the model ("SmolLM2.gguf"), a hub id stays whole.
-        self.name = name or (Path(lm.name).name if Path(lm.name).exists() else lm.name)
+        self.name = name or served_name(lm.name)
         self.vocab_size = lm.model.config.vocab_size
         self.context_length = lm.context_length
         self.timeout, self.api_key, self.limits = timeout, api_key, limits
@@ -500,6 +498,16 @@ def _api_routes(fleet: Fleet) -> APIRouter:
     return router
 
 
+def _metrics(fleet: Fleet) -> str:
+    snapshots = {
+        name: {**e.service.scheduler.snapshot(), **e.service.embedder.snapshot()}
+        for name, e in fleet.loaded.items()
+    }
+    if len(fleet.specs) == 1:  # one model: its series, unlabelled
+        return convert.prometheus(snapshots.get(fleet.default, {}))
+    return convert.prometheus_by_model(snapshots)  # a series per loaded model, by name
+
+
 def create_app(served: Service | Fleet) -> FastAPI:
     """The ASGI app for one model (a Service) or several (a Fleet); starts the models'
     scheduler threads on startup and stops them on shutdown."""
@@ -551,15 +559,7 @@ def create_app(served: Service | Fleet) -> FastAPI:
 
     @app.get("/metrics", dependencies=[Depends(require_key(fleet))])
     async def metrics() -> PlainTextResponse:
-        snapshots = {
-            name: {**e.service.scheduler.snapshot(), **e.service.embedder.snapshot()}
-            for name, e in fleet.loaded.items()
-        }
-        if len(fleet.specs) == 1:  # one model: its series, unlabelled
-            text = convert.prometheus(snapshots.get(fleet.default, {}))
-        else:  # several: a series per loaded model, labelled with its name
-            text = convert.prometheus_by_model(snapshots)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(_metrics(fleet), media_type="text/plain; version=0.0.4")
 
     @app.get("/")
     async def page() -> HTMLResponse:

@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from fastapi import Request
@@ -35,11 +34,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pocketlm.errors import PocketLMError
 from pocketlm.serve.guard import Limits
+from pocketlm.serve.jobs import Served as Service  # app.py's Service, as the routes see it
 from pocketlm.serve.schemas import ApiError
+from pocketlm.weights import sources
 from pocketlm.weights.card import describe, human_bytes
-
-if TYPE_CHECKING:
-    from pocketlm.serve.app import Service
 
 log = logging.getLogger("pocketlm.serve")
 
@@ -56,13 +54,19 @@ class Spec:
     adapters: tuple[str, ...] = ()  # LoRA adapters served over it, as "name:adapter"
 
 
+def served_name(given: str) -> str:
+    """The name a model is served under: a path's last part ("SmolLM2.gguf"), else the
+    name or hub id as given."""
+    return Path(given).name if Path(given).exists() else given
+
+
 def models_in(folder: Path) -> list[Spec]:
     """Every model in `folder` (--models-dir): each .gguf file and each folder holding a
     config.json or a .gguf, named as pocketlm names a path: its last part."""
     if not folder.is_dir():
         raise PocketLMError(f"--models-dir {folder}: no such folder")
     found = [
-        Spec(p.name, p)
+        Spec(p.name, sources.resolve(str(p)))  # a folder's one .gguf, or the folder
         for p in sorted(folder.iterdir())
         if (p.is_file() and p.suffix == ".gguf")
         or (p.is_dir() and ((p / "config.json").is_file() or any(p.glob("*.gguf"))))
@@ -182,12 +186,9 @@ class Fleet:
 
     def add(self, service: Service) -> None:
         """A model loaded before the server starts (the first one); started with it."""
-        self.loaded[service.name] = Loaded(
-            service, held_bytes(service.lm.model), keep_alive=self.keep_alive
-        )
-        self.sizes[service.name] = self.loaded[service.name].size
-        if self.budget is not None and self.sizes[service.name] > self.budget:
-            raise PocketLMError(self._too_big(service.name, self.sizes[service.name]).message)
+        size = self._enter(service)
+        if self.budget is not None and size > self.budget:
+            raise PocketLMError(self._too_big(service.name, size).message)
 
     # -- names --
 
@@ -261,29 +262,41 @@ class Fleet:
         if not task.cancelled() and (error := task.exception()) is not None:
             log.warning("loading %s failed: %s", name, error)
 
+    def _guess(self, spec: Spec) -> int:
+        """Bytes a model will hold: as measured last time, else as its card says."""
+        try:
+            return self.sizes.get(spec.name) or self.estimate(spec)
+        except PocketLMError:  # a card unread: the load itself will say what is wrong
+            return 0
+
     async def _load(self, spec: Spec) -> None:
-        need = self.sizes.get(spec.name) or await asyncio.to_thread(self.estimate, spec)
+        need = await asyncio.to_thread(self._guess, spec)
         if self.budget is not None and need > self.budget:
             raise self._too_big(spec.name, need)
         await self._make_room(need, keep=spec.name)
         self._reserved[spec.name] = need
         try:
-            service = await asyncio.to_thread(self._start, spec)
+            # No local name keeps the service: an unload must leave nothing holding it.
+            size = self._enter(await asyncio.to_thread(self._start, spec))
         finally:
             del self._reserved[spec.name]
-        entry = Loaded(service, held_bytes(service.lm.model), keep_alive=self.keep_alive)
-        self.loaded[spec.name] = entry
-        self.sizes[spec.name] = entry.size
-        log.info("loaded %s (%s)", spec.name, human_bytes(entry.size))
+        log.info("loaded %s (%s)", spec.name, human_bytes(size))
         try:  # the guess was low: make room for what it really holds, or give it back
-            if self.budget is not None and entry.size > self.budget:
-                raise self._too_big(spec.name, entry.size)
+            if self.budget is not None and size > self.budget:
+                raise self._too_big(spec.name, size)
             await self._make_room(0, keep=spec.name)
         except ApiError:
             await self._unload(spec.name)
             raise
         if self._wake is not None:
             self._wake.set()
+
+    def _enter(self, service: Service) -> int:
+        """Count a model loaded; the bytes it holds."""
+        loaded = Loaded(service, held_bytes(service.lm.model), keep_alive=self.keep_alive)
+        self.loaded[service.name] = loaded
+        self.sizes[service.name] = loaded.size
+        return loaded.size
 
     def _start(self, spec: Spec) -> Service:
         """Load a model and start its scheduler (in a worker thread)."""
@@ -359,14 +372,13 @@ class Fleet:
     async def _reap(self) -> None:
         """Unload each model whose keep-alive has run out since its last request."""
         while True:
-            now = time.monotonic()
-            for name, entry in list(self.loaded.items()):
-                # (still this entry: an earlier unload's await let others run meanwhile)
-                if self.loaded.get(name) is entry and (at := entry.expires()) and at <= now:
-                    try:
-                        await self._unload(name)
-                    except Exception:  # noqa: BLE001 - the reaper must outlive one failure
-                        log.exception("unloading %s failed", name)
+            # Looked for again after each unload, whose await let requests come meanwhile;
+            # by name, as a model held in a local name here would never be freed.
+            while expired := [n for n, e in self.loaded.items() if _past(e.expires())]:
+                try:
+                    await self._unload(expired[0])
+                except Exception:  # noqa: BLE001 - the reaper must outlive one failure
+                    log.exception("unloading %s failed", expired[0])
             self._wake.clear()
             times = [at for e in self.loaded.values() if (at := e.expires()) is not None]
             wait = max(0.0, min(times) - time.monotonic()) if times else None
@@ -377,6 +389,10 @@ class Fleet:
         """When (time.time) `entry` unloads if nothing uses it meanwhile; None: not now."""
         at = entry.expires()
         return None if at is None else time.time() + (at - time.monotonic())
+
+
+def _past(at: float | None) -> bool:
+    return at is not None and at <= time.monotonic()
 
 
 def _free() -> None:
@@ -405,3 +421,4 @@ class Leases:
         finally:
             for entry in held:
                 self.fleet.release(entry)
+            held.clear()  # a scope kept after its response must not keep a model alive

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from fastapi import Request
 
@@ -21,9 +21,6 @@ from pocketlm.serve.scheduler import Event, QueueFull, Scheduler
 from pocketlm.serve.scheduler import Request as EngineRequest
 from pocketlm.serve.schemas import ApiError
 from pocketlm.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from pocketlm.serve.fleet import Fleet
 
 
 class Served(Protocol):
@@ -38,12 +35,21 @@ class Served(Protocol):
     context_length: int
     scheduler: Scheduler
     timeout: float | None
+    created: int  # when it was loaded (Unix time)
 
     embedder: Any  # pocketlm.serve.embedder.Embedder: embeddings, queued and capped
 
     def embed(self, batches: list[list[int]]) -> list[list[float]]: ...
 
     def check_prompt_bytes(self, texts: list, param: str = "prompt") -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Keyed(Protocol):
+    """The server's settings (`pocketlm.serve.fleet.Fleet`) as the key check sees them."""
+
+    api_key: str | None
 
 
 class Jobs:
@@ -117,7 +123,7 @@ async def collect(jobs: Jobs, request: Request, count: int) -> list[Choice]:
     return choices
 
 
-def require_key(fleet: Fleet) -> Callable[[Request], Awaitable[None]]:
+def require_key(fleet: Keyed) -> Callable[[Request], Awaitable[None]]:
     """A route dependency: the request must carry the server's API key (when it has one)."""
 
     async def authorize(request: Request) -> None:
