@@ -12,6 +12,7 @@ Knows nothing of how tokens are computed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -100,7 +101,9 @@ class Service:
             max_seq_len=self.context_length,
             cache_ram=cache_ram,
         )
-        self.embedder = Embedder(self.embed, max_queue=max_queue)
+        # The model's function, not this service's method: no reference cycle, so an
+        # unloaded model's memory goes back as soon as the last reference does.
+        self.embedder = Embedder(functools.partial(_embed, lm.model), max_queue=max_queue)
         self.created = int(time.time())
 
     def check_prompt_bytes(self, texts: list, param: str = "prompt") -> None:
@@ -117,14 +120,18 @@ class Service:
                 )
 
     def embed(self, batches: list[list[int]]) -> list[list[float]]:
-        """Mean of the last layer's hidden states over each input's tokens."""
-        vectors = embed(self.lm.model, batches, layer=-1, pool="mean").vectors
-        return [v.tolist() for v in vectors]
+        return _embed(self.lm.model, batches)
 
     def close(self) -> None:
         """Stop its scheduler and embedding threads: the model is unloading."""
         self.scheduler.stop()
         self.embedder.close()
+
+
+def _embed(model, batches: list[list[int]]) -> list[list[float]]:  # noqa: ANN001 - a model
+    """Mean of the last layer's hidden states over each input's tokens."""
+    vectors = embed(model, batches, layer=-1, pool="mean").vectors
+    return [v.tolist() for v in vectors]
 
 
 def _completion_jobs(service: Service, body: CompletionRequest) -> tuple[Jobs, list[list[int]]]:
