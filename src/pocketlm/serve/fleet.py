@@ -186,7 +186,7 @@ class Fleet:
 
     def add(self, service: Service) -> None:
         """A model loaded before the server starts (the first one); started with it."""
-        size = self._enter(service)
+        size = self._enter(service.name, service)
         if self.budget is not None and size > self.budget:
             raise PocketLMError(self._too_big(service.name, size).message)
 
@@ -277,7 +277,7 @@ class Fleet:
         self._reserved[spec.name] = need
         try:
             # No local name keeps the service: an unload must leave nothing holding it.
-            size = self._enter(await asyncio.to_thread(self._start, spec))
+            size = self._enter(spec.name, await asyncio.to_thread(self._start, spec))
         finally:
             del self._reserved[spec.name]
         log.info("loaded %s (%s)", spec.name, human_bytes(size))
@@ -291,11 +291,11 @@ class Fleet:
         if self._wake is not None:
             self._wake.set()
 
-    def _enter(self, service: Service) -> int:
+    def _enter(self, name: str, service: Service) -> int:
         """Count a model loaded; the bytes it holds."""
         loaded = Loaded(service, held_bytes(service.lm.model), keep_alive=self.keep_alive)
-        self.loaded[service.name] = loaded
-        self.sizes[service.name] = loaded.size
+        self.loaded[name] = loaded
+        self.sizes[name] = loaded.size
         return loaded.size
 
     def _start(self, spec: Spec) -> Service:
