@@ -25,9 +25,12 @@ import pytest
 import pocketlm
 from checkpoints import make_gpt2
 from pocketlm.cli.main import build_parser
+from pocketlm.cli.main import main as cli
 from pocketlm.cli.serve import bind, find_models, load_models
 from pocketlm.serve import guard
 from pocketlm.serve.app import create_app
+from pocketlm.serve.fleet import held_bytes, keep_alive_seconds
+from pocketlm.serve.schemas import ApiError
 
 A, B, C, D = "tiny-a", "tiny-b", "tiny-c", "tiny-d"
 
@@ -198,7 +201,7 @@ def test_keep_alive_unloads_a_model_and_frees_it_and_a_request_reloads_it(server
 
 
 def test_models_ram_evicts_the_least_recently_used_and_keep_alive_unloads(folder, alone):
-    sizes = [server_size(lm) for lm in alone.values()]
+    sizes = [held_bytes(lm.model) for lm in alone.values()]
     budget = sum(sizes) + (1 << 20)  # room for two of A, B and C; D never fits
     server = FleetServer(
         "--models-dir", str(folder), "--keep-alive", "1", "--models-ram", f"{budget / 2**20}MB"
@@ -220,7 +223,20 @@ def test_models_ram_evicts_the_least_recently_used_and_keep_alive_unloads(folder
         server.close()
 
 
-def server_size(lm):
-    from pocketlm.serve.fleet import held_bytes
+def test_ollama_keep_alive_durations():
+    assert [keep_alive_seconds(v) for v in (300, "300", "5m", "1h30m", "300ms", 0)] == [
+        300.0, 300.0, 300.0, 5400.0, 0.3, 0.0,
+    ]  # fmt: skip
+    assert keep_alive_seconds(-1) is None and keep_alive_seconds("-5m") is None  # never
+    with pytest.raises(ApiError, match="not a duration"):
+        keep_alive_seconds("5 minutes")
 
-    return held_bytes(lm.model)
+
+def test_models_dir_mistakes_are_one_line_errors(tmp_path, capsys):
+    assert cli(["serve", "--models-dir", str(tmp_path / "missing")]) == 1
+    assert (
+        capsys.readouterr().err == f"error: --models-dir {tmp_path / 'missing'}: no such folder\n"
+    )
+    (tmp_path / "notes.txt").write_text("no model here")
+    assert cli(["serve", "--models-dir", str(tmp_path)]) == 1
+    assert "holds no model (.gguf files or HF folders)" in capsys.readouterr().err
