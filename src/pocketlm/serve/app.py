@@ -3,11 +3,11 @@
 Routes are thin: read and validate the body (schemas), take the model its `model` names
 (a `Fleet`, serve/fleet.py: one model, or several loaded on demand), turn the body into
 engine requests (convert), hand them to that model's scheduler, and turn its events back
-into a response or a stream of server-sent events (convert). Every failure, including unknown routes, bad
-JSON and a full queue, answers in OpenAI's error format so the `openai` client raises
-the matching exception. A client that goes away mid-stream cancels its requests, which
-frees their batch rows at the scheduler's next step. FastAPI/Starlette; served by uvicorn.
-Knows nothing of how tokens are computed.
+into a response or a stream of server-sent events (convert). Every failure, including
+unknown routes, bad JSON and a full queue, answers in OpenAI's error format so the
+`openai` client raises the matching exception. A client that goes away mid-stream cancels
+its requests, which frees their batch rows at the scheduler's next step.
+FastAPI/Starlette; served by uvicorn. Knows nothing of how tokens are computed.
 """
 
 from __future__ import annotations
