@@ -200,22 +200,47 @@ def test_keep_alive_unloads_a_model_and_frees_it_and_a_request_reloads_it(server
     assert B in server.running()
 
 
-def test_models_ram_evicts_the_least_recently_used_and_keep_alive_unloads(folder, alone):
+def test_models_ram_evicts_idle_models_least_recently_used_first(folder, alone):
     sizes = [held_bytes(lm.model) for lm in alone.values()]
     budget = sum(sizes) + (1 << 20)  # room for two of A, B and C; D never fits
     server = FleetServer(
         "--models-dir", str(folder), "--keep-alive", "1", "--models-ram", f"{budget / 2**20}MB"
     )
     try:
-        options = {"temperature": 0, "num_predict": 8}
+        ask = dict(
+            prompt="The dog",
+            raw=True,
+            keep_alive="1m",
+            options={"temperature": 0, "num_predict": 8},
+        )
         for name in (A, B, A):  # kept a minute each (not the server's 1 s); A used last
-            r = server.ollama.generate(model=name, prompt="The dog", raw=True, keep_alive="1m",
-                                       options=options)  # fmt: skip
+            r = server.ollama.generate(model=name, **ask)
             assert r.response == greedy(alone[name], "The dog")
         assert sorted(server.running()) == [A, B]
-        r = server.openai.completions.create(model=C, prompt="The dog", max_tokens=8, temperature=0)
+        server.ollama.generate(model=C, **ask)
         assert sorted(server.running()) == [A, C]  # B, the least recently used, made room
-        wait_for(lambda: server.running() == [A], "C did not unload after --keep-alive 1")
+        # A request to A stays in flight while A's scheduler is paused (as a long answer
+        # would): A is now the least recently used, yet C is the one unloaded for B.
+        scheduler = server.fleet.loaded[A].service.scheduler
+        scheduler.stop()
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(
+                server.openai.completions.create,
+                model=A,
+                prompt="A cat",
+                max_tokens=8,
+                temperature=0,
+            )
+            wait_for(lambda: server.fleet.loaded[A].users == 1, "the request to A did not come")
+            r = server.openai.completions.create(
+                model=B, prompt="The dog", max_tokens=8, temperature=0
+            )
+            assert r.choices[0].text == greedy(alone[B], "The dog")
+            assert sorted(server.running()) == [A, B] and not answer.done()
+            scheduler.start()
+            assert answer.result(timeout=60).choices[0].text == greedy(alone[A], "A cat")
+        # B came by the OpenAI API: the server's --keep-alive 1 applies
+        wait_for(lambda: server.running() == [A], "B did not unload after --keep-alive 1")
         with pytest.raises(openai.InternalServerError, match=f"'{D}' needs .* --models-ram"):
             server.openai.completions.create(model=D, prompt="x", max_tokens=1)
         assert server.running() == [A]

@@ -24,6 +24,7 @@ import gc
 import logging
 import re
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,8 +347,9 @@ class Fleet:
         entry = self.loaded.pop(name)
         log.info("unloading %s", name)
         await asyncio.to_thread(entry.service.close)
+        weights = weakref.ref(entry.service.lm.model)
         del entry  # the last reference here; what cycles still hold goes in _free
-        await asyncio.to_thread(_free)
+        await asyncio.to_thread(_free, weights)
 
     # -- the server's life --
 
@@ -395,12 +397,15 @@ def _past(at: float | None) -> bool:
     return at is not None and at <= time.monotonic()
 
 
-def _free() -> None:
-    """Give an unloaded model's memory back: a served request's jobs and engine requests
-    refer to each other (and so to the service) until a full collection frees them,
-    which holds the interpreter a moment (0.2 s in a bare `pocketlm serve`), once per
-    unload; then the CUDA allocator's cached blocks."""
-    gc.collect()
+def _free(weights: weakref.ref) -> None:
+    """Give an unloaded model's memory back. A served request's jobs and engine requests
+    refer to each other (and so to the service) until the garbage collector frees them:
+    the young generations first (cheap); a full collection only if the weights are still
+    held, as it holds the interpreter a moment (0.2 s in a bare `pocketlm serve`, more in
+    a bigger process). Then the CUDA allocator's cached blocks."""
+    gc.collect(1)
+    if weights() is not None:
+        gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
