@@ -74,6 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         f"(default {DEFAULT_MAX_TOKENS}; a legacy /v1/completions request: 16, as OpenAI's)",
     )
     _add_fleet_options(parser)
+    _add_lora_option(parser)
     parser.add_argument(
         "--quiet",
         action="store_true",
@@ -121,6 +122,19 @@ def _add_fleet_options(parser: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="memory all loaded models' weights may take together, e.g. 8GB; loading one "
         "more unloads the least recently used idle ones (default: no limit)",
+    )
+
+
+def _add_lora_option(parser: argparse.ArgumentParser) -> None:
+    """Adapters served unmerged beside the first model (pocketlm.serve.adapters)."""
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve a LoRA adapter folder (from `finetune --lora --adapter-only`) unmerged "
+        'beside the (first) model; a request picks it with model "MODEL:NAME" or '
+        '"lora": "NAME" (repeatable)',
     )
 
 
@@ -235,6 +249,7 @@ def main(args: argparse.Namespace) -> int:
         raise PocketLMError("--cors-origin must be an origin such as http://localhost:3000")
     try:
         from pocketlm.serve import guard
+        from pocketlm.serve.adapters import parse_options
         from pocketlm.serve.app import create_app
     except ImportError as error:
         raise PocketLMError(f"serving needs {error.name}: pip install 'pocketlm[serve]'") from None
@@ -247,8 +262,9 @@ def main(args: argparse.Namespace) -> int:
     # The order is the cost: a model that is not there (a quick look), then the port,
     # then the load (seconds to minutes), so no mistake waits for the load to be told.
     models = find_models(args)
+    loras = parse_options(args.lora)  # each adapter's config read before the load
     sock = bind(args.host, args.port)
-    server = load_models(args, models)
+    server = load_models(args, models, loras)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     others = [name for name in server.specs if name != server.default]
@@ -258,6 +274,8 @@ def main(args: argparse.Namespace) -> int:
         f"(chat page: http://{shown}:{port}/)",
         flush=True,
     )
+    if loras:
+        print(f"LoRA adapters: {', '.join(f'{server.default}:{a}' for a in loras)}", flush=True)
     app = create_app(server)
     if not args.quiet:
         app = request_log(app)
@@ -285,9 +303,10 @@ def find_models(args: argparse.Namespace) -> Models:
     return Models(given, paths, models_in(Path(args.models_dir)) if args.models_dir else [])
 
 
-def load_models(args: argparse.Namespace, models: Models) -> Fleet:
-    """The models to serve: the first loaded now, the others (more MODELs, --models-dir)
-    when a request names them, each with the same options."""
+def load_models(args: argparse.Namespace, models: Models, loras: dict[str, Path]) -> Fleet:
+    """The models to serve: the first loaded now (with the LoRA adapters `loras`), the
+    others (more MODELs, --models-dir) when a request names them, each with the same
+    options."""
     from pocketlm.serve.app import Service
     from pocketlm.serve.fleet import KEEP_ALIVE, Fleet, Spec, estimate, served_name
 
@@ -301,16 +320,16 @@ def load_models(args: argparse.Namespace, models: Models) -> Fleet:
         max_tokens=args.max_tokens,
     )
 
-    def service(lm, name: str | None) -> Service:  # noqa: ANN001 - pocketlm.LM
+    def service(lm, name: str | None, loras: dict | None = None) -> Service:  # noqa: ANN001
         try:
-            return Service(lm, name=name, **options)
+            return Service(lm, name=name, loras=loras, **options)
         except ValueError as error:
             raise PocketLMError(f"cannot serve this model: {error}") from None
 
     given, in_dir = models.given, models.in_dir
     source, name = (given[0], None) if given else (str(in_dir[0].path), in_dir[0].name)
-    first = service(common.load_model(source, args), args.name or name)
-    specs = [Spec(first.name, Path(first.lm.path))]
+    first = service(common.load_model(source, args), args.name or name, loras)
+    specs = [Spec(first.name, Path(first.lm.path), tuple(loras))]
     specs += [Spec(served_name(m), p) for m, p in zip(given[1:], models.paths[1:], strict=True)]
     specs += [s for s in in_dir if s.path not in {t.path for t in specs}]  # given twice: once
     keep_alive = args.keep_alive
@@ -318,7 +337,11 @@ def load_models(args: argparse.Namespace, models: Models) -> Fleet:
         keep_alive = KEEP_ALIVE if len(specs) > 1 else -1
     server = Fleet(
         specs,
-        load=lambda spec: service(common.load_model(str(spec.path), args), spec.name),
+        load=lambda spec: service(
+            common.load_model(str(spec.path), args),
+            spec.name,
+            loras if spec.name == first.name else None,  # reloaded after an unload
+        ),
         keep_alive=None if keep_alive < 0 else keep_alive,
         budget=args.models_ram,
         estimate=lambda spec: estimate(spec.path, dtype=args.dtype, quantize=args.quantize),

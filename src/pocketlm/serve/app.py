@@ -17,9 +17,10 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -39,6 +40,7 @@ from pocketlm.generate.constraint import Grammar
 from pocketlm.generate.params import GenerationParams
 from pocketlm.sampling import SamplingParams
 from pocketlm.serve import DEFAULT_MAX_TOKENS, anthropic, convert, ollama, openapi, tokens, tools
+from pocketlm.serve.adapters import chosen, load_adapters
 from pocketlm.serve.convert import Choice
 from pocketlm.serve.embedder import Embedder
 from pocketlm.serve.fleet import Fleet, Leases, served_name
@@ -74,6 +76,7 @@ class Service:
         limits: Limits = Limits(),  # noqa: B008 - frozen, shared safely
         cache_ram: int = DEFAULT_BUDGET,
         max_tokens: int = DEFAULT_MAX_TOKENS,
+        loras: Mapping[str, str | Path] | None = None,
     ) -> None:
         self.lm, self.tokenizer = lm, lm.tokenizer
         self.name = name or served_name(lm.name)
@@ -94,6 +97,8 @@ class Service:
                 self.name,
             )
             max_batch = 1
+        # LoRA adapters served unmerged beside the model (name -> folder; serve/adapters.py)
+        self.adapters = load_adapters(lm, loras) if loras else None
         self.scheduler = Scheduler(
             lm.model,
             lm.tokenizer,
@@ -101,11 +106,16 @@ class Service:
             max_queue=max_queue,
             max_seq_len=self.context_length,
             cache_ram=cache_ram,
+            adapters=self.adapters,
         )
         # The model's function, not this service's method: no reference cycle, so an
         # unloaded model's memory goes back as soon as the last reference does.
         self.embedder = Embedder(functools.partial(_embed, lm.model), max_queue=max_queue)
         self.created = int(time.time())
+
+    def model_id(self, adapter: str | None) -> str:
+        """The model a response names: this one's, or "MODEL:NAME" for an adapter."""
+        return self.name if adapter is None else f"{self.name}:{adapter}"
 
     def check_prompt_bytes(self, texts: list, param: str = "prompt") -> None:
         """Refuse a text (others: token ids) too long to fit the window, untokenized."""
@@ -135,7 +145,9 @@ def _embed(model, batches: list[list[int]]) -> list[list[float]]:  # noqa: ANN00
     return [v.tolist() for v in vectors]
 
 
-def _completion_jobs(service: Service, body: CompletionRequest) -> tuple[Jobs, list[list[int]]]:
+def _completion_jobs(
+    service: Service, body: CompletionRequest, adapter: str | None
+) -> tuple[Jobs, list[list[int]]]:
     if body.suffix:
         raise ApiError("suffix (fill-in-the-middle) is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -153,7 +165,7 @@ def _completion_jobs(service: Service, body: CompletionRequest) -> tuple[Jobs, l
         )
         for ids in convert.prompt_ids(body.prompt, service.tokenizer, vocab_size=service.vocab_size)
     ]
-    jobs = Jobs(service)
+    jobs = Jobs(service, adapter=adapter)
     for p, ids in enumerate(prompts):
         budget = convert.token_budget(
             prompt_tokens=len(ids),
@@ -178,7 +190,7 @@ def _completion_jobs(service: Service, body: CompletionRequest) -> tuple[Jobs, l
 
 
 def _chat_jobs(
-    service: Service, body: ChatCompletionRequest
+    service: Service, body: ChatCompletionRequest, adapter: str | None
 ) -> tuple[Jobs, int, tools.Tooling | None]:
     grammar = convert.response_grammar(body.response_format)
     if body.top_logprobs and not body.logprobs:
@@ -210,7 +222,7 @@ def _chat_jobs(
         param=name,
         default=service.max_tokens,
     )
-    jobs = Jobs(service)
+    jobs = Jobs(service, adapter=adapter)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     for i in range(body.n):
         jobs.add(
@@ -269,7 +281,8 @@ def _check(event: Event, jobs: Jobs) -> None:
 async def _completion_events(
     service: Service, body: CompletionRequest, jobs: Jobs, prompts: list[list[int]]
 ) -> AsyncIterator[bytes]:
-    meta = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=service.name)
+    model = service.model_id(jobs.adapter)
+    meta = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model)
     if body.echo:
         for index in range(len(jobs.requests)):
             text = service.tokenizer.decode(prompts[index // body.n])
@@ -316,7 +329,7 @@ async def _chat_events(
     meta = dict(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
-        model=service.name,
+        model=service.model_id(jobs.adapter),
         include_usage=include,
     )
     for index in range(body.n):
@@ -357,9 +370,10 @@ async def _chat_events(
 
 async def _completions(fleet: Fleet, request: Request):  # noqa: ANN202 - JSON or a stream
     body = parse(CompletionRequest, await read_body(request, fleet.max_body))
-    service, _adapter = await fleet.acquire(request, body.model)
+    service, adapter = await fleet.acquire(request, body.model)
+    adapter = chosen(service.adapters, adapter=adapter, lora=body.lora)
     # Tokenizing megabytes of text takes seconds: off the event loop, which keeps serving.
-    jobs, prompts = await run_in_threadpool(_completion_jobs, service, body)
+    jobs, prompts = await run_in_threadpool(_completion_jobs, service, body, adapter)
     jobs.submit()
     if body.stream:
         return _stream(_completion_events(service, body, jobs, prompts), jobs)
@@ -383,7 +397,7 @@ async def _completions(fleet: Fleet, request: Request):  # noqa: ANN202 - JSON o
     return convert.completion_response(
         id=f"cmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
-        model=service.name,
+        model=service.model_id(jobs.adapter),
         choices=out,
         usage=usage,
     )
@@ -391,9 +405,10 @@ async def _completions(fleet: Fleet, request: Request):  # noqa: ANN202 - JSON o
 
 async def _chat(fleet: Fleet, request: Request):  # noqa: ANN202 - JSON or a stream
     body = parse(ChatCompletionRequest, await read_body(request, fleet.max_body))
-    service, _adapter = await fleet.acquire(request, body.model)
+    service, adapter = await fleet.acquire(request, body.model)
+    adapter = chosen(service.adapters, adapter=adapter, lora=body.lora)
     # The template is code from the model file: rendering (and tokenizing) off the loop.
-    jobs, prompt_tokens, tooling = await run_in_threadpool(_chat_jobs, service, body)
+    jobs, prompt_tokens, tooling = await run_in_threadpool(_chat_jobs, service, body, adapter)
     jobs.submit()
     if body.stream:
         return _stream(_chat_events(service, body, jobs, prompt_tokens, tooling), jobs)
@@ -413,7 +428,7 @@ async def _chat(fleet: Fleet, request: Request):  # noqa: ANN202 - JSON or a str
     return convert.chat_response(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
-        model=service.name,
+        model=service.model_id(jobs.adapter),
         choices=out,
         usage=usage,
     )
@@ -478,18 +493,21 @@ def _embedding_ids(service: Service, body: EmbeddingRequest) -> list[list[int]]:
 def _api_routes(fleet: Fleet) -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=[Depends(require_key(fleet))])
 
-    def entry(name: str) -> dict:
+    def entry(name: str, adapter: str | None = None) -> dict:
         loaded = fleet.loaded.get(name)
         created = loaded.service.created if loaded else fleet.created
-        return convert.model_entry(name, created=created, loaded=loaded is not None)
+        shown = name if adapter is None else f"{name}:{adapter}"  # a LoRA adapter's model
+        return convert.model_entry(shown, created=created, loaded=loaded is not None)
 
     @router.get("/models")
     async def models() -> dict:  # every model it can serve; `loaded`: in memory now
-        return {"object": "list", "data": [entry(name) for name in fleet.specs]}
+        listed = [(s.name, a) for s in fleet.specs.values() for a in (None, *s.adapters)]
+        return {"object": "list", "data": [entry(*model) for model in listed]}
 
     @router.get("/models/{model_id:path}")
     async def model(model_id: str) -> dict:
-        return entry(fleet.resolve(model_id)[0].name)
+        spec, adapter = fleet.resolve(model_id)
+        return entry(spec.name, adapter)
 
     @router.post("/completions")
     async def completions(request: Request):  # noqa: ANN202 - JSON or a stream

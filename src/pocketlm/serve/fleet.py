@@ -175,8 +175,9 @@ class Fleet:
     @classmethod
     def of(cls, service: Service) -> Fleet:
         """One model, loaded and never unloaded: the server of `pocketlm serve MODEL`."""
+        adapters = tuple(service.adapters.names) if service.adapters is not None else ()
         fleet = cls(
-            [Spec(service.name, Path(service.lm.path))],
+            [Spec(service.name, Path(service.lm.path), adapters)],
             load=lambda spec: service,
             keep_alive=None,
             api_key=service.api_key,

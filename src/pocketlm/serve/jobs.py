@@ -37,6 +37,10 @@ class Served(Protocol):
     timeout: float | None
     created: int  # when it was loaded (Unix time)
 
+    adapters: Any  # pocketlm.generate.multilora.MultiLoRA: its LoRA adapters, or None
+
+    def model_id(self, adapter: str | None) -> str: ...
+
     embedder: Any  # pocketlm.serve.embedder.Embedder: embeddings, queued and capped
 
     def embed(self, batches: list[list[int]]) -> list[list[float]]: ...
@@ -55,8 +59,9 @@ class Keyed(Protocol):
 class Jobs:
     """The engine requests (one per choice) behind one HTTP request, and their events."""
 
-    def __init__(self, service: Served) -> None:
+    def __init__(self, service: Served, *, adapter: str | None = None) -> None:
         self.service = service
+        self.adapter = adapter  # the LoRA adapter every request here runs with (None: none)
         self.loop: asyncio.AbstractEventLoop | None = None  # set by submit(), on the loop
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.requests: list[EngineRequest] = []
@@ -68,7 +73,9 @@ class Jobs:
                 self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
 
         self.requests.append(
-            EngineRequest(emit=emit, timeout=self.service.timeout, group=self, **options)
+            EngineRequest(
+                emit=emit, timeout=self.service.timeout, group=self, adapter=self.adapter, **options
+            )
         )
 
     def submit(self) -> None:

@@ -31,6 +31,10 @@ evicted least recently used first. A lookup or a store touches a chain from its 
 to its first, so a block is always more recent than the blocks after it, and the least
 recently used block is always one that no held block follows (a leaf).
 
+Adapters: a LoRA adapter (serve/adapters.py) changes the keys and values of every token, so
+the chains of each adapter, and of the base alone, start from roots of their own: a prompt
+never reuses the KV another adapter computed.
+
 Which models: a token's keys and values depend only on the tokens before it and on its
 position. Sliding-window models (Mistral, Gemma 2/3, GPT-OSS) keep every slot (the window is
 a mask over positions), so a cached prefix is exact for them too. LongRoPE (Phi-3) rotates a
@@ -85,14 +89,15 @@ class PrefixCache:
         held = {"bytes": self.bytes, "blocks": len(self._blocks)}
         return {f"prefix_cache_{k}": v for k, v in {**self.counters, **held}.items()}
 
-    def load(self, ids: Sequence[int], cache: KVCache, row: int) -> int:
-        """Copy the longest held prefix of prompt `ids` into cache row `row`; return how many
-        tokens it covers (0: none held; never the whole prompt, whose last token is computed
-        for its logits: a prompt held whole reuses all but its last token)."""
+    def load(self, ids: Sequence[int], cache: KVCache, row: int, *, adapter: int = 0) -> int:
+        """Copy the longest held prefix of prompt `ids` (run with LoRA adapter number
+        `adapter`; 0: none) into cache row `row`; return how many tokens it covers (0: none
+        held; never the whole prompt, whose last token is computed for its logits: a prompt
+        held whole reuses all but its last token)."""
         # A prompt past LongRoPE's switch is rotated with its long factors, the held
         # prefixes with its short ones: nothing held is of use to it.
         long = self.switch is not None and len(ids) > self.switch
-        chain = [] if long else self._chain(ids)
+        chain = [] if long else self._chain(ids, adapter)
         # as a Session reuses its own cache: all but the last token, computed for its logits
         n = reusable_prefix(ids[: _tokens(chain)], ids)
         if n == 0:
@@ -109,7 +114,7 @@ class PrefixCache:
             v[row, :, :n] = kv[layers + i]
         return n
 
-    def store(self, ids: Sequence[int], cache: KVCache, row: int) -> None:
+    def store(self, ids: Sequence[int], cache: KVCache, row: int, *, adapter: int = 0) -> None:
         """Hold the KV of `ids` (the tokens cache row `row` holds, from slot 0): its whole
         blocks and its tail (a partial block, a leaf); the blocks already held are only
         touched, never replaced (the first stored wins, so a prompt sent again finds the KV
@@ -117,7 +122,7 @@ class PrefixCache:
         prefix is not stored."""
         if self.switch is not None and len(ids) > self.switch:
             return  # rotated with LongRoPE's long factors (see the module docstring)
-        chain = self._chain(ids)
+        chain = self._chain(ids, adapter)
         start = _tokens(chain)
         per_token = _block_bytes(cache, 1)
         # the blocks to add, (first, end) slots, as far as the whole prefix fits the budget
@@ -132,25 +137,28 @@ class PrefixCache:
             for a, b in spans:
                 # a copy of its own, so that evicting the block frees its memory
                 block = kv[:, :, a - start : b - start].clone()  # (2L, H, <= BLOCK, D)
-                parent = self._add(tuple(ids[a:b]), parent, block)
+                parent = self._add(tuple(ids[a:b]), parent, block, root=-adapter)
                 chain.append(parent)
         self._touch(chain)
 
-    def _chain(self, ids: Sequence[int]) -> list[_Block]:
+    def _chain(self, ids: Sequence[int], adapter: int) -> list[_Block]:
         """The held blocks that spell `ids`' start, first first: whole blocks, and the
         prompt's tail when it is held as a partial block (a held partial block is of use
         only to a prompt that ends exactly there)."""
         chain: list[_Block] = []
         for a in range(0, len(ids), self.block):
-            block = self._blocks.get((chain[-1].id if chain else 0, tuple(ids[a : a + self.block])))
+            parent = chain[-1].id if chain else -adapter  # see _add
+            block = self._blocks.get((parent, tuple(ids[a : a + self.block])))
             if block is None:
                 break
             chain.append(block)
         return chain
 
-    def _add(self, tokens: tuple, parent: _Block | None, kv: torch.Tensor) -> _Block:
+    def _add(self, tokens: tuple, parent: _Block | None, kv: torch.Tensor, *, root: int) -> _Block:
+        # A first block's key starts with its root, -adapter (0: the base alone), and every
+        # other block's with its parent's id (from 1 up): the chains of two adapters never meet.
         self._ids += 1
-        block = _Block((parent.id if parent else 0, tokens), self._ids, parent, kv)
+        block = _Block((parent.id if parent else root, tokens), self._ids, parent, kv)
         self._blocks[block.key] = block
         self.bytes += kv.nbytes
         if parent is not None:

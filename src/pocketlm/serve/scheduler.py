@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pocketlm.generate.multilora import MultiLoRA
 from pocketlm.generate.params import GenerationParams
 from pocketlm.generate.request import Sampler, TextStream
 from pocketlm.models import make_cache
@@ -85,6 +86,7 @@ class Request:
     # The requests behind one HTTP request share a group (None: the request is its own);
     # a free row goes to the group holding the fewest rows, so no group starves another.
     group: object = None
+    adapter: str | None = None  # the LoRA adapter to run with (Scheduler's `adapters`), by name
 
 
 class _Active:
@@ -95,6 +97,7 @@ class _Active:
         self, request: Request, *, vocab_size: int, tokenizer: Tokenizer, device: torch.device
     ) -> None:
         self.request = request
+        self.adapter = 0  # index in the scheduler's adapters (0: the base model alone)
         self.sampler = Sampler(
             request.params,
             request.prompt_ids,
@@ -128,6 +131,7 @@ class Scheduler:
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
         cache_ram: int = DEFAULT_BUDGET,
+        adapters: MultiLoRA | None = None,
     ) -> None:
         if getattr(model, "make_cache", None) is not None and max_batch != 1:
             # transformers' own cache holds one sequence (weights/fallback.py)
@@ -135,6 +139,9 @@ class Scheduler:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.vocab_size = model.config.vocab_size
+        # LoRA adapters attached to `model` (generate.multilora): each forward is told
+        # which one each of its rows runs with. None: the base alone, no wrapped layer.
+        self.adapters = adapters
         self.cache = make_cache(model, batch_size=max_batch, max_seq_len=max_seq_len)
         self.device = self.cache.device
         self.rows: list[_Active] = []  # rows[i] is in cache row i
@@ -314,12 +321,15 @@ class Scheduler:
                 self.counters["timed_out"] += 1
                 request.emit(Event("", finish_reason="timeout"))
             else:
-                return _Active(
+                active = _Active(
                     request,
                     vocab_size=self.vocab_size,
                     tokenizer=self.tokenizer,
                     device=self.device,
                 )
+                if request.adapter is not None:  # the server checked the name
+                    active.adapter = self.adapters.index(request.adapter)
+                return active
 
     def _pop_fairly(self) -> Request:
         """The first waiting request of the group that holds the fewest rows now: a
@@ -341,7 +351,7 @@ class Scheduler:
         prompt from the row just prefilled with it: the n choices of one request share a
         prefill). True when the prompt is in and its first token taken."""
         ids = active.request.prompt_ids
-        shared = self._shared.get(id(ids))
+        shared = self._shared.get((id(ids), active.adapter))
         if active.position == 0 and shared is not None and shared[0] is ids:
             _, source, last, active.prompt_logprobs = shared
             self.cache.copy_row(source, row, len(ids))
@@ -351,7 +361,7 @@ class Scheduler:
             # logprobs need every position's logits: such a prompt is computed whole).
             split = self.prefix is not None and not active.request.prompt_logprobs
             if active.position == 0 and split:
-                active.position = self.prefix.load(ids, self.cache, row)
+                active.position = self.prefix.load(ids, self.cache, row, adapter=active.adapter)
             # With the prefix cache on, the prompt's last token is computed in a forward of
             # its own, after the rest (in chunks), whether the rest was loaded or computed:
             # its logits then come from the same kind of call cold and warm, so a request
@@ -366,6 +376,7 @@ class Scheduler:
             positions = torch.arange(start, end, device=self.device)[None]  # (1, T)
             # Prompt logprobs need every position's logits; otherwise the last will do.
             keep = 0 if active.request.prompt_logprobs else 1
+            self._select([active])
             logits = self.model(tokens, positions, self.cache.row(row), logits_to_keep=keep)[0]
             logits = logits.float()
             self.counters["prompt_tokens"] += end - start
@@ -377,9 +388,9 @@ class Scheduler:
             if end < len(ids):
                 return False
             if self.prefix is not None:
-                self.prefix.store(ids, self.cache, row)
+                self.prefix.store(ids, self.cache, row, adapter=active.adapter)
             last = logits[-1]
-            self._shared[id(ids)] = (ids, row, last, active.prompt_logprobs)
+            self._shared[(id(ids), active.adapter)] = (ids, row, last, active.prompt_logprobs)
         self._take(active, last, prompt_logprobs=active.prompt_logprobs)
         return True
 
@@ -387,6 +398,7 @@ class Scheduler:
         tokens = torch.tensor([[a.last_token] for a in self.rows], device=self.device)  # (B, 1)
         positions = torch.tensor([[a.position] for a in self.rows], device=self.device)  # (B, 1)
         masks = self._masks_ahead()
+        self._select(self.rows)
         logits = self.model(tokens, positions, self.cache)[:, -1].float()  # (B, V)
         if masks is not None:
             masks.result()  # raises what a row's grammar raised: the step fails its rows
@@ -394,7 +406,7 @@ class Scheduler:
         if self._switch is not None:  # LongRoPE only: not a loop per step for every model
             for i, active in enumerate(self.rows):
                 if active.position == self._switch:  # this step passes the switch length
-                    logits[i] = self._recompute(active.ids, row=i)
+                    logits[i] = self._recompute(active, row=i)
         for i, active in enumerate(self.rows):
             active.position += 1
             if not active.done:
@@ -418,8 +430,16 @@ class Scheduler:
             self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="pocketlm-masks")
         return self._mask_worker.submit(lambda: [state.mask() for state in states])
 
-    def _recompute(self, ids: list[int], *, row: int) -> torch.Tensor:
-        """Compute cache row `row` afresh for `ids` (from position 0); the last logits (V,)."""
+    def _select(self, rows: list[_Active]) -> None:
+        """Tell the adapters' layers which adapter each row of the next forward runs with."""
+        if self.adapters is not None:
+            self.adapters.select([active.adapter for active in rows])
+
+    def _recompute(self, active: _Active, *, row: int) -> torch.Tensor:
+        """Compute cache row `row` afresh for `active`'s tokens (from position 0); the last
+        logits (V,)."""
+        ids = active.ids
+        self._select([active])
         tokens = torch.tensor([ids], device=self.device)  # (1, T)
         positions = torch.arange(len(ids), device=self.device)[None]  # (1, T)
         return self.model(tokens, positions, self.cache.row(row), logits_to_keep=1)[0, -1].float()
@@ -483,7 +503,9 @@ class Scheduler:
         """Hand a finished row's tokens to the prefix cache: a chat's next turn resends this
         prompt and answer. Not a row whose step failed (its cache may be half written)."""
         if self.prefix is not None and active.finish_reason != "error":
-            self.prefix.store(active.ids[: active.position], self.cache, row)
+            self.prefix.store(
+                active.ids[: active.position], self.cache, row, adapter=active.adapter
+            )
 
     def _free(self, row: int) -> None:
         last = len(self.rows) - 1

@@ -70,6 +70,7 @@ class _Sampling(_Wire):
     """Options completions and chat share."""
 
     model: str | None = None
+    lora: str | None = None  # a LoRA adapter the server runs (`serve --lora NAME=PATH`), by name
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
