@@ -12,6 +12,8 @@ bare base, the base loaded alone. One server for the module, driven by the opena
 
 import threading
 
+import anthropic
+import ollama
 import openai
 import pytest
 import torch
@@ -73,27 +75,26 @@ def server(made):
     server.close()
 
 
-def forward(model, ids):
-    """Logits (B, T, V) of the same prompt in each of B rows, with no cache."""
-    tokens = torch.tensor([ids] * 3)  # (3, T)
+def forward(model, ids, rows=3):
+    """Logits (rows, T, V) of the same prompt in each row, with no cache."""
+    tokens = torch.tensor([ids] * rows)  # (rows, T)
     with torch.inference_mode():
-        return model(tokens, torch.arange(len(ids)).expand(3, -1))
+        return model(tokens, torch.arange(len(ids)).expand(rows, -1))
 
 
 def test_one_forward_runs_each_row_with_its_adapter(server, merged):
     adapters, model = server.service.adapters, server.service.lm.model
     ids = merged[None].tokenizer.encode(PROMPT)
+    alone = {name: forward(lm.model, ids, rows=1)[0] for name, lm in merged.items()}
+    assert (alone["poet"] - alone[None]).abs().max() > 0.5  # the adapter matters
     # On this thread only: the server's scheduler thread keeps its own choice.
     for rows in ([None, "poet", "critic"], ["critic", None, "poet"]):
         adapters.select([adapters.index(name) for name in rows])
         logits = forward(model, ids)
         for row, name in enumerate(rows):
-            alone = forward(merged[name].model, ids)[0]
-            assert (logits[row] - alone).abs().max() < 1e-4, (rows, name)
+            assert (logits[row] - alone[name]).abs().max() < 1e-4, (rows, name)
     adapters.select([0, 0, 0])
-    assert (forward(model, ids) - forward(merged[None].model, ids)).abs().max() == 0
-    differ = forward(merged["poet"].model, ids) - forward(merged[None].model, ids)
-    assert differ.abs().max() > 0.5  # the adapter matters (and so the checks above do)
+    assert (forward(model, ids) - alone[None]).abs().max() == 0
 
 
 def test_two_adapters_and_the_base_in_one_batch_equal_their_merged_models(
@@ -164,6 +165,25 @@ def test_the_openai_client_picks_an_adapter_by_model_or_lora_field(server, merge
         extra_body={"lora": "poet"},
     )
     assert chat.model == "tiny:poet" and chat.choices[0].message.content
+
+
+def test_ollama_and_anthropic_clients_pick_an_adapter_by_model(server, merged):
+    expected = merged["poet"].generate(PROMPT, max_tokens=6, temperature=0).text
+    olla = ollama.Client(host=server.url, timeout=60)
+    options = {"temperature": 0, "num_predict": 6}
+    r = olla.generate(model="tiny:poet", prompt=PROMPT, raw=True, options=options)
+    assert (r.response, r.model) == (expected, "tiny:poet")
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = server.client().chat.completions.create(
+        model="tiny:poet", messages=messages, max_tokens=6, temperature=0
+    )
+    claude = anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0)
+    m = claude.messages.create(
+        model="tiny:poet", messages=messages, max_tokens=6, extra_body={"temperature": 0}
+    )
+    assert (m.content[0].text, m.model) == (chat.choices[0].message.content, "tiny:poet")
+    with pytest.raises(anthropic.NotFoundError, match="has no adapter 'nope'"):
+        claude.messages.create(model="tiny:nope", messages=messages, max_tokens=1)
 
 
 def test_an_unknown_adapter_is_a_404_and_two_names_a_400(server):

@@ -247,7 +247,7 @@ def _authorize(fleet: Fleet, request: Request) -> None:
 
 async def _messages(fleet: Fleet, request: Request) -> object:
     body = parse(MessagesRequest, await read_body(request, fleet.max_body))
-    service, _adapter = await fleet.acquire(request, body.model)
+    service, adapter = await fleet.acquire(request, body.model)
     # The template is code from the model file: rendered (and tokenized) off the loop.
     ids, extra = await run_in_threadpool(prompt, body, service)
     budget = convert.token_budget(
@@ -256,7 +256,7 @@ async def _messages(fleet: Fleet, request: Request) -> object:
         context_length=service.context_length,
         hint="shorten the conversation",
     )
-    jobs = Jobs(service)
+    jobs = Jobs(service, adapter=adapter)
     params = generation_params(
         body, budget=budget, extra_stops=extra, vocab_size=service.vocab_size
     )
@@ -273,7 +273,7 @@ async def _messages(fleet: Fleet, request: Request) -> object:
     reason = stop_reason(choice.finish_reason, choice.stop_sequence, body.stop_sequences)
     return message(
         id=id,
-        model=service.name,
+        model=service.model_id(adapter),
         text="".join(choice.text),
         reason=reason,
         usage=usage(len(ids), choice.completion_tokens),
@@ -284,7 +284,11 @@ async def _events(
     service: Served, body: MessagesRequest, jobs: Jobs, *, id: str, prompt_tokens: int
 ) -> AsyncIterator[bytes]:
     start = message(
-        id=id, model=service.name, text=None, reason=(None, None), usage=usage(prompt_tokens, 0)
+        id=id,
+        model=service.model_id(jobs.adapter),
+        text=None,
+        reason=(None, None),
+        usage=usage(prompt_tokens, 0),
     )
     yield event("message_start", {"type": "message_start", "message": start})
     block = {"type": "text", "text": ""}

@@ -356,7 +356,7 @@ def _loaded(service: Served, **fields: object) -> dict:
 
 async def _generate(fleet: Fleet, request: Request) -> object:
     body = parse(GenerateRequest, await read_body(request, fleet.max_body))
-    service, _adapter = await fleet.acquire(request, body.model, keep_alive=body.keep_alive)
+    service, adapter = await fleet.acquire(request, body.model, keep_alive=body.keep_alive)
     refuse_unsupported(body)
     if not body.prompt and not body.context:
         return _loaded(service, response="")
@@ -364,12 +364,12 @@ async def _generate(fleet: Fleet, request: Request) -> object:
         service.check_prompt_bytes([body.prompt])
     # The template is code from the model file: rendered (and tokenized) off the loop.
     ids, extra = await run_in_threadpool(generate_prompt, body, service)
-    return await _run(service, request, body, ids, extra, chat=False)
+    return await _run(service, request, body, ids, extra, chat=False, adapter=adapter)
 
 
 async def _chat(fleet: Fleet, request: Request) -> object:
     body = parse(ChatRequest, await read_body(request, fleet.max_body))
-    service, _adapter = await fleet.acquire(request, body.model, keep_alive=body.keep_alive)
+    service, adapter = await fleet.acquire(request, body.model, keep_alive=body.keep_alive)
     refuse_unsupported(body)
     messages = chat_messages(body, service)
     if not messages:
@@ -377,7 +377,7 @@ async def _chat(fleet: Fleet, request: Request) -> object:
     if not body.truncate:  # too many bytes to fit: refused before tokenizing
         service.check_prompt_bytes(["".join(m.content for m in messages)], param="messages")
     ids, extra = await run_in_threadpool(convert.chat_prompt, messages, service.tokenizer)
-    return await _run(service, request, body, ids, extra, chat=True)
+    return await _run(service, request, body, ids, extra, chat=True, adapter=adapter)
 
 
 async def _run(
@@ -388,12 +388,14 @@ async def _run(
     extra: tuple[str, ...],
     *,
     chat: bool,
+    adapter: str | None,
 ) -> object:
-    """Generate for /api/generate or /api/chat: one JSON answer or an NDJSON stream."""
+    """Generate for /api/generate or /api/chat (with the LoRA adapter the model named):
+    one JSON answer or an NDJSON stream."""
     ids, budget = fit(
         ids, body.options, truncate=body.truncate, context_length=service.context_length
     )
-    jobs = Jobs(service)
+    jobs = Jobs(service, adapter=adapter)
     jobs.add(
         0,
         prompt_ids=ids,
@@ -405,7 +407,7 @@ async def _run(
             grammar=format_grammar(body.format),
         ),
     )
-    answer = _Answer(service.name, ids, chat=chat)
+    answer = _Answer(service.model_id(adapter), ids, chat=chat)
     jobs.submit()
     if body.stream is False:
         choice = await _gather(jobs, request, answer.clock)
