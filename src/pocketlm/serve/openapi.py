@@ -42,7 +42,7 @@ _ERRORS = {  # status -> what it means, on every POST route
     "400": "invalid request",
     "401": "missing or wrong API key",
     "403": "Host not allowed",
-    "404": "unknown model",
+    "404": "unknown model or LoRA adapter",
     "408": "the request arrived too slowly",
     "413": "body too large",
     "415": "body not sent as application/json",
