@@ -99,6 +99,14 @@ def test_one_forward_runs_each_row_with_its_adapter(server, merged):
             assert (logits[row] - alone[name]).abs().max() < 1e-4, (rows, name)
     adapters.select([0, 0, 0])
     assert (forward(model, ids) - alone[None]).abs().max() == 0
+    # The choice is this thread's: another one running the model (the server's embeddings)
+    # sees the bare model.
+    adapters.select([1, 1, 1])
+    elsewhere = []
+    thread = threading.Thread(target=lambda: elsewhere.append(forward(model, ids)))
+    thread.start()
+    thread.join()
+    assert (elsewhere[0] - alone[None]).abs().max() == 0
 
 
 def test_two_adapters_and_the_base_in_one_batch_equal_their_merged_models(

@@ -69,8 +69,11 @@ class MultiLoRALinear(nn.Module):
             if rows is None:  # every row of the batch uses this adapter
                 y = y + ((x @ a) @ b).to(y.dtype)
             else:
-                if x.shape[0] != self.selection.rows:
-                    raise PocketLMError("an adapter's layer must see the batch's rows first")
+                if x.shape[0] != self.selection.rows:  # e.g. a layer fed (B * T, C)
+                    raise PocketLMError(
+                        "this adapter's layer does not take the batch's rows as its first "
+                        "axis: serve it alone (one adapter per batch) or merge it"
+                    )
                 update = (x.index_select(0, rows) @ a) @ b  # (G, ..., out)
                 y = y.index_add(0, rows, update.to(y.dtype))
         return y
