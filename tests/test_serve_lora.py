@@ -215,6 +215,14 @@ def test_an_unknown_adapter_is_a_404_and_two_names_a_400(server):
             extra_body={"lora": "critic"},
         )
 
+    # Past the routes (another caller of the scheduler): the request alone fails.
+    events, done = [], threading.Event()
+    params = server.service.lm.params(max_tokens=1)
+    request = Request([1, 2], params, lambda e: (events.append(e), done.set()), adapter="nope")
+    server.service.scheduler.submit([request])
+    assert done.wait(30) and events[-1].finish_reason == "error"
+    assert events[-1].text == "no LoRA adapter named 'nope' is loaded"
+
 
 def test_the_prefix_cache_never_gives_one_adapter_the_kv_of_another(server, merged):
     client = server.client()

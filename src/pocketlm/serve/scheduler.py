@@ -7,12 +7,14 @@ first k rows, each at its own position). Between steps the loop admits waiting r
 a long prompt in chunks, one per step, so the others keep streaming; a prefix that an
 earlier request computed comes from the prefix cache, serve/prefix_cache.py),
 and drops finished, cancelled and timed-out ones at once: the last row moves into the
-hole. The scheduler owns batching only: each request turns its logits into tokens and text
-with the engine's own `Sampler` and `TextStream` (pocketlm.generate.request), exactly as
-`lm.generate` does, so a seeded or greedy request gives the same tokens whether it runs
-through the Python API, alone on the server or in a crowd. A constrained request's row
-has its own grammar state (in its Sampler); the next masks of those rows are computed on a
-worker thread while the forward pass runs (llguidance releases the GIL).
+hole. Rows may run with different LoRA adapters over the same weights: each forward is
+told which row runs with which (generate/multilora.py). The scheduler owns batching only:
+each request turns its logits into tokens and text with the engine's own `Sampler` and
+`TextStream` (pocketlm.generate.request), exactly as `lm.generate` does, so a seeded or
+greedy request gives the same tokens whether it runs through the Python API, alone on the
+server or in a crowd. A constrained request's row has its own grammar state (in its
+Sampler); the next masks of those rows are computed on a worker thread while the forward
+pass runs (llguidance releases the GIL).
 
 Results leave through a per-request `emit(Event)` callback, called on the scheduler thread.
 Knows nothing of HTTP or the wire format. (vLLM's scheduler and Orca, Yu et al. 2022,
@@ -320,6 +322,10 @@ class Scheduler:
             elif self._expired(request):
                 self.counters["timed_out"] += 1
                 request.emit(Event("", finish_reason="timeout"))
+            elif request.adapter is not None and request.adapter not in self._adapter_names():
+                self.counters["errors"] += 1
+                message = f"no LoRA adapter named '{request.adapter}' is loaded"
+                request.emit(Event(message, finish_reason="error"))
             else:
                 active = _Active(
                     request,
@@ -327,9 +333,12 @@ class Scheduler:
                     tokenizer=self.tokenizer,
                     device=self.device,
                 )
-                if request.adapter is not None:  # the server checked the name
+                if request.adapter is not None:
                     active.adapter = self.adapters.index(request.adapter)
                 return active
+
+    def _adapter_names(self) -> dict[str, int]:
+        return self.adapters.names if self.adapters is not None else {}
 
     def _pop_fairly(self) -> Request:
         """The first waiting request of the group that holds the fewest rows now: a
