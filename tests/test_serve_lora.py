@@ -169,14 +169,14 @@ def test_the_openai_client_picks_an_adapter_by_model_or_lora_field(server, merge
         expected = merged[name].generate(PROMPT, max_tokens=8, temperature=0).text
         r = client.completions.create(prompt=PROMPT, max_tokens=8, temperature=0, **options)
         assert r.choices[0].text == expected and r.model == f"{MODEL}:{name}".removesuffix(":None")
-    chat = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "Hi"}],
-        max_tokens=6,
-        temperature=0,
-        extra_body={"lora": "poet"},
-    )
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6)
+    chat = client.chat.completions.create(**ask, temperature=0, extra_body={"lora": "poet"})
     assert chat.model == "tiny:poet" and chat.choices[0].message.content
+    ask["model"] = "tiny:poet"
+    chunks = list(client.chat.completions.create(**ask, temperature=0, stream=True))
+    assert {c.model for c in chunks} == {"tiny:poet"}
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == chat.choices[0].message.content
 
 
 def test_ollama_and_anthropic_clients_pick_an_adapter_by_model(server, merged):
