@@ -303,10 +303,13 @@ def find_models(args: argparse.Namespace) -> Models:
     return Models(given, paths, models_in(Path(args.models_dir)) if args.models_dir else [])
 
 
-def load_models(args: argparse.Namespace, models: Models, loras: dict[str, Path]) -> Fleet:
+def load_models(
+    args: argparse.Namespace, models: Models, loras: dict[str, Path] | None = None
+) -> Fleet:
     """The models to serve: the first loaded now (with the LoRA adapters `loras`), the
     others (more MODELs, --models-dir) when a request names them, each with the same
     options."""
+    from pocketlm.serve.adapters import parse_options
     from pocketlm.serve.app import Service
     from pocketlm.serve.fleet import KEEP_ALIVE, Fleet, Spec, estimate, served_name
 
@@ -328,6 +331,7 @@ def load_models(args: argparse.Namespace, models: Models, loras: dict[str, Path]
 
     given, in_dir = models.given, models.in_dir
     source, name = (given[0], None) if given else (str(in_dir[0].path), in_dir[0].name)
+    loras = parse_options(args.lora) if loras is None else loras  # --lora, for the first
     first = service(common.load_model(source, args), args.name or name, loras)
     specs = [Spec(first.name, Path(first.lm.path), tuple(loras))]
     specs += [Spec(served_name(m), p) for m, p in zip(given[1:], models.paths[1:], strict=True)]
