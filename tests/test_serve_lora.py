@@ -25,6 +25,7 @@ from pocketlm.cli.main import main as cli
 from pocketlm.kernels.gguf import GGUFLinear
 from pocketlm.kernels.int8 import Int8Linear
 from pocketlm.serve.adapters import load_adapters
+from pocketlm.serve.fleet import held_bytes
 from pocketlm.serve.scheduler import Request
 from pocketlm.train.gguf_export import export_gguf
 from pocketlm.train.lora import LoRAConfig, apply_lora, lora_modules, save_adapter
@@ -99,6 +100,9 @@ def test_one_forward_runs_each_row_with_its_adapter(server, merged):
             assert (logits[row] - alone[name]).abs().max() < 1e-4, (rows, name)
     adapters.select([0, 0, 0])
     assert (forward(model, ids) - alone[None]).abs().max() == 0
+    factors = [t for layer in adapters.layers.values() for f in layer.factors if f for t in f]
+    extra = held_bytes(model) - held_bytes(merged[None].model)  # what a server's budget counts
+    assert extra == sum(t.nbytes for t in factors) > 0
     # The choice is this thread's: another one running the model (the server's embeddings)
     # sees the bare model.
     adapters.select([1, 1, 1])

@@ -117,7 +117,11 @@ class MultiLoRA:
             b = b * scale
             # rounded to the activations' dtype as a merge rounds them to the weight's
             pair = tuple(t.t().contiguous().to(self.device, self.dtype) for t in (a, b))
-            self._wrapper(target).factors.append(pair)
+            layer = self._wrapper(target)
+            layer.factors.append(pair)
+            # also as buffers, so that what the model holds counts them (a server's budget)
+            for part, tensor in zip("AB", pair, strict=True):
+                layer.register_buffer(f"lora_{part}{self.count}", tensor, persistent=False)
         for layer in self.layers.values():  # the layers this adapter leaves alone
             layer.factors += [None] * (self.count + 1 - len(layer.factors))
         return self.count
