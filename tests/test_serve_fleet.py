@@ -21,6 +21,7 @@ import httpx
 import ollama
 import openai
 import pytest
+import torch
 
 import pocketlm
 from checkpoints import make_gpt2
@@ -39,7 +40,10 @@ class FleetServer:
     """`pocketlm serve ARGS...` (its own parsing and loading) on a thread."""
 
     def __init__(self, *argv):
-        args = build_parser("serve").parse_args(["serve", *argv, "--quiet"])
+        # The suite's thread count, so loading (which sets it for the process) leaves
+        # later tests as it found them.
+        threads = ["--threads", str(torch.get_num_threads())]
+        args = build_parser("serve").parse_args(["serve", *argv, *threads, "--quiet"])
         self.fleet = load_models(args, find_models(args))
         sock = bind("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
