@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from pocketlm import paths
 from pocketlm.errors import PocketLMError
 from pocketlm.features import hidden, scores
 from pocketlm.generate.engine import Completion, Engine, Usage
@@ -39,6 +40,12 @@ class LM(Engine):
         self.config = loaded.config
         self.path = loaded.path
         self.native = loaded.native
+
+    def compile(self, *, store: Path | None = None) -> None:
+        """Decode through torch.compile from now on (see `Engine.compile`), the compiled
+        step kept in `store`: by default pocketlm's own (`~/.local/share/pocketlm/compiled`
+        or under POCKETLM_HOME), so that the next load of this model pays little for it."""
+        super().compile(store=paths.compiled_dir() if store is None else store)
 
     def few_shot(
         self, query: str, examples: object, *, template: str | None = None, **options: object

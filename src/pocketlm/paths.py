@@ -26,6 +26,12 @@ def runs_dir() -> Path:
     return home() / "runs"
 
 
+def compiled_dir() -> Path:
+    """`--compile`'s compiled decode steps, one file per model shape and torch version,
+    and inductor's compiled kernels they use (pocketlm.generate.precompiled)."""
+    return home() / "compiled"
+
+
 def sessions_dir() -> Path:
     return home() / "sessions"
 

@@ -15,17 +15,20 @@ skipped or not). Three details make it pay:
   and as a plain int it would recompile at every token);
 - once warm, guard evaluation is skipped (`skip_guard_eval_unsafe`): the step's inputs
   never change kind (a new kind raises, and is compiled for with the guards back on).
-Compiling takes tens of seconds on a CPU the first time; inductor keeps the result on
-disk, so a later load of the same model compiles in seconds.
-Knows nothing of tokens, sampling or files. (gpt-fast `decode_one_token`.)
+Compiling takes a minute or more on a CPU. Given a `store` folder, the step is compiled
+ahead of time at its first call and kept there (generate.precompiled), so a later process
+loads it in seconds instead of tracing the model again; without one it is compiled in
+each process. Knows nothing of tokens or sampling. (gpt-fast `decode_one_token`.)
 """
 
 import logging
 import threading
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from pocketlm.generate import precompiled
 from pocketlm.models.cache import KVCache
 
 log = logging.getLogger("pocketlm")
@@ -42,16 +45,20 @@ class CompiledDecode:
     is given must be reserved at the same window (checked), so they all have the shapes
     the graph was made for. Calls are serialised: one graph, one caller at a time."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, store: Path | None = None) -> None:
         self.model = model
         self._graph = torch.compile(self._step, dynamic=False, fullgraph=True)
+        # Kept on disk in `store` (generate.precompiled); made or loaded at the first call.
+        self.store = store
+        self.saved = None  # the step from (or for) the store, once there is one
+        self.loaded = False  # whether it came from the store (a compile that paid little)
         self._shape: tuple | None = None  # (rows, slots, dtype) of the caches it takes
         self._slots: torch.Tensor | None = None
         self.calls = 0
         self._lock = threading.Lock()
         log.info(
-            "compiling the decode step (a minute or more the first time for a model, about a "
-            "quarter of that once cached): it pays for long answers only"
+            "compiling the decode step (a minute or more the first time for a model, seconds "
+            "once saved): it pays for long answers only"
         )
 
     @staticmethod
@@ -70,8 +77,12 @@ class CompiledDecode:
             return self.model(tokens, positions, cache, logits_to_keep=1)
         with self._lock:
             slots = self._slots[:n_slots]
-            torch._dynamo.mark_dynamic(slots, 0)
             self.calls += 1
+            if self.store is not None:
+                logits = self._call_saved(tokens, positions, cache, slots)
+                if logits is not None:
+                    return logits
+            torch._dynamo.mark_dynamic(slots, 0)
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=self.calls > WARM_CALLS):
                     return self._graph(self.model, tokens, positions, cache, slots)
@@ -80,6 +91,47 @@ class CompiledDecode:
                     raise
                 self.calls = 0  # an input of a new kind: compile for it with the guards on
         return self(tokens, positions, cache, n_slots)
+
+    def _call_saved(self, tokens, positions, cache: KVCache, slots) -> torch.Tensor | None:  # noqa: ANN001
+        """Decode through the step kept in the store: loaded or, failing that, compiled
+        ahead of time and saved at the first call. None where it refuses these inputs
+        (another kind than it was made for): they are then compiled for lazily."""
+        args = (self.model, tokens, positions, cache, slots)
+        if self.saved is not None:
+            logits = self._run_saved(args)
+        else:
+            logits = self._load_or_compile(
+                args, path=precompiled.path_for(self.store, self.model, cache)
+            )
+        if logits is None:
+            self.store = None  # from now on, torch.compile's own lazy graphs
+        return logits
+
+    def _load_or_compile(self, args: tuple, *, path: Path) -> torch.Tensor | None:
+        with precompiled.inductor_files(self.store):  # its first call too: kernels load
+            self.saved = precompiled.load(path)
+            if self.saved is not None:
+                logits = self._run_saved(args)
+                if logits is not None:
+                    self.loaded = True
+                    return logits
+                log.info("the compiled step in %s does not fit: compiling again", path)
+            example = args[-1][:]  # `slots`, marked as a view of its own: calls pass it bare
+            torch._dynamo.mark_dynamic(example, 0)  # one graph for every position
+            self.saved = precompiled.compile_and_save(self._graph, (*args[:-1], example), path)
+            return self._run_saved(args)
+
+    def _run_saved(self, args: tuple) -> torch.Tensor | None:
+        try:
+            logits = self.saved(*args)
+        except RuntimeError as error:
+            if not precompiled.is_guard_failure(error):
+                raise
+            self.saved = None
+            return None
+        if self.calls >= WARM_CALLS:
+            self.saved.disable_guard_check()  # as skip_guard_eval_unsafe does, below
+        return logits
 
     def _check(self, cache: KVCache) -> None:
         """Guards are skipped once warm: a cache of another shape would be read wrongly."""

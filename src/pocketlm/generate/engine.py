@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 from torch import nn
@@ -132,12 +133,13 @@ class Engine:
             check_draft(self.tokenizer, draft.tokenizer, names=(self.name, draft.name))
         self.draft, self.lookahead = draft, lookahead
 
-    def compile(self) -> None:
+    def compile(self, *, store: Path | None = None) -> None:
         """Decode through torch.compile from now on, and compile now (a minute or more the
-        first time for a model, about a quarter of that once inductor has it on disk), not
-        during the first answer. It pays for long answers only (docs/compile.md)."""
+        first time for a model), not during the first answer. With a `store` folder the
+        compiled step is kept there and a later process loads it in seconds. It pays for
+        long answers only (docs/compile.md)."""
         if self.decode_step is None:
-            self.decode_step = CompiledDecode(self.model)
+            self.decode_step = CompiledDecode(self.model, store=store)
             self.session().sequence.warm_up()
 
     def params(self, **options: object) -> GenerationParams:

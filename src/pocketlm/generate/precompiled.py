@@ -1,0 +1,147 @@
+"""The compiled decode step kept on disk, so that a later process loads it instead of
+compiling it again (`--compile`'s second run).
+
+What a plain torch.compile redoes at every start, even with inductor's on-disk caches
+warm, is Dynamo's trace of the model (bytecode_tracing: about two thirds of a cached
+compile of SmolLM2-135M, docs/compile.md) and the guards it builds. PyTorch's
+ahead-of-time compile (`torch.compile(...).aot_compile(example inputs)`, experimental in
+2.13) keeps all of it: the traced graph, its guards, the bytecode that calls it and
+inductor's generated code, in one file that `torch.compiler.load_compiled_function`
+turns back into the step. The C++ kernels inductor generated for it are compiled once
+into inductor's cache; that cache is kept beside the files (not under /tmp, which a
+reboot clears), or loading recompiles every kernel (~40 s here).
+
+A file is named by everything the graph was specialised to and its guards may not all
+check: the torch and Python versions, the CPU's vector ISA, the model's structure (module
+types and their plain attributes, such as which kernel a matrix uses), its tensors'
+names, shapes and dtypes (not their values: those are the graph's inputs, so a fine-tune
+of the same shapes shares it), its config, the KV cache's shape. On loading, the source
+of every function the trace went through is compared with today's, as PyTorch's own
+precompile does; a file that is stale, unreadable, or for another kind of input is
+compiled again and replaced (written whole, then renamed into place).
+
+Knows nothing of tokens, sampling or where pocketlm keeps its files (the caller says).
+(PyTorch: docs `torch.compiler_aot_compile`, torch/_dynamo/package.py `CompilePackage`.)
+"""
+
+import contextlib
+import hashlib
+import importlib
+import inspect
+import logging
+import os
+import platform
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pocketlm.models.cache import KVCache
+
+log = logging.getLogger("pocketlm")
+
+SUFFIX = ".pt2"
+_PLAIN = (bool, int, float, str, tuple, type(None))  # module attributes the key reads
+
+
+def folder_for(store: Path) -> Path:
+    """Where this torch keeps its compiled steps under `store` (one folder per version,
+    so an upgrade leaves the old ones to delete as a whole)."""
+    return store / f"torch-{torch.__version__}"
+
+
+def inductor_dir(store: Path) -> Path:
+    """Inductor's cache of compiled C++ kernels, which a loaded step links against."""
+    return store / "inductor"
+
+
+def key(model: nn.Module, cache: KVCache) -> str:
+    """A digest of everything a compiled decode step of `model` on `cache` depends on."""
+    digest = hashlib.sha256()
+    parts = [
+        torch.__version__,
+        platform.python_version(),
+        torch.backends.cpu.get_cpu_capability(),
+        os.environ.get("POCKETLM_KERNELS", ""),  # whether pocketlm's C++ kernels may run
+        repr(getattr(model, "config", None)),
+        repr((cache.rows, cache.slots, cache.k[0].dtype, str(cache.device), len(cache.k))),
+    ]
+    for name, module in model.named_modules():
+        plain = sorted((k, repr(v)) for k, v in vars(module).items() if isinstance(v, _PLAIN))
+        parts.append(f"{name}:{type(module).__module__}.{type(module).__qualname__}:{plain}")
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        parts.append(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{tensor.device}")
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:24]
+
+
+def path_for(store: Path, model: nn.Module, cache: KVCache) -> Path:
+    family = type(model).__name__.lower()
+    return folder_for(store) / f"decode-{family}-{key(model, cache)}{SUFFIX}"
+
+
+@contextlib.contextmanager
+def inductor_files(store: Path) -> Iterator[None]:
+    """Inductor's cache in `store` while a step is compiled or loaded (and first run)."""
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    folder = inductor_dir(store)
+    folder.mkdir(parents=True, exist_ok=True)
+    with temporary_cache_dir(str(folder)):
+        yield
+
+
+def load(path: Path) -> Callable | None:
+    """The compiled step saved at `path`, or None where there is none that can be used
+    (said in the log, then it is compiled again)."""
+    if not path.is_file():
+        return None
+    try:
+        with path.open("rb") as file:
+            step = torch.compiler.load_compiled_function(file)
+        stale = _changed_sources(step)
+    # A cache that cannot be read, for whatever reason (another torch, a truncated file,
+    # a class that moved), is only a cache: compile again.
+    except Exception as error:  # noqa: BLE001
+        log.warning("the compiled step in %s cannot be used (%s): compiling again", path, error)
+        return None
+    if stale:
+        log.info("the compiled step in %s was made from other code (%s): compiling again",
+                 path, stale)  # fmt: skip
+        return None
+    log.info("loaded the compiled decode step from %s", path)
+    return step
+
+
+def compile_and_save(graph: Callable, args: tuple, path: Path) -> Callable:
+    """Compile `graph` (a torch.compile'd function, fullgraph) for `args` ahead of time,
+    save it at `path` (written whole, then renamed), and return it."""
+    step = graph.aot_compile((args, {}))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        step.save_compiled_function(str(path))  # a temporary file, then os.replace
+    except (OSError, RuntimeError) as error:  # a full disk or a read-only home: no cache
+        log.warning("the compiled step could not be saved in %s (%s)", path, error)
+    else:
+        log.info("saved the compiled decode step in %s", path)
+    return step
+
+
+def is_guard_failure(error: RuntimeError) -> bool:
+    """Whether a loaded step refused its inputs (they are of another kind than it was
+    compiled for)."""
+    return "GuardManager check failed" in str(error)
+
+
+def _changed_sources(step: object) -> str | None:
+    """The first function the step's trace went through whose source is not the same now
+    (module and lines), or None. The same check as torch/_dynamo/package.py's."""
+    for code in step.source_info().inlined_sources:
+        module = importlib.import_module(code.module)
+        lines = inspect.getsourcelines(module)[0][code.firstlineno - 1 : code.lastlineno - 1]
+        if hashlib.sha256("".join(lines).encode()).hexdigest() != code.checksum:
+            return f"{code.module}, lines {code.firstlineno}-{code.lastlineno}"
+    return None
