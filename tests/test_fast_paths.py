@@ -7,6 +7,9 @@ SmolLM2 (perplexity, greedy tokens); speculative decoding against the target alo
 No timings are asserted anywhere."""
 
 import copy
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -19,6 +22,7 @@ from checkpoints import make_gpt2, make_llama, write_gguf
 from pocketlm.cli.main import main
 from pocketlm.errors import PocketLMError
 from pocketlm.features.scores import perplexity
+from pocketlm.generate import precompiled
 from pocketlm.generate.compiled import CompiledDecode
 from pocketlm.generate.params import GenerationParams
 from pocketlm.generate.request import Sampler, Stats
@@ -110,19 +114,61 @@ def test_fused_llama_gives_the_same_logits_and_ids(tiny_llama):
 # --- the compiled decode step ---------------------------------------------------------------
 
 
-def test_compiled_decode_gives_the_eager_tokens(tiny_llama):
+# A second process: the compiled step from the store, greedy tokens, and what Dynamo did.
+SECOND_PROCESS = f"""
+import json, sys, torch, pocketlm
+from torch._dynamo.utils import counters
+torch.set_num_threads(int(sys.argv[3]))  # a saved step is for one thread count
+lm = pocketlm.load(sys.argv[1], device="cpu")
+lm.compile(store=sys.argv[2])
+tokens = lm.generate({PROMPT}, max_tokens=24, temperature=0).tokens
+print(json.dumps(dict(loaded=lm.decode_step.loaded, tokens=tokens, calls=lm.decode_step.calls,
+                      traced=counters["stats"]["unique_graphs"],
+                      inductor=dict(counters["inductor"]))))
+"""
+
+
+def test_compiled_decode_gives_the_eager_tokens_and_a_second_process_loads_it(tiny_llama, tmp_path):
     """`--compile`: the decode step through torch.compile (one graph for every position,
     the sliding window included: this Mistral's window is 12 slots) gives the same greedy
-    tokens as eager decoding. (Compiling takes a while on 2 cores: one model, fp32.)"""
+    tokens as eager decoding. It is compiled ahead of time at its first call and kept in
+    a store (generate.precompiled) with inductor's C++ kernels; a second process loads it
+    from there, traces nothing (Dynamo's own counter) and decodes the same tokens.
+    (Compiling takes a while on 2 cores: one model, fp32; the second process ~10 s.)"""
     lm = pocketlm.load(tiny_llama, device="cpu")
     eager = greedy_ids(lm.model, PROMPT, 24)
-    step = CompiledDecode(lm.model)
+    step = CompiledDecode(lm.model, store=tmp_path)
     for _ in range(2):  # a second sequence reuses the compiled step
         before = step.calls
         seq = Sequence(lm.model, decode=step)
         compiled = [s.token for s in generate_tokens(seq, PROMPT, greedy(24))]
         assert compiled == eager
         assert step.calls > before + 2  # the decode steps went through the graph
+    assert not step.loaded
+    saved = list(precompiled.folder_for(tmp_path).iterdir())
+    assert [p.suffix for p in saved] == [precompiled.SUFFIX]  # written whole, then renamed
+    assert list(precompiled.inductor_dir(tmp_path).rglob("*.so"))  # kept, not under /tmp
+
+    command = [sys.executable, "-c", SECOND_PROCESS, str(tiny_llama), str(tmp_path),
+               str(torch.get_num_threads())]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    second = json.loads(run.stdout.strip().splitlines()[-1])
+    assert second["loaded"], run.stderr  # the step came from the file...
+    assert second["traced"] == 0  # ...so Dynamo traced nothing in that process
+    assert "fxgraph_cache_miss" not in second["inductor"]  # nor did inductor generate code
+    assert second["tokens"] == eager and second["calls"] > 20
+
+
+def test_a_compiled_step_file_that_cannot_be_read_is_compiled_again(tmp_path, caplog):
+    """A truncated or foreign file is only a cache: `load` says so and returns none (the
+    step is then compiled and the file replaced); no file at all is simply none."""
+    assert precompiled.load(tmp_path / "missing.pt2") == []
+    broken = tmp_path / "broken.pt2"
+    broken.write_bytes(b"not a compiled step")
+    with caplog.at_level("WARNING", logger="pocketlm"):
+        assert precompiled.load(broken) == []
+    assert "cannot be used" in caplog.text
 
 
 # --- fp32 split between threads -------------------------------------------------------

@@ -49,9 +49,10 @@ class CompiledDecode:
         self.model = model
         self._graph = torch.compile(self._step, dynamic=False, fullgraph=True)
         # Kept on disk in `store` (generate.precompiled); made or loaded at the first call.
-        self.store = store
-        self.saved = None  # the step from (or for) the store, once there is one
-        self.loaded = False  # whether it came from the store (a compile that paid little)
+        self.store = None if store is None else Path(store)
+        self.saved: list | None = None  # the steps from (and for) the store, once looked for
+        self.loaded = False  # whether every step taken so far came from the store
+        self._path: Path | None = None  # the file in the store, named for the model's key
         self._shape: tuple | None = None  # (rows, slots, dtype) of the caches it takes
         self._slots: torch.Tensor | None = None
         self.calls = 0
@@ -79,9 +80,7 @@ class CompiledDecode:
             slots = self._slots[:n_slots]
             self.calls += 1
             if self.store is not None:
-                logits = self._call_saved(tokens, positions, cache, slots)
-                if logits is not None:
-                    return logits
+                return self._call_saved(tokens, positions, cache, slots)
             torch._dynamo.mark_dynamic(slots, 0)
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=self.calls > WARM_CALLS):
@@ -92,46 +91,33 @@ class CompiledDecode:
                 self.calls = 0  # an input of a new kind: compile for it with the guards on
         return self(tokens, positions, cache, n_slots)
 
-    def _call_saved(self, tokens, positions, cache: KVCache, slots) -> torch.Tensor | None:  # noqa: ANN001
-        """Decode through the step kept in the store: loaded or, failing that, compiled
-        ahead of time and saved at the first call. None where it refuses these inputs
-        (another kind than it was made for): they are then compiled for lazily."""
+    def _call_saved(self, tokens, positions, cache: KVCache, slots) -> torch.Tensor:  # noqa: ANN001
+        """Decode through the steps kept in the store: loaded at the first call, and one
+        compiled ahead of time (and saved with them) for each kind of input none of them
+        takes -- with a sliding window, a step that sees more slots than the window is
+        another graph. Their guards are checked at every call: without the model's they
+        are few (measured: ~N us)."""
         args = (self.model, tokens, positions, cache, slots)
-        if self.saved is not None:
-            logits = self._run_saved(args)
-        else:
-            logits = self._load_or_compile(
-                args, path=precompiled.path_for(self.store, self.model, cache)
-            )
-        if logits is None:
-            self.store = None  # from now on, torch.compile's own lazy graphs
-        return logits
-
-    def _load_or_compile(self, args: tuple, *, path: Path) -> torch.Tensor | None:
-        with precompiled.inductor_files(self.store):  # its first call too: kernels load
-            self.saved = precompiled.load(path)
-            if self.saved is not None:
-                logits = self._run_saved(args)
-                if logits is not None:
-                    self.loaded = True
-                    return logits
-                log.info("the compiled step in %s does not fit: compiling again", path)
-            example = args[-1][:]  # `slots`, marked as a view of its own: calls pass it bare
-            torch._dynamo.mark_dynamic(example, 0)  # one graph for every position
-            self.saved = precompiled.compile_and_save(self._graph, (*args[:-1], example), path)
-            return self._run_saved(args)
-
-    def _run_saved(self, args: tuple) -> torch.Tensor | None:
-        try:
-            logits = self.saved(*args)
-        except RuntimeError as error:
-            if not precompiled.is_guard_failure(error):
-                raise
-            self.saved = None
-            return None
-        if self.calls >= WARM_CALLS:
-            self.saved.disable_guard_check()  # as skip_guard_eval_unsafe does, below
-        return logits
+        if self.saved is None:  # the first call: every cache has this one's shape
+            self._path = precompiled.path_for(self.store, self.model, cache)
+            with precompiled.inductor_files(self.store):  # the kernels load from there
+                self.saved = precompiled.load(self._path)
+            self.loaded = bool(self.saved)
+        for i, step in enumerate(self.saved):
+            if precompiled.takes(step, args):
+                if i:  # the kind met now is likely to be met next
+                    self.saved.insert(0, self.saved.pop(i))
+                return step(*args)
+        if self.saved:
+            log.info("compiling the decode step for another kind of input (%d slots)", len(slots))
+        self.loaded = False
+        example = slots[:]  # a view of its own, marked dynamic: calls pass `slots` bare
+        torch._dynamo.mark_dynamic(example, 0)  # one graph for every position it can
+        with precompiled.inductor_files(self.store):
+            step = precompiled.compile_step(self._step, (*args[:-1], example))
+            self.saved.insert(0, step)
+            precompiled.save(self.saved, self._path)
+            return step(*args)
 
     def _check(self, cache: KVCache) -> None:
         """Guards are skipped once warm: a cache of another shape would be read wrongly."""

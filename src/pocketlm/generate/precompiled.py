@@ -12,7 +12,9 @@ into inductor's cache; that cache is kept beside the files (not under /tmp, whic
 reboot clears), or loading recompiles every kernel (~40 s here).
 
 A file is named by everything the graph was specialised to and its guards may not all
-check: the torch and Python versions, the CPU's vector ISA, the model's structure (module
+check: the torch and Python versions, the CPU's vector ISA, the number of threads (its
+C++ loops are written for it, so each count `--threads` or the load-aware default picks
+has a file of its own), the model's structure (module
 types and their plain attributes, such as which kernel a matrix uses), its tensors'
 names, shapes and dtypes (not their values: those are the graph's inputs, so a fine-tune
 of the same shapes shares it), its config, the KV cache's shape. On loading, the source
@@ -28,9 +30,12 @@ import contextlib
 import hashlib
 import importlib
 import inspect
+import io
 import logging
 import os
+import pickle
 import platform
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -63,6 +68,8 @@ def key(model: nn.Module, cache: KVCache) -> str:
         torch.__version__,
         platform.python_version(),
         torch.backends.cpu.get_cpu_capability(),
+        # inductor writes the thread count into its C++ loops, and Dynamo guards on it
+        f"threads={torch.get_num_threads()}",
         os.environ.get("POCKETLM_KERNELS", ""),  # whether pocketlm's C++ kernels may run
         repr(getattr(model, "config", None)),
         repr((cache.rows, cache.slots, cache.k[0].dtype, str(cache.device), len(cache.k))),
@@ -94,46 +101,79 @@ def inductor_files(store: Path) -> Iterator[None]:
         yield
 
 
-def load(path: Path) -> Callable | None:
-    """The compiled step saved at `path`, or None where there is none that can be used
-    (said in the log, then it is compiled again)."""
+def load(path: Path) -> list[Callable]:
+    """The compiled steps saved at `path` (one per kind of input met), or [] where there
+    are none that can be used (said in the log; they are then compiled again)."""
     if not path.is_file():
-        return None
+        return []
     try:
-        with path.open("rb") as file:
-            step = torch.compiler.load_compiled_function(file)
-        stale = _changed_sources(step)
+        steps = [
+            torch.compiler.load_compiled_function(io.BytesIO(data))
+            for data in pickle.loads(path.read_bytes())
+        ]
+        stale = next(filter(None, map(_changed_sources, steps)), None)
     # A cache that cannot be read, for whatever reason (another torch, a truncated file,
     # a class that moved), is only a cache: compile again.
     except Exception as error:  # noqa: BLE001
         log.warning("the compiled step in %s cannot be used (%s): compiling again", path, error)
-        return None
+        return []
     if stale:
         log.info("the compiled step in %s was made from other code (%s): compiling again",
                  path, stale)  # fmt: skip
-        return None
+        return []
+    for step in steps:
+        step.disable_guard_check()  # the caller checks them (`takes`) before each call
     log.info("loaded the compiled decode step from %s", path)
+    return steps
+
+
+def compile_step(fn: Callable, args: tuple) -> Callable:
+    """`fn` compiled ahead of time for `args` (fullgraph, shapes static but for the dims
+    marked dynamic), its guards kept but for those on the model's own modules and tensors
+    (the file's key stands for those): the rest are cheap enough to check at every call."""
+    graph = torch.compile(fn, dynamic=False, fullgraph=True,
+                          options={"guard_filter_fn": _keep_guards})  # fmt: skip
+    step = graph.aot_compile((args, {}))
+    step.disable_guard_check()
     return step
 
 
-def compile_and_save(graph: Callable, args: tuple, path: Path) -> Callable:
-    """Compile `graph` (a torch.compile'd function, fullgraph) for `args` ahead of time,
-    save it at `path` (written whole, then renamed), and return it."""
-    step = graph.aot_compile((args, {}))
+def takes(step: Callable, args: tuple) -> bool:
+    """Whether a compiled step was made for inputs of this kind (its guards pass)."""
+    return step.guard_check(*args)
+
+
+def save(steps: list[Callable], path: Path) -> None:
+    """Write `steps` to `path` whole (a temporary file in its folder, then renamed), or
+    say in the log why not (a full disk, a read-only home: then there is no cache)."""
+    temporary = None
     try:
+        data = pickle.dumps([type(step).serialize(step).serialized_data for step in steps])
         path.parent.mkdir(parents=True, exist_ok=True)
-        step.save_compiled_function(str(path))  # a temporary file, then os.replace
-    except (OSError, RuntimeError) as error:  # a full disk or a read-only home: no cache
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as file:
+            temporary = file.name
+            file.write(data)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError, pickle.PicklingError) as error:
         log.warning("the compiled step could not be saved in %s (%s)", path, error)
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
     else:
         log.info("saved the compiled decode step in %s", path)
-    return step
 
 
-def is_guard_failure(error: RuntimeError) -> bool:
-    """Whether a loaded step refused its inputs (they are of another kind than it was
-    compiled for)."""
-    return "GuardManager check failed" in str(error)
+def _keep_guards(entries: list) -> list[bool]:
+    """Which guards a saved step keeps: those PyTorch can serialize, on the step's own
+    inputs (tokens, positions, the cache, the slots, the thread count) -- not the
+    model's, which are most of them and are what the file's key stands for."""
+    from torch._dynamo.guards import CheckFunctionManager
+
+    unsupported = CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES
+    return [
+        not (e.is_global or e.guard_type in unsupported or e.name.startswith("L['model']"))
+        for e in entries
+    ]
 
 
 def _changed_sources(step: object) -> str | None:
