@@ -78,10 +78,10 @@ def add_compile_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="decode through torch.compile: faster tokens, but compiling costs time at every "
-        "start (a minute or more the first time for a model, about a quarter of that from "
-        "the disk cache after), so it pays for long answers (hundreds of tokens) and long "
-        "chats, not for a short one-shot run (docs/compile.md)",
+        help="decode through torch.compile: faster tokens, but it costs time at every start "
+        "(a minute or more to compile the first time for a model; seconds to load the kept "
+        "result after), so it pays for long answers (hundreds of tokens) and long chats, "
+        "not for a short one-shot run (docs/compile.md)",
     )
 
 
