@@ -120,11 +120,12 @@ def test_int8_model_with_the_kernel_gives_the_logits_without_it(gemv, arch, tmp_
         assert float((a - b).norm() / b.norm()) < 1e-2
 
 
-def test_compiled_int8_decode_gives_the_eager_tokens(gemv, tmp_path):
+def test_compiled_int8_decode_gives_the_eager_tokens(gemv, tmp_path, pocketlm_home):
     """The kernel is an op of its own inside the compiled step (register_fake), so
     compiled int8 decoding computes the matmuls exactly as eager does. `lm.compile()`
     compiles at once, so no answer (and no --stats speed) pays for it; every later stream
-    (each in a session of its own) decodes through the same compiled step."""
+    (each in a session of its own) decodes through the same compiled step, kept in the
+    (private) pocketlm home."""
     folder = make_gpt2(tmp_path / "gpt2")
     eager = pocketlm.load(folder, device="cpu", quantize="int8")
     compiled = pocketlm.load(folder, device="cpu", quantize="int8")
@@ -136,6 +137,7 @@ def test_compiled_int8_decode_gives_the_eager_tokens(gemv, tmp_path):
         b = compiled.generate(PROMPT, max_tokens=24, temperature=0)
         assert b.tokens == a.tokens
     assert compiled.decode_step.calls >= warm + 2 * 22  # every step after each prompt
+    assert list((pocketlm_home / "compiled").glob("torch-*/decode-gpt2-*.pt2"))
 
 
 @pytest.mark.parametrize(

@@ -86,7 +86,9 @@ class CompiledDecode:
             slots = self._slots[:n_slots]
             self.calls += 1
             if self.store is not None:
-                return self._call_saved(tokens, positions, cache, slots)
+                logits = self._call_saved(tokens, positions, cache, slots)
+                if logits is not None:
+                    return logits
             torch._dynamo.mark_dynamic(slots, 0)
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=self.calls > WARM_CALLS):
@@ -97,11 +99,12 @@ class CompiledDecode:
                 self.calls = 0  # an input of a new kind: compile for it with the guards on
         return self(tokens, positions, cache, n_slots)
 
-    def _call_saved(self, tokens, positions, cache: KVCache, slots) -> torch.Tensor:  # noqa: ANN001
+    def _call_saved(self, tokens, positions, cache: KVCache, slots) -> torch.Tensor | None:  # noqa: ANN001
         """Decode through the steps kept in the store: loaded at the first call, and one
         compiled ahead of time (and saved with them) for each kind of input none of them
         takes -- with a sliding window, a step that sees more slots than the window is
-        another graph. Their guards are checked once for each number of slots."""
+        another graph. Their guards are checked once for each number of slots. None
+        where a step cannot be compiled to keep: then torch.compile's own, lazily."""
         args = (self.model, tokens, positions, cache, slots)
         if self.saved is None:  # the first call: every cache has this one's shape
             self._path = precompiled.path_for(self.store, self.model, cache)
@@ -120,7 +123,15 @@ class CompiledDecode:
         example = slots[:]  # a view of its own, marked dynamic: calls pass `slots` bare
         torch._dynamo.mark_dynamic(example, 0)  # one graph for every position it can
         with precompiled.inductor_files(self.store):
-            step = precompiled.compile_step(self._step, (*args[:-1], example))
+            try:
+                step = precompiled.compile_step(self._step, (*args[:-1], example))
+            # PyTorch's ahead-of-time compile is experimental: whatever it cannot do (e.g.
+            # pickle a module attribute it meets), the plain compile may still do.
+            except Exception as error:  # noqa: BLE001
+                log.warning("the decode step cannot be kept on disk (%s): compiling it "
+                            "for this process only", error)  # fmt: skip
+                self.store = None
+                return None
             self.saved.insert(0, step)
             self._taken[len(slots)] = step
             precompiled.save(self.saved, self._path)

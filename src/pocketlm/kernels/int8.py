@@ -44,7 +44,6 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight.contiguous())  # (N, K) int8, until packed
         self.register_buffer("packed", None)  # (N/4, K/64, 4, 64) int8, pocketlm's kernel
-        self._gemv = None  # that kernel (pocketlm.kernels.cpp.int8_gemv), once packed
         self.register_buffer("scales", scales.contiguous())  # (N,) float
         self.register_buffer("bias", bias)  # (N,) or None
 
@@ -58,7 +57,10 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)  # (M, K)
         few = rows.shape[0] <= _INT8_KERNEL_MAX_ROWS
         if few and self.packed is not None:  # pocketlm's kernel, fp32 activations
-            y = self._gemv(rows, self.packed, self.scales, self.out_features)
+            # (looked up here, not kept on the module: a compiled step saved to disk
+            # pickles the module's attributes, and an op cannot be pickled)
+            gemv = torch.ops.pocketlm_kernels.int8_gemv
+            y = gemv(rows, self.packed, self.scales, self.out_features)
         elif few and rows.device.type == "cpu":
             # PyTorch's kernel wants bf16 activations (fp32 ones take a slow loop).
             y = torch.ops.aten._weight_int8pack_mm(
@@ -77,9 +79,9 @@ class Int8Linear(nn.Module):
         kernel reads it (pocketlm.kernels.cpp); elsewhere leave it as it is."""
         if self.packed is not None or self.weight.device.type != "cpu":
             return
-        if not int8_gemv_fits(self.in_features) or (gemv := int8_gemv()) is None:
-            return
-        self.packed, self.weight, self._gemv = pack_int8(self.weight), None, gemv
+        if not int8_gemv_fits(self.in_features) or int8_gemv() is None:
+            return  # (packed: the kernel, torch.ops.pocketlm_kernels.int8_gemv, is loaded)
+        self.packed, self.weight = pack_int8(self.weight), None
 
     def unpacked(self) -> torch.Tensor:
         """The (N, K) int8 weight, packed or not."""
