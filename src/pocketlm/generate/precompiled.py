@@ -48,7 +48,7 @@ from pocketlm.models.cache import KVCache
 log = logging.getLogger("pocketlm")
 
 SUFFIX = ".pt2"
-_PLAIN = (bool, int, float, str, tuple, type(None))  # module attributes the key reads
+_SCALARS = (bool, int, float, str, type(None))
 
 
 def folder_for(store: Path) -> Path:
@@ -76,7 +76,7 @@ def key(model: nn.Module, cache: KVCache) -> str:
         repr((cache.rows, cache.slots, cache.k[0].dtype, str(cache.device), len(cache.k))),
     ]
     for name, module in model.named_modules():
-        plain = sorted((k, repr(v)) for k, v in vars(module).items() if isinstance(v, _PLAIN))
+        plain = sorted((k, repr(v)) for k, v in vars(module).items() if _plain(v))
         parts.append(f"{name}:{type(module).__module__}.{type(module).__qualname__}:{plain}")
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         parts.append(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{tensor.device}")
@@ -84,6 +84,13 @@ def key(model: nn.Module, cache: KVCache) -> str:
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:24]
+
+
+def _plain(value: object) -> bool:
+    """A module attribute the key reads: a scalar, or a tuple of them (not a tensor)."""
+    if isinstance(value, tuple):
+        return all(map(_plain, value))
+    return isinstance(value, _SCALARS)
 
 
 def path_for(store: Path, model: nn.Module, cache: KVCache) -> Path:
