@@ -71,9 +71,11 @@ class ByteBar:
         if what != self.what:
             self.close()
             self.what = what
-            self.bar = tqdm(  # disable=None: drawn where the file is a terminal only
+            # On stderr, drawn where it is a terminal only (tqdm's disable=None); into a
+            # stream the caller gave, always.
+            self.bar = tqdm(
                 total=total, desc=what, unit="B", unit_scale=True,
-                file=self.file or sys.stderr, disable=None,
+                file=self.file or sys.stderr, disable=None if self.file is None else False,
             )  # fmt: skip
         self.bar.update(done - self.bar.n)
 
