@@ -129,7 +129,16 @@ print(json.dumps(dict(loaded=lm.decode_step.loaded, tokens=tokens, calls=lm.deco
 """
 
 
-def test_compiled_decode_gives_the_eager_tokens_and_a_second_process_loads_it(tiny_llama, tmp_path):
+@pytest.fixture(scope="module")
+def one_layer_mistral(tmp_path_factory):
+    """A Mistral of one layer with a window of 12 slots: the least there is to compile."""
+    folder = tmp_path_factory.mktemp("mistral")
+    return make_llama(folder, model_type="mistral", sliding_window=12, num_hidden_layers=1)
+
+
+def test_compiled_decode_gives_the_eager_tokens_and_a_second_process_loads_it(
+    one_layer_mistral, tmp_path
+):
     """`--compile`: the decode step through torch.compile (one graph for every position,
     the sliding window included: this Mistral's window is 12 slots) gives the same greedy
     tokens as eager decoding. It is compiled ahead of time at its first call and kept in
@@ -141,7 +150,7 @@ def test_compiled_decode_gives_the_eager_tokens_and_a_second_process_loads_it(ti
     kernels = vendor.cache_dir() / "compiled-kernels"
     kernels.mkdir(parents=True, exist_ok=True)
     precompiled.inductor_dir(tmp_path).symlink_to(kernels, target_is_directory=True)
-    lm = pocketlm.load(tiny_llama, device="cpu")
+    lm = pocketlm.load(one_layer_mistral, device="cpu")
     eager = greedy_ids(lm.model, PROMPT, 24)
     step = CompiledDecode(lm.model, store=tmp_path)
     for _ in range(2):  # a second sequence reuses the compiled step
@@ -155,7 +164,7 @@ def test_compiled_decode_gives_the_eager_tokens_and_a_second_process_loads_it(ti
     assert [p.suffix for p in saved] == [precompiled.SUFFIX]  # written whole, then renamed
     assert list(precompiled.inductor_dir(tmp_path).rglob("*.so"))  # kept, not under /tmp
 
-    command = [sys.executable, "-c", SECOND_PROCESS, str(tiny_llama), str(tmp_path),
+    command = [sys.executable, "-c", SECOND_PROCESS, str(one_layer_mistral), str(tmp_path),
                str(torch.get_num_threads())]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
