@@ -145,11 +145,7 @@ def test_compiled_decode_gives_the_eager_tokens_and_a_second_process_loads_it(
     a store (generate.precompiled) with inductor's C++ kernels; a second process loads it
     from there, traces nothing (Dynamo's own counter) and decodes the same tokens.
     (Compiling takes a while on 2 cores: one model, fp32, two graphs.)"""
-    # Inductor's compiled C++ kernels are kept between test runs, as a user's are between
-    # runs (compiling them is most of a cold compile here); the steps are made anew.
-    kernels = vendor.cache_dir() / "compiled-kernels"
-    kernels.mkdir(parents=True, exist_ok=True)
-    precompiled.inductor_dir(tmp_path).symlink_to(kernels, target_is_directory=True)
+    vendor.keep_compiled_kernels(tmp_path)  # compiled once per machine, as a user's are
     lm = pocketlm.load(one_layer_mistral, device="cpu")
     eager = greedy_ids(lm.model, PROMPT, 24)
     step = CompiledDecode(lm.model, store=tmp_path)

@@ -11,6 +11,7 @@ import torch
 
 import pocketlm
 import pocketlm.kernels.int8
+import vendor
 from checkpoints import make_gpt2, make_llama
 from pocketlm.generate.sequence import Sequence
 from pocketlm.kernels import cpp as kernels
@@ -129,6 +130,7 @@ def test_compiled_int8_decode_gives_the_eager_tokens(gemv, tmp_path, pocketlm_ho
     folder = make_gpt2(tmp_path / "gpt2")
     eager = pocketlm.load(folder, device="cpu", quantize="int8")
     compiled = pocketlm.load(folder, device="cpu", quantize="int8")
+    vendor.keep_compiled_kernels(pocketlm_home / "compiled")
     compiled.compile()
     warm = compiled.decode_step.calls
     assert warm >= 3

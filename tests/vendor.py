@@ -146,3 +146,17 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def keep_compiled_kernels(store: Path) -> None:
+    """Point a compiled-step store's kernel folder (pocketlm.generate.precompiled's
+    inductor_dir) at one kept in the cache, so that the C++ kernels of a test's compiled
+    step are compiled once per machine, as a user's are once (most of a cold compile
+    here); the steps themselves are still made anew in `store`."""
+    from pocketlm.generate import precompiled
+
+    kept = cache_dir() / "compiled-kernels"
+    kept.mkdir(parents=True, exist_ok=True)
+    folder = precompiled.inductor_dir(Path(store))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.symlink_to(kept, target_is_directory=True)
