@@ -177,24 +177,26 @@ def run_level(
     return total, time.perf_counter() - start
 
 
-def first_token(engine: Engine, prompt: str, *, tokens: int) -> tuple[float, int | None]:
-    """Seconds to the first streamed text, and the prompt tokens the server computed
-    (llama-server reports it; None for pocketlm)."""
-    start, ttft, computed = time.perf_counter(), None, None
+def first_token(engine: Engine, prompt: str, *, tokens: int) -> tuple[float, int, int | None]:
+    """Seconds to the first streamed text, the prompt's tokens, and those the server
+    computed (llama-server reports it in `timings`; None for pocketlm)."""
+    start, ttft, computed, usage = time.perf_counter(), None, None, None
     stream = engine.client.completions.create(
         model=engine.model,
         prompt=prompt,
         max_tokens=tokens,
         temperature=0,
         stream=True,
+        stream_options={"include_usage": True},
         extra_body=engine.extra,
     )
     for chunk in stream:
         if ttft is None and any(c.text for c in chunk.choices):
             ttft = time.perf_counter() - start
+        usage = chunk.usage or usage
         timings = (chunk.model_extra or {}).get("timings")
         computed = timings.get("prompt_n", computed) if timings else computed
-    return ttft, computed
+    return ttft, usage.prompt_tokens, computed
 
 
 def throughput(engines: list[Engine], args: argparse.Namespace, bias: dict) -> dict:
@@ -214,17 +216,19 @@ def throughput(engines: list[Engine], args: argparse.Namespace, bias: dict) -> d
 
 
 def prefix_ttft(engines: list[Engine], args: argparse.Namespace) -> dict:
-    """{engine: (cold s, warm s, warm prompt tokens computed)} medians over the rounds."""
-    out = {}
+    """{engine: (cold s, warm s, prompt tokens, warm prompt tokens computed)}, the times
+    medians over the rounds (a new document each)."""
+    out, run = {}, int(time.time())  # documents new to both servers, the same for both
+    prefixes = [document(run * 100 + r, args.prefix_words) for r in range(args.rounds)]
     for engine in engines:
         cold, warm, computed = [], [], []
-        for r in range(args.rounds):
-            prefix = document(int(time.time() * 1000) + r, args.prefix_words)
-            cold.append(first_token(engine, prefix + QUESTIONS[0], tokens=4)[0])
-            seconds, n = first_token(engine, prefix + QUESTIONS[1], tokens=4)
+        for prefix in prefixes:
+            seconds, size, _ = first_token(engine, prefix + QUESTIONS[0], tokens=4)
+            cold.append(seconds)
+            seconds, _, n = first_token(engine, prefix + QUESTIONS[1], tokens=4)
             warm.append(seconds)
             computed.append(n)
-        out[engine.name] = (statistics.median(cold), statistics.median(warm), computed)
+        out[engine.name] = (statistics.median(cold), statistics.median(warm), size, computed)
     return out
 
 
@@ -249,10 +253,11 @@ def report(engines: list[Engine], result: dict, ttft: dict, args: argparse.Names
     if any(result["short"].values()):
         lines.append(f"tokens missing from requests that stopped early: {result['short']}")
     lines.append("")
-    for name, (cold, warm, computed) in ttft.items():
+    for name, (cold, warm, size, computed) in ttft.items():
         seen = f"; prompt tokens computed when warm: {computed}" if computed[0] is not None else ""
-        lines.append(f"time to first token, ~2,000-token shared prefix, {name}: cold {cold:.3f} s, "
-                     f"warm {warm:.3f} s ({warm / cold:.2f} of cold){seen}")  # fmt: skip
+        lines.append(f"time to first token, {size}-token prompt sharing all but its question, "
+                     f"{name}: cold {cold:.3f} s, warm {warm:.3f} s ({warm / cold:.2f} of "
+                     f"cold){seen}")  # fmt: skip
     return "\n".join(lines)
 
 
