@@ -35,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -73,7 +72,10 @@ class Engine:
 
     def stop(self) -> None:
         self.process.terminate()
-        threading.Thread(target=self.process.wait, daemon=True).start()
+        try:  # llama-server finishes the requests in flight first (an interrupted run's)
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
 
 
 def random_gpt2_small(folder: Path) -> Path:

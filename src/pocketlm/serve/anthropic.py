@@ -226,10 +226,8 @@ def _definition(tool: ToolDefinition, *, where: str) -> dict:
     schema = tool.input_schema
     if schema is None or schema.get("type") != "object":
         raise ApiError(f'{where}.input_schema must be a JSON schema of "type": "object"')
-    function = {"name": tool.name, "parameters": schema}
-    if tool.description is not None:
-        function = {"name": tool.name, "description": tool.description, "parameters": schema}
-    return {"type": "function", "function": function}
+    function = {"name": tool.name, "description": tool.description, "parameters": schema}
+    return {"type": "function", "function": {k: v for k, v in function.items() if v is not None}}
 
 
 @dataclass
