@@ -230,13 +230,6 @@ def test_anthropic_prefill_errors_and_api_key(lm, claude, server):
         claude.messages.create(model=MODEL, **ask)
     with pytest.raises(anthropic.NotFoundError):
         claude.messages.create(model="another-model", **ask)
-    with pytest.raises(anthropic.BadRequestError, match="tools"):
-        claude.messages.create(
-            model=MODEL,
-            max_tokens=4,
-            messages=[{"role": "user", "content": "x"}],
-            tools=[{"name": "f", "input_schema": {"type": "object"}}],
-        )
     server.fleet.api_key = "sesame"
     try:
         with pytest.raises(anthropic.AuthenticationError) as info:
@@ -429,3 +422,60 @@ def test_structured_outputs_through_ollama_format_and_anthropic_output_config(
         json={"model": MODEL, "prompt": "x", "format": "yaml", "stream": False},
     )
     assert bad.status_code == 400 and "format must be" in bad.json()["error"]
+
+
+def test_anthropic_tool_blocks_become_the_openai_routes_messages_and_back():
+    body = anthropic_api.CountTokensRequest(
+        model=MODEL,
+        system="Be brief.",
+        messages=[
+            {"role": "user", "content": "Weather?"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "Let me look."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "w", "input": {"city": "Oslo"}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "down"},
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True},
+                ],
+            },
+        ],
+    )
+    plain = [
+        m.model_dump(exclude_none=True, exclude_defaults=True)
+        for m in anthropic_api.chat_messages(body)
+    ]
+    assert plain == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": "Let me look.",
+            "tool_calls": [
+                {"id": "toolu_1", "function": {"name": "w", "arguments": '{"city": "Oslo"}'}}
+            ],
+        },
+        {"role": "tool", "content": "down", "tool_call_id": "toolu_1"},
+        {"role": "tool", "content": "Error: ", "tool_call_id": "toolu_1"},
+    ]
+    # The model's text, whole or one character at a time: the same blocks
+    from pocketlm.prompting.tools import DEFAULT
+    from pocketlm.serve.tools import Tooling
+
+    tooling = Tooling(DEFAULT, [], "auto", True, None)
+    text = 'Sure. <tool_call>\n{"name": "w", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    whole = anthropic_api.Blocks(tooling).feed(text, final=True)
+    pieces = anthropic_api.Blocks(tooling)
+    split = [e for c in text for e in pieces.feed(c, final=False)] + pieces.feed("", final=True)
+    for events in (whole, split):
+        blocks = anthropic_api.content(events)
+        assert [b["type"] for b in blocks] == ["text", "tool_use"] and pieces.called
+        assert blocks[0]["text"] == "Sure." and blocks[1]["input"] == {"city": "Oslo"}
+    assert anthropic_api.content(anthropic_api.Blocks(None).feed("", final=True)) == [
+        {"type": "text", "text": ""}
+    ]

@@ -3,10 +3,13 @@ the embedded default model (SmolLM2-135M-Instruct, whose template has no tools: 
 `<tool_call>` format). Each tool_choice mode, streamed and not: the calls' arguments
 validate (`jsonschema`), and the streamed deltas reassemble to the non-streamed reply of
 the same seed. A tool result goes back as a `role: "tool"` message; bad requests are 400s.
+The same server answers Anthropic's tool use (tool_use / tool_result blocks) through the
+official `anthropic` client: its stream accumulates to the non-streamed message.
 """
 
 import json
 
+import anthropic
 import jsonschema
 import openai
 import pytest
@@ -53,10 +56,15 @@ NAMED = {"type": "function", "function": {"name": "convert"}}
 
 
 @pytest.fixture(scope="module")
-def client(smollm2_stored):
+def server(smollm2_stored):
     server = Server(smollm2_stored, max_batch=4, timeout=120)
-    yield server.client()
+    yield server
     server.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
 
 
 def ask(client, *, stream=False, seed=1, **options):
@@ -226,3 +234,150 @@ def test_bad_tool_requests_are_400s(client, options, param, message):
     body = caught.value.body
     assert body["type"] == "invalid_request_error" and body["param"] == param
     assert message in body["message"] and "\n" not in body["message"]
+
+
+# -- Anthropic's Messages API: the same machinery under Anthropic's shapes -----------------
+
+
+@pytest.fixture(scope="module")
+def claude(server):
+    return anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+
+
+CLAUDE_TOOLS = [
+    {
+        "name": t["function"]["name"],
+        "description": t["function"]["description"],
+        "input_schema": t["function"]["parameters"],
+    }
+    for t in TOOLS
+]
+
+
+def ask_claude(claude, *, stream=False, seed=1, **options):
+    """The reply's content blocks as plain dicts and its stop reason; streamed, as the
+    client's `messages.stream` accumulates them (and the raw event types, checked here)."""
+    options = {
+        "model": MODEL,
+        "max_tokens": 60,
+        "messages": ASK,
+        "tools": CLAUDE_TOOLS,
+        "extra_body": {"seed": seed},
+        **options,
+    }
+    if not stream:
+        reply = claude.messages.create(**options)
+        return [b.model_dump(exclude_none=True) for b in reply.content], reply.stop_reason
+    with claude.messages.stream(**options) as events:
+        kinds = [e.type for e in events if e.type != "text" and e.type != "input_json"]
+        reply = events.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    starts = [i for i, k in enumerate(kinds) if k == "content_block_start"]
+    stops = [i for i, k in enumerate(kinds) if k == "content_block_stop"]
+    assert len(starts) == len(stops) == len(reply.content)
+    assert all(a < b for a, b in zip(starts, stops, strict=True))
+    return [b.model_dump(exclude_none=True) for b in reply.content], reply.stop_reason
+
+
+def tool_uses(blocks, names=tuple(SCHEMAS)):
+    """The tool_use blocks, each checked: a toolu_ id, a known name, input valid under
+    its input_schema."""
+    uses = [b for b in blocks if b["type"] == "tool_use"]
+    for use in uses:
+        assert use["id"].startswith("toolu_") and use["name"] in names
+        jsonschema.validate(use["input"], SCHEMAS[use["name"]])
+    return uses
+
+
+@pytest.mark.parametrize(
+    ("choice", "seed"),
+    [
+        ({"type": "any", "disable_parallel_tool_use": True}, 1),
+        ({"type": "tool", "name": "convert", "disable_parallel_tool_use": True}, 2),
+    ],
+    ids=["any", "tool"],
+)
+def test_anthropic_tool_use_streamed_as_not(claude, choice, seed):
+    blocks, reason = ask_claude(claude, tool_choice=choice, seed=seed)
+    names = ("convert",) if choice["type"] == "tool" else tuple(SCHEMAS)
+    uses = tool_uses(blocks, names)
+    assert reason == "tool_use" and len(uses) == 1 and blocks == uses  # one call, no text
+    streamed, streamed_reason = ask_claude(claude, tool_choice=choice, seed=seed, stream=True)
+    assert streamed_reason == "tool_use"
+    strip = lambda bs: [{k: v for k, v in b.items() if k != "id"} for b in bs]  # noqa: E731
+    assert strip(streamed) == strip(blocks)  # ids are new each time
+
+
+def test_anthropic_tool_result_round_trip_and_none(claude, smollm2_stored):
+    named = {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}
+    blocks, _ = ask_claude(claude, tool_choice=named)
+    (use,) = tool_uses(blocks)
+    turns = [
+        *ASK,
+        {"role": "assistant", "content": [use]},
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": use["id"],
+                    "content": [{"type": "text", "text": '{"sky": "sunny", "max": 24}'}],
+                },
+                {"type": "text", "text": "Thanks! Summarize it."},
+            ],
+        },
+    ]
+    ask = dict(model=MODEL, messages=turns, tools=CLAUDE_TOOLS)
+    # the prompt: the default section, the call as the model writes one, the result block
+    # and the user's words, as the OpenAI route renders the same conversation
+    counted = claude.messages.count_tokens(**ask).input_tokens
+    call = json.dumps({"name": use["name"], "arguments": use["input"]})
+    result = json.dumps({"name": use["name"], "content": '{"sky": "sunny", "max": 24}'})
+    expected = smollm2_stored.tokenizer.render_chat(
+        [
+            {"role": "system", "content": tools_section()},
+            *ASK,
+            {"role": "assistant", "content": f"<tool_call>\n{call}\n</tool_call>"},
+            {"role": "user", "content": f"<tool_response>\n{result}\n</tool_response>"},
+            {"role": "user", "content": "Thanks! Summarize it."},
+        ],
+        add_generation_prompt=True,
+    )
+    assert counted == len(smollm2_stored.tokenizer.encode(expected, add_bos=False))
+    reply = claude.messages.create(
+        **ask, max_tokens=12, tool_choice={"type": "none"}, extra_body={"seed": 0}
+    )
+    assert [b.type for b in reply.content] == ["text"] and reply.content[0].text
+    assert reply.stop_reason in ("end_turn", "max_tokens")
+
+
+def tools_section():
+    from pocketlm.prompting.tools import DEFAULT_SECTION
+
+    return DEFAULT_SECTION.format(tools="\n".join(json.dumps(t) for t in TOOLS))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tool_choice": {"type": "tool", "name": "nope"}}, "'nope'"),
+        ({"tools": None, "tool_choice": {"type": "any"}}, "needs tools"),
+        ({"tools": [{"name": "f", "input_schema": {"type": "string"}}]}, 'type": "object'),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tools"),
+        ({"tools": [CLAUDE_TOOLS[0], CLAUDE_TOOLS[0]]}, "two tools"),
+        (
+            {"messages": [*ASK, {"role": "assistant", "content": [{"type": "tool_use"}]}]},
+            "needs an id, a name and an input object",
+        ),
+    ],
+    ids=["unknown-name", "no-tools", "not-an-object", "server-tool", "duplicate", "bad-tool-use"],
+)
+def test_anthropic_bad_tool_requests_are_400s(claude, options, message):
+    options = {"model": MODEL, "messages": ASK, "tools": CLAUDE_TOOLS, "max_tokens": 4, **options}
+    if options["tools"] is None:
+        del options["tools"]
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        claude.messages.create(**options)
+    assert caught.value.body["type"] == "error"
+    error = caught.value.body["error"]
+    assert error["type"] == "invalid_request_error" and message in error["message"]

@@ -10,6 +10,7 @@ turned back into `message.tool_calls` or streamed `delta.tool_calls`.
 
 The formats, the prompt and the grammar are `pocketlm.prompting.tools`; the parser
 `pocketlm.prompting.toolcalls`. Pure functions of the request and a tokenizer; no I/O.
+Anthropic's Messages API maps its own tool fields onto `offered` (serve/anthropic.py).
 """
 
 from __future__ import annotations
@@ -47,10 +48,6 @@ def tooling(body: ChatCompletionRequest, tokenizer: Tokenizer) -> Tooling | None
     if choice == "none":
         return None
     tools = [t.model_dump(exclude_none=True) for t in body.tools]
-    names = [t["function"]["name"] for t in tools]
-    if len(set(names)) < len(names):
-        duplicate = next(n for n in names if names.count(n) > 1)
-        raise ApiError(f"two tools are named {duplicate!r}", param="tools")
     for number, tool in enumerate(tools):
         parameters = tool["function"].get("parameters")
         if parameters is not None and parameters.get("type", "object") != "object":
@@ -59,21 +56,33 @@ def tooling(body: ChatCompletionRequest, tokenizer: Tokenizer) -> Tooling | None
                 param=f"tools.{number}.function.parameters",
             )
     name = choice if isinstance(choice, str) or choice is None else choice.function.name
-    name = name or "auto"
-    if name not in ("auto", "required", *names):
+    return offered(
+        tools, choice=name or "auto", parallel=body.parallel_tool_calls, tokenizer=tokenizer
+    )
+
+
+def offered(tools: list[dict], *, choice: str, parallel: bool, tokenizer: Tokenizer) -> Tooling:
+    """Tools as OpenAI's wire defines them (`{"type": "function", "function": {name,
+    description, parameters}}`), whichever API they came in, with `choice` "auto",
+    "required" or a function's name: their format for this model and the grammar of the
+    reply. Two tools of one name, a choice not among them, or schemas the constraint
+    cannot enforce are 400s."""
+    names = [t["function"]["name"] for t in tools]
+    if len(set(names)) < len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise ApiError(f"two tools are named {duplicate!r}", param="tools")
+    if choice not in ("auto", "required", *names):
         raise ApiError(
-            f"tool_choice names the function {name!r}, which is not among the tools",
+            f"tool_choice names the function {choice!r}, which is not among the tools",
             param="tool_choice",
         )
     fmt = tool_format(tokenizer.chat_template)
-    text = tool_grammar(
-        fmt, tools, choice=name, parallel=body.parallel_tool_calls, special=_special(tokenizer)
-    )
+    text = tool_grammar(fmt, tools, choice=choice, parallel=parallel, special=_special(tokenizer))
     try:
         grammar = Grammar.lark(text)
     except PocketLMError as error:
         raise ApiError(f"the tools' parameter schemas: {error}", param="tools") from None
-    return Tooling(fmt, tools, name, body.parallel_tool_calls, grammar)
+    return Tooling(fmt, tools, choice, parallel, grammar)
 
 
 def _special(tokenizer: Tokenizer) -> Callable[[str], int | None]:
