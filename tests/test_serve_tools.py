@@ -381,3 +381,31 @@ def test_anthropic_bad_tool_requests_are_400s(claude, options, message):
     assert caught.value.body["type"] == "error"
     error = caught.value.body["error"]
     assert error["type"] == "invalid_request_error" and message in error["message"]
+
+
+# -- the README's client examples -----------------------------------------------------------
+
+
+def test_the_readmes_three_client_examples_print_the_models_greedy_answer(
+    server, smollm2_stored, capsys
+):
+    """The README's openai, ollama and anthropic examples, run as written (only the address
+    changed) against this server: each prints the answer `lm.generate` gives greedily."""
+    from test_user_guide import code_blocks
+
+    examples = [b for b in code_blocks("python") if "127.0.0.1:8000" in b]
+    assert [next(c for c in ("openai", "ollama", "anthropic") if c in b) for b in examples] == [
+        "openai",
+        "ollama",
+        "anthropic",
+    ]
+    lm = smollm2_stored
+    question = [{"role": "user", "content": "What is the capital of Japan?"}]
+    ids = lm.tokenizer.encode(
+        lm.tokenizer.render_chat(question, add_generation_prompt=True), add_bos=False
+    )
+    answer = lm.generate(ids, max_tokens=256, temperature=0.0).text
+    assert "Tokyo" in answer
+    for example in examples:
+        exec(example.replace("http://127.0.0.1:8000", server.url), {})  # noqa: S102 - our README
+        assert capsys.readouterr().out.strip() == answer.strip(), example
