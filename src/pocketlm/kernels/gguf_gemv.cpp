@@ -52,9 +52,8 @@ inline __m512i plane(const uint8_t* p) {
   if constexpr (BITS == 8) {
     return _mm512_loadu_si512(p);
   } else if constexpr (BITS == 4) {  // byte j: codes j (low nibble) and j + 32
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
-    return _mm512_and_si512(w, _mm512_set1_epi8(0x0F));
+    const __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_and_si512(_mm512_mask_srli_epi16(w, 0xFFFF0000, w, 4), _mm512_set1_epi8(0x0F));
   } else {  // 2 bits, byte j: codes j, j+16, j+32, j+48 at bits 0, 2, 4, 6
     const __m512i w = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     const __m512i shift = _mm512_set_epi64(0x0006000600060006, 0x0006000600060006, 0x0004000400040004,
@@ -71,8 +70,14 @@ inline __m512i codes64(const uint8_t* p) {
     uint64_t bits;
     std::memcpy(&bits, p + 8 * LOW, 8);
     c = _mm512_mask_add_epi8(c, static_cast<__mmask64>(bits), c, _mm512_set1_epi8(1 << LOW));
-  } else if constexpr (HIGH == 2) {
-    c = _mm512_or_si512(c, _mm512_slli_epi16(plane<2>(p + 8 * LOW), LOW));
+  } else if constexpr (HIGH == 2) {  // 128-bit lane t's codes have theirs at bits 2t of each byte
+    const __m512i h = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * LOW)));
+    const __m512i to_low = _mm512_set_epi32(LOW - 6 + 32, LOW - 6 + 32, LOW - 6 + 32, LOW - 6 + 32, LOW - 4, LOW - 4,
+                                            LOW - 4, LOW - 4, LOW - 2, LOW - 2, LOW - 2, LOW - 2, LOW, LOW, LOW, LOW);
+    static_assert(LOW >= 4, "the high crumbs rotate left by LOW - 2t (mod 32)");
+    // rotated to bits LOW, LOW + 1 of the byte (bits of neighbours land elsewhere and are
+    // masked off), then or-ed into c: (h & mask) | c in one instruction
+    c = _mm512_ternarylogic_epi32(_mm512_rolv_epi32(h, to_low), _mm512_set1_epi8(3 << LOW), c, 0xEA);
   }
   return c;
 }
@@ -85,31 +90,12 @@ constexpr int64_t record_bytes() {
   return 2 + (MINS ? 2 : 0) + 256 / SUB + (MINS == 1 ? 256 / SUB : 0);
 }
 
-// A "k" record's scales d * sub_j, j = 0..256/SUB - 1, in lanes 0.. (Q2_K: low nibbles).
-template <int SUB, int MINS>
-inline __m512 sub_scales(const uint8_t* rec) {
-  const uint8_t* s = rec + (MINS ? 4 : 2);
-  __m512i v = SUB == 16 ? _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)))
-                        : _mm512_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)));
-  if constexpr (MINS == 2) v = _mm512_and_si512(v, _mm512_set1_epi32(15));
-  return _mm512_mul_ps(_mm512_set1_ps(half_at(rec)), _mm512_cvtepi32_ps(v));
-}
-
 // A b32 chunk's scales [and mins] for its 4 rows at once: f16 (d0 d1 [m0 m1]) per row,
 // row r's at lanes (2 or 4) r + j.
 template <int MINS>
 inline __m512 b32_records(const uint8_t* rec4) {
   if constexpr (MINS == 0) return _mm512_cvtph_ps(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec4))));
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec4)));
-}
-
-// Lanes of `v` from `first`: lane l takes v[first + l / 8] (32-weight scales) or
-// v[first + l / 4] (16-weight ones).
-template <int SUB>
-inline __m512 spread(__m512 v, int64_t first) {
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(first), _mm512_srli_epi32(lane, SUB == 16 ? 2 : 3));
-  return _mm512_permutexvar_ps(index, v);
 }
 
 // The sums of 4 vectors' lanes -> out[0..3] (one reduction instead of four).
@@ -128,13 +114,15 @@ struct Xq {
   const int8_t* q;      // (M, Kp): x / dx, rounded
   const float* dx;      // (M, Kp/4): each VNNI lane's dx
   const int32_t* init;  // (M, Kp/4): -offset * the lane's sum of q, where its sum starts
-  const float* sdx;     // (M, Kp/4): dx * the lane's sum of q (for the mins)
+  // For the mins, dx * a sum of q: (M, Kp/4) over each lane's 16 values, in all four lanes
+  // of its 128 bits; or (M, Kp/8) over each 32 values, four times (`per32`, Q4_K/Q5_K).
+  const float* sdx;
   int64_t kp;
 };
 
 // One row of x (K values) -> its Xq row (kp values, zero-padded), as the file's top says.
 void quantize_row(const float* x, int64_t K, int64_t kp, int64_t offset, int8_t* q, float* dx, int32_t* init,
-                  float* sdx) {
+                  float* sdx, bool per32) {
   alignas(64) float tail[32];
   for (int64_t k0 = 0; k0 < kp; k0 += 32) {
     const float* src = x + k0;
@@ -153,12 +141,23 @@ void quantize_row(const float* x, int64_t K, int64_t kp, int64_t offset, int8_t*
   for (int64_t k0 = 0; k0 < kp; k0 += CHUNK) {  // sums of four, by VNNI against ones
     const __m512i s4 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), _mm512_loadu_si512(q + k0));
     if (init) _mm512_storeu_si512(init + k0 / 4, _mm512_mullo_epi32(s4, _mm512_set1_epi32(-offset)));
-    if (sdx) _mm512_storeu_ps(sdx + k0 / 4, _mm512_mul_ps(_mm512_cvtepi32_ps(s4), _mm512_loadu_ps(dx + k0 / 4)));
+    if (sdx) {  // each 128-bit lane: the sum of its 16 values, in all four of its lanes
+      const __m512i s8 = _mm512_add_epi32(s4, _mm512_shuffle_epi32(s4, _MM_PERM_BADC));
+      __m512i s = _mm512_add_epi32(s8, _mm512_shuffle_epi32(s8, _MM_PERM_CDAB));
+      if (per32) s = _mm512_add_epi32(s, _mm512_shuffle_i32x4(s, s, _MM_PERM_CDAB));  // lanes 0, 2: the 32s
+      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(dx + k0 / 4));
+      if (per32) {
+        _mm_storeu_ps(sdx + k0 / 8, _mm512_castps512_ps128(v));
+        _mm_storeu_ps(sdx + k0 / 8 + 4, _mm512_extractf32x4_ps(v, 2));
+      } else {
+        _mm512_storeu_ps(sdx + k0 / 4, v);
+      }
+    }
   }
 }
 
 // Rows of x (M, K) float -> Xq, its arrays in `buffer`.
-Xq quantize_x(const at::Tensor& x, int64_t kp, int64_t offset, bool mins, at::Tensor& buffer) {
+Xq quantize_x(const at::Tensor& x, int64_t kp, int64_t offset, bool mins, bool per32, at::Tensor& buffer) {
   const int64_t M = x.size(0), K = x.size(1), lanes = M * kp / 4;
   buffer = at::empty({M * kp + 4 * lanes * (1 + (offset != 0) + mins)}, x.options().dtype(at::kByte));
   uint8_t* p = buffer.data_ptr<uint8_t>();
@@ -170,7 +169,7 @@ Xq quantize_x(const at::Tensor& x, int64_t kp, int64_t offset, bool mins, at::Te
   at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m)
       quantize_row(xp + m * K, K, kp, offset, q + m * kp, dx + m * kp / 4, init ? init + m * kp / 4 : nullptr,
-                   sdx ? sdx + m * kp / 4 : nullptr);
+                   sdx ? sdx + m * kp / (per32 ? 8 : 4) : nullptr, per32);
   });
   return {q, dx, init, sdx, kp};
 }
@@ -184,24 +183,96 @@ struct Weights {
   __m512i table;           // IQ4: the 16 values + 128, in every 128-bit lane
 };
 
-// A record's mins, negated for "k" (w = S q - dmin m), in lanes as sub_scales has them.
-template <int SCHEME, int SUB, int MINS>
-inline __m512 record_mins(const uint8_t* rec) {
-  if constexpr (SCHEME == 0) {  // two f16 mins after the two scales
-    int32_t two;
-    std::memcpy(&two, rec + 4, 4);
-    return _mm512_cvtph_ps(_mm256_castsi128_si256(_mm_cvtsi32_si128(two)));
-  } else if constexpr (MINS == 2) {  // Q2_K: high nibbles of the 16 sub bytes
-    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 4)));
-    return _mm512_mul_ps(_mm512_set1_ps(-half_at(rec + 2)), _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)));
-  } else {  // 8 uint8 mins after the 8 subs
-    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rec + 4 + 256 / SUB)));
-    return _mm512_mul_ps(_mm512_set1_ps(-half_at(rec + 2)), _mm512_cvtepi32_ps(v));
+// The sums of 4 vectors' 128-bit lanes: lane l of the result holds a, b, c, d's sums of
+// their lane l's four int32s, in that order (three unpack-add steps, no cross-lane moves).
+inline __m512i reduce4_lanes(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  return _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+}
+
+// Row r's BYTES (8 or 16) bytes from record offset FIRST of a "k" record group (4 rows'
+// records, RB bytes each), in 128-bit lane r.
+template <int RB, int FIRST, int BYTES>
+inline __m512i k_rows(const uint8_t* rec4) {
+  const auto row = [&](int r) {
+    const auto* at = reinterpret_cast<const __m128i*>(rec4 + r * RB + FIRST);
+    return BYTES == 16 ? _mm_loadu_si128(at) : _mm_loadl_epi64(at);
+  };
+  __m512i z = _mm512_castsi128_si512(row(0));
+  z = _mm512_inserti32x4(z, row(1), 1);
+  z = _mm512_inserti32x4(z, row(2), 2);
+  return _mm512_inserti32x4(z, row(3), 3);
+}
+
+// Bytes (r, i) -> (i, r): dword c of lane r goes to dword r of lane c, then in each lane
+// byte 4r + l to 4l + r. Lane c then holds byte 4c + l of each row, row-minor.
+inline __m512i k_transpose(__m512i z) {
+  z = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), z);
+  return _mm512_shuffle_epi8(z, _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15)));
+}
+
+// The 4 rows' f16 at record offset AT, as float32 in lanes (l, r): row r's in lane 4 l + r.
+template <int RB, int AT>
+inline __m512 k_halves(const uint8_t* rec4) {
+  static_assert(RB % 2 == 0 && AT % 2 == 0 && 3 * RB + AT + 2 <= 64, "the f16s sit in the first 64 bytes");
+  constexpr int BYTES = R * RB < 64 ? R * RB : 64;  // never read past the group
+  const __m512i v = _mm512_maskz_loadu_epi8(BYTES == 64 ? ~0ULL : (1ULL << BYTES) - 1, rec4);
+  const __m512i lane = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13,
+                                        12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i at = _mm512_add_epi16(_mm512_mullo_epi16(_mm512_and_si512(lane, _mm512_set1_epi16(3)),
+                                                         _mm512_set1_epi16(RB / 2)), _mm512_set1_epi16(AT / 2));
+  return _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(at, v)));
+}
+
+// A "k" record group's scales S = d * sub for its 4 chunks, in the lanes (l, r) of a
+// chunk's reduced sums (see dot_block): sc[c], lane 4 l + r = row r's scale of chunk c's
+// 16 weights l. Mins: Q2_K's (per 16) as -dmin * min in the same lanes, mn[c]; Q4_K/Q5_K's
+// (per 32) as integers in lanes (j, r), sub-blocks j = 0..3 in mn[0], 4..7 in mn[1]
+// (applied once a record: their x sums are per record too).
+template <int SUB, int MINS, int RB>
+inline void k_scales(const uint8_t* rec4, __m512* sc, __m512* mn) {
+  constexpr int FIRST = MINS ? 4 : 2;
+  const __m512 d = k_halves<RB, 0>(rec4);
+  if constexpr (SUB == 16) {  // lane c: sub-blocks 4c + l
+    __m512i subs = k_transpose(k_rows<RB, FIRST, 16>(rec4));
+    __m512i mins = _mm512_setzero_si512();
+    __m512 dmin = _mm512_setzero_ps();
+    if constexpr (MINS == 2) {  // Q2_K: scale | min << 4
+      mins = _mm512_and_si512(_mm512_srli_epi16(subs, 4), _mm512_set1_epi8(15));
+      subs = _mm512_and_si512(subs, _mm512_set1_epi8(15));
+      dmin = _mm512_sub_ps(dmin, k_halves<RB, 2>(rec4));
+    }
+    sc[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(subs))));
+    sc[1] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(subs, 1))));
+    sc[2] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(subs, 2))));
+    sc[3] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(subs, 3))));
+    if constexpr (MINS == 2) {
+      mn[0] = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_castsi512_si128(mins))));
+      mn[1] = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(mins, 1))));
+      mn[2] = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(mins, 2))));
+      mn[3] = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(mins, 3))));
+    }
+  } else {  // 8 scales then (MINS 1) 8 mins a row, read together: lanes 0, 1 scales j, 2, 3 mins
+    const __m512i z = k_transpose(k_rows<RB, FIRST, MINS == 1 ? 16 : 8>(rec4));
+    const __m512 lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(z))));
+    const __m512 hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(z, 1))));
+    sc[0] = _mm512_shuffle_f32x4(lo, lo, 0x50);  // lanes j = 0, 0, 1, 1
+    sc[1] = _mm512_shuffle_f32x4(lo, lo, 0xFA);  // 2, 2, 3, 3
+    sc[2] = _mm512_shuffle_f32x4(hi, hi, 0x50);
+    sc[3] = _mm512_shuffle_f32x4(hi, hi, 0xFA);
+    if constexpr (MINS == 1) {
+      mn[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(z, 2)));
+      mn[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(z, 3)));
+    }
   }
 }
 
 // Dot products of MB quantized rows of x (from m0) with the 4 weight rows of block b:
-// out[m * R + r].
+// out[m * R + r]. Per chunk, each row's VNNI sums (16 lanes of 4 weights) are reduced
+// across the 4 rows first (reduce4_lanes: lane (l, r), l the 16 weights, r the row), so
+// one conversion and one multiply-add scale all four rows: the scales S * dx and the
+// mins are laid out in those lanes once per record.
 template <int LOW, int HIGH, int SCHEME, int SUB, int MINS, bool TABLE, int MB>
 inline void dot_block(const Xq& x, int64_t m0, const Weights& w, int64_t b, float* out) {
   constexpr int64_t CB = 8 * (LOW + HIGH), RB = record_bytes<SCHEME, SUB, MINS>();
@@ -209,15 +280,23 @@ inline void dot_block(const Xq& x, int64_t m0, const Weights& w, int64_t b, floa
   constexpr bool OFFSET = MINS == 0;  // every layout has an offset or mins, never both
   const uint8_t* codes = w.codes + b * w.chunks * R * CB;
   const uint8_t* recs = w.records + b * (w.chunks / PER_RECORD) * R * RB;
-  __m512 acc[MB][R];
-  for (int m = 0; m < MB; ++m)
-    for (int64_t r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  // b32 records: row r's f16 d0 d1 [m0 m1] at lanes (2 or 4) r + j; lane (l, r) wants
+  // row r's 32-block l / 2.
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i row = _mm512_and_si512(lane, _mm512_set1_epi32(3)), half = _mm512_srli_epi32(lane, 3);
+  const __m512i d_at = _mm512_add_epi32(_mm512_mullo_epi32(row, _mm512_set1_epi32(MINS ? 4 : 2)), half);
+  const __m512i m_at = _mm512_add_epi32(d_at, _mm512_set1_epi32(2));
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < w.chunks / PER_RECORD; ++g) {
-    __m512 sv[R], mv[R];
-    if constexpr (SCHEME == 1) {
-      for (int64_t r = 0; r < R; ++r) {
-        sv[r] = sub_scales<SUB, MINS>(recs + (g * R + r) * RB);
-        if constexpr (MINS != 0) mv[r] = record_mins<SCHEME, SUB, MINS>(recs + (g * R + r) * RB);
+    __m512 sc[PER_RECORD], mn[PER_RECORD];
+    if constexpr (SCHEME == 1) k_scales<SUB, MINS, RB>(recs + g * R * RB, sc, mn);
+    if constexpr (SCHEME == 1 && MINS == 1) {  // sum_j min_rj * dx_j * sum(xq_j) * -dmin_r, once a record
+      const __m512 dmin = k_halves<RB, 2>(recs + g * R * RB);
+      for (int m = 0; m < MB; ++m) {
+        const float* sdx = x.sdx + (m0 + m) * x.kp / 8 + g * 32;
+        const __m512 t = _mm512_fmadd_ps(mn[0], _mm512_loadu_ps(sdx), _mm512_mul_ps(mn[1], _mm512_loadu_ps(sdx + 16)));
+        acc[m] = _mm512_fnmadd_ps(t, dmin, acc[m]);
       }
     }
     for (int64_t c = 0; c < PER_RECORD; ++c) {
@@ -226,33 +305,36 @@ inline void dot_block(const Xq& x, int64_t m0, const Weights& w, int64_t b, floa
       for (int64_t line = 0; line < R * CB; line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH + line), _MM_HINT_T0);
       __m512i q[R];
-      __m512 s[R], mn[R];
-      const __m512 b32 = SCHEME == 0 ? b32_records<MINS>(recs + ch * R * RB) : _mm512_setzero_ps();
       for (int64_t r = 0; r < R; ++r) {
         q[r] = codes64<LOW, HIGH>(p + r * CB);
         if constexpr (TABLE) q[r] = _mm512_shuffle_epi8(w.table, q[r]);
-        if constexpr (SCHEME == 0) {
-          s[r] = spread<32>(b32, (MINS ? 4 : 2) * r);
-          if constexpr (MINS != 0) mn[r] = spread<32>(b32, 4 * r + 2);
-        } else {
-          s[r] = spread<SUB>(sv[r], SUB == 16 ? 4 * c : 2 * c);
-          if constexpr (MINS != 0) mn[r] = spread<MINS == 2 ? 16 : 32>(mv[r], MINS == 2 ? 4 * c : 2 * c);
-        }
+      }
+      __m512 s, mv = _mm512_setzero_ps();
+      if constexpr (SCHEME == 0) {
+        const __m512 b32 = b32_records<MINS>(recs + ch * R * RB);
+        s = _mm512_permutexvar_ps(d_at, b32);
+        if constexpr (MINS != 0) mv = _mm512_permutexvar_ps(m_at, b32);
+      } else {
+        s = sc[c];
+        if constexpr (MINS == 2) mv = mn[c];
       }
       for (int m = 0; m < MB; ++m) {
         const int64_t at = (m0 + m) * x.kp + ch * CHUNK;
         const __m512i xq = _mm512_loadu_si512(x.q + at);
-        const __m512 dx = _mm512_loadu_ps(x.dx + at / 4);
         const __m512i start = OFFSET ? _mm512_loadu_si512(x.init + at / 4) : _mm512_setzero_si512();
-        for (int64_t r = 0; r < R; ++r) {
-          const __m512i sum = _mm512_dpbusd_epi32(start, q[r], xq);
-          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s[r], dx), acc[m][r]);
-          if constexpr (MINS != 0) acc[m][r] = _mm512_fmadd_ps(mn[r], _mm512_loadu_ps(x.sdx + at / 4), acc[m][r]);
-        }
+        const __m512i sum = reduce4_lanes(_mm512_dpbusd_epi32(start, q[0], xq), _mm512_dpbusd_epi32(start, q[1], xq),
+                                          _mm512_dpbusd_epi32(start, q[2], xq), _mm512_dpbusd_epi32(start, q[3], xq));
+        const __m512 scale = _mm512_mul_ps(s, _mm512_loadu_ps(x.dx + at / 4));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[m]);
+        if constexpr (MINS != 0 && !(SCHEME == 1 && MINS == 1))
+          acc[m] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(x.sdx + at / 4), acc[m]);
       }
     }
   }
-  for (int m = 0; m < MB; ++m) reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], out + m * R);
+  for (int m = 0; m < MB; ++m) {  // lane (l, r) summed over l
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(acc[m]), _mm512_extractf32x8_ps(acc[m], 1));
+    _mm_storeu_ps(out + m * R, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  }
 }
 
 template <int LOW, int HIGH, int SCHEME, int SUB, int MINS, bool TABLE>
@@ -421,7 +503,7 @@ at::Tensor quant_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Te
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t M = xf.size(0);
   at::Tensor buffer;
-  const Xq xq = quantize_x(xf, kp, l.offset, l.mins != 0, buffer);
+  const Xq xq = quantize_x(xf, kp, l.offset, l.mins != 0, l.scheme == 1 && l.mins == 1, buffer);
   at::Tensor y = at::empty({M, n}, xf.options());
   pick<GemvFn>(l, gemv_for)(xq, M, w, blocks, n, y.data_ptr<float>());
   return y;
