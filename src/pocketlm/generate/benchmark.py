@@ -23,6 +23,7 @@ from pocketlm.generate.params import GenerationParams
 from pocketlm.generate.request import Stats
 from pocketlm.generate.sequence import Sequence
 from pocketlm.generate.stream import generate_tokens
+from pocketlm.kernels.gguf import GGUFEmbedding, GGUFLinear
 from pocketlm.sampling import SamplingParams
 
 
@@ -88,8 +89,14 @@ def measure(
 def bytes_per_token(model: nn.Module) -> int:
     """Bytes of weights a decode step reads: every parameter and buffer except the
     embedding tables (a lookup reads one row), counting a tied head once as a matrix."""
+    # A GGUF file's embedding kept as stored (GGUFEmbedding) is a lookup table too; its
+    # head, when tied, is a GGUFLinear over the same buffers (counted as a matrix).
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embeddings |= {
+        id(t) for m in model.modules() if isinstance(m, GGUFEmbedding) for t in m.buffers()
+    }
     heads = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    heads |= {id(t) for m in model.modules() if isinstance(m, GGUFLinear) for t in m.buffers()}
     total, seen = 0, set()
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if id(tensor) in seen or "inv_freq" in name:
