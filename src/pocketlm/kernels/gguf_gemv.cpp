@@ -5,9 +5,15 @@
 // per-16/32 scale (see gguf_layouts.py). Each row of x is quantized to int8 per 32 values
 // (x ~ dx * xq, dx = max|x| / 127, rounded to nearest even: llama.cpp's Q8_0), so a
 // 64-weight chunk is one VNNI instruction per row of x: vpdpbusd sums c * xq four at a
-// time into 16 int32 lanes, started at -offset * (sum of those 4 xq), then each lane is
-// scaled by S * dx in fp32. Mins add sum_b min_b * dx_b * sum(xq of block b), once per row.
-// The result is dequantize(W) @ dequantize(xq) up to fp32 rounding of the sums.
+// time into 16 int32 lanes, started at -offset * (sum of those 4 xq). The four weight
+// rows' lanes are then summed across (exact, in int32) into one vector whose lanes are
+// (16 weights, row), so one conversion and one fp32 multiply-add by S * dx serve all four
+// rows; the scales are laid out in those lanes once per record. Mins add
+// sum_b min_b * dx_b * sum(xq of block b) (per chunk for 32-weight types, per record for
+// Q4_K/Q5_K). The result is dequantize(W) @ dequantize(xq) up to fp32 rounding of the sums.
+// One core runs it at ~19-21 GB/s of Q4_K/Q6_K weights on this project's EPYC (Zen 4):
+// about its share of the memory bandwidth, so the arithmetic per chunk is what decode
+// speed hangs on (benchmarks/gguf_compute.py).
 //
 // Weights: codes (N/4, K/64, 4, code bytes) and records (N/4, K/group, 4, record bytes),
 // four rows interleaved chunk by chunk, so each thread streams one contiguous stretch.
