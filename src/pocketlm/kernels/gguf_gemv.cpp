@@ -58,8 +58,11 @@ inline __m512i plane(const uint8_t* p) {
   if constexpr (BITS == 8) {
     return _mm512_loadu_si512(p);
   } else if constexpr (BITS == 4) {  // byte j: codes j (low nibble) and j + 32
-    const __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_and_si512(_mm512_mask_srli_epi16(w, 0xFFFF0000, w, 4), _mm512_set1_epi8(0x0F));
+    // (a 256-bit broadcast and a masked 512-bit shift, one instruction fewer, ran Q4_K
+    // and Q6_K 6-12% slower on Zen 4)
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
+    return _mm512_and_si512(w, _mm512_set1_epi8(0x0F));
   } else {  // 2 bits, byte j: codes j, j+16, j+32, j+48 at bits 0, 2, 4, 6
     const __m512i w = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     const __m512i shift = _mm512_set_epi64(0x0006000600060006, 0x0006000600060006, 0x0004000400040004,
