@@ -41,7 +41,10 @@ namespace {
 
 constexpr int64_t R = 4;           // weight rows interleaved
 constexpr int64_t CHUNK = 64;      // weights of a row per code chunk
-constexpr int64_t PREFETCH = 2048; // bytes ahead in the code stream, fetched into L1
+// Bytes ahead in the code stream, fetched into L1 (4096: one core read a 28672 x 4096
+// Q4_K matrix from memory 1-20% faster than at 2048, five interleaved rounds, the best
+// of 4 passes over 300 MB of copies; bf16/f16 rows keep 2048)
+constexpr int64_t PREFETCH = 4096;
 constexpr int64_t MB_MAX = 4;      // rows of x that share each decoded chunk
 
 inline float half_at(const uint8_t* p) {
@@ -752,7 +755,7 @@ inline void half_block(const float* x, int64_t K, const uint16_t* const* w, floa
     for (int64_t r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
     for (int64_t r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + PREFETCH / 2), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + PREFETCH / 4), _MM_HINT_T0);  // 2048 bytes
       const __m512 a = widen_half<BF16>(w[r] + k), b = widen_half<BF16>(w[r] + k + 16);
       for (int m = 0; m < MB; ++m) {
         acc[m][r] = _mm512_fmadd_ps(a, _mm512_loadu_ps(x + m * K + k), acc[m][r]);
