@@ -13,6 +13,7 @@ import anthropic
 import jsonschema
 import openai
 import pytest
+import torch
 
 from test_serve_api import MODEL, Server
 
@@ -57,9 +58,14 @@ NAMED = {"type": "function", "function": {"name": "convert"}}
 
 @pytest.fixture(scope="module")
 def server(smollm2_stored):
+    # One torch thread, whatever the suite's count: the quantized kernels round with the
+    # thread count, and the seeds below were chosen for the branches they take at one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     server = Server(smollm2_stored, max_batch=4, timeout=120)
     yield server
     server.close()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +129,10 @@ def test_parallel_tool_calls_true_allows_several(client):
     assert len(calls) >= 2 and valid(calls, finish=finish)
 
 
-# These seeds take each branch of auto with SmolLM2 (as the prefix cache computes a
-# prompt: its last token alone): some text, then a call that the
-# grammar holds to the schema once "<tool_call>" is written; text alone.
-@pytest.mark.parametrize(("seed", "calls_tool"), [(58, True), (5, False)])
+# These seeds take each branch of auto with SmolLM2 at one thread (as the prefix cache
+# computes a prompt: its last token alone): some text, then a call that the grammar holds
+# to the schema once "<tool_call>" is written; text alone.
+@pytest.mark.parametrize(("seed", "calls_tool"), [(96, True), (21, False)])
 def test_auto_gives_text_or_valid_calls_streamed_as_not(client, seed, calls_tool):
     content, calls, finish = ask(client, tool_choice="auto", seed=seed, max_tokens=100)
     assert content and bool(calls) == calls_tool and valid(calls)
