@@ -20,20 +20,20 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _share_the_cores_between_workers() -> None:
-    """Each pytest-xdist worker gets its share of the cores for torch's threads. Two
-    workers of two threads each on two cores ran a decode step 20-60x slower than one
+def _one_torch_thread() -> None:
+    """The suite runs torch on one thread, in each pytest-xdist worker and alone alike.
+    Two workers of two threads each on two cores ran a decode step 20-60x slower than one
     thread each (torch's threads spin, waiting for one that another process holds off the
-    core): 40 s against 2 s for 32 steps of SmolLM2. Commands the tests start in their own
-    processes choose their threads as users' do."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:
-        import torch
+    core): 40 s against 2 s for 32 steps of SmolLM2. And one count everywhere gives the
+    same arithmetic with or without -n (oneDNN's bf16 products, which a quantized model's
+    prefill uses, round with the thread count, so a seeded sample may take another token).
+    Commands the tests start in their own processes choose their threads as users' do."""
+    import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    torch.set_num_threads(1)
 
 
-_share_the_cores_between_workers()
+_one_torch_thread()
 
 
 def _user_store() -> Path:
