@@ -43,7 +43,7 @@ from pocketlm.serve import DEFAULT_MAX_TOKENS, anthropic, convert, ollama, opena
 from pocketlm.serve.adapters import chosen, load_adapters
 from pocketlm.serve.convert import Choice
 from pocketlm.serve.embedder import Embedder
-from pocketlm.serve.fleet import Fleet, Leases, served_name
+from pocketlm.serve.fleet import Fleet, Leases, model_id, served_name
 from pocketlm.serve.guard import Guard, Limits
 from pocketlm.serve.jobs import Jobs, read_body, require_key
 from pocketlm.serve.jobs import collect as _collect
@@ -115,7 +115,7 @@ class Service:
 
     def model_id(self, adapter: str | None) -> str:
         """The model a response names: this one's, or "MODEL:NAME" for an adapter."""
-        return self.name if adapter is None else f"{self.name}:{adapter}"
+        return model_id(self.name, adapter)
 
     def check_prompt_bytes(self, texts: list, param: str = "prompt") -> None:
         """Refuse a text (others: token ids) too long to fit the window, untokenized."""
@@ -496,7 +496,7 @@ def _api_routes(fleet: Fleet) -> APIRouter:
     def entry(name: str, adapter: str | None = None) -> dict:
         loaded = fleet.loaded.get(name)
         created = loaded.service.created if loaded else fleet.created
-        shown = name if adapter is None else f"{name}:{adapter}"  # a LoRA adapter's model
+        shown = model_id(name, adapter)  # a LoRA adapter's model: "NAME:ADAPTER"
         return convert.model_entry(shown, created=created, loaded=loaded is not None)
 
     @router.get("/models")

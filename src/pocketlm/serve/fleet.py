@@ -61,6 +61,12 @@ def served_name(given: str) -> str:
     return Path(given).name if Path(given).exists() else given
 
 
+def model_id(name: str, adapter: str | None) -> str:
+    """The model a LoRA adapter of model `name` is served as, "NAME:ADAPTER" (which
+    `Fleet.resolve` splits again); the model's own name without one."""
+    return name if adapter is None else f"{name}:{adapter}"
+
+
 def models_in(folder: Path) -> list[Spec]:
     """Every model in `folder` (--models-dir): each .gguf file and each folder holding a
     config.json or a .gguf, named as pocketlm names a path: its last part."""

@@ -322,7 +322,7 @@ class Scheduler:
             elif self._expired(request):
                 self.counters["timed_out"] += 1
                 request.emit(Event("", finish_reason="timeout"))
-            elif request.adapter is not None and request.adapter not in self._adapter_names():
+            elif (adapter := self._adapter_index(request.adapter)) is None:
                 self.counters["errors"] += 1
                 message = f"no LoRA adapter named '{request.adapter}' is loaded"
                 request.emit(Event(message, finish_reason="error"))
@@ -333,12 +333,15 @@ class Scheduler:
                     tokenizer=self.tokenizer,
                     device=self.device,
                 )
-                if request.adapter is not None:
-                    active.adapter = self.adapters.index(request.adapter)
+                active.adapter = adapter
                 return active
 
-    def _adapter_names(self) -> dict[str, int]:
-        return self.adapters.names if self.adapters is not None else {}
+    def _adapter_index(self, name: str | None) -> int | None:
+        """The index of adapter `name` (0: none asked for, the base alone); None when no
+        adapter of that name is loaded."""
+        if name is None:
+            return 0
+        return self.adapters.names.get(name) if self.adapters is not None else None
 
     def _pop_fairly(self) -> Request:
         """The first waiting request of the group that holds the fewest rows now: a
