@@ -23,7 +23,6 @@ each process. Knows nothing of tokens or sampling. (gpt-fast `decode_one_token`.
 
 import logging
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,11 +51,6 @@ class CompiledDecode:
         # Kept on disk in `store` (generate.precompiled); made or loaded at the first call.
         self.store = None if store is None else Path(store)
         self.saved: list | None = None  # the steps from (and for) the store, once looked for
-        # Which of them took a step that sees n slots. Its guards decide, but checking
-        # them costs ~0.5 ms (measured on SmolLM2 at load 7: a tree over its 60 cache
-        # tensors), and only n varies between calls: every cache has the same shape
-        # (`_check`), the token and positions come from a Sequence, always alike.
-        self._taken: dict[int, Callable] = {}
         self.loaded = False  # whether every step taken so far came from the store
         self._path: Path | None = None  # the file in the store, named for the model's key
         self._shape: tuple | None = None  # (rows, slots, dtype) of the caches it takes
@@ -111,11 +105,11 @@ class CompiledDecode:
             with precompiled.inductor_files(self.store):  # the kernels load from there
                 self.saved = precompiled.load(self._path)
             self.loaded = bool(self.saved)
-        if (step := self._taken.get(len(slots))) is not None:
-            return step(*args)
+        # The steps' guards decide which takes the call, at every call (~0.5 ms on SmolLM2
+        # at load 7: a tree over its 60 cache tensors): the number of visible slots grows
+        # by one a token, so no choice could be remembered by it.
         for step in self.saved:
             if precompiled.takes(step, args):
-                self._taken[len(slots)] = step
                 return step(*args)
         if self.saved:
             log.info("compiling the decode step for another kind of input (%d slots)", len(slots))
@@ -133,7 +127,6 @@ class CompiledDecode:
                 self.store = None
                 return None
             self.saved.insert(0, step)
-            self._taken[len(slots)] = step
             precompiled.save(self.saved, self._path)
             return step(*args)
 
